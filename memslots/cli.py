@@ -1,0 +1,348 @@
+"""The ``memslots`` command: QEMU-style options, tables for people, ``--json`` for programs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from memslots.consumer import MemslotConsumer
+from memslots.errors import MemslotsError
+from memslots.kvm import kvm_available, read_max_memslots
+from memslots.kvm_cost import detect_host_mmu
+from memslots.kvm_model import KvmModel
+from memslots.machine import Machine
+from memslots.memory_device import MemoryDevice
+from memslots.options import parse_machine_config
+from memslots.sizes import format_size, parse_size
+from memslots.vhost import VHOST_KINDS, VhostModel
+from memslots.virtio_mem import VirtioMem
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``memslots: message`` on stderr and exit with ``code``."""
+    err.print(f"memslots: {message}", markup=False, highlight=False)
+    sys.exit(code)
+
+
+def machine_options(f: F) -> F:
+    """The QEMU-style options every machine-building command takes."""
+    f = click.option(
+        "-m",
+        "memory",
+        metavar="SIZE[,slots=N][,maxmem=SIZE]",
+        default="128M",
+        show_default=True,
+        help="Boot RAM and maximum memory, as QEMU's -m.",
+    )(f)
+    f = click.option(
+        "-object",
+        "objects",
+        multiple=True,
+        metavar="memory-backend-TYPE,id=ID,...",
+        help="A memory backend (ram, memfd, file), as QEMU's -object.",
+    )(f)
+    f = click.option(
+        "-device",
+        "devices",
+        multiple=True,
+        metavar="DRIVER,...",
+        help="A memory device (virtio-mem, pc-dimm), as QEMU's -device.",
+    )(f)
+    return f
+
+
+def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except MemslotsError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@click.group()
+@click.version_option(package_name="memslots")
+def main() -> None:
+    """virtio-mem through many small memslots, mapped only while memory in them is plugged."""
+
+
+# ---------------------------------------------------------------------------------------------
+# plan
+
+
+def device_row(machine: Machine, dev: MemoryDevice) -> dict[str, Any]:
+    """One entry of ``plan --json``'s ``memory_devices``."""
+    mr = dev.get_memory_region()
+    size = mr.size if mr is not None else 0
+    single, decided = machine.device_metadata_bytes(dev)
+    if isinstance(dev, VirtioMem):
+        block: int | None = dev.block_size
+        dynamic = dev.dynamic
+        memslots = dev.decided_memslots
+        memslot_size = dev.memslot_size if dynamic and memslots > 1 else size
+        last = dev.last_memslot_size
+    else:
+        block, dynamic, memslots, memslot_size, last = None, False, 1, size, size
+    return {
+        "id": dev.id,
+        "type": dev.info_type,
+        "address": dev.get_addr(),
+        "region_size": size,
+        "block_size": block,
+        "dynamic_memslots": dynamic,
+        "memslots": memslots,
+        "memslot_size": memslot_size,
+        "last_memslot_size": last,
+        "kernel_metadata_bytes": {"single_memslot": single, "decided_memslots": decided},
+    }
+
+
+@main.command()
+@machine_options
+@click.option(
+    "--kvm-max-memslots",
+    type=click.IntRange(min=1),
+    default=None,
+    help="KVM_CAP_NR_MEMSLOTS of the host [default: this machine's, else 32764].",
+)
+@click.option(
+    "--kvm-free-memslots",
+    type=click.IntRange(min=0),
+    default=None,
+    help="KVM memslots still free when the first memory device is plugged "
+    "[default: all but boot RAM's].",
+)
+@click.option(
+    "--vhost-max-memslots",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Memslot limit of a vhost back-end (none without this flag).",
+)
+@click.option(
+    "--vhost-free-memslots",
+    type=click.IntRange(min=0),
+    default=None,
+    help="vhost memslots still free when the first memory device is plugged.",
+)
+@click.option(
+    "--vhost-kind",
+    type=click.Choice(VHOST_KINDS),
+    default="kernel",
+    show_default=True,
+    help="kernel counts all RAM; user counts only fd-backed memory.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan(
+    memory: str,
+    objects: Sequence[str],
+    devices: Sequence[str],
+    kvm_max_memslots: int | None,
+    kvm_free_memslots: int | None,
+    vhost_max_memslots: int | None,
+    vhost_free_memslots: int | None,
+    vhost_kind: str,
+    as_json: bool,
+) -> None:
+    """Decide memslots as QEMU would, on the KVM model, without touching the kernel."""
+    if vhost_free_memslots is not None and vhost_max_memslots is None:
+        fail("--vhost-free-memslots needs --vhost-max-memslots")
+    if kvm_max_memslots is None:
+        kvm_max_memslots = read_max_memslots() if kvm_available() else 32764
+    vhost: list[MemslotConsumer] = (
+        [VhostModel(f"vhost-{vhost_kind}", vhost_max_memslots, kind=vhost_kind)]
+        if vhost_max_memslots is not None
+        else []
+    )
+
+    def describe_host(m: Machine) -> None:
+        if kvm_free_memslots is not None:
+            m.set_free_memslots(m.kvm, kvm_free_memslots, "--kvm-free-memslots")
+        if vhost and vhost_free_memslots is not None:
+            m.set_free_memslots(vhost[0], vhost_free_memslots, "--vhost-free-memslots")
+
+    try:
+        config = parse_machine_config(memory, objects, devices, accel="sim")
+        vm = KvmModel(max_memslots=kvm_max_memslots, mmu=detect_host_mmu())
+        machine = Machine(config, vm=vm, planned=True, vhost=vhost, before_devices=describe_host)
+    except MemslotsError as exc:
+        fail(str(exc))
+    with machine:
+        rows = [device_row(machine, d) for d in machine.memory_devices]
+        dm = machine.device_memory
+        result: dict[str, Any] = {
+            "memory_devices": rows,
+            "required_memslots": dm.required_memslots if dm else 0,
+            "used_memslots": dm.used_memslots if dm else 0,
+            "reserved_memslots": dm.reserved_memslots if dm else 0,
+            "auto_decision_active": dm.auto_decision if dm else False,
+            "device_memory": (
+                {"base": dm.base, "size": dm.size, "total_space": dm.total_space} if dm else None
+            ),
+            "kvm": {
+                "max_memslots": machine.kvm.max_memslots,
+                "used_memslots": machine.kvm.used_memslots,
+                "free_memslots": machine.kvm.free_memslots,
+                "mmu": machine.mmu.describe(),
+            },
+            "vhost": [
+                {
+                    "name": v.name,
+                    "max_memslots": v.max_memslots,
+                    "used_memslots": v.used_memslots,
+                    "free_memslots": v.free_memslots,
+                }
+                for v in machine.vhost.backends
+            ],
+        }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    _print_plan(result)
+
+
+def _print_plan(result: dict[str, Any]) -> None:
+    out = Console()
+    table = Table(title="Memory devices", title_justify="left")
+    for col in (
+        "id",
+        "type",
+        "address",
+        "size",
+        "block",
+        "memslots",
+        "memslot size",
+        "last",
+        "kernel metadata: 1 memslot",
+        "decided",
+    ):
+        table.add_column(col, justify="right" if col not in ("id", "type") else "left")
+    for r in result["memory_devices"]:
+        md = r["kernel_metadata_bytes"]
+        table.add_row(
+            str(r["id"]),
+            r["type"] + (" (dynamic)" if r["dynamic_memslots"] else ""),
+            f"0x{r['address']:x}",
+            format_size(r["region_size"]),
+            format_size(r["block_size"]) if r["block_size"] else "-",
+            str(r["memslots"]),
+            format_size(r["memslot_size"]),
+            format_size(r["last_memslot_size"]),
+            format_size(md["single_memslot"]),
+            format_size(md["decided_memslots"]),
+        )
+    out.print(table)
+    kvm = result["kvm"]
+    out.print(
+        f"memory devices: required {result['required_memslots']}, used "
+        f"{result['used_memslots']}, reserved {result['reserved_memslots']} memslots; "
+        f"KVM: {kvm['used_memslots']} used, {kvm['free_memslots']} free of "
+        f"{kvm['max_memslots']} ({kvm['mmu']})"
+    )
+    for v in result["vhost"]:
+        out.print(
+            f"{v['name']}: {v['used_memslots']} used, {v['free_memslots']} free of "
+            f"{v['max_memslots']}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# measure
+
+
+@main.command()
+@click.option(
+    "--device-size",
+    default="1T",
+    show_default=True,
+    callback=_size_option,
+    help="Size of the virtio-mem device.",
+)
+@click.option(
+    "--plugged",
+    default="1G",
+    show_default=True,
+    callback=_size_option,
+    help="How much of it to plug.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def measure(device_size: int, plugged: int, as_json: bool) -> None:
+    """Measure on the real kernel: one memslot vs dynamic memslots, VmallocUsed and time."""
+    from memslots.measure import compare
+
+    if not kvm_available():
+        fail("/dev/kvm is not available: measure needs the real kernel (try 'plan')", 2)
+    if plugged > device_size:
+        fail(f"--plugged {format_size(plugged)} exceeds --device-size {format_size(device_size)}")
+    try:
+        with err.status("starting") as status:
+            result = compare(
+                device_size, plugged, on_phase=lambda p: status.update(f"measuring {p}")
+            )
+    except MemslotsError as exc:
+        fail(str(exc))
+    data = result.to_json()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    out = Console()
+    table = Table(
+        title=f"{format_size(device_size)} virtio-mem device, "
+        f"{format_size(plugged)} plugged (real KVM)",
+        title_justify="left",
+    )
+    for col in ("", "memslots mapped", "kernel metadata (measured)", "model", "realize+plug"):
+        table.add_column(col, justify="right")
+    for name, run in (("single memslot", result.single), ("dynamic memslots", result.dynamic)):
+        table.add_row(
+            name,
+            str(run.memslots_mapped),
+            format_size(run.kernel_metadata_bytes),
+            format_size(run.predicted_bytes),
+            f"{run.seconds * 1000:.1f} ms",
+        )
+    out.print(table)
+    ratios = data["ratios"]
+    assert isinstance(ratios, dict)
+    if ratios["kernel_metadata"] is not None:
+        out.print(
+            f"dynamic / single: metadata {ratios['kernel_metadata']:.4f}, "
+            f"time {ratios['seconds']:.4f}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+@main.command()
+@click.option(
+    "-accel",
+    "accel",
+    type=click.Choice(("auto", "kvm", "sim")),
+    default="auto",
+    show_default=True,
+    help="Real KVM, the model, or KVM when present.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the steps as JSON.")
+def demo(accel: str, as_json: bool) -> None:
+    """4 GiB boot RAM and a 1 TiB virtio-mem device, grown and shrunk: memslots and cost."""
+    from memslots.demo import run_demo
+
+    try:
+        run_demo(accel, as_json=as_json)
+    except MemslotsError as exc:
+        fail(str(exc))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

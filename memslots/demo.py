@@ -1,0 +1,114 @@
+"""``memslots demo``: a 1 TiB virtio-mem device grown and shrunk, with what it costs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from memslots.address_space import Section
+from memslots.kvm_cost import slot_metadata_bytes
+from memslots.machine import Machine
+from memslots.measure import sample_vmalloc_used
+from memslots.options import parse_machine_config
+from memslots.sizes import GiB, format_size
+from memslots.virtio_mem import VirtioMem, drive_to
+
+DEMO_MEMORY = "4G,maxmem=1028G"
+DEMO_OBJECT = "memory-backend-ram,id=mem0,size=1T,reserve=off"
+DEMO_DEVICE = "virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on"
+#: requested-size at each step: grow to 256 GiB, then back to nothing.
+DEMO_STEPS = (0, 1 * GiB, 16 * GiB, 64 * GiB, 256 * GiB, 16 * GiB, 0)
+
+
+@dataclass(frozen=True)
+class DemoStep:
+    """The device after one resize: sizes, memslots, and kernel metadata."""
+
+    requested: int
+    plugged: int
+    requests: int
+    memslots_mapped: int
+    kvm_memslots_total: int
+    kernel_metadata_model: int
+    kernel_metadata_measured: int | None
+    single_memslot_model: int
+
+
+def run_demo(accel: str, *, as_json: bool = False) -> list[DemoStep]:
+    """Run the demo; print tables (or JSON) and return the steps."""
+    out = Console()
+    config = parse_machine_config(DEMO_MEMORY, [DEMO_OBJECT], [DEMO_DEVICE], accel=accel)
+    steps: list[DemoStep] = []
+    with Machine(config) as machine:
+        real = machine.vm.is_real
+        dev = machine.virtio_mem("vmem0")
+        single = slot_metadata_bytes(dev.addr, dev.region_size, machine.mmu)
+        dm = machine.device_memory
+        assert dm is not None
+
+        def in_device(s: Section) -> bool:
+            return dev.addr <= s.gpa < dev.addr + dev.region_size
+
+        if not as_json:
+            where = "the real kernel (/dev/kvm)" if real else "the KVM model (no /dev/kvm here)"
+            out.print(
+                f"[bold]memslots demo[/bold] on {where}: -m {DEMO_MEMORY} -object {DEMO_OBJECT} "
+                f"-device {DEMO_DEVICE}\n"
+                f"vmem0: {format_size(dev.region_size)} at 0x{dev.addr:x}, "
+                f"{dev.nb_memslots} memslots of {format_size(dev.memslot_size)}, "
+                f"block {format_size(dev.block_size)}; KVM MMU: {machine.mmu.describe()}"
+            )
+        baseline = sample_vmalloc_used() if real else 0
+        for target in DEMO_STEPS:
+            requests = drive_to(dev, target)
+            model = machine.kvm.predicted_metadata_bytes(in_device)
+            measured = sample_vmalloc_used() - baseline if real else None
+            steps.append(
+                DemoStep(
+                    requested=target,
+                    plugged=dev.size,
+                    requests=requests,
+                    memslots_mapped=dev.mapped_memslots,
+                    kvm_memslots_total=machine.kvm.used_memslots,
+                    kernel_metadata_model=model,
+                    kernel_metadata_measured=measured,
+                    single_memslot_model=single,
+                )
+            )
+        if as_json:
+            print(json.dumps({"real_kvm": real, "steps": [asdict(s) for s in steps]}, indent=2))
+            return steps
+        _print_steps(out, steps, real, dev)
+    return steps
+
+
+def _print_steps(out: Console, steps: list[DemoStep], real: bool, dev: VirtioMem) -> None:
+    table = Table(title="Resizing vmem0", title_justify="left")
+    cols = ["requested", "plugged", "guest requests", "memslots mapped", "kernel metadata (model)"]
+    if real:
+        cols.append("measured (VmallocUsed)")
+    cols.append("one 1 TiB memslot would cost")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for s in steps:
+        row = [
+            format_size(s.requested) if s.requested else "0",
+            format_size(s.plugged) if s.plugged else "0",
+            str(s.requests),
+            f"{s.memslots_mapped} of {dev.nb_memslots}",
+            format_size(s.kernel_metadata_model),
+        ]
+        if real:
+            assert s.kernel_metadata_measured is not None
+            row.append(format_size(s.kernel_metadata_measured))
+        row.append(format_size(s.single_memslot_model))
+        table.add_row(*row)
+    out.print(table)
+    out.print(
+        "Only memslots that hold plugged blocks are mapped, so the kernel pays for what the guest "
+        "uses, not for the whole device. Run 'memslots measure' for the single-memslot baseline "
+        "on the real kernel."
+    )

@@ -1,0 +1,386 @@
+"""QEMU-style option strings and the typed configuration they describe.
+
+``-m 4G,slots=N,maxmem=1028G``, ``-object memory-backend-ram,id=mem0,size=1T,reserve=off`` and
+``-device virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on`` are parsed here into frozen
+dataclasses. This is the only place that turns user text into configuration: every rule that
+can be checked without a machine is checked here, one error per rule, and each error names the
+option, the key and the allowed values. Rules that need the machine (sizes against backends,
+memslot budgets) are checked at realize time by the devices themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from memslots.errors import OptionError, SizeError
+from memslots.sizes import parse_ram_size, parse_size
+
+_BOOL_WORDS = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
+
+
+def split_option_string(text: str, implied_key: str | None) -> list[tuple[str, str]]:
+    """Split ``a,b=c,d=e`` into key/value pairs the way QEMU's QemuOpts does.
+
+    A first element without ``=`` is the value of ``implied_key``; ``,,`` is an escaped comma.
+    """
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == ",":
+            if text[i + 1 : i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    pairs: list[tuple[str, str]] = []
+    for index, part in enumerate(parts):
+        if part == "":
+            raise OptionError(f"'{text}': empty element in option list")
+        if "=" in part:
+            key, value = part.split("=", 1)
+            if not key:
+                raise OptionError(f"'{text}': element '{part}' has an empty key")
+            pairs.append((key, value))
+        elif index == 0 and implied_key is not None:
+            pairs.append((implied_key, part))
+        else:
+            raise OptionError(f"'{text}': element '{part}' is not of the form key=value")
+    return pairs
+
+
+class _Props:
+    """Key/value pairs of one option, consumed key by key so that leftovers are reported."""
+
+    def __init__(self, option: str, text: str, pairs: list[tuple[str, str]]) -> None:
+        self.option = option
+        self.text = text
+        self.values: dict[str, str] = {}
+        for key, value in pairs:
+            if key in self.values:
+                raise OptionError(f"{option} {text}: parameter '{key}' given twice")
+            self.values[key] = value
+
+    def where(self) -> str:
+        return f"{self.option} {self.text}"
+
+    def pop_str(self, key: str, default: str | None = None) -> str | None:
+        return self.values.pop(key, default)
+
+    def require_str(self, key: str) -> str:
+        value = self.values.pop(key, None)
+        if value is None or value == "":
+            raise OptionError(f"{self.where()}: parameter '{key}' is missing")
+        return value
+
+    def pop_size(self, key: str, default: int | None = None) -> int | None:
+        raw = self.values.pop(key, None)
+        if raw is None:
+            return default
+        try:
+            return parse_size(raw, what=f"'{key}'")
+        except SizeError as exc:
+            raise OptionError(f"{self.where()}: {exc}") from exc
+
+    def pop_int(self, key: str, default: int) -> int:
+        raw = self.values.pop(key, None)
+        if raw is None:
+            return default
+        try:
+            value = int(raw, 0)
+        except ValueError:
+            raise OptionError(
+                f"{self.where()}: parameter '{key}' expects a non-negative integer, got '{raw}'"
+            ) from None
+        if value < 0:
+            raise OptionError(f"{self.where()}: parameter '{key}' must not be negative")
+        return value
+
+    def pop_bool(self, key: str, default: bool) -> bool:
+        raw = self.values.pop(key, None)
+        if raw is None:
+            return default
+        try:
+            return _BOOL_WORDS[raw.lower()]
+        except KeyError:
+            raise OptionError(
+                f"{self.where()}: parameter '{key}' expects 'on' or 'off', got '{raw}'"
+            ) from None
+
+    def pop_choice(self, key: str, choices: Sequence[str], default: str) -> str:
+        raw = self.values.pop(key, None)
+        if raw is None:
+            return default
+        if raw not in choices:
+            allowed = ", ".join(f"'{c}'" for c in choices)
+            raise OptionError(f"{self.where()}: parameter '{key}' expects one of {allowed}")
+        return raw
+
+    def finish(self, allowed: Sequence[str]) -> None:
+        if self.values:
+            key = next(iter(self.values))
+            raise OptionError(
+                f"{self.where()}: unknown parameter '{key}' (allowed: {', '.join(allowed)})"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# -m
+
+
+@dataclass(frozen=True)
+class MachineMemory:
+    """``-m size=…,slots=…,maxmem=…``: boot RAM, DIMM slots and the maximum memory."""
+
+    ram_size: int
+    maxmem: int
+    slots: int = 0
+
+    @property
+    def device_memory_size(self) -> int:
+        """Total space for memory devices: ``maxmem - ram`` (0 means no device memory)."""
+        return self.maxmem - self.ram_size
+
+
+def parse_machine_memory(text: str) -> MachineMemory:
+    """Parse ``-m``: a bare size means MiB; maxmem must not be below the RAM size."""
+    props = _Props("-m", text, split_option_string(text, "size"))
+    raw = props.pop_str("size", "128M") or "128M"
+    try:
+        ram = parse_ram_size(raw)
+    except SizeError as exc:
+        raise OptionError(f"-m {text}: {exc}") from exc
+    maxmem = props.pop_size("maxmem", ram)
+    slots = props.pop_int("slots", 0)
+    props.finish(("size", "slots", "maxmem"))
+    assert maxmem is not None
+    if ram == 0:
+        raise OptionError(f"-m {text}: the RAM size must be above 0")
+    if maxmem < ram:
+        raise OptionError(
+            f"-m {text}: invalid value of maxmem: maxmem (0x{maxmem:x}) < initial memory "
+            f"(0x{ram:x})"
+        )
+    if slots and maxmem == ram:
+        raise OptionError(
+            f"-m {text}: invalid value of maxmem: memory slots were specified but maximum "
+            "memory size equals to initial memory size"
+        )
+    return MachineMemory(ram_size=ram, maxmem=maxmem, slots=slots)
+
+
+# ---------------------------------------------------------------------------------------------
+# -object memory-backend-*
+
+BACKEND_TYPES = ("memory-backend-ram", "memory-backend-memfd", "memory-backend-file")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """One ``-object memory-backend-*``. ``share`` defaults as in QEMU (memfd: on, else off)."""
+
+    qom_type: str
+    id: str
+    size: int
+    share: bool
+    reserve: bool = True
+    prealloc: bool = False
+    mem_path: str | None = None
+    hugetlb: bool = False
+    hugetlbsize: int | None = None
+    seal: bool = True
+
+
+def parse_backend(text: str) -> BackendOptions:
+    """Parse ``-object memory-backend-{ram,memfd,file},id=…,size=…[,…]``."""
+    props = _Props("-object", text, split_option_string(text, "qom-type"))
+    qom_type = props.require_str("qom-type")
+    if qom_type not in BACKEND_TYPES:
+        raise OptionError(
+            f"-object {text}: unsupported object type '{qom_type}' "
+            f"(supported: {', '.join(BACKEND_TYPES)})"
+        )
+    obj_id = props.require_str("id")
+    size = props.pop_size("size")
+    if size is None:
+        raise OptionError(f"-object {text}: parameter 'size' is missing")
+    if size == 0:
+        raise OptionError(f"-object {text}: property 'size' of {obj_id} must not be zero")
+    share = props.pop_bool("share", qom_type == "memory-backend-memfd")
+    reserve = props.pop_bool("reserve", True)
+    prealloc = props.pop_bool("prealloc", False)
+    allowed = ["qom-type", "id", "size", "share", "reserve", "prealloc"]
+    mem_path = hugetlbsize = None
+    hugetlb = False
+    seal = True
+    if qom_type == "memory-backend-file":
+        mem_path = props.require_str("mem-path")
+        allowed.append("mem-path")
+    if qom_type == "memory-backend-memfd":
+        hugetlb = props.pop_bool("hugetlb", False)
+        hugetlbsize = props.pop_size("hugetlbsize")
+        seal = props.pop_bool("seal", True)
+        allowed += ["hugetlb", "hugetlbsize", "seal"]
+        if hugetlbsize is not None and not hugetlb:
+            raise OptionError(f"-object {text}: 'hugetlbsize' needs 'hugetlb=on'")
+    props.finish(allowed)
+    if not reserve and prealloc:
+        raise OptionError(
+            f"-object {text}: 'prealloc=on' and 'reserve=off' are incompatible for {obj_id}"
+        )
+    return BackendOptions(
+        qom_type=qom_type,
+        id=obj_id,
+        size=size,
+        share=share,
+        reserve=reserve,
+        prealloc=prealloc,
+        mem_path=mem_path,
+        hugetlb=hugetlb,
+        hugetlbsize=hugetlbsize,
+        seal=seal,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# -device
+
+VIRTIO_MEM_DRIVERS = ("virtio-mem", "virtio-mem-pci")
+DIMM_DRIVERS = ("pc-dimm",)
+
+
+@dataclass(frozen=True)
+class VirtioMemOptions:
+    """``-device virtio-mem[-pci],…``. ``block_size`` None means the computed default.
+
+    ``memslot_size`` is our extension (Firecracker-style fixed memslot size); None means QEMU's
+    behaviour selected by ``dynamic_memslots``.
+    """
+
+    id: str | None
+    memdev: str | None
+    requested_size: int = 0
+    block_size: int | None = None
+    dynamic_memslots: bool = False
+    unplugged_inaccessible: str = "on"
+    memaddr: int = 0
+    node: int = 0
+    prealloc: bool = False
+    memslot_size: int | None = None
+    driver: str = "virtio-mem"
+
+
+@dataclass(frozen=True)
+class DimmOptions:
+    """``-device pc-dimm,id=…,memdev=…[,addr=…][,node=…]``."""
+
+    id: str | None
+    memdev: str | None
+    addr: int = 0
+    node: int = 0
+    driver: str = "pc-dimm"
+
+
+DeviceOptions = VirtioMemOptions | DimmOptions
+
+SUPPORTED_DEVICES = VIRTIO_MEM_DRIVERS + DIMM_DRIVERS
+
+
+def parse_device(text: str) -> DeviceOptions:
+    """Parse ``-device DRIVER,…`` for the memory devices memslots knows."""
+    props = _Props("-device", text, split_option_string(text, "driver"))
+    driver = props.require_str("driver")
+    dev_id = props.pop_str("id")
+    memdev = props.pop_str("memdev")
+    if driver in VIRTIO_MEM_DRIVERS:
+        requested = props.pop_size("requested-size", 0)
+        block = props.pop_size("block-size")
+        dynamic = props.pop_bool("dynamic-memslots", False)
+        inaccessible = props.pop_choice("unplugged-inaccessible", ("on", "off", "auto"), "on")
+        memaddr = props.pop_size("memaddr", 0)
+        node = props.pop_int("node", 0)
+        prealloc = props.pop_bool("prealloc", False)
+        memslot_size = props.pop_size("memslot-size")
+        props.finish(
+            (
+                "id",
+                "memdev",
+                "requested-size",
+                "block-size",
+                "dynamic-memslots",
+                "unplugged-inaccessible",
+                "memaddr",
+                "node",
+                "prealloc",
+                "memslot-size",
+            )
+        )
+        assert requested is not None and memaddr is not None
+        return VirtioMemOptions(
+            id=dev_id,
+            memdev=memdev,
+            requested_size=requested,
+            block_size=block,
+            dynamic_memslots=dynamic,
+            unplugged_inaccessible=inaccessible,
+            memaddr=memaddr,
+            node=node,
+            prealloc=prealloc,
+            memslot_size=memslot_size,
+            driver=driver,
+        )
+    if driver in DIMM_DRIVERS:
+        addr = props.pop_size("addr", 0)
+        node = props.pop_int("node", 0)
+        props.finish(("id", "memdev", "addr", "node"))
+        assert addr is not None
+        return DimmOptions(id=dev_id, memdev=memdev, addr=addr, node=node, driver=driver)
+    raise OptionError(
+        f"-device {text}: unsupported device '{driver}' (supported: {', '.join(SUPPORTED_DEVICES)})"
+    )
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """Everything the command line describes: memory, backends, devices in plug order."""
+
+    memory: MachineMemory
+    backends: tuple[BackendOptions, ...] = ()
+    devices: tuple[DeviceOptions, ...] = ()
+    accel: str = "auto"
+
+
+ACCELS = ("auto", "kvm", "sim")
+
+
+def parse_machine_config(
+    memory: str | None,
+    objects: Sequence[str] = (),
+    devices: Sequence[str] = (),
+    accel: str = "auto",
+) -> MachineConfig:
+    """Parse a whole command line's memory options; ids must be unique across the machine."""
+    if accel not in ACCELS:
+        raise OptionError(f"-accel {accel}: expects one of {', '.join(ACCELS)}")
+    mem = parse_machine_memory(memory if memory is not None else "128M")
+    backends = tuple(parse_backend(o) for o in objects)
+    devs = tuple(parse_device(d) for d in devices)
+    seen: set[str] = set()
+    for obj in backends:
+        if obj.id in seen:
+            raise OptionError(f"-object {obj.qom_type}: attempt to add duplicate id '{obj.id}'")
+        seen.add(obj.id)
+    dev_ids: set[str] = set()
+    for dev in devs:
+        if dev.id is not None:
+            if dev.id in dev_ids:
+                raise OptionError(f"-device {dev.driver}: duplicate ID '{dev.id}' for device")
+            dev_ids.add(dev.id)
+    return MachineConfig(memory=mem, backends=backends, devices=devs, accel=accel)

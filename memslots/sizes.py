@@ -1,0 +1,94 @@
+"""Sizes the way QEMU writes them: binary units, suffixes B/K/M/G/T/P/E, fractions allowed.
+
+``parse_size`` follows ``qemu_strtosz``: ``512M``, ``4G``, ``1.5G``, ``0x1000`` and plain bytes.
+``parse_ram_size`` adds ``-m``'s legacy rule that a number without a suffix means MiB.
+"""
+
+from __future__ import annotations
+
+import re
+
+from memslots.errors import SizeError
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+PiB = 1 << 50
+EiB = 1 << 60
+
+U64_MAX = (1 << 64) - 1
+
+_SUFFIXES = {"B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB, "P": PiB, "E": EiB}
+_DECIMAL = re.compile(r"^(\d+)(?:\.(\d+))?([BKMGTPE]?)$", re.IGNORECASE)
+_HEX = re.compile(r"^0x([0-9a-f]+)([KMGTP]?)$", re.IGNORECASE)
+
+
+def parse_size(text: str, *, default_unit: int = 1, what: str = "size") -> int:
+    """Parse a QEMU size string into bytes.
+
+    ``default_unit`` is the multiplier for a number without suffix (1 = bytes). A fraction
+    needs a suffix (or a default unit above bytes); the result is truncated to whole bytes.
+    Raises :class:`SizeError` naming ``what`` on malformed input or values beyond 2^64-1.
+    """
+    s = text.strip()
+    hexm = _HEX.match(s)
+    if hexm:
+        value = int(hexm.group(1), 16) * _SUFFIXES.get(hexm.group(2).upper(), 1)
+        return _check_range(value, text, what)
+    m = _DECIMAL.match(s)
+    if not m:
+        raise SizeError(
+            f"invalid {what} '{text}': expected a number with an optional suffix "
+            "B, K, M, G, T, P or E (binary units), e.g. 512M or 4G"
+        )
+    whole, frac, suffix = m.group(1), m.group(2), m.group(3).upper()
+    unit = _SUFFIXES[suffix] if suffix else default_unit
+    if frac is not None and unit == 1:
+        raise SizeError(f"invalid {what} '{text}': a fractional size needs a unit suffix")
+    value = int(whole) * unit
+    if frac:
+        value += int(frac) * unit // (10 ** len(frac))
+    return _check_range(value, text, what)
+
+
+def parse_ram_size(text: str) -> int:
+    """Parse ``-m``'s size: like :func:`parse_size` but a bare number means MiB (QEMU's rule)."""
+    return parse_size(text, default_unit=MiB, what="memory size")
+
+
+def _check_range(value: int, text: str, what: str) -> int:
+    if value > U64_MAX:
+        raise SizeError(f"invalid {what} '{text}': value too large (above 2^64-1 bytes)")
+    return value
+
+
+_UNITS = (("EiB", EiB), ("PiB", PiB), ("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB))
+
+
+def format_size(n: int) -> str:
+    """Format bytes for humans: exact in the largest unit that divides, else two decimals."""
+    if n < 0:
+        return "-" + format_size(-n)
+    for name, unit in _UNITS:
+        if n >= unit and n % unit == 0:
+            return f"{n // unit} {name}"
+    for name, unit in _UNITS:
+        if n >= unit:
+            return f"{n / unit:.2f} {name}"
+    return f"{n} B"
+
+
+def align_up(value: int, alignment: int) -> int:
+    """Round ``value`` up to a multiple of ``alignment`` (any positive alignment)."""
+    return -(-value // alignment) * alignment
+
+
+def align_down(value: int, alignment: int) -> int:
+    """Round ``value`` down to a multiple of ``alignment``."""
+    return value - value % alignment
+
+
+def is_power_of_two(value: int) -> bool:
+    """True for 1, 2, 4, ...; False for 0 and negatives."""
+    return value > 0 and value & (value - 1) == 0

@@ -1,0 +1,56 @@
+"""Shared fixtures: machines on the KVM model (planned or mapped) and on the real kernel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import pytest
+
+from memslots.kvm import kvm_available
+from memslots.kvm_cost import MmuConfig
+from memslots.kvm_model import KvmModel
+from memslots.machine import Machine
+from memslots.options import parse_machine_config
+from memslots.vhost import VhostModel
+
+requires_kvm = pytest.mark.skipif(not kvm_available(), reason="needs /dev/kvm")
+
+PlanFactory = Callable[..., Machine]
+
+
+@pytest.fixture
+def plan_machine() -> Iterator[PlanFactory]:
+    """Build planned machines (nothing mapped) on the KVM model; closes them afterwards."""
+    made: list[Machine] = []
+
+    def build(
+        memory: str,
+        objects: Sequence[str] = (),
+        devices: Sequence[str] = (),
+        *,
+        kvm_max: int = 32764,
+        kvm_free: int | None = None,
+        vhost: tuple[int, int | None, str] | None = None,
+    ) -> Machine:
+        config = parse_machine_config(memory, objects, devices, accel="sim")
+        consumers = [VhostModel("vhost0", vhost[0], kind=vhost[2])] if vhost else []
+
+        def describe(m: Machine) -> None:
+            if kvm_free is not None:
+                m.set_free_memslots(m.kvm, kvm_free, "--kvm-free-memslots")
+            if vhost is not None and vhost[1] is not None:
+                m.set_free_memslots(consumers[0], vhost[1], "--vhost-free-memslots")
+
+        m = Machine(
+            config,
+            vm=KvmModel(max_memslots=kvm_max, mmu=MmuConfig()),
+            planned=True,
+            vhost=list(consumers),
+            before_devices=describe,
+        )
+        made.append(m)
+        return m
+
+    yield build
+    for m in made:
+        m.close()

@@ -1,0 +1,134 @@
+"""QEMU-style option strings: parsing and the one-error-per-rule validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from memslots.errors import OptionError
+from memslots.options import (
+    DimmOptions,
+    VirtioMemOptions,
+    parse_backend,
+    parse_device,
+    parse_machine_config,
+    parse_machine_memory,
+    split_option_string,
+)
+from memslots.sizes import GiB, MiB, TiB
+
+
+def test_split_with_implied_key_and_escaped_comma() -> None:
+    assert split_option_string("4G,maxmem=8G", "size") == [("size", "4G"), ("maxmem", "8G")]
+    assert split_option_string("memory-backend-file,mem-path=/a,,b", "qom-type") == [
+        ("qom-type", "memory-backend-file"),
+        ("mem-path", "/a,b"),
+    ]
+
+
+@pytest.mark.parametrize("text", ["a,b", "=1", "x=1,", "", "x=1,,,y"])
+def test_split_rejects_malformed(text: str) -> None:
+    with pytest.raises(OptionError):
+        split_option_string(text, "size")
+
+
+def test_split_without_implied_key() -> None:
+    with pytest.raises(OptionError, match="not of the form key=value"):
+        split_option_string("a", None)
+
+
+def test_machine_memory() -> None:
+    m = parse_machine_memory("4G,slots=2,maxmem=1028G")
+    assert (m.ram_size, m.maxmem, m.slots, m.device_memory_size) == (
+        4 * GiB,
+        1028 * GiB,
+        2,
+        1024 * GiB,
+    )
+    assert parse_machine_memory("512").ram_size == 512 * MiB
+    assert parse_machine_memory("1G").maxmem == GiB
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("4G,maxmem=2G", "maxmem .* < initial memory"),
+        ("4G,slots=2", "memory slots were specified but maximum memory size equals"),
+        ("4G,foo=1", "unknown parameter 'foo' \\(allowed: size, slots, maxmem\\)"),
+        ("4X", "invalid memory size '4X'"),
+        ("4G,slots=-1", "must not be negative"),
+        ("4G,slots=two", "expects a non-negative integer"),
+        ("4G,maxmem=8G,maxmem=9G", "given twice"),
+    ],
+)
+def test_machine_memory_errors(text: str, match: str) -> None:
+    with pytest.raises(OptionError, match=match):
+        parse_machine_memory(text)
+
+
+def test_backends() -> None:
+    b = parse_backend("memory-backend-ram,id=mem0,size=1T,reserve=off")
+    assert (b.id, b.size, b.share, b.reserve) == ("mem0", TiB, False, False)
+    assert parse_backend("memory-backend-memfd,id=m,size=1G").share is True
+    f = parse_backend("memory-backend-file,id=f,size=1G,mem-path=/dev/shm,share=on")
+    assert (f.mem_path, f.share) == ("/dev/shm", True)
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("memory-backend-foo,id=a,size=1G", "unsupported object type 'memory-backend-foo'"),
+        ("memory-backend-ram,size=1G", "parameter 'id' is missing"),
+        ("memory-backend-ram,id=a", "parameter 'size' is missing"),
+        ("memory-backend-ram,id=a,size=0", "must not be zero"),
+        ("memory-backend-ram,id=a,size=1G,share=maybe", "'share' expects 'on' or 'off'"),
+        ("memory-backend-ram,id=a,size=1G,mem-path=/x", "unknown parameter 'mem-path'"),
+        ("memory-backend-file,id=a,size=1G", "parameter 'mem-path' is missing"),
+        ("memory-backend-ram,id=a,size=1G,reserve=off,prealloc=on", "incompatible"),
+        ("memory-backend-memfd,id=a,size=1G,hugetlbsize=2M", "needs 'hugetlb=on'"),
+    ],
+)
+def test_backend_errors(text: str, match: str) -> None:
+    with pytest.raises(OptionError, match=match):
+        parse_backend(text)
+
+
+def test_devices() -> None:
+    v = parse_device(
+        "virtio-mem-pci,id=vmem0,memdev=mem0,requested-size=1G,block-size=2M,"
+        "dynamic-memslots=on,unplugged-inaccessible=on"
+    )
+    assert isinstance(v, VirtioMemOptions)
+    assert (v.id, v.memdev, v.requested_size, v.block_size, v.dynamic_memslots) == (
+        "vmem0",
+        "mem0",
+        GiB,
+        2 * MiB,
+        True,
+    )
+    d = parse_device("pc-dimm,id=d,memdev=m")
+    assert isinstance(d, DimmOptions) and d.memdev == "m"
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("virtio-foo,id=a", "unsupported device 'virtio-foo'"),
+        ("virtio-mem,id=a,dynamic-memslots=yesplease", "'dynamic-memslots' expects 'on' or 'off'"),
+        ("virtio-mem,id=a,unplugged-inaccessible=maybe", "expects one of 'on', 'off', 'auto'"),
+        ("virtio-mem,id=a,requested-size=lots", "invalid 'requested-size'"),
+        ("virtio-mem,id=a,colour=blue", "unknown parameter 'colour'"),
+        ("pc-dimm,id=a,block-size=2M", "unknown parameter 'block-size'"),
+    ],
+)
+def test_device_errors(text: str, match: str) -> None:
+    with pytest.raises(OptionError, match=match):
+        parse_device(text)
+
+
+def test_duplicate_ids() -> None:
+    with pytest.raises(OptionError, match="duplicate id 'a'"):
+        parse_machine_config("1G", ["memory-backend-ram,id=a,size=1G"] * 2)
+    with pytest.raises(OptionError, match="duplicate ID 'v'"):
+        parse_machine_config("1G", [], ["virtio-mem,id=v", "virtio-mem,id=v"])
+    with pytest.raises(OptionError, match="-accel tcg"):
+        parse_machine_config("1G", accel="tcg")
