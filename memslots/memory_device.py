@@ -267,9 +267,7 @@ class DeviceMemory:
         if mr is None:
             return
         self.check_addable(dev, mr)
-        align = (
-            legacy_align if legacy_align is not None else max(dev.get_min_alignment(), mr.align)
-        )
+        align = legacy_align if legacy_align is not None else max(dev.get_min_alignment(), mr.align)
         addr = dev.get_addr()
         dev.set_addr(self.get_free_addr(addr if addr else None, align, mr.size))
 

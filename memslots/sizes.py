@@ -67,14 +67,17 @@ _UNITS = (("EiB", EiB), ("PiB", PiB), ("TiB", TiB), ("GiB", GiB), ("MiB", MiB), 
 
 
 def format_size(n: int) -> str:
-    """Format bytes for humans: exact in the largest unit that divides, else two decimals."""
+    """Format bytes for humans: exact where that stays short ("2846 MiB"), else two decimals."""
     if n < 0:
         return "-" + format_size(-n)
-    for name, unit in _UNITS:
-        if n >= unit and n % unit == 0:
-            return f"{n // unit} {name}"
-    for name, unit in _UNITS:
+    for i, (name, unit) in enumerate(_UNITS):
         if n >= unit:
+            if n % unit == 0:
+                return f"{n // unit} {name}"
+            if i + 1 < len(_UNITS):
+                small_name, small = _UNITS[i + 1]
+                if n % small == 0 and n // small < 10000:
+                    return f"{n // small} {small_name}"
             return f"{n / unit:.2f} {name}"
     return f"{n} B"
 
