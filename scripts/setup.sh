@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for memslots: a virtual environment in .venv with the package.
+#   bash scripts/setup.sh          the package and its CLI (enough for the demo)
+#   bash scripts/setup.sh --tests  plus the test tools and, as root on Debian, the real
+#                                  vhost-user back-ends (qemu-storage-daemon, virtiofsd)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tests=0
+[ "${1:-}" = "--tests" ] && tests=1
+
+if [ "$tests" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    if [ ! -x /usr/bin/qemu-storage-daemon ] || [ ! -x /usr/lib/qemu/virtiofsd ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends qemu-system-common >/dev/null
+    fi
+fi
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if [ "$tests" = 1 ]; then
+    .venv/bin/python -m pip install -q -e '.[dev]'
+else
+    .venv/bin/python -m pip install -q -e .
+fi
