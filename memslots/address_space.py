@@ -68,6 +68,14 @@ class RamBlock(Protocol):
         """Give the host memory of a range back."""
         ...
 
+    def read(self, offset: int, length: int) -> bytes:
+        """Copy bytes out of the memory."""
+        ...
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Copy bytes into the memory."""
+        ...
+
 
 @dataclass(frozen=True)
 class Section:
@@ -456,3 +464,52 @@ class AddressSpace:
                 held.add(s)
         finally:
             listener.commit()
+
+
+class GuestMemory:
+    """Reads and writes guest-physical memory through an address space's committed view.
+
+    Only mapped RAM is reachable: an access that touches a gap (an unmapped memslot, MMIO)
+    raises :class:`AddressSpaceError`, just as a device's DMA would fail there.
+    """
+
+    def __init__(self, address_space: AddressSpace) -> None:
+        self.address_space = address_space
+
+    def _pieces(self, gpa: int, length: int) -> Iterator[tuple[Section, int, int]]:
+        if gpa < 0 or length < 0:
+            raise AddressSpaceError(f"invalid guest memory access [0x{gpa:x}, +0x{length:x})")
+        pos, end = gpa, gpa + length
+        while pos < end:
+            section = self.address_space.find(pos)
+            if section is None:
+                raise AddressSpaceError(
+                    f"guest-physical address 0x{pos:x} is not RAM in '{self.address_space.name}'"
+                )
+            n = min(end, section.end) - pos
+            yield section, section.offset + pos - section.gpa, n
+            pos += n
+
+    def is_ram(self, gpa: int, length: int = 1) -> bool:
+        """True if every byte of ``[gpa, gpa+length)`` is mapped RAM."""
+        try:
+            for _ in self._pieces(gpa, length):
+                pass
+        except AddressSpaceError:
+            return False
+        return True
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Copy ``length`` bytes of guest memory starting at ``gpa``."""
+        parts = []
+        for section, offset, n in self._pieces(gpa, length):
+            parts.append(section.backend.read(offset, n))
+        return b"".join(parts)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Copy ``data`` into guest memory at ``gpa``."""
+        done = 0
+        for section, offset, n in self._pieces(gpa, len(data)):
+            section.backend.write(offset, data[done : done + n])
+            done += n
+

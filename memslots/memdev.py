@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from memslots.address_space import MemoryRegion, RamBlock
-from memslots.errors import ConfigError
+from memslots.errors import ConfigError, HostMemoryError
 from memslots.hostmem import (
     FileBackend,
     HostMemory,
@@ -57,6 +57,14 @@ class PlannedMemory:
 
     def discard(self, offset: int, length: int) -> None:
         """Nothing is mapped, so nothing is given back."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Planned memory has no contents."""
+        raise HostMemoryError(f"memory backend '{self.id}' is only planned: it has no contents")
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Planned memory has no contents."""
+        raise HostMemoryError(f"memory backend '{self.id}' is only planned: it has no contents")
 
     def close(self) -> None:
         """Nothing to release."""
