@@ -26,6 +26,7 @@ import logging
 import struct
 from collections import Counter
 from collections.abc import Callable
+from typing import NoReturn
 from dataclasses import dataclass
 
 from memslots.address_space import AddressSpace, MemoryRegion
@@ -499,13 +500,14 @@ class VirtioMem(MemoryDevice):
         if self.needs_reset:
             raise DeviceError(f"virtio-mem '{self.label}' needs a reset")
         if len(data) < REQUEST_SIZE:
-            self._violation(f"invalid request size: {len(data)}")
+            self.protocol_violation(f"invalid request size: {len(data)}")
         req = Request.unpack(data)
         if req.type not in ReqType._value2member_map_:
-            self._violation(f"unknown request type: {req.type}")
+            self.protocol_violation(f"unknown request type: {req.type}")
         return self.execute(req).pack()
 
-    def _violation(self, what: str) -> None:
+    def protocol_violation(self, what: str) -> NoReturn:
+        """The driver broke the protocol: the device needs a reset (QEMU's virtio_error)."""
         self.needs_reset = True
         raise DeviceError(f"virtio-mem '{self.label}': virtio-mem protocol violation: {what}")
 
