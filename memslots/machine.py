@@ -211,6 +211,19 @@ class Machine:
         self.backends[opts.id] = backend
         return backend
 
+    def remove_backend(self, backend_id: str) -> None:
+        """Delete a memory backend object (``object-del``); refused while a device uses it."""
+        backend = self.backends.get(backend_id)
+        if backend is None:
+            raise ConfigError(f"object '{backend_id}' not found")
+        if backend.used_by is not None:
+            raise ConfigError(
+                f"object '{backend_id}' can't be deleted: it is used by device "
+                f"'{backend.used_by}'"
+            )
+        del self.backends[backend_id]
+        backend.close()
+
     def add_device(self, opts: DeviceOptions) -> MemoryDevice:
         """Create, pre-plug, realize and plug a memory device; nothing remains on failure."""
         if opts.id is not None and opts.id in self.devices:

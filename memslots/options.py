@@ -200,19 +200,52 @@ class BackendOptions:
 
 def parse_backend(text: str) -> BackendOptions:
     """Parse ``-object memory-backend-{ram,memfd,file},id=…,size=…[,…]``."""
-    props = _Props("-object", text, split_option_string(text, "qom-type"))
+    return _backend(_Props("-object", text, split_option_string(text, "qom-type")))
+
+
+def backend_from_args(args: dict[str, object], where: str = "object-add") -> BackendOptions:
+    """The same rules for QMP ``object-add`` arguments (JSON numbers, booleans, strings)."""
+    return _backend(_Props(where, _describe_args(args), _args_pairs(args, where)))
+
+
+def device_from_args(args: dict[str, object], where: str = "device_add") -> DeviceOptions:
+    """The same rules for QMP ``device_add`` arguments."""
+    return _device(_Props(where, _describe_args(args), _args_pairs(args, where)))
+
+
+def _args_pairs(args: dict[str, object], where: str) -> list[tuple[str, str]]:
+    pairs = []
+    for key, value in args.items():
+        if isinstance(value, bool):
+            text = "on" if value else "off"
+        elif isinstance(value, int | str):
+            text = str(value)
+        else:
+            raise OptionError(f"{where}: parameter '{key}' expects a string, a number or a boolean")
+        pairs.append((key, text))
+    return pairs
+
+
+def _describe_args(args: dict[str, object]) -> str:
+    for key in ("id", "qom-type", "driver"):
+        if isinstance(args.get(key), str):
+            return f"'{args[key]}'"
+    return "(arguments)"
+
+
+def _backend(props: _Props) -> BackendOptions:
     qom_type = props.require_str("qom-type")
     if qom_type not in BACKEND_TYPES:
         raise OptionError(
-            f"-object {text}: unsupported object type '{qom_type}' "
+            f"{props.where()}: unsupported object type '{qom_type}' "
             f"(supported: {', '.join(BACKEND_TYPES)})"
         )
     obj_id = props.require_str("id")
     size = props.pop_size("size")
     if size is None:
-        raise OptionError(f"-object {text}: parameter 'size' is missing")
+        raise OptionError(f"{props.where()}: parameter 'size' is missing")
     if size == 0:
-        raise OptionError(f"-object {text}: property 'size' of {obj_id} must not be zero")
+        raise OptionError(f"{props.where()}: property 'size' of {obj_id} must not be zero")
     share = props.pop_bool("share", qom_type == "memory-backend-memfd")
     reserve = props.pop_bool("reserve", True)
     prealloc = props.pop_bool("prealloc", False)
@@ -229,11 +262,11 @@ def parse_backend(text: str) -> BackendOptions:
         seal = props.pop_bool("seal", True)
         allowed += ["hugetlb", "hugetlbsize", "seal"]
         if hugetlbsize is not None and not hugetlb:
-            raise OptionError(f"-object {text}: 'hugetlbsize' needs 'hugetlb=on'")
+            raise OptionError(f"{props.where()}: 'hugetlbsize' needs 'hugetlb=on'")
     props.finish(allowed)
     if not reserve and prealloc:
         raise OptionError(
-            f"-object {text}: 'prealloc=on' and 'reserve=off' are incompatible for {obj_id}"
+            f"{props.where()}: 'prealloc=on' and 'reserve=off' are incompatible for {obj_id}"
         )
     return BackendOptions(
         qom_type=qom_type,
@@ -295,7 +328,10 @@ SUPPORTED_DEVICES = VIRTIO_MEM_DRIVERS + DIMM_DRIVERS
 
 def parse_device(text: str) -> DeviceOptions:
     """Parse ``-device DRIVER,…`` for the memory devices memslots knows."""
-    props = _Props("-device", text, split_option_string(text, "driver"))
+    return _device(_Props("-device", text, split_option_string(text, "driver")))
+
+
+def _device(props: _Props) -> DeviceOptions:
     driver = props.require_str("driver")
     dev_id = props.pop_str("id")
     memdev = props.pop_str("memdev")
@@ -343,7 +379,8 @@ def parse_device(text: str) -> DeviceOptions:
         assert addr is not None
         return DimmOptions(id=dev_id, memdev=memdev, addr=addr, node=node, driver=driver)
     raise OptionError(
-        f"-device {text}: unsupported device '{driver}' (supported: {', '.join(SUPPORTED_DEVICES)})"
+        f"{props.where()}: unsupported device '{driver}' "
+        f"(supported: {', '.join(SUPPORTED_DEVICES)})"
     )
 
 
