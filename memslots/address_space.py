@@ -512,4 +512,3 @@ class GuestMemory:
         for section, offset, n in self._pieces(gpa, len(data)):
             section.backend.write(offset, data[done : done + n])
             done += n
-

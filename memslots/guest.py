@@ -200,9 +200,10 @@ class LinuxGuest:
             self.per_unit = self.mb_size // sb  # sub-blocks per memory block
         else:
             bb = max(self.block_size, self.mb_size)
-            if self.opts.bbm_block_size >= bb and self.opts.bbm_block_size & (
-                self.opts.bbm_block_size - 1
-            ) == 0:
+            if (
+                self.opts.bbm_block_size >= bb
+                and self.opts.bbm_block_size & (self.opts.bbm_block_size - 1) == 0
+            ):
                 bb = self.opts.bbm_block_size
             self.unit = bb
             self.per_unit = 1
@@ -343,7 +344,8 @@ class LinuxGuest:
 
     def _send(self, kind: ReqType, gpa: int, nb_blocks: int) -> Resp | None:
         resp = self.channel.send(Request(kind, gpa, nb_blocks))
-        answer = Resp(resp.type) if resp is not None and resp.type in Resp._value2member_map_ else None
+        known = resp is not None and resp.type in Resp._value2member_map_
+        answer = Resp(resp.type) if resp is not None and known else None
         self.log.append(
             LoggedRequest(
                 kind.name.lower(),
@@ -693,14 +695,14 @@ class LinuxGuest:
 
 __all__ = [
     "Channel",
-    "GuestRam",
-    "RamUser",
     "GuestOptions",
+    "GuestRam",
     "LinuxGuest",
     "LoggedRequest",
-    "MemoryUser",
     "Mb",
+    "MemoryUser",
     "Online",
+    "RamUser",
     "memory_block_size",
 ]
 

@@ -218,8 +218,7 @@ class Machine:
             raise ConfigError(f"object '{backend_id}' not found")
         if backend.used_by is not None:
             raise ConfigError(
-                f"object '{backend_id}' can't be deleted: it is used by device "
-                f"'{backend.used_by}'"
+                f"object '{backend_id}' can't be deleted: it is used by device '{backend.used_by}'"
             )
         del self.backends[backend_id]
         backend.close()

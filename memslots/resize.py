@@ -91,9 +91,9 @@ class ResizeJob:
         """Run the guest until done, stuck, or ``timeout`` seconds have passed."""
         deadline = self.sched.now() + timeout
         self.sched.run_until(lambda: self.done or self._stuck(), deadline)
-        if self._progress is not None and self._listener in self.dev.size_change_listeners:
-            if self.done or self._stuck():
-                self.dev.size_change_listeners.remove(self._listener)
+        finished = self.done or self._stuck()
+        if finished and self._listener in self.dev.size_change_listeners:
+            self.dev.size_change_listeners.remove(self._listener)
         return self.result()
 
     def result(self) -> ResizeResult:

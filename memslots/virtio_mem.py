@@ -26,8 +26,8 @@ import logging
 import struct
 from collections import Counter
 from collections.abc import Callable
-from typing import NoReturn
 from dataclasses import dataclass
+from typing import NoReturn
 
 from memslots.address_space import AddressSpace, MemoryRegion
 from memslots.errors import ConfigError, DeviceError, MemslotsError, PropertyError
