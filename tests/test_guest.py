@@ -7,9 +7,9 @@ from conftest import PlanFactory
 
 from memslots.address_space import GuestMemory
 from memslots.guest import GuestOptions, LinuxGuest, Online, RamUser, memory_block_size
+from memslots.kvm_model import KvmModel
 from memslots.machine import Machine
 from memslots.options import parse_machine_config
-from memslots.kvm_model import KvmModel
 from memslots.sched import Scheduler
 from memslots.sizes import GiB, MiB
 from memslots.virtio_mem import Config, Request, Response, VirtioMem
@@ -65,16 +65,25 @@ def test_worked_streams(plan_machine: PlanFactory) -> None:
         dev = m.virtio_mem("vmem0")
         assert dev.addr % (128 * MiB) == 0
         sched = Scheduler()
-        guest = boot(dev, sched, GuestOptions(boot_memory_end=5 * GiB),
-                     RamUser(GuestMemory(m.address_space)))
+        guest = boot(
+            dev, sched, GuestOptions(boot_memory_end=5 * GiB), RamUser(GuestMemory(m.address_space))
+        )
         assert guest.sbm and guest.unit == 2 * MiB and guest.per_unit == 64
-        assert stream(guest) == [("plug", 0, 64), ("plug", 128, 64), ("plug", 256, 64),
-                                 ("plug", 384, 64)]
+        assert stream(guest) == [
+            ("plug", 0, 64),
+            ("plug", 128, 64),
+            ("plug", 256, 64),
+            ("plug", 384, 64),
+        ]
         n = len(guest.log)
         dev.set_requested_size(900 * MiB)
         sched.run_until(lambda: guest.idle, sched.now() + 1)
-        assert stream(guest, n) == [("plug", 512, 64), ("plug", 640, 64), ("plug", 768, 64),
-                                    ("plug", 896, 2)]
+        assert stream(guest, n) == [
+            ("plug", 512, 64),
+            ("plug", 640, 64),
+            ("plug", 768, 64),
+            ("plug", 896, 2),
+        ]
         n = len(guest.log)
         dev.set_requested_size(700 * MiB)
         sched.run_until(lambda: guest.idle, sched.now() + 1)
@@ -200,8 +209,12 @@ def test_bbm_with_large_device_blocks() -> None:
         assert not guest.sbm and guest.unit == 256 * MiB
         dev.set_requested_size(GiB)
         sched.advance(1)
-        assert stream(guest) == [("plug", 0, 1), ("plug", 256, 1), ("plug", 512, 1),
-                                 ("plug", 768, 1)]
+        assert stream(guest) == [
+            ("plug", 0, 1),
+            ("plug", 256, 1),
+            ("plug", 512, 1),
+            ("plug", 768, 1),
+        ]
         n = len(guest.log)
         dev.set_requested_size(512 * MiB)
         sched.advance(1)
@@ -213,8 +226,7 @@ def test_guest_catches_lost_memory(online: Online) -> None:
     with machine_with() as m:
         dev = m.virtio_mem("vmem0")
         sched = Scheduler()
-        guest = boot(dev, sched, GuestOptions(online=online),
-                     RamUser(GuestMemory(m.address_space)))
+        guest = boot(dev, sched, GuestOptions(online=online), RamUser(GuestMemory(m.address_space)))
         dev.set_requested_size(64 * MiB)
         sched.advance(1)
         assert guest.verify() == 32 and guest.violations == []
