@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from test_guest import DirectChannel, boot, machine_with
 
@@ -23,7 +25,7 @@ def test_reached_with_progress() -> None:
         res = job.wait(timeout=10)
         assert res.ok and res.outcome is Outcome.REACHED and res.plugged == GiB
         assert seen[-1] == (GiB, GiB) and len(seen) == 8  # one PLUG per 128 MiB memory block
-        assert all(a[0] < b[0] for a, b in zip(seen, seen[1:]))
+        assert all(a[0] < b[0] for a, b in itertools.pairwise(seen))
 
 
 def test_invalid_size_is_refused_at_once() -> None:
