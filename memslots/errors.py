@@ -43,6 +43,30 @@ class KvmUnavailableError(KvmError):
     """``/dev/kvm`` is missing or cannot be opened."""
 
 
+class VcpuError(KvmError):
+    """The probe vCPU failed: a guest exception, an unexpected exit, or a full page-table pool.
+
+    For a guest exception, ``vector``, ``error_code`` (None if the vector pushes none),
+    ``rip`` and ``cr2`` describe it; they are None for other failures.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        errno: int = 0,
+        *,
+        vector: int | None = None,
+        error_code: int | None = None,
+        rip: int | None = None,
+        cr2: int | None = None,
+    ) -> None:
+        super().__init__(message, errno)
+        self.vector = vector
+        self.error_code = error_code
+        self.rip = rip
+        self.cr2 = cr2
+
+
 class AddressSpaceError(MemslotsError):
     """A region could not be added to or removed from an address space."""
 
@@ -71,6 +95,17 @@ class VhostError(MemslotsError):
 
 class VhostDisconnectedError(VhostError):
     """The vhost-user back-end closed the connection or died."""
+
+
+class VhostLimitError(VhostError):
+    """A vhost back-end's memory slot limit is too low for the memory devices (QEMU's
+    ``vhost_dev_init`` refusals). ``hint`` is QEMU's hint, verbatim, if it gives one."""
+
+    def __init__(self, message: str, *, backend: str, limit: int, hint: str | None = None):
+        super().__init__(message if hint is None else f"{message}\n{hint.rstrip()}")
+        self.backend = backend
+        self.limit = limit
+        self.hint = hint
 
 
 class MeasurementError(MemslotsError):

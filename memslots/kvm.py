@@ -1,8 +1,9 @@
 """The real accelerator: a KVM VM on ``/dev/kvm`` whose memslots are set with ``ioctl``.
 
-Only memslot operations are offered; no vCPU is created. :meth:`KvmVm.probe_mapped` reads the
-kernel's slot table back by trying to create a scratch slot, which the kernel refuses with
-EEXIST exactly when another slot covers the address.
+The VM itself creates no vCPU; it offers memslot operations plus the few system queries and
+:meth:`KvmVm.create_vcpu` that :class:`memslots.vcpu.ProbeVcpu` builds on.
+:meth:`KvmVm.probe_mapped` reads the kernel's slot table back by trying to create a scratch
+slot, which the kernel refuses with EEXIST exactly when another slot covers the address.
 """
 
 from __future__ import annotations
@@ -23,14 +24,20 @@ from memslots.kvm_abi import (
     KVM_CAP_NR_MEMSLOTS,
     KVM_CAP_USER_MEMORY2,
     KVM_CHECK_EXTENSION,
+    KVM_CREATE_VCPU,
     KVM_CREATE_VM,
     KVM_GET_API_VERSION,
+    KVM_GET_SUPPORTED_CPUID,
+    KVM_GET_VCPU_MMAP_SIZE,
     KVM_SET_USER_MEMORY_REGION,
     KVM_SET_USER_MEMORY_REGION2,
     PAGE_SIZE,
+    CpuidEntry,
     UserspaceMemoryRegion,
     memslot_error,
+    pack_cpuid2,
     reject_guest_memfd,
+    unpack_cpuid2,
 )
 from memslots.kvm_cost import MmuConfig, detect_host_mmu
 from memslots.sizes import align_down
@@ -79,6 +86,7 @@ class KvmVm:
     is_real = True
 
     def __init__(self, path: str = "/dev/kvm") -> None:
+        self.path = path
         self._vm_fd = -1
         self._scratch: mmap.mmap | None = None
         sys_fd = _open_system(path)
@@ -161,6 +169,43 @@ class KvmVm:
             ) from e
         self._set_region(UserspaceMemoryRegion(scratch, 0, 0, 0, 0), "probe_mapped (delete)")
         return False
+
+    def vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE: bytes to mmap from a vCPU fd (``kvm_run`` and its data)."""
+        fd = _open_system(self.path)
+        try:
+            return _ioctl(fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+        finally:
+            os.close(fd)
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        """KVM_GET_SUPPORTED_CPUID: every CPUID leaf KVM can give a guest, as KVM fills it in."""
+        fd = _open_system(self.path)
+        try:
+            nent = 128
+            while True:
+                buf = pack_cpuid2([CpuidEntry(0, 0, 0, 0, 0, 0, 0)] * nent)
+                try:
+                    fcntl.ioctl(fd, KVM_GET_SUPPORTED_CPUID, buf, True)
+                except OSError as e:
+                    # E2BIG: the kernel has more entries than we made room for.
+                    if e.errno == errno.E2BIG and nent < 4096:
+                        nent *= 2
+                        continue
+                    raise KvmError(
+                        f"KVM_GET_SUPPORTED_CPUID failed: {e.strerror}", _errno(e)
+                    ) from e
+                return unpack_cpuid2(buf)
+        finally:
+            os.close(fd)
+
+    def create_vcpu(self, vcpu_id: int) -> int:
+        """KVM_CREATE_VCPU: a new vCPU fd (the caller closes it).
+
+        The kernel keeps the vCPU until the VM is closed, even after its fd is closed, so an id
+        can be created only once per VM (EEXIST otherwise).
+        """
+        return _ioctl(self.vm_fd, KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU({vcpu_id})")
 
     def close(self) -> None:
         """Close the VM (the kernel frees all its memslots); safe to call more than once."""

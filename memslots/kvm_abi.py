@@ -1,4 +1,5 @@
-"""The KVM userspace ABI for memslots: ioctl numbers, flags, capabilities and struct layouts.
+"""The KVM userspace ABI for memslots (and the probe vCPU): ioctl numbers, flags, capabilities
+and struct layouts.
 
 Values follow Linux's ``include/uapi/linux/kvm.h`` (x86-64). Structs are packed with
 :mod:`struct` in native byte order, exactly as the kernel copies them from user memory.
@@ -54,6 +55,62 @@ KVM_SET_USER_MEMORY_REGION = _ioc(_IOC_WRITE, 0x46, REGION_STRUCT.size)
 KVM_SET_USER_MEMORY_REGION2 = _ioc(_IOC_WRITE, 0x49, REGION2_STRUCT.size)
 KVM_ENABLE_CAP = _ioc(_IOC_WRITE, 0xA3, ENABLE_CAP_SIZE)
 KVM_CLEAR_DIRTY_LOG = _ioc(_IOC_READ | _IOC_WRITE, 0xC0, CLEAR_DIRTY_LOG_SIZE)
+
+# vCPU ABI (x86-64), used by memslots.vcpu to run a probe guest.
+# struct kvm_regs: rax rbx rcx rdx rsi rdi rsp rbp r8-r15 rip rflags.
+REGS_STRUCT = struct.Struct("=18Q")
+REGS_FIELDS = (
+    *("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"),
+    *(f"r{i}" for i in range(8, 16)),
+    *("rip", "rflags"),
+)
+# struct kvm_segment: base, limit, selector, type, present, dpl, db, s, l, g, avl, unusable, pad.
+SEGMENT_STRUCT = struct.Struct("=QIH10B")
+# struct kvm_dtable: base, limit, padding[3].
+DTABLE_STRUCT = struct.Struct("=QH3H")
+# struct kvm_sregs: cs ds es fs gs ss tr ldt, gdt idt, cr0 cr2 cr3 cr4 cr8 efer apic_base,
+# interrupt_bitmap[4].
+SREGS_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+SREGS_GDT_OFFSET = 8 * SEGMENT_STRUCT.size
+SREGS_IDT_OFFSET = SREGS_GDT_OFFSET + DTABLE_STRUCT.size
+SREGS_CONTROL_OFFSET = SREGS_IDT_OFFSET + DTABLE_STRUCT.size
+SREGS_CONTROL = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
+SREGS_SIZE = SREGS_CONTROL_OFFSET + 8 * len(SREGS_CONTROL) + 4 * 8
+# struct kvm_cpuid2 header (nent, padding) and struct kvm_cpuid_entry2 (function, index, flags,
+# eax, ebx, ecx, edx, padding[3]).
+CPUID2_HEADER = struct.Struct("=II")
+CPUID_ENTRY2 = struct.Struct("=7I12x")
+
+KVM_GET_VCPU_MMAP_SIZE = _ioc(_IOC_NONE, 0x04, 0)
+KVM_GET_SUPPORTED_CPUID = _ioc(_IOC_READ | _IOC_WRITE, 0x05, CPUID2_HEADER.size)
+KVM_CREATE_VCPU = _ioc(_IOC_NONE, 0x41, 0)
+KVM_RUN = _ioc(_IOC_NONE, 0x80, 0)
+KVM_GET_REGS = _ioc(_IOC_READ, 0x81, REGS_STRUCT.size)
+KVM_SET_REGS = _ioc(_IOC_WRITE, 0x82, REGS_STRUCT.size)
+KVM_GET_SREGS = _ioc(_IOC_READ, 0x83, SREGS_SIZE)
+KVM_SET_SREGS = _ioc(_IOC_WRITE, 0x84, SREGS_SIZE)
+KVM_SET_CPUID2 = _ioc(_IOC_WRITE, 0x90, CPUID2_HEADER.size)
+
+# struct kvm_run: exit_reason at 8, the exit union at 32.
+RUN_EXIT_REASON = struct.Struct("=I")
+RUN_EXIT_REASON_OFFSET = 8
+RUN_EXIT_OFFSET = 32
+# The io member: direction, size, port, count, data_offset (data lives in the kvm_run mapping).
+RUN_IO = struct.Struct("=BBHIQ")
+# The mmio member: phys_addr, data[8], len, is_write.
+RUN_MMIO = struct.Struct("=Q8sIB")
+RUN_MMIO_DATA_OFFSET = RUN_EXIT_OFFSET + 8
+# The internal member: suberror, ndata.
+RUN_INTERNAL = struct.Struct("=II")
+
+KVM_EXIT_IO = 2
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_IO_OUT = 1
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
@@ -159,6 +216,45 @@ class UserspaceMemoryRegion:
         """Decode a 160-byte v2 struct; the padding is ignored."""
         slot, flags, gpa, size, uaddr, gmem_offset, gmem_fd, *_pad = REGION2_STRUCT.unpack(data)
         return cls(slot, flags, gpa, size, uaddr, gmem_offset, gmem_fd)
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """One ``struct kvm_cpuid_entry2``."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+def pack_cpuid2(entries: list[CpuidEntry]) -> bytearray:
+    """A ``struct kvm_cpuid2`` holding ``entries``, as a mutable buffer for ``ioctl``.
+
+    It is a bytearray because ``fcntl.ioctl`` refuses immutable arguments over 1024 bytes.
+    """
+    buf = bytearray(CPUID2_HEADER.size + CPUID_ENTRY2.size * len(entries))
+    CPUID2_HEADER.pack_into(buf, 0, len(entries), 0)
+    for i, entry in enumerate(entries):
+        CPUID_ENTRY2.pack_into(
+            buf,
+            CPUID2_HEADER.size + i * CPUID_ENTRY2.size,
+            *(entry.function, entry.index, entry.flags),
+            *(entry.eax, entry.ebx, entry.ecx, entry.edx),
+        )
+    return buf
+
+
+def unpack_cpuid2(buf: bytes | bytearray) -> list[CpuidEntry]:
+    """The entries of a ``struct kvm_cpuid2`` (as many as its ``nent`` says)."""
+    nent, _pad = CPUID2_HEADER.unpack_from(buf, 0)
+    return [
+        CpuidEntry(*CPUID_ENTRY2.unpack_from(buf, CPUID2_HEADER.size + i * CPUID_ENTRY2.size))
+        for i in range(nent)
+    ]
 
 
 def memslot_error(
