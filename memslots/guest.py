@@ -151,6 +151,10 @@ class GuestOptions:
     legacy_subblocks: bool = False
     #: Guest-physical addresses of sub-blocks pinned by unmovable pages (kernel zone only).
     pinned: frozenset[int] = field(default_factory=frozenset)
+    #: The guest writes into every n-th usable sub-block only. A write into anonymous guest
+    #: RAM makes the host back the whole 2 MiB huge page, so touching every block of a large
+    #: device would cost the host as much memory as the guest plugged.
+    use_stride: int = 1
 
 
 class LinuxGuest:
@@ -385,7 +389,7 @@ class LinuxGuest:
 
     def _use(self, gpa: int) -> None:
         """A sub-block became usable by the kernel: the guest writes into it."""
-        if self.memory is None:
+        if self.memory is None or (gpa // self.unit) % self.opts.use_stride:
             return
         self._seq += 1
         self._seeds[gpa] = self._seq
