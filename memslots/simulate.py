@@ -23,15 +23,17 @@ from pathlib import Path
 
 from memslots.address_space import Section
 from memslots.errors import OptionError
-from memslots.guest import Channel, GuestOptions, LinuxGuest
+from memslots.guest import Channel, LinuxGuest
+from memslots.kvm_abi import VmBackend
 from memslots.kvm_cost import slot_metadata_bytes
-from memslots.machine import Machine
+from memslots.machine import Machine, create_vm
 from memslots.measure import sample_vmalloc_used
 from memslots.options import MachineConfig, VirtioMemOptions
 from memslots.resize import ResizeJob
 from memslots.sched import Scheduler
 from memslots.sizes import GiB, format_size, parse_size
 from memslots.virtio_mem import Config, ReqType, Request, Response, VirtioMem
+from memslots.vm import GuestVm
 
 # -- traces ------------------------------------------------------------------------------------
 
@@ -304,13 +306,6 @@ def run_trace(
     return result
 
 
-def guest_options_for(machine: Machine) -> GuestOptions:
-    """The guest's view of the machine: where its boot memory ends."""
-    lay = machine.layout
-    end = lay.above_4g_end if lay.above_4g else lay.below_4g
-    return GuestOptions(boot_memory_end=end)
-
-
 def with_strategy(config: MachineConfig, dev_id: str, strategy: str) -> MachineConfig:
     """``config`` with the virtio-mem device ``dev_id`` rewritten for ``strategy``."""
     _, rewrite = parse_strategy(strategy)
@@ -336,6 +331,39 @@ def describe(steps: Iterable[StepRecord]) -> str:
     s = list(steps)
     last = s[-1] if s else None
     return f"{len(s)} steps, final plugged {format_size(last.plugged) if last else 0}"
+
+
+def run_simulation(
+    config: MachineConfig,
+    trace: Sequence[TraceStep],
+    *,
+    strategy: str = "dynamic",
+    request_log: bool = False,
+    progress: Callable[[int], None] | None = None,
+    vm_factory: Callable[[], VmBackend] | None = None,
+) -> SimResult:
+    """Build the machine for ``strategy``, boot the guest, run ``trace``, tear it all down."""
+    dev_id = first_virtio_mem(config)
+    config = with_strategy(config, dev_id, strategy)
+    vm = vm_factory() if vm_factory is not None else create_vm(config.accel)
+    with Machine(config, vm=vm) as machine:
+        latencies: dict[str, list[float]] = {}
+        sched = Scheduler()
+        with GuestVm(machine, sched) as gvm:
+            guest = gvm.guests[dev_id]
+            guest.channel = TimedChannel(guest.channel, latencies)
+            gvm.settle()
+            return run_trace(
+                machine,
+                machine.virtio_mem(dev_id),
+                guest,
+                sched,
+                trace,
+                strategy=strategy,
+                latencies=latencies,
+                request_log=request_log,
+                progress=progress,
+            )
 
 
 DEFAULT_SIM_MEMORY = "4G,maxmem=260G"
