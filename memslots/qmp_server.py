@@ -1,0 +1,705 @@
+"""A QMP server on asyncio, as QEMU's monitor speaks it (``docs/interop/qmp-spec``).
+
+The wire protocol: on connect the server sends a greeting; the client must then negotiate with
+``qmp_capabilities`` (any other command is answered with ``CommandNotFound``), after which it
+may execute commands and receives events. Every message is one JSON object; responses echo the
+request's ``id`` (any JSON value); errors are ``{"error": {"class", "desc"}}``; events carry a
+``timestamp``. Malformed input gets the error QEMU gives (its class and, except for the JSON
+parser's own wording, its text) and the session goes on; only input that cannot be taken as a
+message (larger than :data:`MAX_MESSAGE_BYTES`, or nested deeper than QEMU's parser allows) gets
+an error and drops the client.
+
+Commands live in a table (:class:`Command`) with an argument schema that is checked before the
+handler runs, so type, missing and unexpected-argument errors read like QEMU's. Commands run one
+at a time, whichever client sent them, so no command sees another's half-done change.
+
+Events are rate-limited like QEMU's monitor: for an event in :data:`RATE_LIMITS`, the first one
+for a key (``MEMORY_DEVICE_SIZE_CHANGE``: its ``qom-path``) goes out at once, later ones within
+the period are held and only the newest held one is sent when the period ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import inspect
+import json
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Literal
+
+from memslots.errors import MemslotsError
+
+log = logging.getLogger("memslots.qmp")
+
+#: A message larger than this (complete or still open) gets an error and drops the client.
+MAX_MESSAGE_BYTES = 64 * 1024
+#: QEMU's JSON parser refuses deeper nesting (json-streamer's MAX_NESTING).
+MAX_NESTING = 1024
+#: A client that does not read its events is dropped once this much output waits for it.
+MAX_PENDING_OUTPUT = 4 * 1024 * 1024
+#: The QEMU release whose QMP behaviour we reproduce (greeting and ``query-version``).
+QEMU_VERSION = (8, 2, 0)
+#: Seconds between two events of the same key (QEMU's ``monitor_qapi_event_conf``).
+RATE_LIMITS: Mapping[str, float] = {"MEMORY_DEVICE_SIZE_CHANGE": 1.0}
+#: The ``data`` member that tells instances apart when throttling (QEMU's throttle hash).
+THROTTLE_KEYS: Mapping[str, str] = {"MEMORY_DEVICE_SIZE_CHANGE": "qom-path"}
+#: Seconds close() lets sessions finish the command they are running before cancelling them.
+_CLOSE_GRACE = 1.0
+#: Capabilities a client may enable; we offer none (no out-of-band execution).
+KNOWN_CAPABILITIES = ("oob",)
+
+ArgType = Literal["str", "int", "uint64", "size", "bool", "number", "object", "array", "any"]
+#: A command handler: validated arguments in, a JSON-able result (or an awaitable of one) out.
+Handler = Callable[[dict[str, Any]], object]
+
+_INT64 = (-(1 << 63), 1 << 63)
+_UINT64_END = 1 << 64
+_TYPE_NAMES = {
+    "str": "string",
+    "int": "integer",
+    "bool": "boolean",
+    "number": "number",
+    "object": "object",
+    "array": "array",
+}
+
+
+class QMPCommandError(MemslotsError):
+    """A QMP error response: ``error_class`` is QMP's class, the message is its ``desc``."""
+
+    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.error_class = error_class
+
+
+class QMPServerError(MemslotsError):
+    """The server could not listen (address in use, path not a socket, bind failed)."""
+
+
+# -- argument schemas ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """One command argument: its name, QAPI type, whether it may be left out.
+
+    ``items`` is the element type of an ``array``. ``uint64`` and ``size`` take JSON integers in
+    ``[-2^63, 2^64)``; negative ones wrap, as QEMU accepts them for backward compatibility.
+    """
+
+    name: str
+    type: ArgType
+    optional: bool = False
+    items: ArgType | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command of the table: handler and argument schema.
+
+    ``open_args`` accepts arguments beyond ``params`` and passes them on unchecked (QEMU's
+    ``'gen': false`` commands such as ``device_add``). ``discriminator`` names a ``str``
+    parameter whose value selects more parameters from ``branches`` (a QAPI flat union, as
+    ``object-add``'s ``qom-type``).
+    """
+
+    name: str
+    handler: Handler
+    params: tuple[Param, ...] = ()
+    open_args: bool = False
+    discriminator: str | None = None
+    branches: Mapping[str, tuple[Param, ...]] = field(default_factory=dict)
+
+
+def check_value(name: str, type_: ArgType, value: object, items: ArgType | None = None) -> Any:
+    """Check one value against a QAPI type; returns it (uint64: wrapped into range).
+
+    Raises :class:`QMPCommandError` with QEMU's input-visitor messages.
+    """
+    ok: bool
+    if type_ == "any":
+        return value
+    if type_ in ("uint64", "size"):
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and _INT64[0] <= value < _UINT64_END
+        ):
+            return value % _UINT64_END
+        raise QMPCommandError(f"Parameter '{name}' expects uint64")
+    if type_ == "int":
+        ok = (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and _INT64[0] <= value < _INT64[1]
+        )
+    elif type_ == "number":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif type_ == "str":
+        ok = isinstance(value, str)
+    elif type_ == "bool":
+        ok = isinstance(value, bool)
+    elif type_ == "object":
+        ok = isinstance(value, dict)
+    else:
+        ok = isinstance(value, list)
+    if not ok:
+        raise QMPCommandError(
+            f"Invalid parameter type for '{name}', expected: {_TYPE_NAMES[type_]}"
+        )
+    if type_ == "array" and items is not None:
+        assert isinstance(value, list)
+        return [check_value(f"{name}[{i}]", items, v) for i, v in enumerate(value)]
+    return value
+
+
+def check_arguments(command: Command, args: Mapping[str, object]) -> dict[str, Any]:
+    """Validate ``args`` against the command's schema, in schema order like QEMU's visitor.
+
+    Missing arguments are reported before unexpected ones; the result holds the checked values
+    (plus, for ``open_args`` commands, the unchecked rest).
+    """
+    out: dict[str, Any] = {}
+
+    def visit(params: tuple[Param, ...]) -> None:
+        for p in params:
+            if p.name not in args:
+                if not p.optional:
+                    raise QMPCommandError(f"Parameter '{p.name}' is missing")
+                continue
+            out[p.name] = check_value(p.name, p.type, args[p.name], p.items)
+
+    visit(command.params)
+    known = [p.name for p in command.params]
+    if command.discriminator is not None:
+        tag = out[command.discriminator]
+        branch = command.branches.get(tag)
+        if branch is None:
+            raise QMPCommandError(
+                f"Parameter '{command.discriminator}' does not accept value '{tag}'"
+            )
+        visit(branch)
+        known += [p.name for p in branch]
+    for key, value in args.items():
+        if key not in known:
+            if not command.open_args:
+                raise QMPCommandError(f"Parameter '{key}' is unexpected")
+            out[key] = value
+    return out
+
+
+# -- framing -------------------------------------------------------------------------------------
+
+
+class _FramingError(Exception):
+    """The input can never become a message: the client is told and dropped."""
+
+
+class _JsonSplitter:
+    """Cuts a byte stream into top-level JSON texts the way QEMU's JSON streamer does.
+
+    It tracks brace and bracket nesting outside strings; a text ends when the nesting returns
+    to zero (or, for a bare scalar, at the next delimiter). Whether the text is valid JSON is
+    decided later, so a malformed message costs an error response, not the session.
+    """
+
+    _OPEN = frozenset(b"{[")
+    _CLOSE = frozenset(b"}]")
+    _SPACE = frozenset(b" \t\r\n")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buf = bytearray()
+        self.pos = 0
+        self.start = -1  # start of the text being scanned, -1 between texts
+        self.depth = 0
+        self.in_string = False
+        self.escape = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add input; return the texts it completed. Raises :class:`_FramingError`."""
+        self.buf += data
+        out: list[bytes] = []
+        buf = self.buf
+        while self.pos < len(buf):
+            c = buf[self.pos]
+            if self.start < 0:
+                if c not in self._SPACE:
+                    self.start = self.pos
+                    self._begin(c, out)
+            elif self.in_string:
+                if self.escape:
+                    self.escape = False
+                elif c == 0x5C:  # backslash
+                    self.escape = True
+                elif c == 0x22:  # closing quote
+                    self.in_string = False
+                    if self.depth == 0:
+                        self._emit(out, self.pos + 1)
+            elif self.depth == 0:
+                # A bare scalar (number, keyword, garbage) runs to the next delimiter.
+                if c in self._SPACE or c in self._OPEN or c in self._CLOSE or c == 0x22:
+                    self._emit(out, self.pos)
+                    continue  # rescan the delimiter as the start of the next text
+            elif c == 0x22:
+                self.in_string = True
+            elif c in self._OPEN:
+                self.depth += 1
+                if self.depth > MAX_NESTING:
+                    raise _FramingError("JSON nesting depth limit exceeded")
+            elif c in self._CLOSE:
+                self.depth -= 1
+                if self.depth == 0:
+                    self._emit(out, self.pos + 1)
+            self.pos += 1
+            if self.start >= 0 and self.pos - self.start > self.limit:
+                raise _FramingError(
+                    f"QMP input exceeds the limit of {self.limit} bytes per message"
+                )
+        if self.start < 0:
+            del buf[:]
+            self.pos = 0
+        elif self.start > 0:
+            del buf[: self.start]
+            self.pos -= self.start
+            self.start = 0
+        return out
+
+    def _begin(self, c: int, out: list[bytes]) -> None:
+        if c in self._OPEN:
+            self.depth = 1
+        elif c == 0x22:
+            self.in_string = True
+        elif c in self._CLOSE:
+            # A stray closer is a message of its own, which will not parse.
+            self._emit(out, self.pos + 1)
+
+    def _emit(self, out: list[bytes], end: int) -> None:
+        out.append(bytes(self.buf[self.start : end]))
+        self.start = -1
+        self.depth = 0
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+
+def _json_bytes(obj: object) -> bytes:
+    return json.dumps(obj, separators=(", ", ": "), allow_nan=False).encode() + b"\n"
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"invalid keyword '{name}'")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key '{key}'")
+        out[key] = value
+    return out
+
+
+def _parse_json(raw: bytes) -> object:
+    """Parse one message as QEMU's parser would: no NaN/Infinity, no duplicate keys."""
+    try:
+        text = raw.decode("utf-8")
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        shown = raw[:80].decode("utf-8", "replace") + ("..." if len(raw) > 80 else "")
+        raise QMPCommandError(f"JSON parse error, {exc}: {shown}") from None
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("memslots")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class _Throttle:
+    timer: asyncio.TimerHandle
+    pending: dict[str, Any] | None = None
+
+
+class _Client:
+    """One connection: its stream, negotiation state and name for logs."""
+
+    def __init__(self, writer: asyncio.StreamWriter, name: str) -> None:
+        self.writer = writer
+        self.name = name
+        self.negotiated = False
+
+    @property
+    def alive(self) -> bool:
+        return not self.writer.is_closing()
+
+    def send(self, data: bytes) -> None:
+        if not self.alive:
+            return
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() + len(data) > MAX_PENDING_OUTPUT:
+            log.warning("qmp: dropping %s: it does not read its output", self.name)
+            transport.abort()
+            return
+        self.writer.write(data)
+
+    def close(self) -> None:
+        if self.alive:
+            self.writer.close()
+
+
+class QMPServer:
+    """A QMP server: Unix and TCP listeners, a command table, events for every client.
+
+    Build it, register commands, then ``await start_unix(path)`` (and/or ``start_tcp``) inside
+    the event loop that will run it; ``await close()`` stops everything. :meth:`emit_event`
+    may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        version: tuple[int, int, int] = QEMU_VERSION,
+        package: str | None = None,
+        rate_limits: Mapping[str, float] | None = None,
+        max_message: int = MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.version = version
+        self.package = package if package is not None else f"memslots {_package_version()}"
+        self.rate_limits = dict(RATE_LIMITS if rate_limits is None else rate_limits)
+        self.max_message = max_message
+        self.commands: dict[str, Command] = {}
+        self._lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._servers: list[asyncio.Server] = []
+        self._unix_paths: list[str] = []
+        self._clients: set[_Client] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._throttle: dict[tuple[str, str], _Throttle] = {}
+        self._serial = 0
+        self.register(
+            Command(
+                "qmp_capabilities",
+                _accept_capabilities,
+                (Param("enable", "array", optional=True, items="str"),),
+            )
+        )
+
+    # -- configuration ---------------------------------------------------------------------------
+
+    def register(self, command: Command) -> None:
+        """Add a command to the table (replacing one of the same name)."""
+        self.commands[command.name] = command
+
+    def command_names(self) -> list[str]:
+        """Every command in the table, ``qmp_capabilities`` included."""
+        return sorted(self.commands)
+
+    @property
+    def greeting(self) -> dict[str, Any]:
+        """The greeting sent to every new client."""
+        major, minor, micro = self.version
+        return {
+            "QMP": {
+                "version": {
+                    "qemu": {"micro": micro, "minor": minor, "major": major},
+                    "package": self.package,
+                },
+                "capabilities": [],
+            }
+        }
+
+    @property
+    def client_count(self) -> int:
+        """Connected clients (negotiated or not)."""
+        return len(self._clients)
+
+    # -- listening -------------------------------------------------------------------------------
+
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            raise QMPServerError("the QMP server already runs in another event loop")
+        self._loop = loop
+
+    async def start_unix(self, path: str) -> None:
+        """Listen on a Unix socket at ``path``, which only our user may connect to (0600).
+
+        A stale socket at ``path`` (no one listening) is replaced; a live one or a file that is
+        not a socket is an error.
+        """
+        self._bind_loop()
+        _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound = False
+        try:
+            sock.bind(path)
+            bound = True
+            # The mode must be narrowed before listen(): until then no one can connect, so there
+            # is no moment when another user could.
+            os.chmod(path, 0o600)
+            server = await asyncio.start_unix_server(self._on_connect, sock=sock)
+        except OSError as exc:
+            sock.close()
+            if bound:  # never remove a path some other process bound meanwhile
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise QMPServerError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        self._servers.append(server)
+        self._unix_paths.append(path)
+        log.info("qmp: listening on %s", path)
+
+    async def start_tcp(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on TCP ``host:port``; returns the bound address (``port`` 0 picks one).
+
+        TCP has no access control: listen there only when the user asked for it.
+        """
+        self._bind_loop()
+        try:
+            server = await asyncio.start_server(self._on_connect, host, port)
+        except OSError as exc:
+            raise QMPServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        self._servers.append(server)
+        bound = server.sockets[0].getsockname()
+        log.info("qmp: listening on %s:%d", bound[0], bound[1])
+        return str(bound[0]), int(bound[1])
+
+    async def close(self) -> None:
+        """Stop listening, disconnect every client, drop held events, remove socket files."""
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        for client in list(self._clients):
+            client.close()  # its session then reads EOF and ends
+        if self._tasks:
+            _, stuck = await asyncio.wait(set(self._tasks), timeout=_CLOSE_GRACE)
+            for task in stuck:
+                task.cancel()
+            if stuck:
+                await asyncio.wait(stuck)
+        for state in self._throttle.values():
+            state.timer.cancel()
+        self._throttle.clear()
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._unix_paths.clear()
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._serial += 1
+        client = _Client(writer, f"client#{self._serial}")
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._clients.add(client)
+        try:
+            await self._session(client, reader)
+        except ConnectionError:
+            pass  # the client left; nothing to tell it
+        except asyncio.CancelledError:
+            # Only close() cancels sessions. Ending quietly keeps asyncio's stream callback
+            # (3.11) from logging the cancelled task as an error.
+            pass
+        finally:
+            self._clients.discard(client)
+            self._tasks.discard(task)
+            client.close()
+            log.debug("qmp: %s disconnected", client.name)
+
+    async def _session(self, client: _Client, reader: asyncio.StreamReader) -> None:
+        client.send(_json_bytes(self.greeting))
+        splitter = _JsonSplitter(self.max_message)
+        while client.alive:
+            data = await reader.read(65536)
+            if not data:
+                return
+            try:
+                texts = splitter.feed(data)
+            except _FramingError as exc:
+                # What came before the oversized text is still answered, then the client goes.
+                client.send(_json_bytes(_error_response(QMPCommandError(str(exc)))))
+                log.warning("qmp: dropping %s: %s", client.name, exc)
+                await _drain(client)
+                return
+            for text in texts:
+                response = await self._handle_message(client, text)
+                client.send(_json_bytes(response))
+                if not await _drain(client):
+                    return
+
+    async def _handle_message(self, client: _Client, raw: bytes) -> dict[str, Any]:
+        """Answer one complete message of ``client`` (parse, check, dispatch, execute)."""
+        request: object = None
+        try:
+            request = _parse_json(raw)
+            name, args = _check_request(request)
+            if not client.negotiated and name != "qmp_capabilities":
+                raise QMPCommandError(
+                    "Expecting capabilities negotiation with 'qmp_capabilities'", "CommandNotFound"
+                )
+            command = self.commands.get(name)
+            if command is None:
+                raise QMPCommandError(f"The command {name} has not been found", "CommandNotFound")
+            result = await self._execute(command, args)
+            if name == "qmp_capabilities":
+                # Its handler checked the arguments (QEMU's order); the mode is the session's.
+                if client.negotiated:
+                    raise QMPCommandError(
+                        "Capabilities negotiation is already complete, command ignored",
+                        "CommandNotFound",
+                    )
+                client.negotiated = True
+            response: dict[str, Any] = {"return": result}
+        except QMPCommandError as exc:
+            response = _error_response(exc)
+        if isinstance(request, dict) and "id" in request:
+            response["id"] = request["id"]
+        return response
+
+    async def _execute(self, command: Command, args: dict[str, Any]) -> object:
+        checked = check_arguments(command, args)
+        async with self._lock:
+            try:
+                result = command.handler(checked)
+                if inspect.isawaitable(result):
+                    result = await result
+                # Serialise here so a result that is not JSON is this command's error.
+                json.dumps(result, allow_nan=False)
+            except QMPCommandError:
+                raise
+            except MemslotsError as exc:
+                raise QMPCommandError(str(exc)) from exc
+            except Exception as exc:
+                log.exception("qmp: command %s failed", command.name)
+                raise QMPCommandError(f"internal error in {command.name}: {exc}") from exc
+        return result
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def emit_event(self, name: str, data: Mapping[str, Any]) -> None:
+        """Send an event to every negotiated client; callable from any thread.
+
+        Delivery goes through the loop, so an event raised while a command runs reaches the
+        clients after that command's response (QEMU sends its reply first too).
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # not listening yet: no client can be told
+        now = time.time()
+        event = {
+            "event": name,
+            "data": dict(data),
+            "timestamp": {"seconds": int(now), "microseconds": int(now * 1e6) % 1_000_000},
+        }
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._queue_event, event)
+
+    def _queue_event(self, event: dict[str, Any]) -> None:
+        name = event["event"]
+        rate = self.rate_limits.get(name)
+        if not rate:
+            self._broadcast(event)
+            return
+        key = (name, str(event["data"].get(THROTTLE_KEYS.get(name, ""), "")))
+        state = self._throttle.get(key)
+        if state is not None:
+            state.pending = event  # only the newest held event survives the period
+            return
+        self._broadcast(event)
+        assert self._loop is not None
+        self._throttle[key] = _Throttle(self._loop.call_later(rate, self._throttle_expired, key))
+
+    def _throttle_expired(self, key: tuple[str, str]) -> None:
+        state = self._throttle[key]
+        if state.pending is None:
+            del self._throttle[key]
+            return
+        self._broadcast(state.pending)
+        state.pending = None
+        assert self._loop is not None
+        state.timer = self._loop.call_later(self.rate_limits[key[0]], self._throttle_expired, key)
+
+    def _broadcast(self, event: dict[str, Any]) -> None:
+        data = _json_bytes(event)
+        for client in list(self._clients):
+            if client.negotiated:
+                client.send(data)
+
+
+def _accept_capabilities(args: dict[str, Any]) -> object:
+    """``qmp_capabilities``: we offer no capability, so enabling any is refused."""
+    enable: list[str] = args.get("enable", [])
+    for i, cap in enumerate(enable):
+        if cap not in KNOWN_CAPABILITIES:
+            raise QMPCommandError(f"Parameter 'enable[{i}]' does not accept value '{cap}'")
+    if enable:
+        raise QMPCommandError(f"Capability '{enable[0]}' not available")
+    return {}
+
+
+def _check_request(request: object) -> tuple[str, dict[str, Any]]:
+    """QEMU's ``qmp_dispatch_check_obj``: the members a request may have, in input order."""
+    if not isinstance(request, dict):
+        raise QMPCommandError("QMP input must be a JSON object")
+    for key, value in request.items():
+        if key == "execute":
+            if not isinstance(value, str):
+                raise QMPCommandError("QMP input member 'execute' must be a string")
+        elif key == "arguments":
+            if not isinstance(value, dict):
+                raise QMPCommandError("QMP input member 'arguments' must be an object")
+        elif key != "id":
+            # exec-oob lands here too: out-of-band execution is never offered.
+            raise QMPCommandError(f"QMP input member '{key}' is unexpected")
+    if "execute" not in request:
+        raise QMPCommandError("QMP input lacks member 'execute'")
+    return request["execute"], request.get("arguments", {})
+
+
+def _error_response(exc: QMPCommandError) -> dict[str, Any]:
+    return {"error": {"class": exc.error_class, "desc": exc.desc}}
+
+
+async def _drain(client: _Client) -> bool:
+    """Wait until the client took its output; False once it is gone."""
+    try:
+        await client.writer.drain()
+    except (ConnectionError, RuntimeError):
+        return False
+    return client.alive
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise QMPServerError(f"cannot listen on {path}: it exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise QMPServerError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # nobody listens there any more
+    else:
+        raise QMPServerError(f"cannot listen on {path}: another server is listening there")
+    finally:
+        probe.close()

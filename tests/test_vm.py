@@ -1,0 +1,160 @@
+"""A machine with the Linux guest on the virtqueue: streams, the real vCPU, simulate end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from click.testing import CliRunner
+from conftest import requires_kvm
+
+from memslots import cli
+from memslots.kvm import KvmVm
+from memslots.kvm_model import KvmModel
+from memslots.machine import Machine
+from memslots.options import parse_machine_config
+from memslots.simulate import run_simulation, scenario
+from memslots.sizes import GiB, MiB
+from memslots.vm import GuestVm
+
+
+def test_worked_streams_through_the_virtqueue() -> None:
+    cfg = parse_machine_config(
+        "4G,maxmem=8G",
+        ["memory-backend-ram,id=mem0,size=2G"],
+        ["virtio-mem,id=vmem0,memdev=mem0,requested-size=512M,dynamic-memslots=on"],
+        accel="sim",
+    )
+    with Machine(cfg, vm=KvmModel()) as m, GuestVm(m) as vm:
+        vm.settle()
+        guest = vm.guests["vmem0"]
+        assert [(r.type, r.offset // MiB, r.nb_blocks) for r in guest.log] == [
+            ("plug", 0, 64),
+            ("plug", 128, 64),
+            ("plug", 256, 64),
+            ("plug", 384, 64),
+        ]
+        assert vm.resize("vmem0", 900 * MiB).wait(10).ok
+        n = len(guest.log)
+        assert vm.resize("vmem0", 700 * MiB).wait(10).ok
+        assert len(guest.log) - n == 37
+        assert guest.violations == [] and guest.verify() > 0
+
+
+@requires_kvm
+def test_vcpu_confirms_every_step_of_a_random_trace() -> None:
+    cfg = parse_machine_config(
+        "1G,maxmem=17G",
+        ["memory-backend-memfd,id=mem0,size=16G"],
+        ["virtio-mem,id=vmem0,memdev=mem0,memslot-size=1G"],
+        accel="kvm",
+    )
+    rng = random.Random(7)
+    with Machine(cfg, vm=KvmVm()) as m, GuestVm(m) as vm:
+        assert vm.vcpu is not None
+        dev = m.virtio_mem("vmem0")
+        guest = vm.guests["vmem0"]
+        vm.settle()
+        for _ in range(12):
+            target = rng.randrange(0, 16 * GiB // (128 * MiB) + 1) * 128 * MiB
+            assert vm.resize("vmem0", target).wait(60).ok
+            assert guest.verify() > 0 or target == 0
+            assert guest.violations == []
+            for slot in dev.memslot_map():
+                # from inside the guest: mapped memslots are RAM, unmapped ones are MMIO
+                assert vm.vcpu.is_ram(slot.gpa + slot.size - 8) == slot.mapped
+                assert slot.mapped == (slot.plugged_blocks > 0)
+
+
+@requires_kvm
+def test_simulate_on_real_kvm_matches_the_model() -> None:
+    cfg = parse_machine_config(
+        "4G,maxmem=68G",
+        ["memory-backend-ram,id=mem0,size=64G,reserve=off"],
+        ["virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on"],
+        accel="kvm",
+    )
+    trace = scenario("sawtooth", 32 * GiB, 2 * MiB, steps=4)
+    result = run_simulation(cfg, trace, strategy="dynamic", request_log=True)
+    assert result.real_kvm and result.violations == []
+    for step in result.steps:
+        assert step.plugged == step.requested
+        measured, model = step.kernel_metadata_measured, step.kernel_metadata_bytes
+        assert measured is not None
+        assert abs(measured - model) <= 0.02 * model + 16 * 4096, step
+        assert step.memslots_mapped == sum(step.memslot_map)
+
+
+def test_simulate_cli_json_csv_and_plots(tmp_path: pytest.TempPathFactory) -> None:
+    out = tmp_path  # type: ignore[assignment]
+    args = [
+        "simulate",
+        "-accel",
+        "sim",
+        "-m",
+        "4G,maxmem=20G",
+        "-object",
+        "memory-backend-ram,id=mem0,size=16G,reserve=off",
+        "-device",
+        "virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on",
+        "--scenario",
+        "burst",
+        "--max-size",
+        "8G",
+        "--request-log",
+        "--json",
+        "--csv",
+        str(out / "steps.csv"),
+        "--plots",
+        str(out / "plots"),
+    ]  # type: ignore[operator]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    steps = data["steps"]
+    assert [s["requested"] for s in steps][:3] == [512 * MiB, 512 * MiB, 8 * GiB]
+    for s in steps:
+        assert s["plugged"] == s["requested"]
+        assert set(s["requests"]) <= {"plug", "unplug", "unplug_all", "state"}
+        log = s["request_log"]
+        assert sum(s["requests"].values()) == len(log)
+        for r in log:
+            assert set(r) == {"type", "offset", "nb_blocks", "response"} and r["response"] == "ack"
+    assert (out / "steps.csv").read_text().count("\n") == len(steps) + 1  # type: ignore[operator]
+    names = sorted(p.name for p in (out / "plots").iterdir())  # type: ignore[operator]
+    assert names == sorted(
+        f"simulate-{k}.{e}" for k in ("sizes", "memslots", "metadata") for e in ("png", "svg")
+    )
+
+
+def test_simulate_compare_strategies() -> None:
+    args = [
+        "simulate",
+        "-accel",
+        "sim",
+        "-m",
+        "4G,maxmem=20G",
+        "-object",
+        "memory-backend-ram,id=mem0,size=16G,reserve=off",
+        "-device",
+        "virtio-mem,id=vmem0,memdev=mem0",
+        "--scenario",
+        "ramp-up",
+        "--steps",
+        "2",
+        "--max-size",
+        "8G",
+        "--compare",
+        "single,dynamic,fixed:512M",
+        "--json",
+    ]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.stderr
+    by = {r["strategy"]: r for r in json.loads(result.stdout)["strategies"]}
+    last = {k: v["steps"][-1] for k, v in by.items()}
+    assert last["single"]["memslots_mapped"] == 1
+    assert last["fixed:512M"]["memslots_mapped"] == 16
+    # fewer, larger memslots cost more metadata than small ones covering the same memory
+    assert last["fixed:512M"]["kernel_metadata_bytes"] < last["single"]["kernel_metadata_bytes"]
+    assert last["dynamic"]["memslots_mapped"] == 8  # 16 memslots of 1 GiB, half plugged
