@@ -520,6 +520,102 @@ def _print_simulation(results: Sequence[Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# run, and the QMP client side
+
+
+@main.command()
+@machine_options
+@click.option(
+    "-accel",
+    "accel",
+    type=click.Choice(("auto", "kvm", "sim")),
+    default="auto",
+    show_default=True,
+    help="Real KVM, the model, or KVM when present.",
+)
+@click.option(
+    "-qmp",
+    "qmp",
+    multiple=True,
+    required=True,
+    metavar="unix:PATH,server=on,wait=off",
+    help="QMP monitor socket (tcp:HOST:PORT only when given explicitly).",
+)
+@click.option(
+    "-guest",
+    "guest",
+    type=click.Choice(("linux", "none")),
+    default="linux",
+    show_default=True,
+    help="The Linux driver model as guest, or no guest.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help="Serve Prometheus metrics on 127.0.0.1:PORT.",
+)
+def run(
+    memory: str,
+    objects: Sequence[str],
+    devices: Sequence[str],
+    accel: str,
+    qmp: Sequence[str],
+    guest: str,
+    metrics_port: int | None,
+) -> None:
+    """Run the machine with a QMP monitor until 'quit', SIGTERM or SIGINT."""
+    import asyncio
+    import logging
+
+    from memslots.runtime import parse_qmp_option, serve
+
+    logging.basicConfig(level=logging.INFO, format="memslots: %(message)s")
+    try:
+        config = parse_machine_config(memory, objects, devices, accel=accel)
+        endpoints = [parse_qmp_option(q) for q in qmp]
+        asyncio.run(serve(config, endpoints, guest=guest == "linux", metrics_port=metrics_port))
+    except MemslotsError as exc:
+        fail(str(exc))
+
+
+@main.command("qmp")
+@click.argument("socket")
+@click.argument("command")
+@click.argument("args", nargs=-1)
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+def qmp_command(socket: str, command: str, args: Sequence[str], timeout: float) -> None:
+    """Send one QMP COMMAND (ARGS as key=value or one JSON object) and print the reply."""
+    from memslots.qmp_client import run_qmp
+
+    sys.exit(run_qmp(socket, command, args, timeout=timeout))
+
+
+@main.command()
+@click.argument("socket")
+@click.argument("device")
+@click.argument("size")
+@click.option("--wait", is_flag=True, help="Wait until the size is reached (progress bar).")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+def resize(socket: str, device: str, size: str, wait: bool, timeout: float) -> None:
+    """Set DEVICE's requested-size to SIZE (exit 2 on timeout, 1 on error)."""
+    from memslots.qmp_client import run_resize
+
+    sys.exit(run_resize(socket, device, size, wait=wait, timeout=timeout))
+
+
+@main.command()
+@click.argument("socket")
+@click.argument("what", type=click.Choice(("memslots", "memory-devices", "budget")))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def info(socket: str, what: str, as_json: bool) -> None:
+    """Show the memslot map, the memory devices or the memslot budget of a running machine."""
+    from memslots.qmp_client import run_info
+
+    sys.exit(run_info(socket, what, json_output=as_json))
+
+
+# ---------------------------------------------------------------------------------------------
 # demo
 
 

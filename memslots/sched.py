@@ -7,6 +7,7 @@ simulated scheduler runs callbacks in time order and jumps the clock forward bet
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 from collections.abc import Callable
@@ -24,17 +25,13 @@ class _Event:
 class Timer:
     """A handle to a scheduled callback."""
 
-    def __init__(self, event: _Event) -> None:
-        self._event = event
-
-    @property
-    def when(self) -> float:
-        """When the callback is due."""
-        return self._event.when
+    def __init__(self, when: float, cancel: Callable[[], None]) -> None:
+        self.when = when
+        self._cancel = cancel
 
     def cancel(self) -> None:
         """The callback will not run."""
-        self._event.cancelled = True
+        self._cancel()
 
 
 class Scheduler:
@@ -53,11 +50,15 @@ class Scheduler:
         """Run ``fn`` at simulated time ``when`` (not before the current time)."""
         event = _Event(max(when, self._now), next(self._seq), fn)
         heapq.heappush(self._queue, event)
-        return Timer(event)
+
+        def cancel() -> None:
+            event.cancelled = True
+
+        return Timer(event.when, cancel)
 
     def call_soon(self, fn: Callable[[], None]) -> Timer:
         """Run ``fn`` at the current time, after what is already due now."""
-        return self.call_at(self._now, fn)
+        return self.call_at(self.now(), fn)
 
     def next_due(self) -> float | None:
         """Time of the next pending callback, if any."""
@@ -90,3 +91,30 @@ class Scheduler:
     def advance(self, seconds: float) -> None:
         """Run everything due in the next ``seconds`` and move the clock that far."""
         self.run_until(lambda: False, self._now + seconds)
+
+
+class LoopScheduler(Scheduler):
+    """Real time on an asyncio loop, for a long-running machine (``memslots run``).
+
+    Callbacks run on the loop, so a guest driven by it never runs in the middle of a monitor
+    command. Simulated-time driving (``step``, ``run_until``) is not available here.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self._t0 = loop.time()
+
+    def now(self) -> float:
+        """Seconds since the scheduler was created."""
+        return self.loop.time() - self._t0
+
+    def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
+        """Run ``fn`` on the loop at ``when`` (seconds since creation)."""
+        when = max(when, self.now())
+        handle = self.loop.call_at(self._t0 + when, fn)
+        return Timer(when, handle.cancel)
+
+    def step(self) -> bool:
+        """Not available: the loop runs the callbacks."""
+        raise NotImplementedError("a LoopScheduler is driven by its asyncio loop")

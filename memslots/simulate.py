@@ -15,7 +15,6 @@ import csv
 import dataclasses
 import io
 import statistics
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from memslots.address_space import Section
 from memslots.errors import OptionError
-from memslots.guest import Channel, LinuxGuest
+from memslots.guest import LinuxGuest
 from memslots.kvm_abi import VmBackend
 from memslots.kvm_cost import slot_metadata_bytes
 from memslots.machine import Machine, create_vm
@@ -32,8 +31,8 @@ from memslots.options import MachineConfig, VirtioMemOptions
 from memslots.resize import ResizeJob
 from memslots.sched import Scheduler
 from memslots.sizes import GiB, format_size, parse_size
-from memslots.virtio_mem import Config, ReqType, Request, Response, VirtioMem
-from memslots.vm import GuestVm
+from memslots.virtio_mem import VirtioMem
+from memslots.vm import GuestVm, ObservedChannel
 
 # -- traces ------------------------------------------------------------------------------------
 
@@ -202,30 +201,6 @@ class SimResult:
                 )
 
 
-class TimedChannel:
-    """Wraps a guest channel to time every request round trip (wall clock, µs)."""
-
-    def __init__(self, inner: Channel, sink: dict[str, list[float]]) -> None:
-        self.inner = inner
-        self.sink = sink
-
-    def read_config(self) -> Config:
-        """Pass through."""
-        return self.inner.read_config()
-
-    def send(self, request: Request) -> Response | None:
-        """Send and record the round-trip time."""
-        t0 = time.perf_counter_ns()
-        resp = self.inner.send(request)
-        kind = (
-            ReqType(request.type).name.lower()
-            if request.type in ReqType._value2member_map_
-            else "?"
-        )
-        self.sink.setdefault(kind, []).append((time.perf_counter_ns() - t0) / 1000)
-        return resp
-
-
 def _ideal_metadata(dev: VirtioMem, machine: Machine) -> int:
     """Metadata if exactly the plugged ranges were memslots (the unreachable ideal)."""
     total = 0
@@ -351,7 +326,11 @@ def run_simulation(
         sched = Scheduler()
         with GuestVm(machine, sched) as gvm:
             guest = gvm.guests[dev_id]
-            guest.channel = TimedChannel(guest.channel, latencies)
+
+            def observe(kind: str, seconds: float) -> None:
+                latencies.setdefault(kind, []).append(seconds * 1e6)
+
+            guest.channel = ObservedChannel(guest.channel, observe)
             gvm.settle()
             return run_trace(
                 machine,

@@ -13,10 +13,12 @@ queue area and a 4 KiB page with the request and response buffers.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from memslots.address_space import GuestMemory
 from memslots.errors import ConfigError
-from memslots.guest import GuestOptions, LinuxGuest, MemoryUser, RamUser
+from memslots.guest import Channel, GuestOptions, LinuxGuest, MemoryUser, RamUser
 from memslots.machine import Machine
 from memslots.resize import ProgressCallback, ResizeJob
 from memslots.sched import Scheduler
@@ -28,6 +30,7 @@ from memslots.virtio_mem import (
     REQUEST_SIZE,
     RESPONSE_SIZE,
     Config,
+    ReqType,
     Request,
     Response,
     VirtioMem,
@@ -93,6 +96,26 @@ class VirtqueueChannel:
         if used is None:
             return None
         return Response.unpack(self.memory.read(self.resp_gpa, RESPONSE_SIZE))
+
+
+class ObservedChannel:
+    """A channel that reports every request's round-trip time (for latency statistics)."""
+
+    def __init__(self, inner: Channel, observe: Callable[[str, float], None]) -> None:
+        self.inner = inner
+        self.observe = observe
+
+    def read_config(self) -> Config:
+        """Pass through."""
+        return self.inner.read_config()
+
+    def send(self, request: Request) -> Response | None:
+        """Send, then report ``(request type, seconds)``."""
+        t0 = time.perf_counter()
+        resp = self.inner.send(request)
+        if request.type in ReqType._value2member_map_:
+            self.observe(ReqType(request.type).name.lower(), time.perf_counter() - t0)
+        return resp
 
 
 class VcpuUser:
@@ -172,6 +195,13 @@ class GuestVm:
         """Start resizing ``dev_id`` to ``size``; wait on the returned job."""
         dev = self.machine.virtio_mem(dev_id)
         return ResizeJob(dev, size, self.sched, self.guests.get(dev_id), on_progress=on_progress)
+
+    def detach(self, dev_id: str) -> None:
+        """Forget the guest driver of a device that was unplugged."""
+        transport = self.transports.pop(dev_id, None)
+        if transport is not None:
+            transport.close()
+        self.guests.pop(dev_id, None)
 
     def close(self) -> None:
         """Close the vCPU and detach the transports (the machine is the caller's)."""
