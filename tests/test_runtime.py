@@ -1,0 +1,171 @@
+"""``memslots run`` as a real process, driven by the unmodified qemu.qmp client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import requires_kvm
+from qemu.qmp import QMPClient
+
+from memslots.errors import OptionError
+from memslots.measure import sample_vmalloc_used
+from memslots.runtime import QmpEndpoint, parse_qmp_option
+from memslots.sizes import GiB
+
+MACHINE = [
+    "-m",
+    "4G,maxmem=20G",
+    "-object",
+    "memory-backend-ram,id=mem0,size=16G,reserve=off",
+    "-device",
+    "virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on",
+]
+
+
+def test_parse_qmp_option() -> None:
+    assert parse_qmp_option("unix:/tmp/x.sock,server=on,wait=off") == QmpEndpoint(
+        path="/tmp/x.sock"
+    )
+    assert parse_qmp_option("tcp:127.0.0.1:4444,server=on,wait=off") == QmpEndpoint(
+        host="127.0.0.1", port=4444
+    )
+    for bad in ("unix:", "tcp:localhost", "unix:/x,server=off", "unix:/x,colour=red", "pipe:x"):
+        with pytest.raises(OptionError):
+            parse_qmp_option(bad)
+
+
+@contextmanager
+def running(*extra: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    tmp = tempfile.mkdtemp()
+    sock = os.path.join(tmp, "qmp.sock")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memslots.cli",
+            "run",
+            *MACHINE,
+            *extra,
+            "-qmp",
+            f"unix:{sock},server=on,wait=off",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        yield proc, sock
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=20)
+
+
+async def drive(sock: str) -> dict[str, object]:
+    qmp = QMPClient("test")
+    await qmp.connect(sock)
+    try:
+        devs = await qmp.execute("query-memory-devices")
+        assert devs == [
+            {
+                "type": "virtio-mem",
+                "data": {
+                    "id": "vmem0",
+                    "memaddr": 5 * GiB,
+                    "requested-size": 0,
+                    "size": 0,
+                    "max-size": 16 * GiB,
+                    "block-size": 2 << 20,
+                    "node": 0,
+                    "memdev": "/objects/mem0",
+                },
+            }
+        ]
+        sizes = []
+        with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as listener:
+            await qmp.execute(
+                "qom-set",
+                {
+                    "path": "/machine/peripheral/vmem0",
+                    "property": "requested-size",
+                    "value": 3 * GiB,
+                },
+            )
+            while not sizes or sizes[-1] != 3 * GiB:
+                event = await asyncio.wait_for(listener.get(), 10)
+                assert event["data"]["qom-path"] == "/machine/peripheral/vmem0"
+                assert event["data"]["id"] == "vmem0"
+                sizes.append(event["data"]["size"])
+        assert sizes == sorted(sizes)
+        assert await qmp.execute("qom-get", {"path": "vmem0", "property": "size"}) == 3 * GiB
+        slots = await qmp.execute("x-query-memslots")
+        assert isinstance(slots, list)
+        mapped = [s for s in slots if s["mapped"]]
+        assert [s["index"] for s in mapped] == [0, 1, 2]
+        assert all(s["plugged-blocks"] > 0 for s in mapped)
+        assert all(s["plugged-blocks"] == 0 for s in slots if not s["mapped"])
+        status = await qmp.execute("query-status")
+        assert isinstance(status, dict) and status["status"] == "running"
+        await qmp.execute("quit")
+    finally:
+        # After 'quit' the server hangs up; qemu.qmp reports that EOF from disconnect().
+        with contextlib.suppress(EOFError):
+            await qmp.disconnect()
+    return {"sizes": sizes}
+
+
+@pytest.mark.parametrize("accel", ["sim", pytest.param("kvm", marks=requires_kvm)])
+def test_run_resize_and_quit(accel: str) -> None:
+    before = sample_vmalloc_used() if accel == "kvm" else 0
+    with running("-accel", accel) as (proc, sock):
+        asyncio.run(drive(sock))
+        assert proc.wait(timeout=20) == 0
+    assert not Path(sock).exists()
+    if accel == "kvm":
+        # the VM is gone with the process: no memslot of ours is left in the kernel
+        assert abs(sample_vmalloc_used() - before) < 4 << 20
+
+
+def test_sigterm_shuts_down_cleanly() -> None:
+    with running("-accel", "sim") as (proc, sock):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert not Path(sock).exists()
+
+
+def test_resize_without_guest_times_out_with_reason() -> None:
+    from memslots.qmp_client import EXIT_TIMEOUT, run_resize
+
+    with running("-accel", "sim", "-guest", "none") as (proc, sock):
+        from rich.console import Console
+
+        err = Console(record=True, width=200)
+        code = run_resize(
+            sock,
+            "vmem0",
+            "1G",
+            wait=True,
+            timeout=2,
+            err=err,
+            out=Console(file=io.StringIO()),
+        )
+        assert code == EXIT_TIMEOUT
+        assert "never changed" in err.export_text()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
