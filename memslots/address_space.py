@@ -14,6 +14,7 @@ half-applied.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -293,6 +294,8 @@ class AddressSpace:
         self._listeners: list[MemoryListener] = []
         self._held: dict[int, set[Section]] = {}
         self._view: tuple[Section, ...] = ()
+        #: ``gpa`` of each section of ``_view``, for bisecting (devices look up on every access).
+        self._starts: list[int] = []
         self._depth = 0
         self._log: list[_Change] = []
 
@@ -388,8 +391,10 @@ class AddressSpace:
 
     def find(self, gpa: int) -> Section | None:
         """The section containing ``gpa``, if any."""
-        for s in self._view:
-            if s.gpa <= gpa < s.end:
+        i = bisect_right(self._starts, gpa) - 1
+        if i >= 0:
+            s = self._view[i]
+            if gpa < s.gpa + s.size:
                 return s
         return None
 
@@ -432,9 +437,13 @@ class AddressSpace:
                     raise AddressSpaceError(
                         f"address space '{self.name}': rollback failed for a listener: {exc2}"
                     ) from exc2
-            self._view = old
+            self._set_view(old)
             raise
-        self._view = new
+        self._set_view(new)
+
+    def _set_view(self, view: tuple[Section, ...]) -> None:
+        self._view = view
+        self._starts = [s.gpa for s in view]
 
     def _undo(self) -> None:
         log, self._log = self._log, []
@@ -476,6 +485,18 @@ class GuestMemory:
     def __init__(self, address_space: AddressSpace) -> None:
         self.address_space = address_space
 
+    def ranges(self, gpa: int, length: int) -> list[tuple[Section, int, int]]:
+        """The RAM behind ``[gpa, gpa+length)``: ``(section, backend offset, bytes)`` in order.
+
+        This is what a device maps for DMA (QEMU's ``address_space_map``); raises
+        :class:`AddressSpaceError` if any byte is not mapped RAM.
+        """
+        # Fast path for the common access inside one section: no generator, one bisect.
+        section = self.address_space.find(gpa)
+        if section is not None and 0 < length <= section.gpa + section.size - gpa:
+            return [(section, section.offset + gpa - section.gpa, length)]
+        return list(self._pieces(gpa, length))
+
     def _pieces(self, gpa: int, length: int) -> Iterator[tuple[Section, int, int]]:
         if gpa < 0 or length < 0:
             raise AddressSpaceError(f"invalid guest memory access [0x{gpa:x}, +0x{length:x})")
@@ -493,18 +514,15 @@ class GuestMemory:
     def is_ram(self, gpa: int, length: int = 1) -> bool:
         """True if every byte of ``[gpa, gpa+length)`` is mapped RAM."""
         try:
-            for _ in self._pieces(gpa, length):
-                pass
+            self.ranges(gpa, length)
         except AddressSpaceError:
             return False
         return True
 
     def read(self, gpa: int, length: int) -> bytes:
         """Copy ``length`` bytes of guest memory starting at ``gpa``."""
-        parts = []
-        for section, offset, n in self._pieces(gpa, length):
-            parts.append(section.backend.read(offset, n))
-        return b"".join(parts)
+        parts = [section.backend.read(offset, n) for section, offset, n in self.ranges(gpa, length)]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, gpa: int, data: bytes) -> None:
         """Copy ``data`` into guest memory at ``gpa``."""

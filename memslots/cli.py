@@ -18,7 +18,7 @@ from memslots.kvm_cost import detect_host_mmu
 from memslots.kvm_model import KvmModel
 from memslots.machine import Machine
 from memslots.memory_device import MemoryDevice
-from memslots.options import parse_machine_config
+from memslots.options import VirtioMemOptions, parse_machine_config
 from memslots.simulate import SCENARIOS
 from memslots.sizes import format_size, parse_size
 from memslots.vhost import VHOST_KINDS, VhostModel
@@ -57,7 +57,15 @@ def machine_options(f: F) -> F:
         "devices",
         multiple=True,
         metavar="DRIVER,...",
-        help="A memory device (virtio-mem, pc-dimm), as QEMU's -device.",
+        help="A memory device (virtio-mem, pc-dimm) or a vhost-user device "
+        "(vhost-user-blk, vhost-user-fs), as QEMU's -device.",
+    )(f)
+    f = click.option(
+        "-chardev",
+        "chardevs",
+        multiple=True,
+        metavar="socket,id=ID,path=PATH",
+        help="A vhost-user back-end's Unix socket, as QEMU's -chardev.",
     )(f)
     return f
 
@@ -147,6 +155,7 @@ def plan(
     memory: str,
     objects: Sequence[str],
     devices: Sequence[str],
+    chardevs: Sequence[str],
     kvm_max_memslots: int | None,
     kvm_free_memslots: int | None,
     vhost_max_memslots: int | None,
@@ -172,7 +181,7 @@ def plan(
             m.set_free_memslots(vhost[0], vhost_free_memslots, "--vhost-free-memslots")
 
     try:
-        config = parse_machine_config(memory, objects, devices, accel="sim")
+        config = parse_machine_config(memory, objects, devices, accel="sim", chardevs=chardevs)
         vm = KvmModel(max_memslots=kvm_max_memslots, mmu=detect_host_mmu())
         machine = Machine(config, vm=vm, planned=True, vhost=vhost, before_devices=describe_host)
     except MemslotsError as exc:
@@ -382,6 +391,7 @@ def simulate(
     memory: str,
     objects: Sequence[str],
     devices: Sequence[str],
+    chardevs: Sequence[str],
     accel: str,
     trace_file: str | None,
     scenario: str,
@@ -420,18 +430,15 @@ def simulate(
     try:
         for s in strategies:
             parse_strategy(s)
-        config = parse_machine_config(memory, objects, devices, accel=accel)
+        config = parse_machine_config(memory, objects, devices, accel=accel, chardevs=chardevs)
         dev_id = first_virtio_mem(config)
         if trace_file:
             trace = parse_trace(Path(trace_file).read_text(), source=trace_file)
         else:
-            backend = next(
-                b
-                for b in config.backends
-                if any(
-                    getattr(d, "id", None) == dev_id and d.memdev == b.id for d in config.devices
-                )
+            vmem = next(
+                d for d in config.devices if isinstance(d, VirtioMemOptions) and d.id == dev_id
             )
+            backend = next(b for b in config.backends if b.id == vmem.memdev)
             top = max_size or min(DEFAULT_SIM_MAX, backend.size)
             trace = make_scenario(scenario, top, 2 << 20, steps=steps, period=period)
         results = []
@@ -559,6 +566,7 @@ def run(
     memory: str,
     objects: Sequence[str],
     devices: Sequence[str],
+    chardevs: Sequence[str],
     accel: str,
     qmp: Sequence[str],
     guest: str,
@@ -572,7 +580,7 @@ def run(
 
     logging.basicConfig(level=logging.INFO, format="memslots: %(message)s")
     try:
-        config = parse_machine_config(memory, objects, devices, accel=accel)
+        config = parse_machine_config(memory, objects, devices, accel=accel, chardevs=chardevs)
         endpoints = [parse_qmp_option(q) for q in qmp]
         asyncio.run(serve(config, endpoints, guest=guest == "linux", metrics_port=metrics_port))
     except MemslotsError as exc:

@@ -34,13 +34,17 @@ from memslots.memory_device import DeviceMemory, MemoryDevice
 from memslots.options import (
     BackendOptions,
     DeviceOptions,
-    DimmOptions,
     MachineConfig,
     MachineMemory,
     VirtioMemOptions,
 )
 from memslots.sizes import GiB, TiB, align_up
 from memslots.vhost import VhostSet
+from memslots.vhost_user_devices import (
+    VhostUserDevice,
+    VhostUserDeviceOptions,
+    attach_vhost_user_device,
+)
 from memslots.virtio_mem import VirtioMem
 
 log = logging.getLogger("memslots.machine")
@@ -136,7 +140,11 @@ class Machine:
         self.devices: dict[str, MemoryDevice] = {}
         self._anon_devices: list[MemoryDevice] = []
         self._dimm_slots: set[int] = set()
+        self.chardevs = {c.id: c for c in config.chardevs}
+        self.vhost_devices: dict[str, VhostUserDevice] = {}
+        self._anon_vhost: list[VhostUserDevice] = []
         self.device_memory: DeviceMemory | None = None
+        self.boot_ram: MemoryBackend | None = None
         try:
             self.address_space.register(self.kvm)
             for consumer in vhost or ():
@@ -156,7 +164,10 @@ class Machine:
             if before_devices is not None:
                 before_devices(self)
             for dev in config.devices:
-                self.add_device(dev)
+                if isinstance(dev, VhostUserDeviceOptions):
+                    self.add_vhost_user_device(dev)
+                else:
+                    self.add_device(dev)
         except BaseException:
             self.close()
             raise
@@ -223,9 +234,20 @@ class Machine:
         del self.backends[backend_id]
         backend.close()
 
+    def add_vhost_user_device(self, opts: VhostUserDeviceOptions) -> VhostUserDevice:
+        """Connect a vhost-user device's back-end, with QEMU's memslot checks."""
+        if opts.id is not None and (opts.id in self.devices or opts.id in self.vhost_devices):
+            raise ConfigError(f"Duplicate device ID '{opts.id}'")
+        dev = attach_vhost_user_device(self, opts, self.chardevs)
+        if opts.id is not None:
+            self.vhost_devices[opts.id] = dev
+        else:
+            self._anon_vhost.append(dev)
+        return dev
+
     def add_device(self, opts: DeviceOptions) -> MemoryDevice:
         """Create, pre-plug, realize and plug a memory device; nothing remains on failure."""
-        if opts.id is not None and opts.id in self.devices:
+        if opts.id is not None and (opts.id in self.devices or opts.id in self.vhost_devices):
             raise ConfigError(f"Duplicate device ID '{opts.id}'")
         memdev = None
         if opts.memdev is not None:
@@ -237,23 +259,26 @@ class Machine:
         dev: VirtioMem | PcDimm
         if isinstance(opts, VirtioMemOptions):
             dev = VirtioMem(opts, memdev, self.address_space)
-        elif isinstance(opts, DimmOptions):
+        else:
             dev = PcDimm(opts, memdev)
             self._assign_dimm_slot(dev)
-        else:  # pragma: no cover - parse_device only produces the two kinds
-            raise ConfigError(f"unsupported device {opts!r}")
-        if dev.get_memory_region() is not None and self.device_memory is None:
-            raise MemoryDeviceError(
-                "the configuration is not prepared for memory devices (e.g., for memory "
-                "hotplug), consider specifying the maxmem option"
-            )
-        assert self.device_memory is not None
-        self.device_memory.pre_plug(dev)
-        dev.realize()
         try:
-            self.device_memory.plug(dev)
+            if dev.get_memory_region() is not None and self.device_memory is None:
+                raise MemoryDeviceError(
+                    "the configuration is not prepared for memory devices (e.g., for memory "
+                    "hotplug), consider specifying the maxmem option"
+                )
+            assert self.device_memory is not None
+            self.device_memory.pre_plug(dev)
+            dev.realize()
+            try:
+                self.device_memory.plug(dev)
+            except BaseException:
+                dev.unrealize()
+                raise
         except BaseException:
-            dev.unrealize()
+            if isinstance(dev, PcDimm):
+                self._dimm_slots.discard(dev.slot)
             raise
         if dev.id is not None:
             self.devices[dev.id] = dev
@@ -273,6 +298,10 @@ class Machine:
 
     def remove_device(self, dev_id: str) -> None:
         """Unplug a device (``device_del``); virtio-mem must have nothing plugged."""
+        vhost_dev = self.vhost_devices.pop(dev_id, None)
+        if vhost_dev is not None:
+            vhost_dev.detach()
+            return
         dev = self.devices.get(dev_id)
         if dev is None:
             raise ConfigError(f"Device '{dev_id}' not found")
@@ -280,8 +309,7 @@ class Machine:
             dev.check_unplug()
         assert self.device_memory is not None
         self.device_memory.unplug(dev)
-        if isinstance(dev, VirtioMem | PcDimm):
-            dev.unrealize()
+        dev.unrealize()
         if isinstance(dev, PcDimm):
             self._dimm_slots.discard(dev.slot)
         del self.devices[dev_id]
@@ -317,7 +345,12 @@ class Machine:
         return single, sum(slot_metadata_bytes(m.gpa, m.size, self.mmu) for m in dev.memslot_map())
 
     def close(self) -> None:
-        """Unmap everything, close the VM (freeing its memslots) and release host memory."""
+        """Tell vhost back-ends, close the VM (freeing its memslots), release host memory."""
+        for vdev in [
+            *getattr(self, "vhost_devices", {}).values(),
+            *getattr(self, "_anon_vhost", []),
+        ]:
+            vdev.detach()
         vm = getattr(self, "vm", None)
         if vm is not None:
             vm.close()

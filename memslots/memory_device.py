@@ -68,6 +68,14 @@ class MemoryDevice(ABC):
     def get_plugged_size(self) -> int:
         """Bytes of the device's memory the guest may use now."""
 
+    @abstractmethod
+    def realize(self) -> None:
+        """Validate properties against the backend and take the backend (after pre-plug)."""
+
+    @abstractmethod
+    def unrealize(self) -> None:
+        """Give the backend back (after unplug, or when plugging failed)."""
+
 
 def _c_double_to_uint(value: float) -> int:
     """What x86-64 C code gets from ``(unsigned int)double``: truncation, 32-bit wrap.

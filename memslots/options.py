@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from memslots.errors import OptionError, SizeError
 from memslots.sizes import parse_ram_size, parse_size
+
+if TYPE_CHECKING:
+    from memslots.vhost_user_devices import ChardevOptions, VhostUserDeviceOptions
 
 _BOOL_WORDS = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
 
@@ -56,7 +60,7 @@ def split_option_string(text: str, implied_key: str | None) -> list[tuple[str, s
     return pairs
 
 
-class _Props:
+class Props:
     """Key/value pairs of one option, consumed key by key so that leftovers are reported."""
 
     def __init__(self, option: str, text: str, pairs: list[tuple[str, str]]) -> None:
@@ -151,7 +155,7 @@ class MachineMemory:
 
 def parse_machine_memory(text: str) -> MachineMemory:
     """Parse ``-m``: a bare size means MiB; maxmem must not be below the RAM size."""
-    props = _Props("-m", text, split_option_string(text, "size"))
+    props = Props("-m", text, split_option_string(text, "size"))
     raw = props.pop_str("size", "128M") or "128M"
     try:
         ram = parse_ram_size(raw)
@@ -200,17 +204,17 @@ class BackendOptions:
 
 def parse_backend(text: str) -> BackendOptions:
     """Parse ``-object memory-backend-{ram,memfd,file},id=…,size=…[,…]``."""
-    return _backend(_Props("-object", text, split_option_string(text, "qom-type")))
+    return _backend(Props("-object", text, split_option_string(text, "qom-type")))
 
 
 def backend_from_args(args: dict[str, object], where: str = "object-add") -> BackendOptions:
     """The same rules for QMP ``object-add`` arguments (JSON numbers, booleans, strings)."""
-    return _backend(_Props(where, _describe_args(args), _args_pairs(args, where)))
+    return _backend(Props(where, _describe_args(args), _args_pairs(args, where)))
 
 
 def device_from_args(args: dict[str, object], where: str = "device_add") -> DeviceOptions:
     """The same rules for QMP ``device_add`` arguments."""
-    return _device(_Props(where, _describe_args(args), _args_pairs(args, where)))
+    return _device(Props(where, _describe_args(args), _args_pairs(args, where)))
 
 
 def _args_pairs(args: dict[str, object], where: str) -> list[tuple[str, str]]:
@@ -233,7 +237,7 @@ def _describe_args(args: dict[str, object]) -> str:
     return "(arguments)"
 
 
-def _backend(props: _Props) -> BackendOptions:
+def _backend(props: Props) -> BackendOptions:
     qom_type = props.require_str("qom-type")
     if qom_type not in BACKEND_TYPES:
         raise OptionError(
@@ -328,10 +332,21 @@ SUPPORTED_DEVICES = VIRTIO_MEM_DRIVERS + DIMM_DRIVERS
 
 def parse_device(text: str) -> DeviceOptions:
     """Parse ``-device DRIVER,…`` for the memory devices memslots knows."""
-    return _device(_Props("-device", text, split_option_string(text, "driver")))
+    return _device(Props("-device", text, split_option_string(text, "driver")))
 
 
-def _device(props: _Props) -> DeviceOptions:
+def parse_any_device(text: str) -> DeviceOptions | VhostUserDeviceOptions:
+    """Parse ``-device``: a memory device, or a vhost-user device (blk, fs)."""
+    # Imported here: vhost_user_devices builds on this module's parsing helpers.
+    from memslots.vhost_user_devices import VHOST_USER_DRIVERS, parse_vhost_user_device
+
+    pairs = split_option_string(text, "driver")
+    if dict(pairs).get("driver") in VHOST_USER_DRIVERS:
+        return parse_vhost_user_device(text)
+    return parse_device(text)
+
+
+def _device(props: Props) -> DeviceOptions:
     driver = props.require_str("driver")
     dev_id = props.pop_str("id")
     memdev = props.pop_str("memdev")
@@ -390,8 +405,9 @@ class MachineConfig:
 
     memory: MachineMemory
     backends: tuple[BackendOptions, ...] = ()
-    devices: tuple[DeviceOptions, ...] = ()
+    devices: tuple[DeviceOptions | VhostUserDeviceOptions, ...] = ()
     accel: str = "auto"
+    chardevs: tuple[ChardevOptions, ...] = ()
 
 
 ACCELS = ("auto", "kvm", "sim")
@@ -402,13 +418,22 @@ def parse_machine_config(
     objects: Sequence[str] = (),
     devices: Sequence[str] = (),
     accel: str = "auto",
+    chardevs: Sequence[str] = (),
 ) -> MachineConfig:
     """Parse a whole command line's memory options; ids must be unique across the machine."""
+    from memslots.vhost_user_devices import parse_chardev
+
     if accel not in ACCELS:
         raise OptionError(f"-accel {accel}: expects one of {', '.join(ACCELS)}")
     mem = parse_machine_memory(memory if memory is not None else "128M")
     backends = tuple(parse_backend(o) for o in objects)
-    devs = tuple(parse_device(d) for d in devices)
+    devs = tuple(parse_any_device(d) for d in devices)
+    chars = tuple(parse_chardev(c) for c in chardevs)
+    char_ids: set[str] = set()
+    for char in chars:
+        if char.id in char_ids:
+            raise OptionError(f"-chardev socket,id={char.id}: duplicate chardev id '{char.id}'")
+        char_ids.add(char.id)
     seen: set[str] = set()
     for obj in backends:
         if obj.id in seen:
@@ -420,4 +445,4 @@ def parse_machine_config(
             if dev.id in dev_ids:
                 raise OptionError(f"-device {dev.driver}: duplicate ID '{dev.id}' for device")
             dev_ids.add(dev.id)
-    return MachineConfig(memory=mem, backends=backends, devices=devs, accel=accel)
+    return MachineConfig(memory=mem, backends=backends, devices=devs, accel=accel, chardevs=chars)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from memslots.address_space import GuestMemory
 from memslots.errors import ConfigError, OptionError, VhostError
-from memslots.options import _Props, split_option_string
+from memslots.options import Props, split_option_string
 from memslots.vhost import attach_vhost_backend, detach_vhost_backend
 from memslots.vhost_user import (
     ConnectionState,
@@ -55,7 +55,7 @@ class ChardevOptions:
 
 def parse_chardev(text: str) -> ChardevOptions:
     """Parse ``-chardev socket,id=ID,path=PATH[,server=off]``."""
-    props = _Props("-chardev", text, split_option_string(text, "backend"))
+    props = Props("-chardev", text, split_option_string(text, "backend"))
     backend = props.require_str("backend")
     if backend != "socket":
         raise OptionError(
@@ -105,7 +105,7 @@ class VhostUserDeviceOptions:
 def parse_vhost_user_device(text: str) -> VhostUserDeviceOptions:
     """Parse ``-device vhost-user-blk[-pci],chardev=…[,id=…][,memslot-accounting=…]`` or
     ``-device vhost-user-fs[-pci],chardev=…,tag=…[,id=…][,memslot-accounting=…]``."""
-    props = _Props("-device", text, split_option_string(text, "driver"))
+    props = Props("-device", text, split_option_string(text, "driver"))
     driver = props.require_str("driver")
     if driver not in VHOST_USER_DRIVERS:
         raise OptionError(
