@@ -419,6 +419,8 @@ class AddressSpace:
 
     def _commit(self) -> None:
         log, self._log = self._log, []
+        if not log:
+            return  # an empty transaction: the view cannot have changed
         new = self.flatten()
         if new == self._view:
             return
