@@ -14,10 +14,10 @@ half-applied.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from memslots.errors import AddressSpaceError
@@ -78,19 +78,19 @@ class RamBlock(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Section:
+class Section(NamedTuple):
     """A contiguous guest-physical range backed by one host memory backend.
 
-    Equality is by value with the backend compared by identity, so the same range of the same
-    backend at the same address is the same section across flat views.
+    Sections compare by value (the backend by identity), so the same range of the same backend
+    at the same address is the same section across flat views. A tuple, because every commit
+    hashes and compares all of them.
     """
 
     gpa: int
     size: int
-    backend: RamBlock = field(compare=True, hash=True)
+    backend: RamBlock
     offset: int
-    name: str = field(compare=False, default="")
+    name: str = ""
 
     @property
     def end(self) -> int:
@@ -156,6 +156,10 @@ class MemoryRegion:
                 f"memory region '{name}': [0x{backend_offset:x}, +0x{size:x}) exceeds "
                 f"backend '{backend.id}' of size 0x{backend.size:x}"
             )
+        if alias_of is not None and not alias_of.is_ram:
+            raise AddressSpaceError(
+                f"alias '{name}': aliases of containers are not supported, only of RAM"
+            )
         if alias_of is not None and alias_offset + size > alias_of.size:
             raise AddressSpaceError(
                 f"alias '{name}': [0x{alias_offset:x}, +0x{size:x}) exceeds "
@@ -173,6 +177,8 @@ class MemoryRegion:
         self.parent: MemoryRegion | None = None
         self.offset_in_parent = 0
         self._subregions: list[MemoryRegion] = []
+        #: ``offset_in_parent`` of each subregion, kept sorted with them for bisecting.
+        self._offsets: list[int] = []
 
     @classmethod
     def ram(cls, name: str, backend: RamBlock, *, align: int = 0) -> MemoryRegion:
@@ -238,7 +244,13 @@ class MemoryRegion:
             out.append(_Piece(base, size, self.backend, offset, self.name, mergeable))
         else:
             end = start + size
-            for sub in self._subregions:
+            subs = self._subregions
+            # Subregions are sorted and do not overlap: skip straight to the first that ends
+            # after ``start``.
+            i = max(0, bisect_right(self._offsets, start) - 1)
+            for sub in subs[i:]:
+                if sub.offset_in_parent >= end:
+                    break
                 lo = max(start, sub.offset_in_parent)
                 hi = min(end, sub.offset_in_parent + sub.size)
                 if lo < hi:
@@ -254,6 +266,17 @@ class _Piece(NamedTuple):
     offset: int
     name: str
     mergeable: bool
+
+
+def _coalesce(windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sort ranges and join the ones that overlap or touch."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(windows):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def _merge(pieces: list[_Piece]) -> tuple[Section, ...]:
@@ -281,6 +304,8 @@ class _Change:
     parent: MemoryRegion
     offset: int
     region: MemoryRegion
+    #: The guest-physical range the change touched, if the parent was reachable from the root.
+    window: tuple[int, int] | None
 
 
 class AddressSpace:
@@ -296,6 +321,9 @@ class AddressSpace:
         self._view: tuple[Section, ...] = ()
         #: ``gpa`` of each section of ``_view``, for bisecting (devices look up on every access).
         self._starts: list[int] = []
+        #: The flat view before merging, and the ``gpa`` of each piece.
+        self._pieces: list[_Piece] = []
+        self._piece_starts: list[int] = []
         self._depth = 0
         self._log: list[_Change] = []
 
@@ -349,9 +377,13 @@ class AddressSpace:
                 f"region '{region.name}' [0x{offset:x}, +0x{region.size:x}) does not fit "
                 f"in '{parent.name}' of size 0x{parent.size:x}"
             )
-        for sib in parent._subregions:
-            if offset < sib.offset_in_parent + sib.size and sib.offset_in_parent < offset + (
-                region.size
+        i = bisect_right(parent._offsets, offset)
+        before = parent._subregions[i - 1] if i else None
+        after = parent._subregions[i] if i < len(parent._subregions) else None
+        for sib in (before, after):
+            if sib is not None and (
+                offset < sib.offset_in_parent + sib.size
+                and sib.offset_in_parent < offset + region.size
             ):
                 raise AddressSpaceError(
                     f"region '{region.name}' at 0x{offset:x} overlaps '{sib.name}' "
@@ -359,27 +391,40 @@ class AddressSpace:
                 )
         with self.transaction():
             self._link(parent, offset, region)
-            self._log.append(_Change(True, parent, offset, region))
+            self._log.append(_Change(True, parent, offset, region, self._window(region)))
 
     def del_subregion(self, parent: MemoryRegion, region: MemoryRegion) -> None:
         """Remove ``region`` from container ``parent``."""
         if region.parent is not parent:
             raise AddressSpaceError(f"region '{region.name}' is not mapped in '{parent.name}'")
         with self.transaction():
+            window = self._window(region)
             offset = region.offset_in_parent
             self._unlink(parent, region)
-            self._log.append(_Change(False, parent, offset, region))
+            self._log.append(_Change(False, parent, offset, region, window))
+
+    def _window(self, region: MemoryRegion) -> tuple[int, int] | None:
+        """Guest-physical range of a region placed in the tree, if the root reaches it."""
+        addr = 0
+        node: MemoryRegion | None = region
+        while node is not None and node is not self.root:
+            addr += node.offset_in_parent
+            node = node.parent
+        return (addr, addr + region.size) if node is self.root else None
 
     @staticmethod
     def _link(parent: MemoryRegion, offset: int, region: MemoryRegion) -> None:
         region.parent = parent
         region.offset_in_parent = offset
-        parent._subregions.append(region)
-        parent._subregions.sort(key=lambda r: r.offset_in_parent)
+        i = bisect_right(parent._offsets, offset)
+        parent._offsets.insert(i, offset)
+        parent._subregions.insert(i, region)
 
     @staticmethod
     def _unlink(parent: MemoryRegion, region: MemoryRegion) -> None:
-        parent._subregions.remove(region)
+        i = parent._subregions.index(region)
+        del parent._subregions[i]
+        del parent._offsets[i]
         region.parent = None
 
     # -- views ----------------------------------------------------------------------------
@@ -411,25 +456,29 @@ class AddressSpace:
 
     def flatten(self) -> tuple[Section, ...]:
         """Flatten the current (possibly uncommitted) tree."""
+        return _merge(self._flatten_pieces())
+
+    def _flatten_pieces(self) -> list[_Piece]:
         out: list[_Piece] = []
         self.root._flatten(0, out)
-        return _merge(out)
+        return out
 
     # -- commit machinery -----------------------------------------------------------------
 
     def _commit(self) -> None:
         log, self._log = self._log, []
-        if not log:
-            return  # an empty transaction: the view cannot have changed
-        new = self.flatten()
-        if new == self._view:
+        windows = _coalesce([c.window for c in log if c.window is not None])
+        if not windows:
+            return  # nothing reachable from the root changed
+        pieces, view, dels, adds = self._next_view(windows)
+        if not dels and not adds:
             return
         try:
             for listener in self._listeners:
-                self._deliver(listener, new)
+                self._apply(listener, dels, adds)
         except Exception:
             self._revert_tree(log)
-            old = self.flatten()
+            old = self._view
             for listener in self._listeners:
                 # Bring every listener back to the old view; if that fails too there is no
                 # consistent state left to offer, so say so loudly.
@@ -439,9 +488,56 @@ class AddressSpace:
                     raise AddressSpaceError(
                         f"address space '{self.name}': rollback failed for a listener: {exc2}"
                     ) from exc2
-            self._set_view(old)
             raise
-        self._set_view(new)
+        self._pieces = pieces
+        self._piece_starts = [p.gpa for p in pieces]
+        self._set_view(view)
+
+    def _next_view(
+        self, windows: list[tuple[int, int]]
+    ) -> tuple[list[_Piece], tuple[Section, ...], list[Section], list[Section]]:
+        """Re-flatten only the changed windows: new pieces, new view, removals, additions.
+
+        Regions never overlap and aliases only point at RAM, so the pieces inside a window
+        are exactly what the changes there produce. Unmergeable pieces map 1:1 to sections,
+        so when only those changed the view is spliced; otherwise it is merged again.
+        """
+        old_pieces, starts = self._pieces, self._piece_starts
+        pieces: list[_Piece] = []
+        removed: list[_Piece] = []
+        inserted: list[_Piece] = []
+        i = 0
+        for lo, hi in windows:
+            j = bisect_left(starts, lo, i)
+            k = bisect_left(starts, hi, j)
+            pieces += old_pieces[i:j]
+            removed += old_pieces[j:k]
+            fresh: list[_Piece] = []
+            self.root._flatten_window(lo, lo, hi - lo, True, fresh)
+            pieces += fresh
+            inserted += fresh
+            i = k
+        pieces += old_pieces[i:]
+        if any(p.mergeable for p in removed) or any(p.mergeable for p in inserted):
+            view = _merge(pieces)
+            old_set, new_set = set(self._view), set(view)
+            dels = sorted(old_set - new_set, key=lambda s: s.gpa, reverse=True)
+            adds = [s for s in view if s not in old_set]
+            return pieces, view, dels, adds
+        gone = [Section(p.gpa, p.size, p.backend, p.offset, p.name) for p in removed]
+        new = [Section(p.gpa, p.size, p.backend, p.offset, p.name) for p in inserted]
+        gone_set, new_set = set(gone), set(new)
+        dels = [s for s in reversed(gone) if s not in new_set]
+        adds = [s for s in new if s not in gone_set]
+        view_list, view_starts = list(self._view), list(self._starts)
+        for s in dels:
+            at = bisect_left(view_starts, s.gpa)
+            del view_list[at], view_starts[at]
+        for s in adds:
+            at = bisect_left(view_starts, s.gpa)
+            view_list.insert(at, s)
+            view_starts.insert(at, s.gpa)
+        return pieces, tuple(view_list), dels, adds
 
     def _set_view(self, view: tuple[Section, ...]) -> None:
         self._view = view
@@ -459,12 +555,17 @@ class AddressSpace:
                 self._link(change.parent, change.offset, change.region)
 
     def _deliver(self, listener: MemoryListener, target: tuple[Section, ...]) -> None:
+        """Bring ``listener`` from what it holds to ``target``."""
         held = self._held[id(listener)]
         wanted = set(target)
         dels = sorted(held - wanted, key=lambda s: s.gpa, reverse=True)
         adds = [s for s in target if s not in held]
+        self._apply(listener, dels, adds)
+
+    def _apply(self, listener: MemoryListener, dels: list[Section], adds: list[Section]) -> None:
         if not dels and not adds:
             return
+        held = self._held[id(listener)]
         listener.begin()
         try:
             for s in dels:

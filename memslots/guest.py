@@ -442,8 +442,9 @@ class LinuxGuest:
         zone = Mb.MOVABLE if how is Online.MOVABLE else Mb.KERNEL
         self.state[mid] = _PARTIAL[zone] if partial else zone
         self.offline_size -= self.mb_size if self.sbm else self.unit
-        for gpa in self._plugged_units(mid):
-            self._use(gpa)
+        if self.memory is not None:
+            for gpa in self._plugged_units(mid):
+                self._use(gpa)
 
     def _plugged_units(self, mid: int) -> list[int]:
         base = self._base(mid)

@@ -144,6 +144,7 @@ class GuestVm:
         *,
         guest_options: GuestOptions | None = None,
         vcpu: bool | None = None,
+        use_memory: bool = True,
     ) -> None:
         self.machine = machine
         self.sched = sched or Scheduler()
@@ -151,7 +152,8 @@ class GuestVm:
         lay = machine.layout
         end = lay.above_4g_end if lay.above_4g else lay.below_4g
         self.guest_options = guest_options or GuestOptions(boot_memory_end=end)
-        use_vcpu = machine.vm.is_real if vcpu is None else vcpu
+        self.use_memory = use_memory
+        use_vcpu = use_memory and (machine.vm.is_real if vcpu is None else vcpu)
         self.vcpu: ProbeVcpu | None = None
         if use_vcpu:
             from memslots.kvm import KvmVm
@@ -165,7 +167,9 @@ class GuestVm:
             if isinstance(dev, VirtioMem):
                 self.attach(dev)
 
-    def _user(self) -> MemoryUser:
+    def _user(self) -> MemoryUser | None:
+        if not self.use_memory:
+            return None
         return VcpuUser(self.vcpu) if self.vcpu is not None else RamUser(self.memory)
 
     def attach(self, dev: VirtioMem) -> LinuxGuest:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memslots.address_space import AddressSpace, MemoryRegion, Section
 from memslots.errors import AddressSpaceError, KvmError
@@ -144,3 +146,38 @@ def test_region_validation() -> None:
         a.add_subregion(a.root, 2 * GiB, ram)
     with pytest.raises(AddressSpaceError, match="not a container"):
         a.add_subregion(ram, 0, MemoryRegion.ram("x", mem("x", "4K")))
+
+
+def test_aliases_of_containers_are_refused() -> None:
+    with pytest.raises(AddressSpaceError, match="aliases of containers are not supported"):
+        MemoryRegion.alias("a", MemoryRegion.container("c", GiB), 0, GiB)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 15), st.booleans()), max_size=60))
+def test_incremental_view_equals_a_full_flatten(ops: list[tuple[bool, int, bool]]) -> None:
+    """Whatever is added and removed (mergeable or not, in a container that is itself mapped
+    or not, in one transaction), the committed view equals a fresh flatten and every
+    listener holds exactly it."""
+    a = space()
+    ram = MemoryRegion.ram("ram", mem("r", "16G"))
+    box = MemoryRegion.container("box", 16 * GiB)
+    slots = [
+        MemoryRegion.alias(f"s{i}", ram, i * GiB, GiB, mergeable=i % 3 != 0) for i in range(16)
+    ]
+    rec = Recorder()
+    a.register(rec)
+    for add, i, toggle_box in ops:
+        with a.transaction():
+            if toggle_box:
+                if box.mapped:
+                    a.del_subregion(a.root, box)
+                else:
+                    a.add_subregion(a.root, 32 * GiB, box)
+            if add and not slots[i].mapped:
+                a.add_subregion(box, i * GiB, slots[i])
+            elif not add and slots[i].mapped:
+                a.del_subregion(box, slots[i])
+        assert a.sections == a.flatten()
+        assert rec.held == set(a.sections)
+        assert all(a.find(s.gpa) == s for s in a.sections)
