@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from memslots.errors import OptionError
 from memslots.kvm_abi import VmBackend
@@ -23,6 +24,7 @@ from memslots.monitor import Monitor
 from memslots.options import MachineConfig, split_option_string
 from memslots.qmp_server import QMPServer
 from memslots.sched import LoopScheduler
+from memslots.vhost_user_devices import VHOST_USER_DRIVERS, parse_vhost_user_device
 from memslots.virtio_mem import VirtioMem
 from memslots.vm import GuestVm, ObservedChannel
 
@@ -57,6 +59,33 @@ def parse_qmp_option(text: str) -> QmpEndpoint:
             raise OptionError(f"-qmp {text}: expected tcp:HOST:PORT")
         return QmpEndpoint(host=host, port=int(port))
     raise OptionError(f"-qmp {text}: expected unix:PATH or tcp:HOST:PORT")
+
+
+class VhostUserProvider:
+    """``device_add``/``device_del`` of vhost-user devices (a :class:`DeviceProvider`)."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def drivers(self) -> Sequence[str]:
+        """vhost-user-blk[-pci] and vhost-user-fs[-pci]."""
+        return VHOST_USER_DRIVERS
+
+    def add_device(self, args: dict[str, Any]) -> None:
+        """Parse the arguments with the command line's rules and attach the device."""
+        words = []
+        for key, value in args.items():
+            text = ("on" if value else "off") if isinstance(value, bool) else str(value)
+            words.append(f"{key}={text.replace(',', ',,')}")
+        self.machine.add_vhost_user_device(parse_vhost_user_device(",".join(words)))
+
+    def has_device(self, dev_id: str) -> bool:
+        """True for a vhost-user device of this machine."""
+        return dev_id in self.machine.vhost_devices
+
+    def remove_device(self, dev_id: str) -> None:
+        """Detach the device: its back-end is told and its regions leave the budget."""
+        self.machine.remove_device(dev_id)
 
 
 class MachineRuntime:
@@ -100,6 +129,7 @@ async def serve(
     runtime = MachineRuntime(machine, stopped)
     server = QMPServer()
     monitor = Monitor(runtime, server)
+    monitor.add_device_provider(VhostUserProvider(machine))
     metrics = Metrics(machine) if metrics_port is not None else None
     gvm = GuestVm(machine, LoopScheduler(loop)) if guest else None
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import requires_kvm
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
 from memslots.errors import OptionError
 from memslots.measure import sample_vmalloc_used
@@ -169,3 +169,75 @@ def test_resize_without_guest_times_out_with_reason() -> None:
         assert "never changed" in err.export_text()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/usr/bin/qemu-storage-daemon"), reason="needs Debian's qemu-storage-daemon"
+)
+def test_device_add_vhost_user_blk_over_qmp(tmp_path: Path) -> None:
+    from backends import QemuStorageDaemon, memfd_mappings, wait_until
+
+    with QemuStorageDaemon(tmp_path) as qsd:
+        qsd.start()
+        machine = [
+            "-m",
+            "1G,maxmem=9G",
+            "-object",
+            "memory-backend-memfd,id=mem0,size=8G,share=on",
+            "-device",
+            "virtio-mem,id=vmem0,memdev=mem0,memslot-size=1G",
+            "-chardev",
+            f"socket,id=blk0,path={qsd.socket_path}",
+        ]
+
+        async def go(sock: str) -> None:
+            qmp = QMPClient("test")
+            await qmp.connect(sock)
+            # QEMU's rule: vmem0 decided on several memslots, so a 32-slot back-end is refused
+            with pytest.raises(ExecuteError, match="would further restricts"):
+                await qmp.execute(
+                    "device_add",
+                    {"driver": "vhost-user-blk-pci", "id": "disk0", "chardev": "blk0"},
+                )
+            # ... unless it is charged only for what it really maps (our opt-in extension)
+            await qmp.execute(
+                "device_add",
+                {
+                    "driver": "vhost-user-blk-pci",
+                    "id": "disk0",
+                    "chardev": "blk0",
+                    "memslot-accounting": "precise",
+                },
+            )
+            await qmp.execute(
+                "qom-set", {"path": "vmem0", "property": "requested-size", "value": 2 * GiB}
+            )
+            assert wait_until(lambda: len(memfd_mappings(qsd.memory_pid)) == 2, timeout=10)
+            await qmp.execute("device_del", {"id": "disk0"})
+            assert wait_until(lambda: memfd_mappings(qsd.memory_pid) == [], timeout=10)
+            await qmp.execute("quit")
+            with contextlib.suppress(EOFError):
+                await qmp.disconnect()
+
+        tmp = tempfile.mkdtemp()
+        sock = os.path.join(tmp, "qmp.sock")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "memslots.cli",
+                "run",
+                "-accel",
+                "sim",
+                *machine,
+                "-qmp",
+                f"unix:{sock},server=on,wait=off",
+            ]
+        )
+        try:
+            assert wait_until(lambda: os.path.exists(sock), timeout=20)
+            asyncio.run(go(sock))
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
