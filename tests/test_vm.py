@@ -8,6 +8,9 @@ import random
 import pytest
 from click.testing import CliRunner
 from conftest import requires_kvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_virtio_mem import check_invariants
 
 from memslots import cli
 from memslots.kvm import KvmVm
@@ -16,6 +19,7 @@ from memslots.machine import Machine
 from memslots.options import parse_machine_config
 from memslots.simulate import run_simulation, scenario
 from memslots.sizes import GiB, MiB
+from memslots.virtio_mem import Request, Response
 from memslots.vm import GuestVm
 
 
@@ -158,3 +162,42 @@ def test_simulate_compare_strategies() -> None:
     # fewer, larger memslots cost more metadata than small ones covering the same memory
     assert last["fixed:512M"]["kernel_metadata_bytes"] < last["single"]["kernel_metadata_bytes"]
     assert last["dynamic"]["memslots_mapped"] == 8  # 16 memslots of 1 GiB, half plugged
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    targets=st.lists(st.integers(min_value=0, max_value=32), min_size=1, max_size=8),
+    strategy=st.sampled_from([",dynamic-memslots=on", "", ",memslot-size=512M"]),
+    busy_every=st.integers(min_value=0, max_value=5),
+)
+def test_random_traces_keep_the_invariants_after_every_request(
+    targets: list[int], strategy: str, busy_every: int
+) -> None:
+    """The guest drives random resizes (with BUSY phases) through the virtqueue; after every
+    single request the device's invariants hold, and each resize ends where it should."""
+    cfg = parse_machine_config(
+        "1G,maxmem=9G",
+        ["memory-backend-ram,id=mem0,size=8G,reserve=off"],
+        [f"virtio-mem,id=vmem0,memdev=mem0{strategy}"],
+        accel="sim",
+    )
+    with Machine(cfg, vm=KvmModel()) as m, GuestVm(m) as vm:
+        dev = m.virtio_mem("vmem0")
+        checked = []
+
+        def after(req: Request, resp: Response) -> None:
+            check_invariants(m, dev)
+            checked.append(resp.type)
+
+        vm.transports["vmem0"].request_listeners.append(after)
+        vm.settle()
+        for n, t in enumerate(targets):
+            dev.busy = bool(busy_every) and n % busy_every == 0
+            res = vm.resize("vmem0", t * 256 * MiB).wait(1000)
+            dev.busy = False
+            if not res.ok:
+                assert res.outcome.value == "backoff"
+                assert vm.resize("vmem0", t * 256 * MiB).wait(1000).ok
+            assert dev.size == t * 256 * MiB
+        assert vm.guests["vmem0"].violations == []
+        assert len(checked) == len(vm.guests["vmem0"].log)
