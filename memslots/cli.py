@@ -70,6 +70,16 @@ def machine_options(f: F) -> F:
     return f
 
 
+accel_option = click.option(
+    "-accel",
+    "accel",
+    type=click.Choice(("auto", "kvm", "sim")),
+    default="auto",
+    show_default=True,
+    help="Real KVM, the model, or KVM when present.",
+)
+
+
 def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     if value is None:
         return None
@@ -336,14 +346,7 @@ def measure(device_size: int, plugged: int, as_json: bool) -> None:
 
 @main.command()
 @machine_options
-@click.option(
-    "-accel",
-    "accel",
-    type=click.Choice(("auto", "kvm", "sim")),
-    default="auto",
-    show_default=True,
-    help="Real KVM, the model, or KVM when present.",
-)
+@accel_option
 @click.option(
     "--trace",
     "trace_file",
@@ -532,14 +535,7 @@ def _print_simulation(results: Sequence[Any]) -> None:
 
 @main.command()
 @machine_options
-@click.option(
-    "-accel",
-    "accel",
-    type=click.Choice(("auto", "kvm", "sim")),
-    default="auto",
-    show_default=True,
-    help="Real KVM, the model, or KVM when present.",
-)
+@accel_option
 @click.option(
     "-qmp",
     "qmp",
@@ -628,14 +624,7 @@ def info(socket: str, what: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option(
-    "-accel",
-    "accel",
-    type=click.Choice(("auto", "kvm", "sim")),
-    default="auto",
-    show_default=True,
-    help="Real KVM, the model, or KVM when present.",
-)
+@accel_option
 @click.option("--json", "as_json", is_flag=True, help="Print the steps as JSON.")
 def demo(accel: str, as_json: bool) -> None:
     """4 GiB boot RAM and a 1 TiB virtio-mem device, grown and shrunk: memslots and cost."""
