@@ -16,7 +16,7 @@ import dataclasses
 import io
 import statistics
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from memslots.measure import sample_vmalloc_used
 from memslots.options import MachineConfig, VirtioMemOptions
 from memslots.resize import ResizeJob
 from memslots.sched import Scheduler
-from memslots.sizes import GiB, format_size, parse_size
+from memslots.sizes import GiB, parse_size
 from memslots.virtio_mem import VirtioMem
 from memslots.vm import GuestVm, ObservedChannel
 
@@ -299,13 +299,6 @@ def first_virtio_mem(config: MachineConfig) -> str:
                 raise OptionError("simulate: the virtio-mem device needs an id")
             return d.id
     raise OptionError("simulate: the machine has no virtio-mem device")
-
-
-def describe(steps: Iterable[StepRecord]) -> str:
-    """A one-line summary for logs."""
-    s = list(steps)
-    last = s[-1] if s else None
-    return f"{len(s)} steps, final plugged {format_size(last.plugged) if last else 0}"
 
 
 def run_simulation(
