@@ -382,6 +382,20 @@ def measure(device_size: int, plugged: int, as_json: bool) -> None:
 )
 @click.option("--compare", default=None, help="Comma-separated strategies to run side by side.")
 @click.option("--request-log", is_flag=True, help="Include every guest request in the JSON.")
+@click.option(
+    "--guest-online",
+    type=click.Choice(("movable", "kernel", "offline")),
+    default="movable",
+    show_default=True,
+    help="The guest's auto-online policy for hot-added memory.",
+)
+@click.option("--guest-force-bbm", is_flag=True, help="The guest's force_bbm=1.")
+@click.option(
+    "--guest-pinned",
+    default="",
+    metavar="OFFSET[,OFFSET…]",
+    help="Sub-blocks (offsets from the device start) that unmovable pages pin in kernel zones.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write steps as CSV.")
 @click.option(
@@ -404,6 +418,9 @@ def simulate(
     strategy: str,
     compare: str | None,
     request_log: bool,
+    guest_online: str,
+    guest_force_bbm: bool,
+    guest_pinned: str,
     as_json: bool,
     csv_path: str | None,
     plot_dir: str | None,
@@ -413,6 +430,7 @@ def simulate(
 
     from rich.progress import Progress, TaskID
 
+    from memslots.guest import GuestOptions, Online
     from memslots.simulate import (
         DEFAULT_SIM_DEVICE,
         DEFAULT_SIM_MAX,
@@ -444,6 +462,14 @@ def simulate(
             backend = next(b for b in config.backends if b.id == vmem.memdev)
             top = max_size or min(DEFAULT_SIM_MAX, backend.size)
             trace = make_scenario(scenario, top, 2 << 20, steps=steps, period=period)
+        guest_opts = GuestOptions(
+            boot_memory_end=0,
+            online={"movable": Online.MOVABLE, "kernel": Online.KERNEL}.get(
+                guest_online, Online.OFFLINE
+            ),
+            force_bbm=guest_force_bbm,
+            pinned=frozenset(parse_size(p) for p in guest_pinned.split(",") if p),
+        )
         results = []
         with Progress(console=err, transient=True) as bar:
             for s in strategies:
@@ -454,7 +480,12 @@ def simulate(
 
                 results.append(
                     run_simulation(
-                        config, trace, strategy=s, request_log=request_log, progress=advance
+                        config,
+                        trace,
+                        strategy=s,
+                        request_log=request_log,
+                        progress=advance,
+                        guest_options=guest_opts,
                     )
                 )
     except MemslotsError as exc:

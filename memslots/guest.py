@@ -142,6 +142,7 @@ class LoggedRequest:
 class GuestOptions:
     """Knobs of the guest model (kernel parameters and the environment)."""
 
+    #: End of boot memory (decides the memory block size); 0: ask the machine.
     boot_memory_end: int = 4 * GiB
     online: Online = Online.MOVABLE
     force_bbm: bool = False
@@ -149,7 +150,8 @@ class GuestOptions:
     unplug_online: bool = True
     #: Kernels before ~5.19 used 4 MiB sub-blocks on x86-64.
     legacy_subblocks: bool = False
-    #: Guest-physical addresses of sub-blocks pinned by unmovable pages (kernel zone only).
+    #: Sub-blocks pinned by unmovable pages (kernel zone only), as byte offsets from the
+    #: device's start address; real guests differ in which ones, so it is an input.
     pinned: frozenset[int] = field(default_factory=frozenset)
     #: The guest writes into every n-th usable sub-block only. A write into anonymous guest
     #: RAM makes the host back the whole 2 MiB huge page, so touching every block of a large
@@ -576,7 +578,7 @@ class LinuxGuest:
     # -- unplug (C6, C7) ----------------------------------------------------------------------
 
     def _pinned(self, gpa: int) -> bool:
-        return gpa in self.opts.pinned
+        return gpa - self.addr in self.opts.pinned
 
     def _unplug(self, diff: int) -> Rc:
         n = diff // self.unit

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from memslots.address_space import Section
 from memslots.errors import OptionError
-from memslots.guest import LinuxGuest
+from memslots.guest import GuestOptions, LinuxGuest
 from memslots.kvm_abi import VmBackend
 from memslots.kvm_cost import slot_metadata_bytes
 from memslots.machine import Machine, create_vm
@@ -309,6 +309,7 @@ def run_simulation(
     request_log: bool = False,
     progress: Callable[[int], None] | None = None,
     vm_factory: Callable[[], VmBackend] | None = None,
+    guest_options: GuestOptions | None = None,
 ) -> SimResult:
     """Build the machine for ``strategy``, boot the guest, run ``trace``, tear it all down."""
     dev_id = first_virtio_mem(config)
@@ -317,7 +318,7 @@ def run_simulation(
     with Machine(config, vm=vm) as machine:
         latencies: dict[str, list[float]] = {}
         sched = Scheduler()
-        with GuestVm(machine, sched) as gvm:
+        with GuestVm(machine, sched, guest_options=guest_options) as gvm:
             guest = gvm.guests[dev_id]
 
             def observe(kind: str, seconds: float) -> None:

@@ -12,6 +12,7 @@ queue area and a 4 KiB page with the request and response buffers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -151,7 +152,10 @@ class GuestVm:
         self.memory = GuestMemory(machine.address_space)
         lay = machine.layout
         end = lay.above_4g_end if lay.above_4g else lay.below_4g
-        self.guest_options = guest_options or GuestOptions(boot_memory_end=end)
+        opts = guest_options or GuestOptions(boot_memory_end=0)
+        if not opts.boot_memory_end:
+            opts = dataclasses.replace(opts, boot_memory_end=end)
+        self.guest_options = opts
         self.use_memory = use_memory
         use_vcpu = use_memory and (machine.vm.is_real if vcpu is None else vcpu)
         self.vcpu: ProbeVcpu | None = None
@@ -181,7 +185,7 @@ class GuestVm:
         transport = VirtioMemTransport(dev, self.memory)
         channel = VirtqueueChannel(transport, self.memory, area)
         stride = max(1, dev.region_size // (2 * MiB) // USE_BUDGET_BLOCKS)
-        opts = GuestOptions(**{**self.guest_options.__dict__, "use_stride": stride})
+        opts = dataclasses.replace(self.guest_options, use_stride=stride)
         guest = LinuxGuest(channel, self.sched, opts, memory=self._user())
         transport.config_interrupt = guest.config_interrupt
         self.transports[dev.id] = transport
