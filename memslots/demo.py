@@ -9,12 +9,14 @@ from rich.console import Console
 from rich.table import Table
 
 from memslots.address_space import Section
+from memslots.errors import DeviceError
 from memslots.kvm_cost import slot_metadata_bytes
 from memslots.machine import Machine
 from memslots.measure import sample_vmalloc_used
 from memslots.options import parse_machine_config
 from memslots.sizes import GiB, format_size
-from memslots.virtio_mem import VirtioMem, drive_to
+from memslots.virtio_mem import VirtioMem
+from memslots.vm import GuestVm
 
 DEMO_MEMORY = "4G,maxmem=1028G"
 DEMO_OBJECT = "memory-backend-ram,id=mem0,size=1T,reserve=off"
@@ -30,6 +32,7 @@ class DemoStep:
     requested: int
     plugged: int
     requests: int
+    guest_checks: int
     memslots_mapped: int
     kvm_memslots_total: int
     kernel_metadata_model: int
@@ -42,8 +45,10 @@ def run_demo(accel: str, *, as_json: bool = False) -> list[DemoStep]:
     out = Console()
     config = parse_machine_config(DEMO_MEMORY, [DEMO_OBJECT], [DEMO_DEVICE], accel=accel)
     steps: list[DemoStep] = []
-    with Machine(config) as machine:
+    with Machine(config) as machine, GuestVm(machine) as gvm:
         real = machine.vm.is_real
+        guest = gvm.guests["vmem0"]
+        gvm.settle()
         dev = machine.virtio_mem("vmem0")
         single = slot_metadata_bytes(dev.addr, dev.region_size, machine.mmu)
         dm = machine.device_memory
@@ -59,18 +64,28 @@ def run_demo(accel: str, *, as_json: bool = False) -> list[DemoStep]:
                 f"  -object {DEMO_OBJECT}\n  -device {DEMO_DEVICE}\n"
                 f"vmem0: {format_size(dev.region_size)} at 0x{dev.addr:x}, "
                 f"{dev.nb_memslots} memslots of {format_size(dev.memslot_size)}, "
-                f"block {format_size(dev.block_size)}; KVM MMU: {machine.mmu.describe()}"
+                f"block {format_size(dev.block_size)}; KVM MMU: {machine.mmu.describe()}\n"
+                f"guest: the Linux virtio_mem driver model on the virtqueue, "
+                f"{format_size(guest.mb_size)} memory blocks; it checks its memory "
+                + ("from a real vCPU" if gvm.vcpu is not None else "through guest RAM")
             )
         baseline = sample_vmalloc_used() if real else 0
         for target in DEMO_STEPS:
-            requests = drive_to(dev, target)
+            before = len(guest.log)
+            result = gvm.resize("vmem0", target).wait(600)
+            if not result.ok:
+                raise DeviceError(f"demo: {result.reason}")
+            checks = guest.verify()
+            if guest.violations:
+                raise DeviceError(f"demo: the guest lost memory: {guest.violations[0]}")
             model = machine.kvm.predicted_metadata_bytes(in_device)
             measured = sample_vmalloc_used() - baseline if real else None
             steps.append(
                 DemoStep(
                     requested=target,
                     plugged=dev.size,
-                    requests=requests,
+                    requests=len(guest.log) - before,
+                    guest_checks=checks,
                     memslots_mapped=dev.mapped_memslots,
                     kvm_memslots_total=machine.kvm.used_memslots,
                     kernel_metadata_model=model,
@@ -87,7 +102,7 @@ def run_demo(accel: str, *, as_json: bool = False) -> list[DemoStep]:
 
 def _print_steps(out: Console, steps: list[DemoStep], real: bool, dev: VirtioMem) -> None:
     table = Table(title="Resizing vmem0", title_justify="left")
-    cols = ["requested", "plugged", "requests", "memslots mapped", "KVM metadata (model)"]
+    cols = ["requested", "plugged", "guest requests", "memslots mapped", "KVM metadata (model)"]
     if real:
         cols.append("measured")
     for c in cols:
