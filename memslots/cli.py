@@ -618,7 +618,9 @@ def run(
 @click.argument("socket")
 @click.argument("command")
 @click.argument("args", nargs=-1)
-@click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.option(
+    "--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True
+)
 def qmp_command(socket: str, command: str, args: Sequence[str], timeout: float) -> None:
     """Send one QMP COMMAND (ARGS as key=value or one JSON object) and print the reply."""
     from memslots.qmp_client import run_qmp
@@ -631,7 +633,9 @@ def qmp_command(socket: str, command: str, args: Sequence[str], timeout: float) 
 @click.argument("device")
 @click.argument("size")
 @click.option("--wait", is_flag=True, help="Wait until the size is reached (progress bar).")
-@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option(
+    "--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True
+)
 def resize(socket: str, device: str, size: str, wait: bool, timeout: float) -> None:
     """Set DEVICE's requested-size to SIZE (exit 2 on timeout, 1 on error)."""
     from memslots.qmp_client import run_resize

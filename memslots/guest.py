@@ -348,21 +348,23 @@ class LinuxGuest:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def _send(self, kind: ReqType, gpa: int, nb_blocks: int) -> Resp | None:
+    def _send(self, kind: ReqType, gpa: int, nb_blocks: int) -> Resp | int | None:
+        """Send a request; its response type (an int if unknown), or None if none came."""
         resp = self.channel.send(Request(kind, gpa, nb_blocks))
-        known = resp is not None and resp.type in Resp._value2member_map_
-        answer = Resp(resp.type) if resp is not None and known else None
+        answer: Resp | int | None = None
+        if resp is not None:
+            known = resp.type in Resp._value2member_map_
+            answer = Resp(resp.type) if known else resp.type
+        if answer is None:
+            shown = "none"
+        elif isinstance(answer, Resp):
+            shown = answer.name.lower()
+        else:
+            shown = f"unknown({answer})"
+        offset = gpa - self.addr if kind != ReqType.UNPLUG_ALL else 0
         self.log.append(
-            LoggedRequest(
-                kind.name.lower(),
-                gpa - self.addr if kind != ReqType.UNPLUG_ALL else 0,
-                nb_blocks,
-                answer.name.lower() if answer is not None else "none",
-                self.sched.now(),
-            )
+            LoggedRequest(kind.name.lower(), offset, nb_blocks, shown, self.sched.now())
         )
-        if answer is None and resp is not None:
-            return Resp.ERROR  # an unknown response type is as good as an error
         return answer
 
     def _plug_request(self, gpa: int, size: int) -> Rc:
@@ -374,7 +376,12 @@ class LinuxGuest:
         if resp == Resp.ACK:
             self.plugged_size += size
             return Rc.OK
-        return {Resp.NACK: Rc.EAGAIN, Resp.BUSY: Rc.ETXTBSY}.get(resp, Rc.EINVAL)
+        if resp == Resp.ERROR:
+            return Rc.EINVAL
+        if resp == Resp.NACK:
+            return Rc.EAGAIN
+        # Linux starts from -ENOMEM: a response type it does not know retries on the timer.
+        return Rc.ETXTBSY if resp == Resp.BUSY else Rc.ENOMEM
 
     def _unplug_request(self, gpa: int, size: int) -> Rc:
         if self.config_changed:
@@ -385,7 +392,9 @@ class LinuxGuest:
         if resp == Resp.ACK:
             self.plugged_size -= size
             return Rc.OK
-        return {Resp.BUSY: Rc.ETXTBSY, Resp.NACK: Rc.ENOMEM}.get(resp, Rc.EINVAL)
+        if resp == Resp.ERROR:
+            return Rc.EINVAL
+        return Rc.ETXTBSY if resp == Resp.BUSY else Rc.ENOMEM
 
     # -- memory use ---------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ block size from a backend, as QEMU's ``virtio_mem_thp_size`` and
 from __future__ import annotations
 
 import abc
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -554,6 +555,7 @@ class FileBackend(HostMemory):
         self.mem_path = os.fspath(mem_path)
         self.discard_data = discard_data
         temporary = os.path.isdir(self.mem_path)
+        created = not temporary and not os.path.exists(self.mem_path)
         try:
             if temporary:
                 fd, name = tempfile.mkstemp(
@@ -580,13 +582,15 @@ class FileBackend(HostMemory):
                 page_size=page_size,
                 exclusive_fd=temporary,
             )
-        except OSError as exc:
+        except BaseException as exc:
             os.close(fd)
-            raise HostMemoryError(
-                f"{_describe(id, size)}: cannot set up mem-path '{self.mem_path}': {exc}"
-            ) from exc
-        except BaseException:
-            os.close(fd)
+            if created:  # as QEMU: a file we created for a backend that failed goes away
+                with contextlib.suppress(OSError):
+                    os.unlink(self.mem_path)
+            if isinstance(exc, OSError):
+                raise HostMemoryError(
+                    f"{_describe(id, size)}: cannot set up mem-path '{self.mem_path}': {exc}"
+                ) from exc
             raise
 
     @property

@@ -9,7 +9,9 @@ The layout follows QEMU's x86 ``pc`` (i440fx) machine, the default of Debian's Q
 * the default CPU (qemu64) is AMD-vendored, so when the highest used address (device memory
   plus the 2 GiB 64-bit PCI hole) reaches AMD's HyperTransport window at 1012 GiB, RAM above
   4 GiB moves to 1 TiB, as QEMU 7.1+ does. ``-m 4G,maxmem=1028G`` thus puts device memory at
-  ``0x10040000000``, exactly where QEMU puts it.
+  ``0x10040000000``, exactly where QEMU puts it;
+* the highest used address must fit the vCPU's physical address bits; we model
+  ``-cpu host`` on these machines (48 bits), like the QEMU runs the reference measured.
 
 We do not model ROMs, the VGA hole or PCI BARs, so boot uses 1-2 memslots where QEMU uses ~12.
 """
@@ -51,6 +53,9 @@ log = logging.getLogger("memslots.machine")
 
 #: Guest-physical space we model: 52 bits, the bound KVM applies with shadow paging.
 PHYS_ADDR_SPACE = 1 << 52
+#: The vCPU's physical address bits: 48, as ``-cpu host`` has on these machines (QEMU's default
+#: qemu64 model has 40, which cannot even place a 1 TiB device).
+PHYS_BITS = 48
 LOWMEM_SPLIT = 0xE000_0000
 LOWMEM = 0xC000_0000
 FOUR_GIB = 4 * GiB
@@ -77,7 +82,7 @@ class Layout:
         return self.above_4g_start + self.above_4g
 
 
-def pc_layout(mem: MachineMemory) -> Layout:
+def pc_layout(mem: MachineMemory, *, phys_bits: int = PHYS_BITS) -> Layout:
     """QEMU pc (i440fx) memory layout for ``-m`` (see the module docstring)."""
     below = LOWMEM if mem.ram_size >= LOWMEM_SPLIT else mem.ram_size
     above = mem.ram_size - below
@@ -90,13 +95,21 @@ def pc_layout(mem: MachineMemory) -> Layout:
     def dev_base(above_start: int) -> int:
         return align_up(above_start + above, GiB)
 
+    def max_used_gpa(above_start: int) -> int:
+        """The end of the 64-bit PCI hole, which follows device memory (or RAM)."""
+        end = dev_base(above_start) + dev_size if dev_size else above_start + above
+        return align_up(end, GiB) + PCI_HOLE64_SIZE - 1
+
     start = FOUR_GIB
-    hole64_start = align_up(dev_base(start) + dev_size if dev_size else start + above, GiB)
-    if hole64_start + PCI_HOLE64_SIZE - 1 >= AMD_HT_START:
+    if max_used_gpa(start) >= AMD_HT_START:
         start = AMD_ABOVE_1TB_START
+    limit = (1 << phys_bits) - 1
+    if max_used_gpa(start) > limit:
+        raise OptionError(
+            f"Address space limit 0x{limit:x} < 0x{max_used_gpa(start):x} phys-bits too low "
+            f"({phys_bits})"
+        )
     base = dev_base(start) if dev_size else 0
-    if base + dev_size > PHYS_ADDR_SPACE:
-        raise OptionError(f"unsupported amount of maximum memory: 0x{mem.maxmem:x}")
     return Layout(below, above, start, base, dev_size)
 
 
@@ -307,12 +320,20 @@ class Machine:
             raise ConfigError(f"Device '{dev_id}' not found")
         if isinstance(dev, VirtioMem):
             dev.check_unplug()
+        self.withdraw_device(dev)
+
+    def withdraw_device(self, dev: MemoryDevice) -> None:
+        """Unplug a device without the guest-facing checks: for undoing a plug that could not
+        be completed (for example when its guest driver could not be attached)."""
         assert self.device_memory is not None
         self.device_memory.unplug(dev)
         dev.unrealize()
         if isinstance(dev, PcDimm):
             self._dimm_slots.discard(dev.slot)
-        del self.devices[dev_id]
+        if dev.id is not None:
+            self.devices.pop(dev.id, None)
+        elif dev in self._anon_devices:
+            self._anon_devices.remove(dev)
 
     # -- queries -------------------------------------------------------------------------------
 

@@ -26,14 +26,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from memslots.address_space import Section
+from memslots.consumer import MemslotConsumer
 from memslots.dimm import PcDimm
 from memslots.errors import PropertyError
 from memslots.machine import Machine
 from memslots.measure import sample_vmalloc_used
 from memslots.memdev import MemoryBackend
 from memslots.memory_device import MemoryDevice
-from memslots.options import backend_from_args, device_from_args
+from memslots.options import backend_from_args, device_from_args, id_wellformed
 from memslots.qmp_server import Command, Param, QMPCommandError, QMPServer, check_value
+from memslots.vhost_user import ConnectionState, VhostUserConsumer
 from memslots.virtio_mem import VirtioMem
 
 #: QEMU's RunState values that count as running for ``query-status``.
@@ -103,17 +105,15 @@ class _QomObject:
     props: dict[str, _Prop]
 
 
-def _id_wellformed(text: str) -> bool:
-    """QEMU's ``id_wellformed``: a letter, then letters, digits, '-', '.', '_'."""
-    return (
-        text[:1].isascii()
-        and text[:1].isalpha()
-        and all(c.isascii() and (c.isalnum() or c in "-._") for c in text)
+def _connected(consumer: MemslotConsumer) -> bool:
+    """False for a vhost-user back-end that was lost (it then holds none of our memory)."""
+    return not isinstance(consumer, VhostUserConsumer) or (
+        consumer.state is ConnectionState.CONNECTED
     )
 
 
 def _check_id(text: str) -> None:
-    if not _id_wellformed(text):
+    if not id_wellformed(text):
         raise QMPCommandError("Parameter 'id' expects an identifier")
 
 
@@ -487,8 +487,16 @@ class Monitor:
         dev = self.machine.add_device(device_from_args(args))
         self._hotplugged.add(dev)
         self.sync_devices()
-        for cb in list(self.device_added):
-            cb(dev)
+        try:
+            for cb in list(self.device_added):
+                cb(dev)
+        except Exception:
+            # The runtime could not take the device (e.g. no room for its guest driver):
+            # undo the plug, so an error reply never leaves a device behind.
+            self.machine.withdraw_device(dev)
+            self._hotplugged.discard(dev)
+            self.sync_devices()
+            raise
         return {}
 
     def _device_del(self, args: dict[str, Any]) -> object:
@@ -540,7 +548,9 @@ class Monitor:
                     item["kvm-slot"] = slot
                 # A mapped section is held by every back-end that takes it: a refusal would
                 # have undone the whole transaction.
-                item["vhost"] = [b.name for b in m.vhost.backends if b.accepts(section)]
+                item["vhost"] = [
+                    b.name for b in m.vhost.backends if b.accepts(section) and _connected(b)
+                ]
             else:
                 item["vhost"] = []
             out.append(item)
@@ -564,6 +574,7 @@ class Monitor:
                     "max": c.max_memslots,
                     "used": c.used_memslots,
                     "free": c.free_memslots,
+                    "connected": _connected(c),
                 }
                 for c in consumers
             ]

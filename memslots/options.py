@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from memslots.errors import OptionError, SizeError
-from memslots.sizes import parse_ram_size, parse_size
+from memslots.sizes import MiB, align_up, parse_ram_size, parse_size
 
 if TYPE_CHECKING:
     from memslots.vhost_user_devices import ChardevOptions, VhostUserDeviceOptions
@@ -60,6 +60,15 @@ def split_option_string(text: str, implied_key: str | None) -> list[tuple[str, s
     return pairs
 
 
+def id_wellformed(text: str) -> bool:
+    """QEMU's ``id_wellformed``: a letter, then letters, digits, '-', '.' or '_'."""
+    return (
+        text[:1].isascii()
+        and text[:1].isalpha()
+        and all(c.isascii() and (c.isalnum() or c in "-._") for c in text)
+    )
+
+
 class Props:
     """Key/value pairs of one option, consumed key by key so that leftovers are reported."""
 
@@ -78,6 +87,13 @@ class Props:
     def pop_str(self, key: str, default: str | None = None) -> str | None:
         return self.values.pop(key, default)
 
+    def pop_id(self, *, required: bool = False) -> str | None:
+        """The ``id`` parameter, which must be an identifier as QEMU requires."""
+        value = self.require_str("id") if required else self.pop_str("id")
+        if value is not None and not id_wellformed(value):
+            raise OptionError(f"{self.where()}: Parameter 'id' expects an identifier")
+        return value
+
     def require_str(self, key: str) -> str:
         value = self.values.pop(key, None)
         if value is None or value == "":
@@ -92,6 +108,28 @@ class Props:
             return parse_size(raw, what=f"'{key}'")
         except SizeError as exc:
             raise OptionError(f"{self.where()}: {exc}") from exc
+
+    def pop_u64(self, key: str, default: int) -> int:
+        """A uint64 property as QEMU parses it: decimal, 0x hex or 0 octal; no suffixes."""
+        raw = self.values.pop(key, None)
+        if raw is None:
+            return default
+        digits, base = raw, 10
+        if raw[:2].lower() == "0x":
+            digits, base = raw[2:], 16
+        elif len(raw) > 1 and raw.startswith("0"):
+            digits, base = raw[1:], 8
+        try:
+            if not digits or not digits.isalnum():
+                raise ValueError(raw)
+            value = int(digits, base)
+        except ValueError:
+            raise OptionError(
+                f"{self.where()}: Parameter '{key}' expects uint64 (got '{raw}')"
+            ) from None
+        if value >= 1 << 64:
+            raise OptionError(f"{self.where()}: Parameter '{key}' expects uint64 (got '{raw}')")
+        return value
 
     def pop_int(self, key: str, default: int) -> int:
         raw = self.values.pop(key, None)
@@ -153,20 +191,26 @@ class MachineMemory:
         return self.maxmem - self.ram_size
 
 
+DEFAULT_RAM_SIZE = 128 * MiB
+
+
 def parse_machine_memory(text: str) -> MachineMemory:
     """Parse ``-m``: a bare size means MiB; maxmem must not be below the RAM size."""
     props = Props("-m", text, split_option_string(text, "size"))
     raw = props.pop_str("size", "128M") or "128M"
     try:
-        ram = parse_ram_size(raw)
+        # QEMU: a size of 0 means the default; RAM is rounded up to 8 KiB.
+        ram = align_up(parse_ram_size(raw), 8192) or DEFAULT_RAM_SIZE
     except SizeError as exc:
         raise OptionError(f"-m {text}: {exc}") from exc
+    has_slots = "slots" in props.values
+    has_maxmem = "maxmem" in props.values
     maxmem = props.pop_size("maxmem", ram)
     slots = props.pop_int("slots", 0)
     props.finish(("size", "slots", "maxmem"))
     assert maxmem is not None
-    if ram == 0:
-        raise OptionError(f"-m {text}: the RAM size must be above 0")
+    if has_slots and not has_maxmem:
+        raise OptionError(f"-m {text}: slots specified but no max-size")
     if maxmem < ram:
         raise OptionError(
             f"-m {text}: invalid value of maxmem: maxmem (0x{maxmem:x}) < initial memory "
@@ -244,7 +288,8 @@ def _backend(props: Props) -> BackendOptions:
             f"{props.where()}: unsupported object type '{qom_type}' "
             f"(supported: {', '.join(BACKEND_TYPES)})"
         )
-    obj_id = props.require_str("id")
+    obj_id = props.pop_id(required=True)
+    assert obj_id is not None
     size = props.pop_size("size")
     if size is None:
         raise OptionError(f"{props.where()}: parameter 'size' is missing")
@@ -348,14 +393,14 @@ def parse_any_device(text: str) -> DeviceOptions | VhostUserDeviceOptions:
 
 def _device(props: Props) -> DeviceOptions:
     driver = props.require_str("driver")
-    dev_id = props.pop_str("id")
+    dev_id = props.pop_id()
     memdev = props.pop_str("memdev")
     if driver in VIRTIO_MEM_DRIVERS:
         requested = props.pop_size("requested-size", 0)
         block = props.pop_size("block-size")
         dynamic = props.pop_bool("dynamic-memslots", False)
         inaccessible = props.pop_choice("unplugged-inaccessible", ("on", "off", "auto"), "on")
-        memaddr = props.pop_size("memaddr", 0)
+        memaddr = props.pop_u64("memaddr", 0)
         node = props.pop_int("node", 0)
         prealloc = props.pop_bool("prealloc", False)
         memslot_size = props.pop_size("memslot-size")
@@ -388,7 +433,7 @@ def _device(props: Props) -> DeviceOptions:
             driver=driver,
         )
     if driver in DIMM_DRIVERS:
-        addr = props.pop_size("addr", 0)
+        addr = props.pop_u64("addr", 0)
         node = props.pop_int("node", 0)
         props.finish(("id", "memdev", "addr", "node"))
         assert addr is not None

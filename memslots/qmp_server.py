@@ -26,6 +26,7 @@ import errno
 import inspect
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -309,11 +310,24 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number '{text}' is out of range")
+    return value
+
+
 def _parse_json(raw: bytes) -> object:
-    """Parse one message as QEMU's parser would: no NaN/Infinity, no duplicate keys."""
+    """Parse one message as QEMU's parser would: no NaN/Infinity, no duplicate keys, and no
+    number too large to be echoed back (an overflowing ``1e999`` would become infinity)."""
     try:
         text = raw.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+        return json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_no_duplicates,
+        )
     except (UnicodeDecodeError, ValueError) as exc:
         shown = raw[:80].decode("utf-8", "replace") + ("..." if len(raw) > 80 else "")
         raise QMPCommandError(f"JSON parse error, {exc}: {shown}") from None

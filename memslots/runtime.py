@@ -55,8 +55,8 @@ def parse_qmp_option(text: str) -> QmpEndpoint:
         return QmpEndpoint(path=address[5:])
     if address.startswith("tcp:"):
         host, _, port = address[4:].rpartition(":")
-        if not host or not port.isdigit():
-            raise OptionError(f"-qmp {text}: expected tcp:HOST:PORT")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise OptionError(f"-qmp {text}: expected tcp:HOST:PORT with a port up to 65535")
         return QmpEndpoint(host=host, port=int(port))
     raise OptionError(f"-qmp {text}: expected unix:PATH or tcp:HOST:PORT")
 
@@ -143,8 +143,9 @@ async def serve(
             observe_guest(dev_id)
 
         def added(dev: MemoryDevice) -> None:
-            if isinstance(dev, VirtioMem) and dev.id is not None:
-                gvm.attach(dev)
+            if isinstance(dev, VirtioMem):
+                gvm.attach(dev)  # refuses a device without an id: no guest could drive it
+                assert dev.id is not None
                 observe_guest(dev.id)
 
         monitor.device_added.append(added)

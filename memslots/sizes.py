@@ -21,7 +21,8 @@ U64_MAX = (1 << 64) - 1
 
 _SUFFIXES = {"B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB, "P": PiB, "E": EiB}
 _DECIMAL = re.compile(r"^(\d+)(?:\.(\d+))?([BKMGTPE]?)$", re.IGNORECASE)
-_HEX = re.compile(r"^0x([0-9a-f]+)([KMGTP]?)$", re.IGNORECASE)
+# Hexadecimal with a suffix was removed in QEMU 8.0: "0x100000M" is an error.
+_HEX = re.compile(r"^0x([0-9a-f]+)$", re.IGNORECASE)
 
 
 def parse_size(text: str, *, default_unit: int = 1, what: str = "size") -> int:
@@ -34,8 +35,7 @@ def parse_size(text: str, *, default_unit: int = 1, what: str = "size") -> int:
     s = text.strip()
     hexm = _HEX.match(s)
     if hexm:
-        value = int(hexm.group(1), 16) * _SUFFIXES.get(hexm.group(2).upper(), 1)
-        return _check_range(value, text, what)
+        return _check_range(int(hexm.group(1), 16), text, what)
     m = _DECIMAL.match(s)
     if not m:
         raise SizeError(
@@ -53,7 +53,13 @@ def parse_size(text: str, *, default_unit: int = 1, what: str = "size") -> int:
 
 
 def parse_ram_size(text: str) -> int:
-    """Parse ``-m``'s size: like :func:`parse_size` but a bare number means MiB (QEMU's rule)."""
+    """Parse ``-m``'s size: like :func:`parse_size` but a bare number means MiB (QEMU's rule).
+
+    QEMU appends "M" to a size that ends in a digit, so a hexadecimal size ending in a digit
+    becomes hex with a suffix, which it refuses.
+    """
+    if _HEX.match(text.strip()) and text.strip()[-1].isdigit():
+        raise SizeError(f"invalid memory size '{text}': hexadecimal sizes take no unit (MiB)")
     return parse_size(text, default_unit=MiB, what="memory size")
 
 

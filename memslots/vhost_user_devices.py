@@ -61,7 +61,8 @@ def parse_chardev(text: str) -> ChardevOptions:
         raise OptionError(
             f"-chardev {text}: unsupported chardev backend '{backend}' (supported: socket)"
         )
-    chardev_id = props.require_str("id")
+    chardev_id = props.pop_id(required=True)
+    assert chardev_id is not None
     if "host" in props.values or "port" in props.values:
         raise OptionError(
             f"-chardev {text}: only Unix sockets are supported: use 'path' instead of "
@@ -112,7 +113,7 @@ def parse_vhost_user_device(text: str) -> VhostUserDeviceOptions:
             f"-device {text}: unsupported device '{driver}' "
             f"(supported: {', '.join(VHOST_USER_DRIVERS)})"
         )
-    dev_id = props.pop_str("id")
+    dev_id = props.pop_id()
     chardev = props.pop_str("chardev")
     accounting = props.pop_choice("memslot-accounting", MEMSLOT_ACCOUNTING, "qemu")
     allowed = ["id", "chardev", "memslot-accounting"]

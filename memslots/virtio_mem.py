@@ -422,13 +422,13 @@ class VirtioMem(MemoryDevice):
                 f"virtio-mem '{label}': 'memdev' property memdev size has to be multiples of"
                 f"'block-size' (0x{bs:x})"
             )
-        if self.requested_size > memdev.size:
-            raise ConfigError(
-                f"virtio-mem '{label}': 'requested-size' cannot exceed the memory backend "
-                f"size(0x{memdev.size:x})"
-            )
         # A fresh start: nothing is plugged, so no host memory may stay populated.
-        memdev.memory.discard(0, memdev.size)
+        try:
+            memdev.memory.discard(0, memdev.size)
+        except MemslotsError as exc:
+            raise ConfigError(
+                f"virtio-mem '{label}': Unexpected error discarding RAM: {exc}"
+            ) from exc
         self._resize_usable_region(self.requested_size, can_shrink=True)
         self.bitmap = bytearray(memdev.size // bs)
         if self.dynamic:
@@ -517,7 +517,7 @@ class VirtioMem(MemoryDevice):
         if kind is ReqType.PLUG or kind is ReqType.UNPLUG:
             resp = self._state_change(req.addr, req.nb_blocks, plug=kind is ReqType.PLUG)
         elif kind is ReqType.UNPLUG_ALL:
-            resp = Response(Resp.BUSY if self.busy else self._unplug_all())
+            resp = Response(self._unplug_all())
         else:
             resp = self._state(req.addr, req.nb_blocks)
         self.requests[(kind.name.lower(), Resp(resp.type).name.lower())] += 1
@@ -575,75 +575,78 @@ class VirtioMem(MemoryDevice):
         return max(0, min(hi, first + count) - max(lo, first))
 
     def _plug(self, first: int, count: int) -> bool:
-        if self.dynamic:
-            assert self.mr is not None
-            to_map = [i for i in self._slots_of(first, count) if not self.memslots[i].mapped]
-            try:
-                # Map first: the guest may touch the blocks as soon as it sees the ACK.
-                with self.address_space.transaction():
-                    for i in to_map:
-                        self.address_space.add_subregion(
-                            self.mr, i * self.memslot_size, self.memslots[i]
-                        )
-            except MemslotsError as exc:
-                log.warning("virtio-mem '%s': cannot map memslots for plug: %s", self.label, exc)
-                return False
-            for i in self._slots_of(first, count):
-                self._slot_plugged[i] += self._blocks_in_slot(i, first, count)
+        slots = self._slots_of(first, count) if self.dynamic else range(0)
+        # Map first: the guest may touch the blocks as soon as it sees the ACK.
+        if not self._set_mapped([i for i in slots if not self.memslots[i].mapped], True):
+            return False
+        for i in slots:
+            self._slot_plugged[i] += self._blocks_in_slot(i, first, count)
         self.bitmap[first : first + count] = b"\x01" * count
         self._size_changed(self.size + count * self.block_size)
         return True
 
     def _unplug(self, first: int, count: int) -> bool:
-        if self.dynamic:
-            assert self.mr is not None
-            slots = self._slots_of(first, count)
-            empty = [
-                i for i in slots if self._slot_plugged[i] == self._blocks_in_slot(i, first, count)
-            ]
-            try:
-                with self.address_space.transaction():
-                    for i in empty:
-                        self.address_space.del_subregion(self.mr, self.memslots[i])
-            except MemslotsError as exc:
-                log.warning("virtio-mem '%s': cannot unmap memslots: %s", self.label, exc)
-                return False
-            for i in slots:
-                self._slot_plugged[i] -= self._blocks_in_slot(i, first, count)
-        self.bitmap[first : first + count] = bytes(count)
         bs = self.block_size
-        self._discard(first * bs, count * bs)
+        slots = self._slots_of(first, count) if self.dynamic else range(0)
+        empty = [i for i in slots if self._slot_plugged[i] == self._blocks_in_slot(i, first, count)]
+        # Unmap first, so no consumer still maps the memory when it is given back.
+        if not self._set_mapped(empty, False):
+            return False
+        if not self._discard(first * bs, count * bs):
+            # As QEMU: a failed discard is BUSY with nothing changed, so map back what we took.
+            self._set_mapped(empty, True)
+            return False
+        for i in slots:
+            self._slot_plugged[i] -= self._blocks_in_slot(i, first, count)
+        self.bitmap[first : first + count] = bytes(count)
         self._size_changed(self.size - count * bs)
         return True
 
     def _unplug_all(self) -> Resp:
         if self.size:
-            if self.dynamic:
-                assert self.mr is not None
-                try:
-                    with self.address_space.transaction():
-                        for region in self.memslots:
-                            if region.mapped:
-                                self.address_space.del_subregion(self.mr, region)
-                except MemslotsError as exc:
-                    log.warning("virtio-mem '%s': cannot unmap memslots: %s", self.label, exc)
-                    return Resp.BUSY
-                self._slot_plugged = [0] * self.nb_memslots
+            if self.busy:
+                return Resp.BUSY
+            mapped = [i for i, r in enumerate(self.memslots) if r.mapped]
+            if not self._set_mapped(mapped, False):
+                return Resp.BUSY
+            if not self._discard(0, self.region_size):
+                self._set_mapped(mapped, True)
+                return Resp.BUSY
+            self._slot_plugged = [0] * self.nb_memslots
             self.bitmap[:] = bytes(len(self.bitmap))
-            self._discard(0, self.region_size)
             self._size_changed(0)
         self._resize_usable_region(self.requested_size, can_shrink=True)
         return Resp.ACK
 
-    def _discard(self, offset: int, length: int) -> None:
+    def _set_mapped(self, indices: list[int], mapped: bool) -> bool:
+        """Map or unmap memslots in one transaction; False (logged) if a consumer refused."""
+        if not indices:
+            return True
+        assert self.mr is not None
+        try:
+            with self.address_space.transaction():
+                for i in indices:
+                    if mapped:
+                        self.address_space.add_subregion(
+                            self.mr, i * self.memslot_size, self.memslots[i]
+                        )
+                    else:
+                        self.address_space.del_subregion(self.mr, self.memslots[i])
+        except MemslotsError as exc:
+            what = "map" if mapped else "unmap"
+            log.warning("virtio-mem '%s': cannot %s memslots: %s", self.label, what, exc)
+            return False
+        return True
+
+    def _discard(self, offset: int, length: int) -> bool:
         assert self.memdev is not None
         try:
             self.memdev.memory.discard(offset, length)
         except MemslotsError as exc:
-            # The blocks are unplugged either way; failing to free host memory must not
-            # break the guest (Firecracker logs and counts this too).
             self.discard_failures += 1
             log.warning("virtio-mem '%s': %s", self.label, exc)
+            return False
+        return True
 
     def _size_changed(self, new_size: int) -> None:
         self.size = new_size
@@ -657,7 +660,10 @@ class VirtioMem(MemoryDevice):
         self.needs_reset = False
 
     def system_reset(self) -> None:
-        """A system reset: everything gets unplugged and the usable region shrinks."""
+        """A system reset: everything gets unplugged and the usable region shrinks.
+
+        While busy (migration) QEMU's unplug-all fails and nothing changes.
+        """
         self.needs_reset = False
         self._unplug_all()
 

@@ -167,6 +167,7 @@ class GuestVm:
             self.vcpu = ProbeVcpu(machine.vm, self.memory)
         self.guests: dict[str, LinuxGuest] = {}
         self.transports: dict[str, VirtioMemTransport] = {}
+        self._areas: dict[str, int] = {}
         for dev in machine.memory_devices:
             if isinstance(dev, VirtioMem):
                 self.attach(dev)
@@ -180,8 +181,18 @@ class GuestVm:
         """Give ``dev`` a transport, a queue in boot RAM and a guest driver; probe it."""
         if dev.id is None:
             raise ConfigError("a virtio-mem device needs an id to get a guest driver")
-        index = len(self.transports)
-        area = QUEUE_AREA_BASE + index * QUEUE_AREA_SIZE
+        # Queue areas are never shared: a detached device's area is reused only once freed.
+        used = set(self._areas.values())
+        area = next(
+            QUEUE_AREA_BASE + i * QUEUE_AREA_SIZE
+            for i in range(len(used) + 1)
+            if QUEUE_AREA_BASE + i * QUEUE_AREA_SIZE not in used
+        )
+        if not self.memory.is_ram(area, QUEUE_AREA_SIZE):
+            raise ConfigError(
+                f"no room for the virtqueue of '{dev.id}' in boot RAM at 0x{area:x} "
+                f"(boot RAM must reach 0x{area + QUEUE_AREA_SIZE:x})"
+            )
         transport = VirtioMemTransport(dev, self.memory)
         channel = VirtqueueChannel(transport, self.memory, area)
         stride = max(1, dev.region_size // (2 * MiB) // USE_BUDGET_BLOCKS)
@@ -190,6 +201,7 @@ class GuestVm:
         transport.config_interrupt = guest.config_interrupt
         self.transports[dev.id] = transport
         self.guests[dev.id] = guest
+        self._areas[dev.id] = area
         guest.probe()
         return guest
 
@@ -210,6 +222,7 @@ class GuestVm:
         if transport is not None:
             transport.close()
         self.guests.pop(dev_id, None)
+        self._areas.pop(dev_id, None)
 
     def close(self) -> None:
         """Close the vCPU and detach the transports (the machine is the caller's)."""

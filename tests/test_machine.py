@@ -92,3 +92,16 @@ def test_real_machine_maps_into_the_kernel() -> None:
         m.backends["d"].memory.write(0, b"dimm")
         assert m.vm.probe_mapped(dimm.get_addr() + GiB - 4096)
         assert m.kvm.used_memslots == 2  # boot RAM and the DIMM
+
+
+def test_phys_bits_limit() -> None:
+    # 300 TiB of maxmem cannot be addressed with 48 physical address bits (QEMU's check)
+    with pytest.raises(
+        OptionError,
+        match=r"Address space limit 0xffffffffffff < 0x[0-9a-f]+ "
+        r"phys-bits too low \(48\)",
+    ):
+        pc_layout(parse_machine_memory("4G,maxmem=300T"))
+    with pytest.raises(OptionError, match=r"phys-bits too low \(40\)"):
+        pc_layout(parse_machine_memory("4G,maxmem=1028G"), phys_bits=40)
+    assert pc_layout(parse_machine_memory("4G,maxmem=200T")).device_memory_base == TiB + GiB

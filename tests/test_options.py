@@ -46,13 +46,16 @@ def test_machine_memory() -> None:
     )
     assert parse_machine_memory("512").ram_size == 512 * MiB
     assert parse_machine_memory("1G").maxmem == GiB
+    assert parse_machine_memory("0").ram_size == 128 * MiB  # 0 means the default
+    assert parse_machine_memory("1.33G").ram_size == 0x551EC000  # rounded up to 8 KiB
 
 
 @pytest.mark.parametrize(
     "text,match",
     [
         ("4G,maxmem=2G", "maxmem .* < initial memory"),
-        ("4G,slots=2", "memory slots were specified but maximum memory size equals"),
+        ("4G,slots=2,maxmem=4G", "memory slots were specified but maximum memory size equals"),
+        ("4G,slots=0", "slots specified but no max-size"),
         ("4G,foo=1", "unknown parameter 'foo' \\(allowed: size, slots, maxmem\\)"),
         ("4X", "invalid memory size '4X'"),
         ("4G,slots=-1", "must not be negative"),
@@ -81,6 +84,7 @@ def test_backends() -> None:
         ("memory-backend-ram,id=a", "parameter 'size' is missing"),
         ("memory-backend-ram,id=a,size=0", "must not be zero"),
         ("memory-backend-ram,id=a,size=1G,share=maybe", "'share' expects 'on' or 'off'"),
+        ("memory-backend-ram,id=m/x,size=1G", "Parameter 'id' expects an identifier"),
         ("memory-backend-ram,id=a,size=1G,mem-path=/x", "unknown parameter 'mem-path'"),
         ("memory-backend-file,id=a,size=1G", "parameter 'mem-path' is missing"),
         ("memory-backend-ram,id=a,size=1G,reserve=off,prealloc=on", "incompatible"),
@@ -105,8 +109,10 @@ def test_devices() -> None:
         2 * MiB,
         True,
     )
-    d = parse_device("pc-dimm,id=d,memdev=m")
-    assert isinstance(d, DimmOptions) and d.memdev == "m"
+    d = parse_device("pc-dimm,id=d,memdev=m,addr=010")
+    assert isinstance(d, DimmOptions) and d.memdev == "m" and d.addr == 8  # octal, as strtoull
+    v2 = parse_device("virtio-mem,id=v,memaddr=0x140000000")
+    assert isinstance(v2, VirtioMemOptions) and v2.memaddr == 0x1_4000_0000
 
 
 @pytest.mark.parametrize(
@@ -118,6 +124,10 @@ def test_devices() -> None:
         ("virtio-mem,id=a,requested-size=lots", "invalid 'requested-size'"),
         ("virtio-mem,id=a,colour=blue", "unknown parameter 'colour'"),
         ("pc-dimm,id=a,block-size=2M", "unknown parameter 'block-size'"),
+        ("virtio-mem,id=a,memaddr=6G", "Parameter 'memaddr' expects uint64"),
+        ("virtio-mem,id=v/0", "Parameter 'id' expects an identifier"),
+        ("pc-dimm,id=1dimm", "Parameter 'id' expects an identifier"),
+        ("pc-dimm,id=a,addr=0x1g", "Parameter 'addr' expects uint64"),
     ],
 )
 def test_device_errors(text: str, match: str) -> None:

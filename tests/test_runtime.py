@@ -41,7 +41,14 @@ def test_parse_qmp_option() -> None:
     assert parse_qmp_option("tcp:127.0.0.1:4444,server=on,wait=off") == QmpEndpoint(
         host="127.0.0.1", port=4444
     )
-    for bad in ("unix:", "tcp:localhost", "unix:/x,server=off", "unix:/x,colour=red", "pipe:x"):
+    for bad in (
+        "unix:",
+        "tcp:localhost",
+        "unix:/x,server=off",
+        "unix:/x,colour=red",
+        "pipe:x",
+        "tcp:127.0.0.1:99999",
+    ):
         with pytest.raises(OptionError):
             parse_qmp_option(bad)
 
@@ -178,7 +185,6 @@ def test_device_add_vhost_user_blk_over_qmp(tmp_path: Path) -> None:
     from backends import QemuStorageDaemon, memfd_mappings, wait_until
 
     with QemuStorageDaemon(tmp_path) as qsd:
-        qsd.start()
         machine = [
             "-m",
             "1G,maxmem=9G",
@@ -241,3 +247,52 @@ def test_device_add_vhost_user_blk_over_qmp(tmp_path: Path) -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_device_add_that_cannot_get_a_guest_is_undone() -> None:
+    """With 2 MiB of boot RAM there is no room for a virtqueue: device_add fails and leaves
+    nothing behind (the backend can be deleted, the id reused)."""
+
+    async def go(sock: str) -> None:
+        qmp = QMPClient("test")
+        await qmp.connect(sock)
+        await qmp.execute("object-add", {"qom-type": "memory-backend-ram", "id": "m1", "size": GiB})
+        with pytest.raises(ExecuteError, match="no room for the virtqueue"):
+            await qmp.execute("device_add", {"driver": "virtio-mem", "id": "v1", "memdev": "m1"})
+        assert await qmp.execute("query-memory-devices") == []
+        await qmp.execute("object-del", {"id": "m1"})
+        # an id-less virtio-mem cannot get a guest driver either, and is refused whole
+        await qmp.execute("object-add", {"qom-type": "memory-backend-ram", "id": "m2", "size": GiB})
+        with pytest.raises(ExecuteError, match="needs an id"):
+            await qmp.execute("device_add", {"driver": "virtio-mem", "memdev": "m2"})
+        assert await qmp.execute("query-memory-devices") == []
+        await qmp.execute("quit")
+        with contextlib.suppress(EOFError):
+            await qmp.disconnect()
+
+    tmp = tempfile.mkdtemp()
+    sock = os.path.join(tmp, "qmp.sock")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memslots.cli",
+            "run",
+            "-accel",
+            "sim",
+            "-m",
+            "2M,maxmem=10G",
+            "-qmp",
+            f"unix:{sock},server=on,wait=off",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        asyncio.run(go(sock))
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -10,7 +10,7 @@ from conftest import PlanFactory, requires_kvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memslots.errors import ConfigError, DeviceError, PropertyError
+from memslots.errors import ConfigError, DeviceError, HostMemoryError, PropertyError
 from memslots.kvm import KvmVm
 from memslots.machine import Machine
 from memslots.options import parse_machine_config
@@ -197,7 +197,6 @@ def test_dynamic_needs_unplugged_inaccessible(plan_machine: PlanFactory) -> None
             "'requested-size' property has to be multiples of 'block-size' \\(0x200000\\)",
         ),
         (",block-size=4M", "6M", "memdev size has to be multiples of'block-size' \\(0x400000\\)"),
-        (",requested-size=16G", "8G", "'requested-size' cannot exceed"),
         (
             ",node=1",
             "8G",
@@ -208,6 +207,45 @@ def test_dynamic_needs_unplugged_inaccessible(plan_machine: PlanFactory) -> None
 def test_realize_errors(plan_machine: PlanFactory, extra: str, size: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         small_device(plan_machine, extra, size=size)
+
+
+def test_requested_beyond_the_region_is_capped_at_realize(plan_machine: PlanFactory) -> None:
+    # QEMU checks the backend size only for qom-set; at realize the usable region is capped.
+    _, dev = small_device(plan_machine, ",requested-size=16G", size="8G")
+    assert (dev.requested_size, dev.usable_region_size) == (16 * GiB, 8 * GiB)
+
+
+def test_unplug_all_busy_only_with_memory_plugged(plan_machine: PlanFactory) -> None:
+    _, dev = small_device(plan_machine, ",dynamic-memslots=on")
+    dev.busy = True
+    assert req(dev, ReqType.UNPLUG_ALL).type == Resp.ACK  # nothing plugged: nothing to refuse
+    dev.busy = False
+    drive_to(dev, 8 * MiB)
+    dev.busy = True
+    dev.system_reset()  # during migration QEMU's unplug-all fails and nothing changes
+    assert dev.size == 8 * MiB and dev.mapped_memslots == 1
+    dev.busy = False
+    dev.system_reset()
+    assert dev.size == 0 and dev.mapped_memslots == 0
+
+
+def test_failed_discard_is_busy_and_changes_nothing(
+    plan_machine: PlanFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m, dev = small_device(plan_machine, ",dynamic-memslots=on")
+    drive_to(dev, 64 * MiB)
+    before = (dev.size, bytes(dev.bitmap), [s.mapped for s in dev.memslot_map()])
+    sections = m.address_space.sections
+
+    def fail(offset: int, length: int) -> None:
+        raise HostMemoryError("injected discard failure")
+
+    assert dev.memdev is not None
+    monkeypatch.setattr(dev.memdev.memory, "discard", fail)
+    assert req(dev, ReqType.UNPLUG, 0, 32).type == Resp.BUSY  # would empty memslot 0
+    assert req(dev, ReqType.UNPLUG_ALL).type == Resp.BUSY
+    assert (dev.size, bytes(dev.bitmap), [s.mapped for s in dev.memslot_map()]) == before
+    assert m.address_space.sections == sections and dev.discard_failures == 2
 
 
 def test_block_size_rules(plan_machine: PlanFactory, caplog: pytest.LogCaptureFixture) -> None:
