@@ -39,9 +39,9 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-from types import TracebackType
 
 from memslots.address_space import GuestMemory
+from memslots.closing import Closing
 from memslots.errors import MemslotsError
 from memslots.machine import Machine
 from memslots.options import parse_machine_config
@@ -137,7 +137,7 @@ class FuzzReport:
         )
 
 
-class QueueFuzzer:
+class QueueFuzzer(Closing):
     """Runs generated inputs against virtio-mem's transport and checks the oracle."""
 
     def __init__(self, seed: int) -> None:
@@ -164,17 +164,6 @@ class QueueFuzzer:
         """Release the machine."""
         self.transport.close()
         self.machine.close()
-
-    def __enter__(self) -> QueueFuzzer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _config_interrupt(self) -> None:
         self.config_interrupts += 1

@@ -23,9 +23,9 @@ import os
 import platform
 import re
 import tempfile
-from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol
 
+from memslots.closing import Closing
 from memslots.errors import HostMemoryError
 from memslots.sizes import U64_MAX, KiB, MiB, align_up, format_size, is_power_of_two
 
@@ -204,7 +204,7 @@ def _check_size(id: str, size: int, page_size: int) -> None:
         )
 
 
-class HostMemory(abc.ABC):
+class HostMemory(abc.ABC, Closing):
     """One mapped host memory backend (QEMU's HostMemoryBackend with its RAMBlock).
 
     Subclasses create the backing object (nothing, a memfd or a file) and then call this
@@ -395,17 +395,6 @@ class HostMemory(abc.ABC):
         finally:
             if self._fd is not None:
                 os.close(self._fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"at 0x{self._addr:x}"

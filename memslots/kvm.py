@@ -13,9 +13,8 @@ import errno
 import fcntl
 import mmap
 import os
-from types import TracebackType
-from typing import Self
 
+from memslots.closing import Closing
 from memslots.errors import KvmError, KvmUnavailableError
 from memslots.kvm_abi import (
     DEFAULT_NR_MEMSLOTS,
@@ -72,7 +71,7 @@ def read_max_memslots(path: str = "/dev/kvm") -> int:
     return nr or DEFAULT_NR_MEMSLOTS
 
 
-class KvmVm:
+class KvmVm(Closing):
     """A VM on ``/dev/kvm`` (type 0, the default x86 VM) used to set and probe memslots.
 
     Attributes: ``max_memslots`` (KVM_CAP_NR_MEMSLOTS, 32 if the kernel reports 0, as QEMU
@@ -215,17 +214,6 @@ class KvmVm:
         if self._scratch is not None:
             self._scratch.close()
             self._scratch = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         # Safety net for VMs that were never closed; a leaked VM pins all its metadata.

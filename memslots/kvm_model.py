@@ -11,9 +11,9 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 from enum import Enum
-from types import TracebackType
-from typing import NoReturn, Self
+from typing import NoReturn
 
+from memslots.closing import Closing
 from memslots.errors import KvmError
 from memslots.kvm_abi import (
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -63,7 +63,7 @@ class _Change(Enum):
     NONE = "none"
 
 
-class KvmModel:
+class KvmModel(Closing):
     """KVM's memslot rules without a kernel (see the module docstring).
 
     ``max_memslots`` is KVM_CAP_NR_MEMSLOTS (32764 on x86 since Linux 5.12); ``mmu`` defaults
@@ -159,17 +159,6 @@ class KvmModel:
         """Forget all slots; later operations fail with EBADF like a closed VM. Idempotent."""
         self._closed = True
         self._slots.clear()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _count(self, change: _Change) -> None:
         # A size-0 set_memory_region is a deletion too, as in the kernel.

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from memslots.accel import KvmAccel
 from memslots.address_space import AddressSpace, MemoryRegion
+from memslots.closing import Closing
 from memslots.consumer import MemslotConsumer
 from memslots.dimm import PcDimm
 from memslots.errors import ConfigError, MemoryDeviceError, OptionError
@@ -124,7 +125,7 @@ def create_vm(accel: str, *, max_memslots: int | None = None) -> VmBackend:
     )
 
 
-class Machine:
+class Machine(Closing):
     """A machine built from a :class:`MachineConfig`, with its memory map and memslots.
 
     Devices are plugged in command-line order, each through QEMU's sequence: pre-plug
@@ -380,9 +381,3 @@ class Machine:
         boot = getattr(self, "boot_ram", None)
         if boot is not None:
             boot.close()
-
-    def __enter__(self) -> Machine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -57,10 +57,10 @@ import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import NoReturn, Self
+from typing import NoReturn
 
 from memslots.address_space import GuestMemory, RamBlock
+from memslots.closing import Closing
 from memslots.errors import KvmError, VcpuError
 from memslots.kvm import KvmVm
 from memslots.kvm_abi import (
@@ -272,7 +272,7 @@ def _errno(e: OSError) -> int:
     return e.errno if e.errno is not None else errno.EIO
 
 
-class ProbeVcpu:
+class ProbeVcpu(Closing):
     """A vCPU that reads and writes guest-physical memory from inside the guest.
 
     ``vm`` is the VM whose memslots are probed; ``boot`` must have RAM at guest-physical
@@ -407,17 +407,6 @@ class ProbeVcpu:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         # Safety net for vCPUs that were never closed.

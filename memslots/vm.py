@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from memslots.address_space import GuestMemory
+from memslots.closing import Closing
 from memslots.errors import ConfigError
 from memslots.guest import Channel, GuestOptions, LinuxGuest, MemoryUser, RamUser
 from memslots.machine import Machine
@@ -135,7 +136,7 @@ class VcpuUser:
         return self.vcpu.check_pattern(gpa, min(length, 2 * MiB), seed)
 
 
-class GuestVm:
+class GuestVm(Closing):
     """A machine, its virtio-mem devices on virtqueues, and a Linux guest driving them."""
 
     def __init__(
@@ -230,9 +231,3 @@ class GuestVm:
             t.close()
         if self.vcpu is not None:
             self.vcpu.close()
-
-    def __enter__(self) -> GuestVm:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
