@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,7 +54,10 @@ def test_parse_qmp_option() -> None:
 
 
 @contextmanager
-def running(*extra: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def running(
+    *extra: str, machine: Sequence[str] = MACHINE
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``memslots run`` in a child process; yields it and its QMP socket once it listens."""
     tmp = tempfile.mkdtemp()
     sock = os.path.join(tmp, "qmp.sock")
     proc = subprocess.Popen(
@@ -63,7 +66,7 @@ def running(*extra: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
             "-m",
             "memslots.cli",
             "run",
-            *MACHINE,
+            *machine,
             *extra,
             "-qmp",
             f"unix:{sock},server=on,wait=off",
@@ -225,28 +228,9 @@ def test_device_add_vhost_user_blk_over_qmp(tmp_path: Path) -> None:
             with contextlib.suppress(EOFError):
                 await qmp.disconnect()
 
-        tmp = tempfile.mkdtemp()
-        sock = os.path.join(tmp, "qmp.sock")
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "memslots.cli",
-                "run",
-                "-accel",
-                "sim",
-                *machine,
-                "-qmp",
-                f"unix:{sock},server=on,wait=off",
-            ]
-        )
-        try:
-            assert wait_until(lambda: os.path.exists(sock), timeout=20)
+        with running("-accel", "sim", machine=machine) as (proc, sock):
             asyncio.run(go(sock))
             assert proc.wait(timeout=20) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
 
 
 def test_device_add_that_cannot_get_a_guest_is_undone() -> None:
@@ -270,29 +254,6 @@ def test_device_add_that_cannot_get_a_guest_is_undone() -> None:
         with contextlib.suppress(EOFError):
             await qmp.disconnect()
 
-    tmp = tempfile.mkdtemp()
-    sock = os.path.join(tmp, "qmp.sock")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "memslots.cli",
-            "run",
-            "-accel",
-            "sim",
-            "-m",
-            "2M,maxmem=10G",
-            "-qmp",
-            f"unix:{sock},server=on,wait=off",
-        ]
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not os.path.exists(sock):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with running("-accel", "sim", machine=["-m", "2M,maxmem=10G"]) as (proc, sock):
         asyncio.run(go(sock))
         assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
