@@ -168,6 +168,7 @@ class GuestVm(Closing):
             self.vcpu = ProbeVcpu(machine.vm, self.memory)
         self.guests: dict[str, LinuxGuest] = {}
         self.transports: dict[str, VirtioMemTransport] = {}
+        self.channels: dict[str, VirtqueueChannel] = {}
         self._areas: dict[str, int] = {}
         for dev in machine.memory_devices:
             if isinstance(dev, VirtioMem):
@@ -201,6 +202,7 @@ class GuestVm(Closing):
         guest = LinuxGuest(channel, self.sched, opts, memory=self._user())
         transport.config_interrupt = guest.config_interrupt
         self.transports[dev.id] = transport
+        self.channels[dev.id] = channel
         self.guests[dev.id] = guest
         self._areas[dev.id] = area
         guest.probe()
@@ -223,6 +225,7 @@ class GuestVm(Closing):
         if transport is not None:
             transport.close()
         self.guests.pop(dev_id, None)
+        self.channels.pop(dev_id, None)
         self._areas.pop(dev_id, None)
 
     def close(self) -> None:
