@@ -69,6 +69,10 @@ class RamBlock(Protocol):
         """Give the host memory of a range back."""
         ...
 
+    def populate(self, offset: int, length: int) -> None:
+        """Preallocate the host memory of a range."""
+        ...
+
     def read(self, offset: int, length: int) -> bytes:
         """Copy bytes out of the memory."""
         ...

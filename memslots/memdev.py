@@ -58,6 +58,9 @@ class PlannedMemory:
     def discard(self, offset: int, length: int) -> None:
         """Nothing is mapped, so nothing is given back."""
 
+    def populate(self, offset: int, length: int) -> None:
+        """Nothing is mapped, so nothing is allocated."""
+
     def read(self, offset: int, length: int) -> bytes:
         """Planned memory has no contents."""
         raise HostMemoryError(f"memory backend '{self.id}' is only planned: it has no contents")

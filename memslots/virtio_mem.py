@@ -575,6 +575,8 @@ class VirtioMem(MemoryDevice):
         return max(0, min(hi, first + count) - max(lo, first))
 
     def _plug(self, first: int, count: int) -> bool:
+        if self.opts.prealloc and not self._preallocate(first, count):
+            return False
         slots = self._slots_of(first, count) if self.dynamic else range(0)
         # Map first: the guest may touch the blocks as soon as it sees the ACK.
         if not self._set_mapped([i for i in slots if not self.memslots[i].mapped], True):
@@ -617,6 +619,18 @@ class VirtioMem(MemoryDevice):
             self._size_changed(0)
         self._resize_usable_region(self.requested_size, can_shrink=True)
         return Resp.ACK
+
+    def _preallocate(self, first: int, count: int) -> bool:
+        """``prealloc=on``: populate the blocks before plugging; a shortage is BUSY (QEMU)."""
+        assert self.memdev is not None
+        bs = self.block_size
+        try:
+            self.memdev.memory.populate(first * bs, count * bs)
+        except MemslotsError as exc:
+            log.warning("virtio-mem '%s': preallocation failed: %s", self.label, exc)
+            self._discard(first * bs, count * bs)
+            return False
+        return True
 
     def _set_mapped(self, indices: list[int], mapped: bool) -> bool:
         """Map or unmap memslots in one transaction; False (logged) if a consumer refused."""

@@ -365,3 +365,30 @@ def test_kernel_slot_table_matches_on_real_kvm(ops: list[tuple[object, int, int]
     )
     with Machine(config, vm=KvmVm()) as m:
         run_ops(m, m.virtio_mem("vmem0"), ops)
+
+
+def test_prealloc_populates_on_plug_and_busy_when_the_host_cannot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from memslots.kvm_model import KvmModel
+
+    cfg = parse_machine_config(
+        "1G,maxmem=3G",
+        ["memory-backend-memfd,id=mem0,size=2G"],
+        ["virtio-mem,id=vmem0,memdev=mem0,prealloc=on"],
+        accel="sim",
+    )
+    with Machine(cfg, vm=KvmModel()) as m:
+        dev = m.virtio_mem("vmem0")
+        assert dev.memdev is not None
+        mem = dev.memdev.memory
+        dev.set_requested_size(64 * MiB)
+        assert req(dev, ReqType.PLUG, 0, 16).type == Resp.ACK
+        assert mem.allocated_bytes() >= 32 * MiB  # populated at plug, before any guest touch
+
+        def no_memory(offset: int, length: int) -> None:
+            raise HostMemoryError("injected: the host cannot supply the memory")
+
+        monkeypatch.setattr(mem, "populate", no_memory)
+        assert req(dev, ReqType.PLUG, 32 * MiB, 16).type == Resp.BUSY
+        assert dev.size == 32 * MiB and dev.nb_plugged_blocks == 16
