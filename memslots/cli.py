@@ -29,6 +29,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 err = Console(stderr=True)
 
 
+def table_console() -> Console:
+    """Standard output for tables: the terminal's width, or a wide page when piped."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print ``memslots: message`` on stderr and exit with ``code``."""
     err.print(f"memslots: {message}", markup=False, highlight=False)
@@ -231,7 +237,7 @@ def plan(
 
 
 def _print_plan(result: dict[str, Any]) -> None:
-    out = Console()
+    out = table_console()
     table = Table(title="Memory devices", title_justify="left")
     for col in (
         "id",
@@ -242,8 +248,8 @@ def _print_plan(result: dict[str, Any]) -> None:
         "memslots",
         "memslot size",
         "last",
-        "kernel metadata: 1 memslot",
-        "decided",
+        "metadata as 1 memslot",
+        "as decided",
     ):
         table.add_column(col, justify="right" if col not in ("id", "type") else "left")
     for r in result["memory_devices"]:
@@ -314,7 +320,7 @@ def measure(device_size: int, plugged: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    out = Console()
+    out = table_console()
     table = Table(
         title=f"{format_size(device_size)} virtio-mem device, "
         f"{format_size(plugged)} plugged (real KVM)",
@@ -513,7 +519,7 @@ def simulate(
 
 
 def _print_simulation(results: Sequence[Any]) -> None:
-    out = Console()
+    out = table_console()
     for r in results:
         table = Table(
             title=f"{r.strategy}: {r.device['id']} ({format_size(r.device['region_size'])}"
@@ -666,7 +672,7 @@ def demo(accel: str, as_json: bool) -> None:
     from memslots.demo import run_demo
 
     try:
-        run_demo(accel, as_json=as_json)
+        run_demo(accel, as_json=as_json, out=table_console())
     except MemslotsError as exc:
         fail(str(exc))
 

@@ -40,9 +40,9 @@ class DemoStep:
     single_memslot_model: int
 
 
-def run_demo(accel: str, *, as_json: bool = False) -> list[DemoStep]:
+def run_demo(accel: str, *, as_json: bool = False, out: Console | None = None) -> list[DemoStep]:
     """Run the demo; print tables (or JSON) and return the steps."""
-    out = Console()
+    out = out or Console()
     config = parse_machine_config(DEMO_MEMORY, [DEMO_OBJECT], [DEMO_DEVICE], accel=accel)
     steps: list[DemoStep] = []
     with Machine(config) as machine, GuestVm(machine) as gvm:
