@@ -236,6 +236,7 @@ class Monitor:
         self.runtime = runtime
         self.server = server if server is not None else QMPServer()
         self.device_added: list[Callable[[MemoryDevice], None]] = []
+        self._watched_vhost: set[int] = set()
         self.device_removed: list[Callable[[str], None]] = []
         self._providers: list[DeviceProvider] = []
         self._hotplugged: set[MemoryDevice] = set()
@@ -267,6 +268,30 @@ class Monitor:
                 self._watched.add(dev)
         for dev in [d for d in self._watched if d not in present]:
             self._unwatch(dev)
+        for backend in self.machine.vhost.backends:
+            if isinstance(backend, VhostUserConsumer) and id(backend) not in self._watched_vhost:
+                backend.state_listeners.append(self._vhost_state_changed)
+                self._watched_vhost.add(id(backend))
+
+    def _vhost_state_changed(self, consumer: VhostUserConsumer) -> None:
+        """Tell clients that a vhost-user back-end was lost or is back (our extension)."""
+        self.server.emit_event(
+            "X_VHOST_USER_STATE",
+            {
+                "id": consumer.name,
+                "state": consumer.state.value,
+                "reason": consumer.disconnect_reason or "",
+            },
+        )
+
+    def _vhost_reconnect(self, args: dict[str, Any]) -> object:
+        dev = self.machine.vhost_devices.get(args["id"])
+        if dev is None:
+            raise QMPCommandError(
+                f"Device '{args['id']}' is not a vhost-user device", "DeviceNotFound"
+            )
+        dev.reconnect()
+        return {}
 
     def close(self) -> None:
         """Stop listening to the devices (the server is closed by its owner)."""
@@ -355,6 +380,7 @@ class Monitor:
             Command("x-query-memslots", self._query_memslots),
             Command("x-query-memslot-budget", self._query_budget),
             Command("x-query-kernel-metadata", self._query_kernel_metadata),
+            Command("x-vhost-user-reconnect", self._vhost_reconnect, (Param("id", "str"),)),
         ]
 
     # -- general ---------------------------------------------------------------------------------
@@ -483,6 +509,7 @@ class Monitor:
         for provider in self._providers:
             if args["driver"] in provider.drivers():
                 provider.add_device(args)
+                self.sync_devices()
                 return {}
         dev = self.machine.add_device(device_from_args(args))
         self._hotplugged.add(dev)

@@ -25,7 +25,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -588,6 +588,8 @@ class VhostUserConsumer(VhostBackend):
         #: Why the last disconnection happened.
         self.disconnect_reason: str | None = None
         self.disconnects = 0
+        #: Called with the consumer whenever :attr:`state` changes (lost, reconnected, closed).
+        self.state_listeners: list[Callable[[VhostUserConsumer], None]] = []
         self._sections: dict[Section, tuple[MemRegion, int]] = {}
         self._started = False
         self._refused = False
@@ -678,6 +680,11 @@ class VhostUserConsumer(VhostBackend):
             reason,
             len(self._sections),
         )
+        self._notify()
+
+    def _notify(self) -> None:
+        for cb in list(self.state_listeners):
+            cb(self)
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -736,6 +743,7 @@ class VhostUserConsumer(VhostBackend):
             self.endpoint.path,
             len(frontend.table),
         )
+        self._notify()
 
     def close(self) -> None:
         """Close the connection for good."""

@@ -257,3 +257,49 @@ def test_device_add_that_cannot_get_a_guest_is_undone() -> None:
     with running("-accel", "sim", machine=["-m", "2M,maxmem=10G"]) as (proc, sock):
         asyncio.run(go(sock))
         assert proc.wait(timeout=20) == 0
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/usr/bin/qemu-storage-daemon"), reason="needs Debian's qemu-storage-daemon"
+)
+def test_vhost_user_loss_is_an_event_and_reconnect_replays(tmp_path: Path) -> None:
+    from backends import QemuStorageDaemon, memfd_mappings, wait_until
+
+    with QemuStorageDaemon(tmp_path) as qsd:
+        machine = [
+            "-m", "1G,maxmem=9G",
+            "-object", "memory-backend-memfd,id=mem0,size=8G,share=on",
+            "-chardev", f"socket,id=blk0,path={qsd.socket_path}",
+            "-device", "vhost-user-blk-pci,id=disk0,chardev=blk0,memslot-accounting=precise",
+            "-device", "virtio-mem,id=vmem0,memdev=mem0,memslot-size=1G",
+        ]  # fmt: skip
+
+        async def go(sock: str) -> None:
+            qmp = QMPClient("test")
+            await qmp.connect(sock)
+            resize = {"path": "vmem0", "property": "requested-size"}
+            await qmp.execute("qom-set", {**resize, "value": 2 * GiB})
+            assert wait_until(lambda: len(memfd_mappings(qsd.memory_pid)) == 2, timeout=10)
+            with qmp.listener("X_VHOST_USER_STATE") as states:
+                qsd.kill()
+                await qmp.execute("qom-set", {**resize, "value": 3 * GiB})
+                lost = await asyncio.wait_for(states.get(), 10)
+                assert lost["data"]["id"] == "disk0" and lost["data"]["state"] == "disconnected"
+                budget = await qmp.execute("x-query-memslot-budget")
+                assert isinstance(budget, dict)
+                disk = next(c for c in budget["consumers"] if c["name"] == "disk0")
+                assert disk["connected"] is False
+                qsd.restart()
+                await qmp.execute("x-vhost-user-reconnect", {"id": "disk0"})
+                back = await asyncio.wait_for(states.get(), 10)
+                assert back["data"]["state"] == "connected"
+            # the whole table was replayed: the back-end maps the 3 memslots plugged meanwhile
+            assert wait_until(lambda: len(memfd_mappings(qsd.memory_pid)) == 3, timeout=10)
+            assert await qmp.execute("qom-get", {"path": "vmem0", "property": "size"}) == 3 * GiB
+            await qmp.execute("quit")
+            with contextlib.suppress(EOFError):
+                await qmp.disconnect()
+
+        with running("-accel", "sim", machine=machine) as (proc, sock):
+            asyncio.run(go(sock))
+            assert proc.wait(timeout=20) == 0
