@@ -537,7 +537,24 @@ class Monitor:
                 return {}
         dev = None if "/" in dev_id else self.machine.devices.get(dev_id)
         if dev is None:
-            raise QMPCommandError(f"Device '{given}' not found", "DeviceNotFound")
+            # An anonymous device is named by its QOM path only.
+            dev = next(
+                (
+                    d
+                    for d in self.machine.memory_devices
+                    if d.id is None and self.qom_path(d) == given
+                ),
+                None,
+            )
+            if dev is None:
+                raise QMPCommandError(f"Device '{given}' not found", "DeviceNotFound")
+            if isinstance(dev, VirtioMem):
+                dev.check_unplug()
+            self.machine.withdraw_device(dev)
+            self._hotplugged.discard(dev)
+            self.sync_devices()
+            self._device_deleted(None, given)
+            return {}
         self.machine.remove_device(dev_id)
         self._hotplugged.discard(dev)
         self.sync_devices()

@@ -469,6 +469,19 @@ def test_anonymous_devices_get_peripheral_anon_paths() -> None:
                 assert ev["data"] == {"size": 2 * MiB, "qom-path": apath}
                 memslots = await qmp.execute("x-query-memslots")
                 assert apath in {s["device"] for s in memslots}
+                # deleted by its QOM path, with QEMU's refusals first
+                with pytest.raises(ExecuteError, match="still plugged"):
+                    await qmp.execute("device_del", {"id": apath})
+                drive_to(next(d for d in m.memory_devices if d.id is None), 0)
+                await qmp.execute(
+                    "qom-set", {"path": apath, "property": "requested-size", "value": 0}
+                )
+                with qmp.listener("DEVICE_DELETED") as deleted:
+                    await qmp.execute("device_del", {"id": apath})
+                    ev = await asyncio.wait_for(deleted.get(), 2)
+                assert ev["data"] == {"path": apath}
+                assert all("id" in d["data"] for d in await qmp.execute("query-memory-devices"))
+                await qmp.execute("object-del", {"id": "mem2"})  # free again
 
     run(main())
 
