@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -36,9 +37,16 @@ def table_console() -> Console:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print ``memslots: message`` on stderr and exit with ``code``."""
-    err.print(f"memslots: {message}", markup=False, highlight=False)
+    """Print ``memslots: message`` on stderr (never wrapped) and exit with ``code``."""
+    click.echo(f"memslots: {message}", err=True)
     sys.exit(code)
+
+
+class _QemuStyleFormatter(logging.Formatter):
+    """``memslots: warning: text``, as QEMU prints its warnings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"memslots: {record.levelname.lower()}: {record.getMessage()}"
 
 
 def machine_options(f: F) -> F:
@@ -99,6 +107,12 @@ def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.version_option(package_name="memslots")
 def main() -> None:
     """virtio-mem through many small memslots, mapped only while memory in them is plugged."""
+    root = logging.getLogger("memslots")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(_QemuStyleFormatter())
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,11 +621,10 @@ def run(
 ) -> None:
     """Run the machine with a QMP monitor until 'quit', SIGTERM or SIGINT."""
     import asyncio
-    import logging
 
     from memslots.runtime import parse_qmp_option, serve
 
-    logging.basicConfig(level=logging.INFO, format="memslots: %(message)s")
+    logging.getLogger("memslots").setLevel(logging.INFO)
     try:
         config = parse_machine_config(memory, objects, devices, accel=accel, chardevs=chardevs)
         endpoints = [parse_qmp_option(q) for q in qmp]

@@ -301,14 +301,26 @@ class Machine(Closing):
         return dev
 
     def _assign_dimm_slot(self, dimm: PcDimm) -> None:
+        """QEMU's pc_dimm_get_free_slot: the requested slot, or the first free one."""
         slots = self.config.memory.slots
         if not slots:
             raise MemoryDeviceError("no slots where allocated, please specify the 'slots' option")
-        free = [s for s in range(slots) if s not in self._dimm_slots]
-        if not free:
-            raise MemoryDeviceError("no free slots available")
-        dimm.slot = free[0]
-        self._dimm_slots.add(free[0])
+        wanted = dimm.opts.slot
+        if wanted is not None:
+            if wanted >= slots:
+                raise MemoryDeviceError(
+                    f"invalid slot number {wanted}, valid range is [0-{slots - 1}]"
+                )
+            if wanted in self._dimm_slots:
+                raise MemoryDeviceError(f"slot {wanted} is busy")
+            slot = wanted
+        else:
+            free = [s for s in range(slots) if s not in self._dimm_slots]
+            if not free:
+                raise MemoryDeviceError("no free slots available")
+            slot = free[0]
+        dimm.slot = slot
+        self._dimm_slots.add(slot)
 
     def remove_device(self, dev_id: str) -> None:
         """Unplug a device (``device_del``); virtio-mem must have nothing plugged."""

@@ -275,7 +275,12 @@ class DeviceMemory:
         if mr is None:
             return
         self.check_addable(dev, mr)
-        align = legacy_align if legacy_align is not None else max(dev.get_min_alignment(), mr.align)
+        # QEMU 8.2.1+/9.0: a region whose size is not a multiple of its own alignment (a DIMM
+        # of 1 GiB + 1 byte) makes no sense as a memory device.
+        if mr.align and mr.size % mr.align:
+            raise MemoryDeviceError(f"backend memory size must be multiple of 0x{mr.align:x}")
+        device_align = max(dev.get_min_alignment(), mr.align)
+        align = legacy_align if legacy_align is not None else device_align
         addr = dev.get_addr()
         dev.set_addr(self.get_free_addr(addr if addr else None, align, mr.size))
 

@@ -213,13 +213,13 @@ def parse_machine_memory(text: str) -> MachineMemory:
         raise OptionError(f"-m {text}: slots specified but no max-size")
     if maxmem < ram:
         raise OptionError(
-            f"-m {text}: invalid value of maxmem: maxmem (0x{maxmem:x}) < initial memory "
-            f"(0x{ram:x})"
+            f"-m {text}: invalid value of maxmem: maximum memory size (0x{maxmem:x}) must be at "
+            f"least the initial memory size (0x{ram:x})"
         )
     if slots and maxmem == ram:
         raise OptionError(
             f"-m {text}: invalid value of maxmem: memory slots were specified but maximum "
-            "memory size equals to initial memory size"
+            f"memory size (0x{maxmem:x}) is equal to the initial memory size (0x{ram:x})"
         )
     return MachineMemory(ram_size=ram, maxmem=maxmem, slots=slots)
 
@@ -368,6 +368,8 @@ class DimmOptions:
     addr: int = 0
     node: int = 0
     driver: str = "pc-dimm"
+    #: The ACPI slot; None lets the machine pick the first free one.
+    slot: int | None = None
 
 
 DeviceOptions = VirtioMemOptions | DimmOptions
@@ -435,9 +437,16 @@ def _device(props: Props) -> DeviceOptions:
     if driver in DIMM_DRIVERS:
         addr = props.pop_u64("addr", 0)
         node = props.pop_int("node", 0)
-        props.finish(("id", "memdev", "addr", "node"))
-        assert addr is not None
-        return DimmOptions(id=dev_id, memdev=memdev, addr=addr, node=node, driver=driver)
+        slot = props.pop_int("slot", -1)
+        props.finish(("id", "memdev", "addr", "node", "slot"))
+        return DimmOptions(
+            id=dev_id,
+            memdev=memdev,
+            addr=addr,
+            node=node,
+            driver=driver,
+            slot=None if slot < 0 else slot,
+        )
     raise OptionError(
         f"{props.where()}: unsupported device '{driver}' "
         f"(supported: {', '.join(SUPPORTED_DEVICES)})"

@@ -105,3 +105,26 @@ def test_phys_bits_limit() -> None:
     with pytest.raises(OptionError, match=r"phys-bits too low \(40\)"):
         pc_layout(parse_machine_memory("4G,maxmem=1028G"), phys_bits=40)
     assert pc_layout(parse_machine_memory("4G,maxmem=200T")).device_memory_base == TiB + GiB
+
+
+def test_dimm_slot_numbers_and_size_alignment(plan_machine: PlanFactory) -> None:
+    objs = [
+        "memory-backend-ram,id=a,size=1G",
+        "memory-backend-ram,id=b,size=1G",
+        "memory-backend-ram,id=odd,size=3M",
+    ]
+    m = plan_machine(
+        "4G,slots=2,maxmem=8G", objs, ["pc-dimm,id=d,memdev=a,slot=1", "pc-dimm,id=e,memdev=b"]
+    )
+    assert (m.devices["d"].slot, m.devices["e"].slot) == (1, 0)  # type: ignore[attr-defined]
+    with pytest.raises(MemoryDeviceError, match=r"invalid slot number 5, valid range is \[0-1\]"):
+        plan_machine("4G,slots=2,maxmem=8G", objs, ["pc-dimm,id=d,memdev=a,slot=5"])
+    with pytest.raises(MemoryDeviceError, match="slot 1 is busy"):
+        plan_machine(
+            "4G,slots=2,maxmem=8G",
+            objs,
+            ["pc-dimm,id=d,memdev=a,slot=1", "pc-dimm,id=e,memdev=b,slot=1"],
+        )
+    # QEMU 8.2.1+: a DIMM of 3 MiB of anonymous RAM (2 MiB aligned) makes no sense
+    with pytest.raises(MemoryDeviceError, match="backend memory size must be multiple of 0x200000"):
+        plan_machine("4G,slots=2,maxmem=8G", objs, ["pc-dimm,id=o,memdev=odd"])

@@ -53,8 +53,16 @@ def test_machine_memory() -> None:
 @pytest.mark.parametrize(
     "text,match",
     [
-        ("4G,maxmem=2G", "maxmem .* < initial memory"),
-        ("4G,slots=2,maxmem=4G", "memory slots were specified but maximum memory size equals"),
+        (
+            "4G,maxmem=2G",
+            r"maximum memory size \(0x80000000\) must be at least the initial memory size "
+            r"\(0x100000000\)",
+        ),
+        (
+            "4G,slots=2,maxmem=4G",
+            r"memory slots were specified but maximum memory size \(0x100000000\) is equal to "
+            r"the initial memory size",
+        ),
         ("4G,slots=0", "slots specified but no max-size"),
         ("4G,foo=1", "unknown parameter 'foo' \\(allowed: size, slots, maxmem\\)"),
         ("4X", "invalid memory size '4X'"),
