@@ -3,6 +3,7 @@
 #   bash scripts/setup.sh          the package and its CLI (enough for the demo)
 #   bash scripts/setup.sh --tests  plus the test tools and, as root on Debian, the real
 #                                  vhost-user back-ends (qemu-storage-daemon, virtiofsd)
+#                                  and QEMU (to compare memory layouts with)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,10 +11,13 @@ tests=0
 [ "${1:-}" = "--tests" ] && tests=1
 
 if [ "$tests" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    if [ ! -x /usr/bin/qemu-storage-daemon ] || [ ! -x /usr/lib/qemu/virtiofsd ]; then
+    # The real vhost-user back-ends, and QEMU itself to compare memory layouts with.
+    if [ ! -x /usr/bin/qemu-storage-daemon ] || [ ! -x /usr/lib/qemu/virtiofsd ] \
+        || [ ! -x /usr/bin/qemu-system-x86_64 ]; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
-        apt-get install -y -qq --no-install-recommends qemu-system-common >/dev/null
+        apt-get install -y -qq --no-install-recommends qemu-system-common qemu-system-x86 \
+            >/dev/null
     fi
 fi
 
