@@ -752,3 +752,4 @@ class VhostUserConsumer(VhostBackend):
             self.frontend.close()
             self.frontend = None
         self.state = ConnectionState.CLOSED
+        self._notify()
