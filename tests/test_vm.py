@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 from conftest import requires_kvm
 from hypothesis import given, settings
@@ -90,16 +90,21 @@ def test_simulate_on_real_kvm_matches_the_model() -> None:
         assert step.memslots_mapped == sum(step.memslot_map)
 
 
-def test_simulate_cli_json_csv_and_plots(tmp_path: pytest.TempPathFactory) -> None:
-    out = tmp_path  # type: ignore[assignment]
+SIM_MACHINE = [
+    "simulate",
+    "-accel",
+    "sim",
+    "-m",
+    "4G,maxmem=20G",
+    "-object",
+    "memory-backend-ram,id=mem0,size=16G,reserve=off",
+]
+
+
+def test_simulate_cli_json_csv_and_plots(tmp_path: Path) -> None:
+    out = tmp_path
     args = [
-        "simulate",
-        "-accel",
-        "sim",
-        "-m",
-        "4G,maxmem=20G",
-        "-object",
-        "memory-backend-ram,id=mem0,size=16G,reserve=off",
+        *SIM_MACHINE,
         "-device",
         "virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on",
         "--scenario",
@@ -112,7 +117,7 @@ def test_simulate_cli_json_csv_and_plots(tmp_path: pytest.TempPathFactory) -> No
         str(out / "steps.csv"),
         "--plots",
         str(out / "plots"),
-    ]  # type: ignore[operator]
+    ]
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
@@ -125,8 +130,8 @@ def test_simulate_cli_json_csv_and_plots(tmp_path: pytest.TempPathFactory) -> No
         assert sum(s["requests"].values()) == len(log)
         for r in log:
             assert set(r) == {"type", "offset", "nb_blocks", "response"} and r["response"] == "ack"
-    assert (out / "steps.csv").read_text().count("\n") == len(steps) + 1  # type: ignore[operator]
-    names = sorted(p.name for p in (out / "plots").iterdir())  # type: ignore[operator]
+    assert (out / "steps.csv").read_text().count("\n") == len(steps) + 1
+    names = sorted(p.name for p in (out / "plots").iterdir())
     assert names == sorted(
         f"simulate-{k}.{e}" for k in ("sizes", "memslots", "metadata") for e in ("png", "svg")
     )
@@ -134,13 +139,7 @@ def test_simulate_cli_json_csv_and_plots(tmp_path: pytest.TempPathFactory) -> No
 
 def test_simulate_compare_strategies() -> None:
     args = [
-        "simulate",
-        "-accel",
-        "sim",
-        "-m",
-        "4G,maxmem=20G",
-        "-object",
-        "memory-backend-ram,id=mem0,size=16G,reserve=off",
+        *SIM_MACHINE,
         "-device",
         "virtio-mem,id=vmem0,memdev=mem0",
         "--scenario",
