@@ -14,8 +14,8 @@ from rich.table import Table
 
 from memslots.consumer import MemslotConsumer
 from memslots.errors import MemslotsError
-from memslots.kvm import kvm_available, read_max_memslots
-from memslots.kvm_cost import detect_host_mmu
+from memslots.hostinfo import host_info
+from memslots.kvm import kvm_available
 from memslots.kvm_model import KvmModel
 from memslots.machine import Machine
 from memslots.memory_device import MemoryDevice
@@ -180,6 +180,18 @@ def device_row(machine: Machine, dev: MemoryDevice) -> dict[str, Any]:
     show_default=True,
     help="kernel counts all RAM; user counts only fd-backed memory.",
 )
+@click.option(
+    "--cpu-vendor",
+    type=click.Choice(("amd", "intel")),
+    default=None,
+    help="The vCPU's (-cpu host's) vendor: AMD moves RAM above 1 TiB [default: this host's].",
+)
+@click.option(
+    "--phys-bits",
+    type=click.IntRange(min=32, max=52),
+    default=None,
+    help="The vCPU's physical address bits [default: this host's].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan(
     memory: str,
@@ -191,13 +203,16 @@ def plan(
     vhost_max_memslots: int | None,
     vhost_free_memslots: int | None,
     vhost_kind: str,
+    cpu_vendor: str | None,
+    phys_bits: int | None,
     as_json: bool,
 ) -> None:
     """Decide memslots as QEMU would, on the KVM model, without touching the kernel."""
     if vhost_free_memslots is not None and vhost_max_memslots is None:
         fail("--vhost-free-memslots needs --vhost-max-memslots")
-    if kvm_max_memslots is None:
-        kvm_max_memslots = read_max_memslots() if kvm_available() else 32764
+    host = host_info().override(
+        cpu_vendor=cpu_vendor, phys_bits=phys_bits, kvm_max_memslots=kvm_max_memslots
+    )
     vhost: list[MemslotConsumer] = (
         [VhostModel(f"vhost-{vhost_kind}", vhost_max_memslots, kind=vhost_kind)]
         if vhost_max_memslots is not None
@@ -212,14 +227,22 @@ def plan(
 
     try:
         config = parse_machine_config(memory, objects, devices, accel="sim", chardevs=chardevs)
-        vm = KvmModel(max_memslots=kvm_max_memslots, mmu=detect_host_mmu())
-        machine = Machine(config, vm=vm, planned=True, vhost=vhost, before_devices=describe_host)
+        vm = KvmModel(max_memslots=host.kvm_max_memslots, mmu=host.mmu)
+        machine = Machine(
+            config,
+            vm=vm,
+            planned=True,
+            vhost=vhost,
+            before_devices=describe_host,
+            host=host,
+        )
     except MemslotsError as exc:
         fail(str(exc))
     with machine:
         rows = [device_row(machine, d) for d in machine.memory_devices]
         dm = machine.device_memory
         result: dict[str, Any] = {
+            "host": host.to_json(),
             "memory_devices": rows,
             "required_memslots": dm.required_memslots if dm else 0,
             "used_memslots": dm.used_memslots if dm else 0,
@@ -281,6 +304,10 @@ def _print_plan(result: dict[str, Any]) -> None:
             format_size(md["decided_memslots"]),
         )
     out.print(table)
+    out.print(
+        f"host: {result['host']['cpu_vendor']} vCPU with {result['host']['phys_bits']} "
+        "physical address bits"
+    )
     kvm = result["kvm"]
     out.print(
         f"memory devices: required {result['required_memslots']}, used "

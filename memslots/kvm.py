@@ -71,6 +71,26 @@ def read_max_memslots(path: str = "/dev/kvm") -> int:
     return nr or DEFAULT_NR_MEMSLOTS
 
 
+def supported_cpuid(path: str = "/dev/kvm") -> list[CpuidEntry]:
+    """KVM_GET_SUPPORTED_CPUID on the system fd: every CPUID leaf KVM can give a guest."""
+    fd = _open_system(path)
+    try:
+        nent = 128
+        while True:
+            buf = pack_cpuid2([CpuidEntry(0, 0, 0, 0, 0, 0, 0)] * nent)
+            try:
+                fcntl.ioctl(fd, KVM_GET_SUPPORTED_CPUID, buf, True)
+            except OSError as e:
+                # E2BIG: the kernel has more entries than we made room for.
+                if e.errno == errno.E2BIG and nent < 4096:
+                    nent *= 2
+                    continue
+                raise KvmError(f"KVM_GET_SUPPORTED_CPUID failed: {e.strerror}", _errno(e)) from e
+            return unpack_cpuid2(buf)
+    finally:
+        os.close(fd)
+
+
 class KvmVm(Closing):
     """A VM on ``/dev/kvm`` (type 0, the default x86 VM) used to set and probe memslots.
 
@@ -179,24 +199,7 @@ class KvmVm(Closing):
 
     def supported_cpuid(self) -> list[CpuidEntry]:
         """KVM_GET_SUPPORTED_CPUID: every CPUID leaf KVM can give a guest, as KVM fills it in."""
-        fd = _open_system(self.path)
-        try:
-            nent = 128
-            while True:
-                buf = pack_cpuid2([CpuidEntry(0, 0, 0, 0, 0, 0, 0)] * nent)
-                try:
-                    fcntl.ioctl(fd, KVM_GET_SUPPORTED_CPUID, buf, True)
-                except OSError as e:
-                    # E2BIG: the kernel has more entries than we made room for.
-                    if e.errno == errno.E2BIG and nent < 4096:
-                        nent *= 2
-                        continue
-                    raise KvmError(
-                        f"KVM_GET_SUPPORTED_CPUID failed: {e.strerror}", _errno(e)
-                    ) from e
-                return unpack_cpuid2(buf)
-        finally:
-            os.close(fd)
+        return supported_cpuid(self.path)
 
     def create_vcpu(self, vcpu_id: int) -> int:
         """KVM_CREATE_VCPU: a new vCPU fd (the caller closes it).

@@ -6,12 +6,14 @@ The layout follows QEMU's x86 ``pc`` (i440fx) machine, the default of Debian's Q
   ``ram-above-4g`` at 4 GiB); below that size it all sits below 4 GiB;
 * the device-memory area starts at the next GiB boundary after boot RAM and spans
   ``maxmem - ram`` plus 1 GiB per DIMM slot;
-* the default CPU (qemu64) is AMD-vendored, so when the highest used address (device memory
-  plus the 2 GiB 64-bit PCI hole) reaches AMD's HyperTransport window at 1012 GiB, RAM above
-  4 GiB moves to 1 TiB, as QEMU 7.1+ does. ``-m 4G,maxmem=1028G`` thus puts device memory at
-  ``0x10040000000``, exactly where QEMU puts it;
-* the highest used address must fit the vCPU's physical address bits; we model
-  ``-cpu host`` on these machines (48 bits), like the QEMU runs the reference measured.
+* the vCPU is ``-cpu host``, so its vendor and physical address bits are the host's
+  (:class:`memslots.hostinfo.HostInfo`, overridable for planning);
+* with an AMD vCPU, when the highest used address (device memory plus the 2 GiB 64-bit PCI hole)
+  reaches AMD's HyperTransport window at 1012 GiB, RAM above 4 GiB moves to 1 TiB, as QEMU 7.1+
+  does (``pc_memory_init``, only ``IS_AMD_CPU``). ``-m 4G,maxmem=1028G`` thus puts device memory
+  at ``0x10040000000`` on AMD and at ``0x140000000`` on Intel, exactly where QEMU puts it;
+* the highest used address must fit the vCPU's physical address bits (QEMU's "phys-bits too
+  low" check).
 
 We do not model ROMs, the VGA hole or PCI BARs, so boot uses 1-2 memslots where QEMU uses ~12.
 """
@@ -28,6 +30,7 @@ from memslots.closing import Closing
 from memslots.consumer import MemslotConsumer
 from memslots.dimm import PcDimm
 from memslots.errors import ConfigError, MemoryDeviceError, OptionError
+from memslots.hostinfo import HostInfo, host_info
 from memslots.kvm import KvmVm, kvm_available
 from memslots.kvm_abi import VmBackend
 from memslots.kvm_cost import MmuConfig, detect_host_mmu, slot_metadata_bytes
@@ -54,9 +57,6 @@ log = logging.getLogger("memslots.machine")
 
 #: Guest-physical space we model: 52 bits, the bound KVM applies with shadow paging.
 PHYS_ADDR_SPACE = 1 << 52
-#: The vCPU's physical address bits: 48, as ``-cpu host`` has on these machines (QEMU's default
-#: qemu64 model has 40, which cannot even place a 1 TiB device).
-PHYS_BITS = 48
 LOWMEM_SPLIT = 0xE000_0000
 LOWMEM = 0xC000_0000
 FOUR_GIB = 4 * GiB
@@ -83,8 +83,9 @@ class Layout:
         return self.above_4g_start + self.above_4g
 
 
-def pc_layout(mem: MachineMemory, *, phys_bits: int = PHYS_BITS) -> Layout:
-    """QEMU pc (i440fx) memory layout for ``-m`` (see the module docstring)."""
+def pc_layout(mem: MachineMemory, *, cpu_vendor: str, phys_bits: int) -> Layout:
+    """QEMU pc (i440fx) memory layout for ``-m`` with a vCPU of this vendor and these physical
+    address bits (see the module docstring)."""
     below = LOWMEM if mem.ram_size >= LOWMEM_SPLIT else mem.ram_size
     above = mem.ram_size - below
     if mem.slots > MAX_DIMM_SLOTS:
@@ -102,7 +103,7 @@ def pc_layout(mem: MachineMemory, *, phys_bits: int = PHYS_BITS) -> Layout:
         return align_up(end, GiB) + PCI_HOLE64_SIZE - 1
 
     start = FOUR_GIB
-    if max_used_gpa(start) >= AMD_HT_START:
+    if cpu_vendor == "amd" and max_used_gpa(start) >= AMD_HT_START:
         start = AMD_ABOVE_1TB_START
     limit = (1 << phys_bits) - 1
     if max_used_gpa(start) > limit:
@@ -140,10 +141,15 @@ class Machine(Closing):
         planned: bool = False,
         vhost: list[MemslotConsumer] | None = None,
         before_devices: Callable[[Machine], None] | None = None,
+        host: HostInfo | None = None,
     ) -> None:
         self.config = config
         self.planned = planned
-        self.layout = pc_layout(config.memory)
+        #: The host the machine runs on (or, for ``plan``, is planned for).
+        self.host = host if host is not None else host_info()
+        self.layout = pc_layout(
+            config.memory, cpu_vendor=self.host.cpu_vendor, phys_bits=self.host.phys_bits
+        )
         self.vm = vm if vm is not None else create_vm(config.accel)
         self.kvm = KvmAccel(self.vm)
         self.address_space = AddressSpace(

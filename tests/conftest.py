@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
+from memslots.hostinfo import HostInfo
 from memslots.kvm import kvm_available
 from memslots.kvm_cost import MmuConfig
 from memslots.kvm_model import KvmModel
@@ -16,6 +17,18 @@ from memslots.vhost import VhostModel
 requires_kvm = pytest.mark.skipif(not kvm_available(), reason="needs /dev/kvm")
 
 PlanFactory = Callable[..., Machine]
+
+#: A fixed host for planning tests, so that they mean the same on every machine: an AMD vCPU
+#: with 48 physical address bits (QEMU's rules relocate RAM above 1 TiB for it), shadow paging.
+AMD_HOST = HostInfo(
+    cpu_vendor="amd",
+    phys_bits=48,
+    mmu=MmuConfig(),
+    kvm=False,
+    kvm_max_memslots=32764,
+    thp_size=2 << 20,
+    page_size=4096,
+)
 
 
 @pytest.fixture
@@ -31,6 +44,7 @@ def plan_machine() -> Iterator[PlanFactory]:
         kvm_max: int = 32764,
         kvm_free: int | None = None,
         vhost: tuple[int, int | None, str] | None = None,
+        host: HostInfo = AMD_HOST,
     ) -> Machine:
         config = parse_machine_config(memory, objects, devices, accel="sim")
         consumers = [VhostModel("vhost0", vhost[0], kind=vhost[2])] if vhost else []
@@ -47,6 +61,7 @@ def plan_machine() -> Iterator[PlanFactory]:
             planned=True,
             vhost=list(consumers),
             before_devices=describe,
+            host=host,
         )
         made.append(m)
         return m

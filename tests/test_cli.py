@@ -26,8 +26,9 @@ def run(args: list[str]) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def test_plan_acceptance_json() -> None:
-    code, out, _ = run(["plan", *ACCEPTANCE, "--json"])
+@pytest.mark.parametrize("vendor,address", [("amd", 0x100_4000_0000), ("intel", 0x1_4000_0000)])
+def test_plan_acceptance_json(vendor: str, address: int) -> None:
+    code, out, _ = run(["plan", *ACCEPTANCE, "--cpu-vendor", vendor, "--phys-bits", "48", "--json"])
     assert code == 0
     data = json.loads(out)
     (dev,) = data["memory_devices"]
@@ -38,7 +39,9 @@ def test_plan_acceptance_json() -> None:
         4 * GiB,
     )
     assert (dev["region_size"], dev["block_size"], dev["dynamic_memslots"]) == (TiB, 2 << 20, True)
-    assert dev["address"] == 0x100_4000_0000
+    assert dev["address"] == address
+    assert data["host"]["cpu_vendor"] == vendor and data["host"]["phys_bits"] == 48
+    assert data["host"]["sources"]["cpu_vendor"] == "override"
     assert (data["required_memslots"], data["used_memslots"]) == (256, 0)
     md = dev["kernel_metadata_bytes"]
     # one 1 TiB memslot under shadow paging: 658183 vmalloc pages (kvm.md A5)

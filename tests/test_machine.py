@@ -12,32 +12,40 @@ from memslots.options import parse_machine_config, parse_machine_memory
 from memslots.sizes import GiB, TiB
 
 
+# Expected values follow QEMU 7.2's pc_memory_init by hand: RAM >= 3.5 GiB splits at 3 GiB, device
+# memory starts at the next GiB after RAM above 4 GiB, and only an AMD vCPU moves RAM above 4 GiB
+# to 1 TiB when device memory's end + the 2 GiB PCI hole - 1 reaches 1012 GiB (0xFD00000000).
 @pytest.mark.parametrize(
-    "memory,below,above,above_start,base,size",
+    "vendor,memory,below,above,above_start,base,size",
     [
-        # QEMU 7.2 on this host put a 1 TiB device at 0x10040000000 (vhost-user.md §8).
-        ("4G,maxmem=1028G", 3 * GiB, GiB, TiB, 0x100_4000_0000, 1024 * GiB),
-        ("4G,maxmem=8G", 3 * GiB, GiB, 4 * GiB, 5 * GiB, 4 * GiB),
-        ("2G,maxmem=4G", 2 * GiB, 0, 4 * GiB, 4 * GiB, 2 * GiB),
-        ("4G,slots=4,maxmem=8G", 3 * GiB, GiB, 4 * GiB, 5 * GiB, 8 * GiB),
+        # 4+1024 GiB: end 1029 GiB + 2 GiB hole >= 1012 GiB -> AMD relocates (QEMU 7.2 on an AMD
+        # host put the device at 0x10040000000, on an Intel host at 0x140000000).
+        ("amd", "4G,maxmem=1028G", 3 * GiB, GiB, TiB, 0x100_4000_0000, 1024 * GiB),
+        ("intel", "4G,maxmem=1028G", 3 * GiB, GiB, 4 * GiB, 0x1_4000_0000, 1024 * GiB),
+        ("amd", "4G,maxmem=8G", 3 * GiB, GiB, 4 * GiB, 5 * GiB, 4 * GiB),
+        ("intel", "4G,maxmem=8G", 3 * GiB, GiB, 4 * GiB, 5 * GiB, 4 * GiB),
+        ("amd", "2G,maxmem=4G", 2 * GiB, 0, 4 * GiB, 4 * GiB, 2 * GiB),
+        ("amd", "4G,slots=4,maxmem=8G", 3 * GiB, GiB, 4 * GiB, 5 * GiB, 8 * GiB),
         # device memory ends at 1001 GiB: +2 GiB PCI hole stays below AMD's 1012 GiB window
-        ("4G,maxmem=1000G", 3 * GiB, GiB, 4 * GiB, 5 * GiB, 996 * GiB),
-        # ends at 1011 GiB: the hole would reach 1012 GiB, so RAM above 4G moves to 1 TiB
-        ("4G,maxmem=1010G", 3 * GiB, GiB, TiB, TiB + GiB, 1006 * GiB),
-        ("3584M", 3 * GiB, 512 * 1024 * 1024, 4 * GiB, 0, 0),
+        ("amd", "4G,maxmem=1000G", 3 * GiB, GiB, 4 * GiB, 5 * GiB, 996 * GiB),
+        # ends at 1011 GiB: the hole would reach 1012 GiB, so RAM above 4G moves to 1 TiB (AMD)
+        ("amd", "4G,maxmem=1010G", 3 * GiB, GiB, TiB, TiB + GiB, 1006 * GiB),
+        ("intel", "4G,maxmem=1010G", 3 * GiB, GiB, 4 * GiB, 5 * GiB, 1006 * GiB),
+        ("other", "4G,maxmem=1010G", 3 * GiB, GiB, 4 * GiB, 5 * GiB, 1006 * GiB),
+        ("amd", "3584M", 3 * GiB, 512 * 1024 * 1024, 4 * GiB, 0, 0),
     ],
 )
 def test_pc_layout(
-    memory: str, below: int, above: int, above_start: int, base: int, size: int
+    vendor: str, memory: str, below: int, above: int, above_start: int, base: int, size: int
 ) -> None:
-    lay = pc_layout(parse_machine_memory(memory))
+    lay = pc_layout(parse_machine_memory(memory), cpu_vendor=vendor, phys_bits=48)
     assert (lay.below_4g, lay.above_4g, lay.above_4g_start) == (below, above, above_start)
     assert (lay.device_memory_base, lay.device_memory_size) == (base, size)
 
 
 def test_too_many_slots() -> None:
     with pytest.raises(OptionError, match="unsupported amount of memory slots: 257"):
-        pc_layout(parse_machine_memory("4G,slots=257,maxmem=8G"))
+        pc_layout(parse_machine_memory("4G,slots=257,maxmem=8G"), cpu_vendor="amd", phys_bits=48)
 
 
 def test_boot_ram_sections(plan_machine: PlanFactory) -> None:
@@ -94,17 +102,34 @@ def test_real_machine_maps_into_the_kernel() -> None:
         assert m.kvm.used_memslots == 2  # boot RAM and the DIMM
 
 
-def test_phys_bits_limit() -> None:
+@pytest.mark.parametrize("vendor", ["amd", "intel"])
+def test_phys_bits_limit(vendor: str) -> None:
+    def layout(memory: str, bits: int = 48) -> int:
+        return pc_layout(
+            parse_machine_memory(memory), cpu_vendor=vendor, phys_bits=bits
+        ).device_memory_base
+
     # 300 TiB of maxmem cannot be addressed with 48 physical address bits (QEMU's check)
     with pytest.raises(
         OptionError,
         match=r"Address space limit 0xffffffffffff < 0x[0-9a-f]+ "
         r"phys-bits too low \(48\)",
     ):
-        pc_layout(parse_machine_memory("4G,maxmem=300T"))
+        layout("4G,maxmem=300T")
     with pytest.raises(OptionError, match=r"phys-bits too low \(40\)"):
-        pc_layout(parse_machine_memory("4G,maxmem=1028G"), phys_bits=40)
-    assert pc_layout(parse_machine_memory("4G,maxmem=200T")).device_memory_base == TiB + GiB
+        layout("4G,maxmem=1028G", 40)
+    relocated = vendor == "amd"
+    assert layout("4G,maxmem=200T") == (TiB + GiB if relocated else 5 * GiB)
+    # Intel: 5 GiB + 261996 GiB + 2 GiB hole - 1 < 2^48 (QEMU 7.2 on Intel accepts it);
+    # AMD: relocated by 1019 GiB, past 2^48.
+    if relocated:
+        with pytest.raises(OptionError, match=r"phys-bits too low \(48\)"):
+            layout("4G,maxmem=262000G")
+    else:
+        assert layout("4G,maxmem=262000G") == 5 * GiB
+    # 46 bits (64 TiB) as on many Intel hosts
+    with pytest.raises(OptionError, match=r"phys-bits too low \(46\)"):
+        layout("4G,maxmem=64T", 46)
 
 
 def test_dimm_slot_numbers_and_size_alignment(plan_machine: PlanFactory) -> None:
