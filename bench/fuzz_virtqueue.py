@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from memslots.fuzz import QueueFuzzer
+from memslots.testing.fuzz import QueueFuzzer
 
 
 def main() -> int:

@@ -25,11 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-from memslots.kvm import kvm_available
-from memslots.machine import Machine, create_vm
+from memslots.kvm.vm import kvm_available
+from memslots.machine.machine import Machine, create_vm
+from memslots.machine.vm import GuestVm
 from memslots.options import parse_machine_config
 from memslots.sizes import GiB, TiB
-from memslots.vm import GuestVm
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -17,8 +17,8 @@ import platform
 import sys
 from pathlib import Path
 
-from memslots.kvm import kvm_available
-from memslots.kvm_cost import detect_host_mmu
+from memslots.kvm.cost import detect_host_mmu
+from memslots.kvm.vm import kvm_available
 from memslots.measure import compare
 from memslots.sizes import format_size, parse_size
 

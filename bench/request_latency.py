@@ -1,6 +1,6 @@
 """Per-request latency of virtio-mem requests through the split virtqueue, on the KVM model.
 
-A guest (:class:`~memslots.virtqueue.DriverQueue` in boot RAM, one request and one response
+A guest (:class:`~memslots.virtio.virtqueue.DriverQueue` in boot RAM, one request and one response
 buffer, as Linux's driver has) sends PLUG, STATE and UNPLUG requests for single blocks inside a
 memslot that stays mapped (block 0 of the device is plugged first), so the requests measure the
 queue and the device's bookkeeping, not KVM slot creation. Two times are taken:
@@ -26,19 +26,26 @@ import sys
 import time
 from pathlib import Path
 
-from memslots.address_space import GuestMemory
-from memslots.machine import Machine
+from memslots.devices.virtio_mem import (
+    REQUEST_SIZE,
+    RESPONSE_SIZE,
+    ReqType,
+    Request,
+    Resp,
+    Response,
+)
+from memslots.machine.machine import Machine
+from memslots.memory.address_space import GuestMemory
 from memslots.options import parse_machine_config
 from memslots.sizes import GiB
-from memslots.virtio_mem import REQUEST_SIZE, RESPONSE_SIZE, ReqType, Request, Resp, Response
-from memslots.virtio_transport import (
+from memslots.virtio.transport import (
     STATUS_ACKNOWLEDGE,
     STATUS_DRIVER,
     STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
     VirtioMemTransport,
 )
-from memslots.virtqueue import DriverQueue
+from memslots.virtio.virtqueue import DriverQueue
 
 MEMORY = "1G,maxmem=9G"
 BACKEND = "memory-backend-ram,id=mem0,size=8G,reserve=off"

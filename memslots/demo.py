@@ -8,15 +8,15 @@ from dataclasses import asdict, dataclass
 from rich.console import Console
 from rich.table import Table
 
-from memslots.address_space import Section
+from memslots.devices.virtio_mem import VirtioMem
 from memslots.errors import DeviceError
-from memslots.kvm_cost import slot_metadata_bytes
-from memslots.machine import Machine
+from memslots.kvm.cost import slot_metadata_bytes
+from memslots.machine.machine import Machine
+from memslots.machine.vm import GuestVm
 from memslots.measure import sample_vmalloc_used
+from memslots.memory.address_space import Section
 from memslots.options import parse_machine_config
 from memslots.sizes import GiB, format_size
-from memslots.virtio_mem import VirtioMem
-from memslots.vm import GuestVm
 
 DEMO_MEMORY = "4G,maxmem=1028G"
 DEMO_OBJECT = "memory-backend-ram,id=mem0,size=1T,reserve=off"

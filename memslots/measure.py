@@ -12,13 +12,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from memslots.devices.virtio_mem import VirtioMem, drive_to
 from memslots.errors import MeasurementError
-from memslots.kvm import KvmVm
-from memslots.kvm_abi import VmBackend
-from memslots.machine import Machine
+from memslots.kvm.abi import VmBackend
+from memslots.kvm.vm import KvmVm
+from memslots.machine.machine import Machine
 from memslots.options import BackendOptions, MachineConfig, MachineMemory, VirtioMemOptions
 from memslots.sizes import GiB
-from memslots.virtio_mem import VirtioMem, drive_to
 
 MEMINFO = "/proc/meminfo"
 

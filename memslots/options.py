@@ -18,7 +18,7 @@ from memslots.errors import OptionError, SizeError
 from memslots.sizes import MiB, align_up, parse_ram_size, parse_size
 
 if TYPE_CHECKING:
-    from memslots.vhost_user_devices import ChardevOptions, VhostUserDeviceOptions
+    from memslots.devices.vhost_user import ChardevOptions, VhostUserDeviceOptions
 
 _BOOL_WORDS = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
 
@@ -385,7 +385,7 @@ def parse_device(text: str) -> DeviceOptions:
 def parse_any_device(text: str) -> DeviceOptions | VhostUserDeviceOptions:
     """Parse ``-device``: a memory device, or a vhost-user device (blk, fs)."""
     # Imported here: vhost_user_devices builds on this module's parsing helpers.
-    from memslots.vhost_user_devices import VHOST_USER_DRIVERS, parse_vhost_user_device
+    from memslots.devices.vhost_user import VHOST_USER_DRIVERS, parse_vhost_user_device
 
     pairs = split_option_string(text, "driver")
     if dict(pairs).get("driver") in VHOST_USER_DRIVERS:
@@ -475,7 +475,7 @@ def parse_machine_config(
     chardevs: Sequence[str] = (),
 ) -> MachineConfig:
     """Parse a whole command line's memory options; ids must be unique across the machine."""
-    from memslots.vhost_user_devices import parse_chardev
+    from memslots.devices.vhost_user import parse_chardev
 
     if accel not in ACCELS:
         raise OptionError(f"-accel {accel}: expects one of {', '.join(ACCELS)}")

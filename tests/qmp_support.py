@@ -14,13 +14,13 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from memslots.kvm_model import KvmModel
-from memslots.machine import Machine
-from memslots.monitor import Monitor
+from memslots.devices.virtio_mem import ReqType, Request, Resp, Response, VirtioMem
+from memslots.kvm.model import KvmModel
+from memslots.machine.machine import Machine
+from memslots.monitor.commands import Monitor
+from memslots.monitor.qmp_server import QMPServer
 from memslots.options import parse_machine_config
-from memslots.qmp_server import QMPServer
 from memslots.sizes import GiB
-from memslots.virtio_mem import ReqType, Request, Resp, Response, VirtioMem
 
 MEMORY = "4G,slots=2,maxmem=16G"
 OBJECTS = (

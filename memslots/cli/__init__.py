@@ -1,0 +1,1 @@
+"""The memslots command line."""

@@ -1,0 +1,355 @@
+"""vhost-user devices: ``-chardev socket`` and ``-device vhost-user-blk|fs[-pci]``.
+
+Parsing follows :mod:`memslots.options` (one error per rule, naming the option). Attaching
+follows QEMU's realize: the chardev is looked up, the back-end is connected and negotiated,
+QEMU's two memory slot refusals run around registering the back-end as a memory listener
+(:func:`memslots.vhost.kernel.attach_vhost_backend`), and for vhost-user-blk the config space
+is read.
+What matters here is the memory table; for vhost-user-blk there is also just enough of one
+virtqueue (:class:`BlkQueue`) to READ from the disk into guest memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from memslots.errors import ConfigError, OptionError, VhostError
+from memslots.memory.address_space import GuestMemory
+from memslots.options import Props, split_option_string
+from memslots.vhost.kernel import attach_vhost_backend, detach_vhost_backend
+from memslots.vhost.user import (
+    ConnectionState,
+    Endpoint,
+    VhostUserConsumer,
+    VhostUserFrontend,
+)
+
+if TYPE_CHECKING:
+    # machine.py may import this module to attach devices.
+    from memslots.machine.machine import Machine
+
+VHOST_USER_BLK_DRIVERS = ("vhost-user-blk", "vhost-user-blk-pci")
+VHOST_USER_FS_DRIVERS = ("vhost-user-fs", "vhost-user-fs-pci")
+VHOST_USER_DRIVERS = VHOST_USER_BLK_DRIVERS + VHOST_USER_FS_DRIVERS
+MEMSLOT_ACCOUNTING = ("qemu", "precise")
+#: sizeof(virtio_fs_config.tag).
+FS_TAG_MAX = 36
+#: sizeof(struct virtio_blk_config) as QEMU 7.2 reads it; the capacity is its first u64.
+BLK_CONFIG_SIZE = 60
+SECTOR_SIZE = 512
+
+
+@dataclass(frozen=True)
+class ChardevOptions:
+    """``-chardev socket,id=…,path=…``: a Unix socket we connect to as the client."""
+
+    id: str
+    path: str
+
+
+def parse_chardev(text: str) -> ChardevOptions:
+    """Parse ``-chardev socket,id=ID,path=PATH[,server=off]``."""
+    props = Props("-chardev", text, split_option_string(text, "backend"))
+    backend = props.require_str("backend")
+    if backend != "socket":
+        raise OptionError(
+            f"-chardev {text}: unsupported chardev backend '{backend}' (supported: socket)"
+        )
+    chardev_id = props.pop_id(required=True)
+    assert chardev_id is not None
+    if "host" in props.values or "port" in props.values:
+        raise OptionError(
+            f"-chardev {text}: only Unix sockets are supported: use 'path' instead of "
+            "'host' and 'port'"
+        )
+    path = props.require_str("path")
+    if props.pop_bool("server", False):
+        raise OptionError(
+            f"-chardev {text}: 'server=on' is not supported: memslots connects to the "
+            "vhost-user back-end as a client"
+        )
+    props.finish(("backend", "id", "path", "server"))
+    return ChardevOptions(id=chardev_id, path=path)
+
+
+@dataclass(frozen=True)
+class VhostUserDeviceOptions:
+    """``-device vhost-user-blk[-pci]|vhost-user-fs[-pci],chardev=…``.
+
+    ``memslot_accounting`` is our extension: "qemu" (default) or "precise" (see
+    :class:`memslots.vhost.user.VhostUserConsumer`).
+    """
+
+    driver: str
+    id: str | None
+    chardev: str
+    tag: str | None = None
+    memslot_accounting: str = "qemu"
+
+    @property
+    def is_blk(self) -> bool:
+        """True for vhost-user-blk."""
+        return self.driver in VHOST_USER_BLK_DRIVERS
+
+    @property
+    def precise(self) -> bool:
+        """True for precise memslot accounting."""
+        return self.memslot_accounting == "precise"
+
+
+def parse_vhost_user_device(text: str) -> VhostUserDeviceOptions:
+    """Parse ``-device vhost-user-blk[-pci],chardev=…[,id=…][,memslot-accounting=…]`` or
+    ``-device vhost-user-fs[-pci],chardev=…,tag=…[,id=…][,memslot-accounting=…]``."""
+    props = Props("-device", text, split_option_string(text, "driver"))
+    driver = props.require_str("driver")
+    if driver not in VHOST_USER_DRIVERS:
+        raise OptionError(
+            f"-device {text}: unsupported device '{driver}' "
+            f"(supported: {', '.join(VHOST_USER_DRIVERS)})"
+        )
+    dev_id = props.pop_id()
+    chardev = props.pop_str("chardev")
+    accounting = props.pop_choice("memslot-accounting", MEMSLOT_ACCOUNTING, "qemu")
+    allowed = ["id", "chardev", "memslot-accounting"]
+    tag = None
+    if driver in VHOST_USER_FS_DRIVERS:
+        tag = props.pop_str("tag")
+        allowed.append("tag")
+    props.finish(allowed)
+    # QEMU's realize checks, in its order and words.
+    if not chardev:
+        missing = "chardev is mandatory" if driver in VHOST_USER_BLK_DRIVERS else "missing chardev"
+        raise OptionError(f"-device {text}: {missing}")
+    if driver in VHOST_USER_FS_DRIVERS:
+        if tag is None:
+            raise OptionError(f"-device {text}: missing tag property")
+        if not tag:
+            raise OptionError(f"-device {text}: tag property must not be empty")
+        if len(tag.encode()) > FS_TAG_MAX:
+            raise OptionError(f"-device {text}: tag property must be {FS_TAG_MAX} bytes or less")
+    return VhostUserDeviceOptions(
+        driver=driver, id=dev_id, chardev=chardev, tag=tag, memslot_accounting=accounting
+    )
+
+
+# -- virtio-blk over one split virtqueue -------------------------------------------------------
+
+_DESC = struct.Struct("<QIHH")
+_BLK_OUTHDR = struct.Struct("<IIQ")
+_DESC_F_NEXT = 1
+_DESC_F_WRITE = 2
+_BLK_T_IN = 0
+
+
+class BlkQueue:
+    """Virtqueue 0 of a vhost-user-blk back-end, with us in the guest driver's place.
+
+    Just enough of a split ring for one READ at a time. Everything lives in a 1 KiB ring area
+    at ``ring_gpa`` (descriptors, avail and used rings, request header and status), which must
+    be guest memory the back-end holds: the memslot it lies in has to stay mapped while the
+    queue is in use, as a guest driver's rings do.
+    """
+
+    SIZE = 16
+    DESC = 0x000
+    AVAIL = 0x100
+    USED = 0x200
+    HEADER = 0x300
+    STATUS = 0x310
+    AREA = 0x400
+
+    def __init__(self, frontend: VhostUserFrontend, memory: GuestMemory, ring_gpa: int) -> None:
+        if ring_gpa % 16:
+            raise VhostError(f"virtqueue ring area 0x{ring_gpa:x} is not 16-byte aligned")
+        # Check first: the back-end reads the used ring as soon as it gets its address.
+        frontend.translate(ring_gpa, self.AREA)
+        self.frontend = frontend
+        self.memory = memory
+        self.ring_gpa = ring_gpa
+        self.avail_idx = 0
+        memory.write(ring_gpa, bytes(self.AREA))
+        # Non-blocking: qemu-storage-daemon sets O_NONBLOCK on the fds it gets anyway.
+        self.kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            frontend.set_vring(
+                0,
+                self.SIZE,
+                (ring_gpa + self.DESC, ring_gpa + self.AVAIL, ring_gpa + self.USED),
+                self.kick,
+                self.call,
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def _used_idx(self) -> int:
+        idx: int = struct.unpack("<H", self.memory.read(self.ring_gpa + self.USED + 2, 2))[0]
+        return idx
+
+    def read(self, sector: int, gpa: int, length: int, timeout: float) -> int:
+        """READ ``length`` bytes from ``sector`` into guest memory at ``gpa``; returns the
+        used length the back-end reports (data + status byte)."""
+        # A buffer outside the back-end's table would make it drop the connection.
+        self.frontend.translate(gpa, length)
+        ring, mem = self.ring_gpa, self.memory
+        mem.write(ring + self.HEADER, _BLK_OUTHDR.pack(_BLK_T_IN, 0, sector))
+        mem.write(ring + self.STATUS, b"\xff")
+        chain = (
+            (ring + self.HEADER, _BLK_OUTHDR.size, _DESC_F_NEXT, 1),
+            (gpa, length, _DESC_F_NEXT | _DESC_F_WRITE, 2),
+            (ring + self.STATUS, 1, _DESC_F_WRITE, 0),
+        )
+        mem.write(ring + self.DESC, b"".join(_DESC.pack(*d) for d in chain))
+        slot = self.avail_idx % self.SIZE
+        mem.write(ring + self.AVAIL + 4 + 2 * slot, struct.pack("<H", 0))
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        # The index is published after the entry it covers, as a driver must.
+        mem.write(ring + self.AVAIL + 2, struct.pack("<H", self.avail_idx))
+        os.eventfd_write(self.kick, 1)
+        deadline = time.monotonic() + timeout
+        while self._used_idx() != self.avail_idx:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise VhostError(
+                    f"vhost-user-blk back-end at '{self.frontend.endpoint.path}' did not "
+                    f"complete a READ of sector {sector} within {timeout} s"
+                )
+            if select.select([self.call], [], [], remaining)[0]:
+                # Only the used index decides; the counter just needs draining.
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self.call)
+        _, used_len = struct.unpack("<II", mem.read(ring + self.USED + 4 + 8 * slot, 8))
+        status = mem.read(ring + self.STATUS, 1)[0]
+        if status != 0:
+            raise VhostError(
+                f"vhost-user-blk READ of sector {sector} failed with virtio-blk status {status}"
+            )
+        return int(used_len)
+
+    def close(self) -> None:
+        """Close the eventfds (the back-end stops with the connection)."""
+        os.close(self.kick)
+        os.close(self.call)
+
+
+# -- devices ---------------------------------------------------------------------------------
+
+
+class VhostUserDevice:
+    """A vhost-user device attached to a machine: its back-end and its connection state."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        opts: VhostUserDeviceOptions,
+        consumer: VhostUserConsumer,
+        capacity: int | None,
+    ) -> None:
+        self.machine = machine
+        self.opts = opts
+        self.consumer = consumer
+        #: vhost-user-blk: the disk size in 512-byte sectors (from the config space).
+        self.capacity = capacity
+        self._queue: BlkQueue | None = None
+
+    @property
+    def id(self) -> str | None:
+        """The device id."""
+        return self.opts.id
+
+    @property
+    def state(self) -> ConnectionState:
+        """CONNECTED, DISCONNECTED (back-end lost; see :meth:`reconnect`) or CLOSED."""
+        return self.consumer.state
+
+    def check(self) -> ConnectionState:
+        """Ask the back-end whether it is still there; returns the state."""
+        return self.consumer.check()
+
+    def reconnect(self) -> None:
+        """Connect again and replay the memory table (virtqueues are set up again on use)."""
+        self._drop_queue()
+        self.consumer.reconnect()
+
+    def blk_read(self, sector: int, gpa: int, length: int, *, ring_gpa: int) -> int:
+        """vhost-user-blk: READ ``length`` bytes from ``sector`` into guest memory at ``gpa``.
+
+        The virtqueue is set up at ``ring_gpa`` on first use (see :class:`BlkQueue`). Returns
+        the used length; raises :class:`VhostError` if the back-end fails or does not answer.
+        """
+        if not self.opts.is_blk or self.capacity is None:
+            raise VhostError(f"{self.opts.driver} '{self.consumer.name}' is not a block device")
+        if length <= 0 or length % SECTOR_SIZE or sector + length // SECTOR_SIZE > self.capacity:
+            raise VhostError(
+                f"vhost-user-blk '{self.consumer.name}': READ of {length} bytes at sector "
+                f"{sector} is outside the {self.capacity}-sector disk or not whole sectors"
+            )
+        frontend = self.consumer.frontend
+        if not self.consumer.connected or frontend is None:
+            raise VhostError(f"vhost-user-blk '{self.consumer.name}' is {self.state.value}")
+        queue = self._queue
+        if queue is None or queue.frontend is not frontend or queue.ring_gpa != ring_gpa:
+            self._drop_queue()
+            queue = self._queue = BlkQueue(
+                frontend, GuestMemory(self.machine.address_space), ring_gpa
+            )
+        return queue.read(sector, gpa, length, self.consumer.endpoint.timeout)
+
+    def _drop_queue(self) -> None:
+        if self._queue is not None:
+            self._queue.close()
+            self._queue = None
+
+    def detach(self) -> None:
+        """Unplug the device: it leaves the machine's memslot accounting and is closed."""
+        self._drop_queue()
+        detach_vhost_backend(self.machine, self.consumer)
+
+
+def attach_vhost_user_device(
+    machine: Machine, opts: VhostUserDeviceOptions, chardevs: Mapping[str, ChardevOptions]
+) -> VhostUserDevice:
+    """Realize a vhost-user device on ``machine`` in QEMU's order.
+
+    The chardev must exist and be unused; the back-end is connected and negotiated; then
+    QEMU's refusals (:func:`memslots.vhost.kernel.check_vhost_limit` before registering the memory
+    listener, :func:`memslots.vhost.kernel.check_vhost_reservations` after), then the memory table
+    is sent, and vhost-user-blk's config is read. Nothing remains on failure.
+    """
+    chardev = chardevs.get(opts.chardev)
+    if chardev is None:
+        raise ConfigError(f"Property '{opts.driver}.chardev' can't find value '{opts.chardev}'")
+    name = opts.id if opts.id is not None else f"{opts.driver}@{opts.chardev}"
+    for other in machine.vhost.backends:
+        if isinstance(other, VhostUserConsumer) and other.chardev == opts.chardev:
+            raise ConfigError(
+                f"Property '{opts.driver}.chardev' can't take value '{opts.chardev}', it's in use"
+            )
+    if name in machine.devices or any(b.name == name for b in machine.vhost.backends):
+        raise ConfigError(f"Duplicate device ID '{name}'")
+    consumer = VhostUserConsumer(
+        name,
+        Endpoint(chardev.path, config=opts.is_blk),
+        precise=opts.precise,
+        device_memory=machine.device_memory,
+        chardev=opts.chardev,
+    )
+    attach_vhost_backend(machine, consumer)
+    capacity = None
+    if opts.is_blk:
+        assert consumer.frontend is not None
+        try:
+            config = consumer.frontend.get_config(BLK_CONFIG_SIZE)
+        except VhostError as exc:
+            detach_vhost_backend(machine, consumer)
+            raise VhostError(f"vhost-user-blk '{name}': get block config failed: {exc}") from exc
+        capacity = struct.unpack_from("<Q", config)[0]
+    return VhostUserDevice(machine, opts, consumer, capacity)

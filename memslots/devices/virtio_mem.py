@@ -1,0 +1,741 @@
+"""The virtio-mem device: plugged blocks, guest requests, and memslots that come and go.
+
+State and rules follow the virtio spec (device ID 24) and QEMU 8.2+'s choices where the spec
+leaves room (``../shared/reference/virtio-mem-spec.md``, ``qemu-behaviour.md`` §3b-§4, §6).
+
+How device memory is exposed:
+
+* ``dynamic-memslots=off`` (QEMU's default, our baseline): the backend's RAM region is the
+  device region and is mapped whole, as one memslot, when the device is plugged.
+* ``dynamic-memslots=on``: the device region is an empty container with ``N`` unmergeable
+  aliases (``memslot-<i>``) into the backend; ``N`` is decided once before realize. A memslot is
+  mapped when a block in it gets plugged and unmapped when its last block is unplugged.
+* ``memslot-size=S`` (our extension, Firecracker-style): like ``on`` but with memslots of a fixed
+  size ``S`` instead of the automatic decision; the memslot budget rules still apply.
+
+Order of operations (see docs/DESIGN.md): on plug, the memslots are mapped before the blocks
+are marked plugged, so the guest never sees a plugged block without RAM behind it; on unplug,
+the blocks are marked unplugged, empty memslots are unmapped, and only then is the memory
+discarded, so no consumer (KVM, a vhost back-end) still maps memory that is being freed.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import struct
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn
+
+from memslots.devices.memory_device import MemoryDevice
+from memslots.errors import ConfigError, DeviceError, MemslotsError, PropertyError
+from memslots.host.memory import default_block_size, host_page_size, thp_size
+from memslots.memory.address_space import AddressSpace, MemoryRegion
+from memslots.memory.backends import MemoryBackend
+from memslots.options import VirtioMemOptions
+from memslots.sizes import GiB, MiB, align_up, is_power_of_two
+
+log = logging.getLogger("memslots.devices.virtio_mem")
+
+VIRTIO_ID_MEM = 24
+MIN_BLOCK_SIZE = 1 * MiB
+MIN_MEMSLOT_SIZE = 1 * GiB
+#: x86: the usable region may extend this far past requested-size (2 x 128 MiB).
+USABLE_EXTENT = 256 * MiB
+QUEUE_SIZE = 128
+MAX_NB_BLOCKS = 0xFFFF
+
+REQUEST_SIZE = 24
+RESPONSE_SIZE = 10
+CONFIG_SIZE = 56
+
+#: Feature bits.
+F_ACPI_PXM = 0
+F_UNPLUGGED_INACCESSIBLE = 1
+F_PERSISTENT_SUSPEND = 2
+
+
+class ReqType(enum.IntEnum):
+    """Request types (le16 at offset 0 of a request)."""
+
+    PLUG = 0
+    UNPLUG = 1
+    UNPLUG_ALL = 2
+    STATE = 3
+
+
+class Resp(enum.IntEnum):
+    """Response types (le16 at offset 0 of a response)."""
+
+    ACK = 0
+    NACK = 1
+    BUSY = 2
+    ERROR = 3
+
+
+class BlockState(enum.IntEnum):
+    """STATE request answers."""
+
+    PLUGGED = 0
+    UNPLUGGED = 1
+    MIXED = 2
+
+
+_REQ = struct.Struct("<H6xQH6x")
+_RESP = struct.Struct("<H6xH")
+_CONFIG = struct.Struct("<QH6xQQQQQ")
+
+
+@dataclass(frozen=True)
+class Request:
+    """A guest request: 24 bytes, padding ignored."""
+
+    type: int
+    addr: int = 0
+    nb_blocks: int = 0
+
+    def pack(self) -> bytes:
+        """The 24-byte wire form."""
+        return _REQ.pack(self.type, self.addr, self.nb_blocks)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Request:
+        """Parse the first 24 bytes of ``data`` (the caller checks the length)."""
+        type_, addr, nb = _REQ.unpack_from(data)
+        return cls(type_, addr, nb)
+
+
+@dataclass(frozen=True)
+class Response:
+    """A device response: 10 bytes; ``state`` is meaningful for STATE only."""
+
+    type: int
+    state: int = 0
+
+    def pack(self) -> bytes:
+        """The 10-byte wire form."""
+        return _RESP.pack(self.type, self.state)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Response:
+        """Parse a 10-byte response."""
+        type_, state = _RESP.unpack_from(data)
+        return cls(type_, state)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The 56-byte device config space."""
+
+    block_size: int
+    node_id: int
+    addr: int
+    region_size: int
+    usable_region_size: int
+    plugged_size: int
+    requested_size: int
+
+    def pack(self) -> bytes:
+        """The 56-byte little-endian layout."""
+        return _CONFIG.pack(
+            self.block_size,
+            self.node_id,
+            self.addr,
+            self.region_size,
+            self.usable_region_size,
+            self.plugged_size,
+            self.requested_size,
+        )
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Config:
+        """Parse the 56-byte layout."""
+        return cls(*_CONFIG.unpack_from(data))
+
+
+@dataclass(frozen=True)
+class MemslotInfo:
+    """One memslot of a device: where it is, whether it is mapped, how full it is."""
+
+    index: int
+    gpa: int
+    size: int
+    mapped: bool
+    plugged_blocks: int
+
+
+class VirtioMem(MemoryDevice):
+    """A virtio-mem device (QEMU's ``virtio-mem`` / ``virtio-mem-pci``)."""
+
+    info_type = "virtio-mem"
+    decides_memslots = True
+
+    def __init__(
+        self,
+        opts: VirtioMemOptions,
+        memdev: MemoryBackend | None,
+        address_space: AddressSpace,
+        *,
+        numa_nodes: int = 0,
+    ) -> None:
+        self.opts = opts
+        self.id = opts.id
+        self.memdev = memdev
+        self.address_space = address_space
+        self.numa_nodes = numa_nodes
+        self.node = opts.node
+        self._block_size = 0
+        if opts.block_size is not None:
+            self._check_block_size_value(opts.block_size)
+            self._block_size = opts.block_size
+        self.requested_size = opts.requested_size
+        self.addr = opts.memaddr
+        self.size = 0
+        self.usable_region_size = 0
+        self.dynamic = opts.dynamic_memslots or opts.memslot_size is not None
+        self.unplugged_inaccessible = opts.unplugged_inaccessible
+        self.nb_memslots = 0
+        self.memslot_size = 0
+        self.mr: MemoryRegion | None = None
+        self.memslots: list[MemoryRegion] = []
+        self._slot_plugged: list[int] = []
+        self.bitmap = bytearray()
+        self.realized = False
+        #: Set by a protocol violation (QEMU's virtio_error); cleared by a device reset.
+        self.needs_reset = False
+        #: While True (e.g. migration running), plug/unplug/unplug-all get BUSY.
+        self.busy = False
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.discard_failures = 0
+        self.size_change_listeners: list[Callable[[VirtioMem, int], None]] = []
+        self.config_change_listeners: list[Callable[[VirtioMem], None]] = []
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_block_size_value(value: int) -> None:
+        if value < MIN_BLOCK_SIZE:
+            raise PropertyError(f"'block-size' property has to be at least 0x{MIN_BLOCK_SIZE:x}")
+        if not is_power_of_two(value):
+            raise PropertyError("'block-size' property has to be a power of two")
+
+    @property
+    def block_size(self) -> int:
+        """The block size: as set, or the computed default while unset (QEMU's getter)."""
+        if self._block_size:
+            return self._block_size
+        if self.memdev is None:
+            return thp_size()
+        return default_block_size(self.memdev.memory)
+
+    def set_block_size(self, value: int) -> None:
+        """Set ``block-size``; only allowed before realize."""
+        if self.realized:
+            raise PropertyError("'block-size' cannot be changed")
+        self._check_block_size_value(value)
+        self._block_size = value
+
+    def set_requested_size(self, value: int) -> None:
+        """qom-set ``requested-size``: validate, grow the usable region, notify the driver."""
+        if self.realized:
+            if value % self.block_size:
+                raise PropertyError(
+                    f"'requested-size' has to be multiples of 'block-size' (0x{self.block_size:x})"
+                )
+            assert self.memdev is not None
+            if value > self.memdev.size:
+                raise PropertyError(
+                    f"'requested-size' cannot exceed the memory backend size"
+                    f"(0x{self.memdev.size:x})"
+                )
+            self.requested_size = value
+            self._resize_usable_region(value, can_shrink=False)
+            # QEMU notifies the driver even when the value did not change.
+            for cb in list(self.config_change_listeners):
+                cb(self)
+        else:
+            self.requested_size = value
+
+    @property
+    def region_size(self) -> int:
+        """Size of the device's memory region (the backend's size)."""
+        return self.memdev.size if self.memdev is not None else 0
+
+    @property
+    def nb_blocks(self) -> int:
+        """Number of blocks in the region."""
+        return len(self.bitmap)
+
+    @property
+    def last_memslot_size(self) -> int:
+        """Size of the last memslot (the others have ``memslot_size``)."""
+        if not self.dynamic or self.nb_memslots <= 1:
+            return self.region_size
+        return self.region_size - (self.nb_memslots - 1) * self.memslot_size
+
+    @property
+    def decided_memslots(self) -> int:
+        """How many memslots the device uses when all of it is plugged."""
+        return max(1, self.nb_memslots) if self.dynamic else 1
+
+    def config(self) -> Config:
+        """The current config space."""
+        return Config(
+            block_size=self.block_size,
+            node_id=self.node,
+            addr=self.addr,
+            region_size=self.region_size,
+            usable_region_size=self.usable_region_size,
+            plugged_size=self.size,
+            requested_size=self.requested_size,
+        )
+
+    # -- memory-device interface -----------------------------------------------------------------
+
+    def get_memory_region(self) -> MemoryRegion:
+        if self.memdev is None:
+            raise ConfigError(f"virtio-mem '{self.label}': 'memdev' property must be set")
+        if self.dynamic:
+            if self.mr is None:
+                self.mr = MemoryRegion.container(
+                    "virtio-mem", self.memdev.size, align=self.memdev.region.align
+                )
+            return self.mr
+        return self.memdev.region
+
+    def get_memslots(self) -> int:
+        return self.nb_memslots if self.dynamic else 1
+
+    def get_min_alignment(self) -> int:
+        return self.block_size
+
+    def get_addr(self) -> int:
+        return self.addr
+
+    def set_addr(self, addr: int) -> None:
+        self.addr = addr
+
+    def get_plugged_size(self) -> int:
+        return self.size
+
+    def decide_memslots(self, limit: int) -> None:
+        """Decide once, before realize, how many memslots to use (QEMU's rules)."""
+        if not self.dynamic:
+            return
+        assert self.nb_memslots == 0, "decide_memslots is called exactly once"
+        if self.memdev is None:
+            self.nb_memslots = 1
+            return
+        region = self.memdev.size
+        if not self._block_size:
+            # Fix the default now: the minimum memslot size depends on it.
+            self._block_size = default_block_size(self.memdev.memory)
+        bs = self._block_size
+        if bs < self.memdev.memory.page_size or region % bs:
+            self.nb_memslots = 1  # realize will fail anyway
+            return
+        if self.opts.memslot_size is not None:
+            size = self.opts.memslot_size
+            if size < bs or size % bs:
+                raise ConfigError(
+                    f"virtio-mem '{self.label}': 'memslot-size' (0x{size:x}) has to be a "
+                    f"multiple of 'block-size' (0x{bs:x})"
+                )
+        else:
+            if limit <= 1:
+                self.nb_memslots = 1
+                return
+            size = align_up(region // limit, bs)
+            size = max(size, max(bs, MIN_MEMSLOT_SIZE))
+        n = -(-region // size)
+        if n != 1:
+            self.memslot_size = size
+        self.nb_memslots = n
+
+    # -- realize -------------------------------------------------------------------------------
+
+    def realize(self) -> None:
+        """Validate properties against the backend and build the memslots (QEMU's order)."""
+        label = self.label
+        memdev = self.memdev
+        if memdev is None:
+            raise ConfigError(f"virtio-mem '{label}': 'memdev' property is not set")
+        if memdev.used_by is not None:
+            raise ConfigError(
+                f"virtio-mem '{label}': 'memdev' property specifies a busy memdev: {memdev.id}"
+            )
+        if memdev.prealloc:
+            raise ConfigError(
+                f"virtio-mem '{label}': 'memdev' property specifies a memdev with preallocation "
+                f"enabled: {memdev.id}. Instead, specify 'prealloc=on' for the virtio-mem device. "
+            )
+        if (self.numa_nodes and self.node >= self.numa_nodes) or (
+            not self.numa_nodes and self.node
+        ):
+            raise ConfigError(
+                f"virtio-mem '{label}': 'node' property has value '{self.node}', which exceeds"
+                f"the number of numa nodes: {self.numa_nodes or 1}"
+            )
+        page_size = memdev.memory.page_size
+        default_bs = default_block_size(memdev.memory)
+        if self.unplugged_inaccessible == "auto":
+            # Only private anonymous memory with base pages has the shared zeropage.
+            self.unplugged_inaccessible = "off" if self._shared_zeropage() else "on"
+        elif self.unplugged_inaccessible == "off" and not self._shared_zeropage():
+            log.warning(
+                "'unplugged-inaccessible' property set to 'off' with a memdev that does not "
+                "support the shared zeropage."
+            )
+        if self.dynamic and self.unplugged_inaccessible != "on":
+            what = "memslot-size" if self.opts.memslot_size is not None else "dynamic-memslots"
+            raise ConfigError(
+                f"virtio-mem '{label}': '{what}' property set to 'on' requires "
+                "'unplugged-inaccessible' to be 'on'"
+            )
+        if not self._block_size:
+            self._block_size = default_bs
+        bs = self._block_size
+        if bs < page_size:
+            raise ConfigError(
+                f"virtio-mem '{label}': 'block-size' property has to be at least the page size "
+                f"(0x{page_size:x})"
+            )
+        if bs < default_bs:
+            log.warning(
+                "'block-size' property is smaller than the default block size (%x MiB)",
+                default_bs // MiB,
+            )
+        if self.requested_size % bs:
+            raise ConfigError(
+                f"virtio-mem '{label}': 'requested-size' property has to be multiples of "
+                f"'block-size' (0x{bs:x})"
+            )
+        if self.addr % bs:
+            raise ConfigError(
+                f"virtio-mem '{label}': 'memaddr' property has to be multiples of "
+                f"'block-size' (0x{bs:x})"
+            )
+        if memdev.size % bs:
+            raise ConfigError(
+                f"virtio-mem '{label}': 'memdev' property memdev size has to be multiples of"
+                f"'block-size' (0x{bs:x})"
+            )
+        # A fresh start: nothing is plugged, so no host memory may stay populated.
+        try:
+            memdev.memory.discard(0, memdev.size)
+        except MemslotsError as exc:
+            raise ConfigError(
+                f"virtio-mem '{label}': Unexpected error discarding RAM: {exc}"
+            ) from exc
+        self._resize_usable_region(self.requested_size, can_shrink=True)
+        self.bitmap = bytearray(memdev.size // bs)
+        if self.dynamic:
+            container = self.get_memory_region()
+            if self.nb_memslots <= 1:
+                self.nb_memslots = 1
+                self.memslot_size = memdev.size
+            self.memslots = [
+                MemoryRegion.alias(
+                    f"{label}/memslot-{i}",
+                    memdev.region,
+                    i * self.memslot_size,
+                    min(self.memslot_size, memdev.size - i * self.memslot_size),
+                    mergeable=False,
+                )
+                for i in range(self.nb_memslots)
+            ]
+            self._slot_plugged = [0] * self.nb_memslots
+            assert container.size == memdev.size
+        memdev.used_by = label
+        self.realized = True
+
+    def _shared_zeropage(self) -> bool:
+        """Only private anonymous memory with base pages reads back as the shared zeropage."""
+        assert self.memdev is not None
+        mem = self.memdev.memory
+        return (
+            not self.memdev.opts.share and not mem.fd_backed and mem.page_size == (host_page_size())
+        )
+
+    def unrealize(self) -> None:
+        """Give the backend back (the device must have been unplugged from the machine)."""
+        if self.memdev is not None and self.memdev.used_by == self.label:
+            self.memdev.used_by = None
+        self.realized = False
+
+    def check_unplug(self) -> None:
+        """QEMU's refusals of ``device_del`` for a virtio-mem device."""
+        if self.unplugged_inaccessible != "on":
+            raise DeviceError(
+                "virtio-mem device cannot get unplugged while 'unplugged-inaccessible' != 'on'"
+            )
+        if self.size:
+            raise DeviceError(
+                "virtio-mem device cannot get unplugged while some of its memory is still plugged"
+            )
+        if self.requested_size:
+            raise DeviceError(
+                "virtio-mem device cannot get unplugged while 'requested-size' != '0'"
+            )
+
+    def _resize_usable_region(self, requested: int, *, can_shrink: bool) -> None:
+        bs = self.block_size
+        newsize = align_up(min(self.region_size, requested + USABLE_EXTENT), bs)
+        if not requested:
+            newsize = 0
+        if newsize < self.usable_region_size and not can_shrink:
+            return
+        self.usable_region_size = newsize
+
+    # -- guest requests ------------------------------------------------------------------------
+
+    def handle_request(self, data: bytes) -> bytes:
+        """Process one request as the guest wrote it; return the 10-byte response.
+
+        A protocol violation (short request, unknown type) makes the device need a reset, as
+        QEMU's ``virtio_error`` does, and raises :class:`DeviceError`; no state changes.
+        """
+        if self.needs_reset:
+            raise DeviceError(f"virtio-mem '{self.label}' needs a reset")
+        if len(data) < REQUEST_SIZE:
+            self.protocol_violation(f"invalid request size: {len(data)}")
+        req = Request.unpack(data)
+        if req.type not in ReqType._value2member_map_:
+            self.protocol_violation(f"unknown request type: {req.type}")
+        return self.execute(req).pack()
+
+    def protocol_violation(self, what: str) -> NoReturn:
+        """The driver broke the protocol: the device needs a reset (QEMU's virtio_error)."""
+        self.needs_reset = True
+        raise DeviceError(f"virtio-mem '{self.label}': virtio-mem protocol violation: {what}")
+
+    def execute(self, req: Request) -> Response:
+        """Process a parsed request of a known type."""
+        kind = ReqType(req.type)
+        if kind is ReqType.PLUG or kind is ReqType.UNPLUG:
+            resp = self._state_change(req.addr, req.nb_blocks, plug=kind is ReqType.PLUG)
+        elif kind is ReqType.UNPLUG_ALL:
+            resp = Response(self._unplug_all())
+        else:
+            resp = self._state(req.addr, req.nb_blocks)
+        self.requests[(kind.name.lower(), Resp(resp.type).name.lower())] += 1
+        return resp
+
+    def _block_range(self, gpa: int, nb_blocks: int) -> tuple[int, int] | None:
+        """``(first block, count)`` if the range is valid for the usable region, else None."""
+        bs = self.block_size
+        size = nb_blocks * bs
+        if gpa % bs or nb_blocks == 0:
+            return None
+        if gpa < self.addr or gpa + size > self.addr + self.usable_region_size:
+            return None
+        return (gpa - self.addr) // bs, nb_blocks
+
+    def _state_change(self, gpa: int, nb_blocks: int, *, plug: bool) -> Response:
+        rng = self._block_range(gpa, nb_blocks)
+        if rng is None:
+            return Response(Resp.ERROR)
+        first, count = rng
+        size = count * self.block_size
+        if plug and self.size + size > self.requested_size:
+            return Response(Resp.NACK)
+        want = b"\x00" if plug else b"\x01"
+        if self.bitmap[first : first + count] != want * count:
+            return Response(Resp.ERROR)
+        if self.busy:
+            return Response(Resp.BUSY)
+        ok = self._plug(first, count) if plug else self._unplug(first, count)
+        return Response(Resp.ACK if ok else Resp.BUSY)
+
+    def _state(self, gpa: int, nb_blocks: int) -> Response:
+        rng = self._block_range(gpa, nb_blocks)
+        if rng is None:
+            return Response(Resp.ERROR)
+        first, count = rng
+        plugged = self.bitmap.count(1, first, first + count)
+        if plugged == count:
+            state = BlockState.PLUGGED
+        elif plugged == 0:
+            state = BlockState.UNPLUGGED
+        else:
+            state = BlockState.MIXED
+        return Response(Resp.ACK, state)
+
+    # -- block state changes -------------------------------------------------------------------
+
+    def _slots_of(self, first: int, count: int) -> range:
+        per_slot = self.memslot_size // self.block_size
+        return range(first // per_slot, (first + count - 1) // per_slot + 1)
+
+    def _blocks_in_slot(self, index: int, first: int, count: int) -> int:
+        per_slot = self.memslot_size // self.block_size
+        lo, hi = index * per_slot, (index + 1) * per_slot
+        return max(0, min(hi, first + count) - max(lo, first))
+
+    def _plug(self, first: int, count: int) -> bool:
+        if self.opts.prealloc and not self._preallocate(first, count):
+            return False
+        slots = self._slots_of(first, count) if self.dynamic else range(0)
+        # Map first: the guest may touch the blocks as soon as it sees the ACK.
+        if not self._set_mapped([i for i in slots if not self.memslots[i].mapped], True):
+            return False
+        for i in slots:
+            self._slot_plugged[i] += self._blocks_in_slot(i, first, count)
+        self.bitmap[first : first + count] = b"\x01" * count
+        self._size_changed(self.size + count * self.block_size)
+        return True
+
+    def _unplug(self, first: int, count: int) -> bool:
+        bs = self.block_size
+        slots = self._slots_of(first, count) if self.dynamic else range(0)
+        empty = [i for i in slots if self._slot_plugged[i] == self._blocks_in_slot(i, first, count)]
+        # Unmap first, so no consumer still maps the memory when it is given back.
+        if not self._set_mapped(empty, False):
+            return False
+        if not self._discard(first * bs, count * bs):
+            # As QEMU: a failed discard is BUSY with nothing changed, so map back what we took.
+            self._set_mapped(empty, True)
+            return False
+        for i in slots:
+            self._slot_plugged[i] -= self._blocks_in_slot(i, first, count)
+        self.bitmap[first : first + count] = bytes(count)
+        self._size_changed(self.size - count * bs)
+        return True
+
+    def _unplug_all(self) -> Resp:
+        if self.size:
+            if self.busy:
+                return Resp.BUSY
+            mapped = [i for i, r in enumerate(self.memslots) if r.mapped]
+            if not self._set_mapped(mapped, False):
+                return Resp.BUSY
+            if not self._discard(0, self.region_size):
+                self._set_mapped(mapped, True)
+                return Resp.BUSY
+            self._slot_plugged = [0] * self.nb_memslots
+            self.bitmap[:] = bytes(len(self.bitmap))
+            self._size_changed(0)
+        self._resize_usable_region(self.requested_size, can_shrink=True)
+        return Resp.ACK
+
+    def _preallocate(self, first: int, count: int) -> bool:
+        """``prealloc=on``: populate the blocks before plugging; a shortage is BUSY (QEMU)."""
+        assert self.memdev is not None
+        bs = self.block_size
+        try:
+            self.memdev.memory.populate(first * bs, count * bs)
+        except MemslotsError as exc:
+            log.warning("virtio-mem '%s': preallocation failed: %s", self.label, exc)
+            self._discard(first * bs, count * bs)
+            return False
+        return True
+
+    def _set_mapped(self, indices: list[int], mapped: bool) -> bool:
+        """Map or unmap memslots in one transaction; False (logged) if a consumer refused."""
+        if not indices:
+            return True
+        assert self.mr is not None
+        try:
+            with self.address_space.transaction():
+                for i in indices:
+                    if mapped:
+                        self.address_space.add_subregion(
+                            self.mr, i * self.memslot_size, self.memslots[i]
+                        )
+                    else:
+                        self.address_space.del_subregion(self.mr, self.memslots[i])
+        except MemslotsError as exc:
+            what = "map" if mapped else "unmap"
+            log.warning("virtio-mem '%s': cannot %s memslots: %s", self.label, what, exc)
+            return False
+        return True
+
+    def _discard(self, offset: int, length: int) -> bool:
+        assert self.memdev is not None
+        try:
+            self.memdev.memory.discard(offset, length)
+        except MemslotsError as exc:
+            self.discard_failures += 1
+            log.warning("virtio-mem '%s': %s", self.label, exc)
+            return False
+        return True
+
+    def _size_changed(self, new_size: int) -> None:
+        self.size = new_size
+        for cb in list(self.size_change_listeners):
+            cb(self, new_size)
+
+    # -- resets --------------------------------------------------------------------------------
+
+    def device_reset(self) -> None:
+        """A virtio device reset: block states and memory stay as they are."""
+        self.needs_reset = False
+
+    def system_reset(self) -> None:
+        """A system reset: everything gets unplugged and the usable region shrinks.
+
+        While busy (migration) QEMU's unplug-all fails and nothing changes.
+        """
+        self.needs_reset = False
+        self._unplug_all()
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def memslot_map(self) -> list[MemslotInfo]:
+        """Every memslot of the device, mapped or not."""
+        if not self.dynamic:
+            mapped = self.memdev is not None and self.memdev.region.mapped
+            return [MemslotInfo(0, self.addr, self.region_size, mapped, self.nb_plugged_blocks)]
+        return [
+            MemslotInfo(i, self.addr + i * self.memslot_size, r.size, r.mapped, plugged)
+            for i, (r, plugged) in enumerate(zip(self.memslots, self._slot_plugged, strict=True))
+        ]
+
+    @property
+    def nb_plugged_blocks(self) -> int:
+        """Number of plugged blocks."""
+        return self.bitmap.count(1)
+
+    @property
+    def mapped_memslots(self) -> int:
+        """How many of the device's memslots are mapped now."""
+        return sum(1 for m in self.memslot_map() if m.mapped)
+
+
+def drive_to(dev: VirtioMem, target: int) -> int:
+    """Set ``requested-size`` to ``target`` and get there through the request path.
+
+    This is the simplest in-order guest: it plugs the lowest unplugged blocks first and
+    unplugs the highest plugged blocks first, in requests of at most 65535 contiguous blocks.
+    Returns the number of requests sent; raises :class:`DeviceError` unless every one is ACKed.
+    It serves measurements and demos; it is not a model of the Linux driver.
+    """
+    dev.set_requested_size(target)
+    bs = dev.block_size
+    sent = 0
+    while dev.size != target:
+        plug = dev.size < target
+        want = (target - dev.size) // bs if plug else (dev.size - target) // bs
+        if plug:
+            first = dev.bitmap.find(0)
+            end = dev.bitmap.find(1, first)
+            end = len(dev.bitmap) if end < 0 else end
+            count = min(want, end - first, MAX_NB_BLOCKS)
+        else:
+            last = dev.bitmap.rfind(1)
+            start = dev.bitmap.rfind(0, 0, last) + 1
+            count = min(want, last + 1 - start, MAX_NB_BLOCKS)
+            first = last + 1 - count
+        kind = ReqType.PLUG if plug else ReqType.UNPLUG
+        resp = Response.unpack(
+            dev.handle_request(Request(kind, dev.addr + first * bs, count).pack())
+        )
+        sent += 1
+        if resp.type != Resp.ACK:
+            raise DeviceError(
+                f"virtio-mem '{dev.label}' answered {Resp(resp.type).name} to {kind.name} of "
+                f"{count} blocks at 0x{dev.addr + first * bs:x}"
+            )
+    return sent

@@ -1,0 +1,760 @@
+"""A model of Linux's virtio_mem driver: the stream of requests a real guest sends.
+
+It follows ``drivers/virtio/virtio_mem.c`` as ``../shared/reference/linux-guest-driver.md``
+describes it: Sub-Block Mode (SBM) or Big-Block Mode (BBM) chosen at probe, plugging the lowest
+addresses first with at most one memory block per request, unplugging the highest first
+(offline memory before online memory, one sub-block per request in online blocks), UNPLUG_ALL
+at probe when memory is still plugged, the retry timer (50 s doubling to 300 s) on BUSY or
+leftover work, an immediate re-run on NACK, and "broken" on ERROR.
+
+The driver talks to the device only through a :class:`Channel` (the virtqueue and the config
+space) and runs on a :class:`~memslots.guest.sched.Scheduler`, so 300 s timers take no time in
+tests.
+It also *uses* the memory it onlines: through a :class:`MemoryUser` it writes a pattern into
+every sub-block that becomes usable and checks it before giving the sub-block back, so memory
+lost or unmapped while plugged is caught (``violations``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from memslots.devices.virtio_mem import Config, ReqType, Request, Resp, Response
+from memslots.guest.sched import Scheduler, Timer
+from memslots.sizes import GiB, MiB
+
+log = logging.getLogger("memslots.guest.linux")
+
+RETRY_START = 50.0
+RETRY_MAX = 300.0
+PAGEBLOCK_SIZE = 2 * MiB
+MIN_MEMORY_BLOCK = 128 * MiB
+MAX_MEMORY_BLOCK = 2 * GiB
+LARGE_BLOCK_BOUNDARY = 64 * GiB
+#: Immediate re-runs after NACK before the model declares a livelock (Linux would spin).
+MAX_IMMEDIATE_RETRIES = 10000
+
+
+class Channel(Protocol):
+    """How the driver reaches the device: requests over the virtqueue, and the config space."""
+
+    def read_config(self) -> Config:
+        """Read the 56-byte config space."""
+        ...
+
+    def send(self, request: Request) -> Response | None:
+        """Send one request and wait for the response; None if the device never answers."""
+        ...
+
+
+class MemoryUser(Protocol):
+    """How the guest touches its memory (through guest RAM, or from a real vCPU)."""
+
+    def write_pattern(self, gpa: int, length: int, seed: int) -> None:
+        """Write a recognisable pattern into ``[gpa, gpa+length)``; raise if it is not RAM."""
+        ...
+
+    def check_pattern(self, gpa: int, length: int, seed: int) -> bool:
+        """True if the pattern is still there."""
+        ...
+
+
+def memory_block_size(boot_memory_end: int, *, in_vm: bool = True) -> int:
+    """Linux x86-64's memory block size for a given end of boot memory."""
+    if boot_memory_end < LARGE_BLOCK_BOUNDARY:
+        return MIN_MEMORY_BLOCK
+    if not in_vm:
+        return MAX_MEMORY_BLOCK
+    size = MAX_MEMORY_BLOCK
+    while size > MIN_MEMORY_BLOCK and boot_memory_end % size:
+        size //= 2
+    return size
+
+
+class Online(enum.Enum):
+    """What happens to hot-added memory: the kernel's auto-online policy."""
+
+    MOVABLE = "online_movable"
+    KERNEL = "online"
+    OFFLINE = "offline"
+
+
+class Mb(enum.Enum):
+    """States of a memory block (SBM) or big block (BBM)."""
+
+    UNUSED = "unused"
+    PLUGGED = "plugged"  # plugged but not added (adding failed): cleaned up later
+    OFFLINE = "offline"
+    OFFLINE_PARTIAL = "offline_partial"
+    KERNEL = "kernel"
+    KERNEL_PARTIAL = "kernel_partial"
+    MOVABLE = "movable"
+    MOVABLE_PARTIAL = "movable_partial"
+
+
+_PARTIAL = {
+    Mb.OFFLINE: Mb.OFFLINE_PARTIAL,
+    Mb.KERNEL: Mb.KERNEL_PARTIAL,
+    Mb.MOVABLE: Mb.MOVABLE_PARTIAL,
+}
+_FULL = {v: k for k, v in _PARTIAL.items()}
+_ONLINE = {Mb.KERNEL, Mb.KERNEL_PARTIAL, Mb.MOVABLE, Mb.MOVABLE_PARTIAL}
+
+
+class Rc(enum.Enum):
+    """The driver's return codes that decide what the worker does next."""
+
+    OK = 0
+    ENOSPC = "ENOSPC"
+    ETXTBSY = "ETXTBSY"
+    EBUSY = "EBUSY"
+    ENOMEM = "ENOMEM"
+    EAGAIN = "EAGAIN"
+    EINVAL = "EINVAL"
+    EHUNG = "EHUNG"  # no response at all: the device needs a reset
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    """One request as it went over the wire, with its answer."""
+
+    type: str
+    offset: int
+    nb_blocks: int
+    response: str
+    time: float
+
+    def as_dict(self) -> dict[str, object]:
+        """The ``simulate --request-log`` shape."""
+        return {
+            "type": self.type,
+            "offset": self.offset,
+            "nb_blocks": self.nb_blocks,
+            "response": self.response,
+        }
+
+
+@dataclass
+class GuestOptions:
+    """Knobs of the guest model (kernel parameters and the environment)."""
+
+    #: End of boot memory (decides the memory block size); 0: ask the machine.
+    boot_memory_end: int = 4 * GiB
+    online: Online = Online.MOVABLE
+    force_bbm: bool = False
+    bbm_block_size: int = 0
+    unplug_online: bool = True
+    #: Kernels before ~5.19 used 4 MiB sub-blocks on x86-64.
+    legacy_subblocks: bool = False
+    #: Sub-blocks pinned by unmovable pages (kernel zone only), as byte offsets from the
+    #: device's start address; real guests differ in which ones, so it is an input.
+    pinned: frozenset[int] = field(default_factory=frozenset)
+    #: The guest writes into every n-th usable sub-block only. A write into anonymous guest
+    #: RAM makes the host back the whole 2 MiB huge page, so touching every block of a large
+    #: device would cost the host as much memory as the guest plugged.
+    use_stride: int = 1
+
+
+class LinuxGuest:
+    """The virtio_mem driver of one Linux guest, bound to one device."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        scheduler: Scheduler,
+        options: GuestOptions | None = None,
+        *,
+        memory: MemoryUser | None = None,
+    ) -> None:
+        self.channel = channel
+        self.sched = scheduler
+        self.opts = options or GuestOptions()
+        self.memory = memory
+        self.log: list[LoggedRequest] = []
+        self.violations: list[str] = []
+        self.listeners: list[Callable[[LinuxGuest], None]] = []
+        self.broken = False
+        self.hung = False
+        self.stopped_no_space = False
+        self.retry_period = RETRY_START
+        self._timer: Timer | None = None
+        self._queued = False
+        self._seq = 0
+        self.probed = False
+
+    # -- probe --------------------------------------------------------------------------------
+
+    def probe(self) -> None:
+        """Read the config, choose the mode, and queue the first run (C3)."""
+        cfg = self.channel.read_config()
+        self.block_size = cfg.block_size
+        self.addr = cfg.addr
+        self.region_size = cfg.region_size
+        self.plugged_size = cfg.plugged_size
+        self.requested_size = cfg.requested_size
+        self.usable_region_size = cfg.usable_region_size
+        self.mb_size = memory_block_size(self.opts.boot_memory_end)
+        pageblock = 4 * MiB if self.opts.legacy_subblocks else PAGEBLOCK_SIZE
+        sb = max(self.block_size, pageblock)
+        self.sbm = sb < self.mb_size and not self.opts.force_bbm
+        if self.sbm:
+            self.unit = sb
+            self.per_unit = self.mb_size // sb  # sub-blocks per memory block
+        else:
+            bb = max(self.block_size, self.mb_size)
+            if (
+                self.opts.bbm_block_size >= bb
+                and self.opts.bbm_block_size & (self.opts.bbm_block_size - 1) == 0
+            ):
+                bb = self.opts.bbm_block_size
+            self.unit = bb
+            self.per_unit = 1
+        self.id_size = self.mb_size if self.sbm else self.unit
+        self.first_id = -(-self.addr // self.id_size)
+        self.next_id = self.first_id
+        self.offline_threshold = max(2 * self.mb_size, 1 * GiB)
+        if not self.sbm:
+            self.offline_threshold = max(self.offline_threshold, 2 * self.unit)
+        self.offline_size = 0
+        self.state: dict[int, Mb] = {}
+        #: SBM: which sub-blocks of a memory block are plugged.
+        self.sb_plugged: dict[int, list[bool]] = {}
+        self._seeds: dict[int, int] = {}
+        self.unplug_all_required = self.plugged_size != 0
+        self.config_changed = True
+        self.probed = True
+        self._update_last_usable()
+        self._queue()
+
+    def _update_last_usable(self) -> None:
+        end = self.addr + self.usable_region_size
+        self.last_usable_id = end // self.id_size - 1
+
+    # -- triggers -----------------------------------------------------------------------------
+
+    def config_interrupt(self) -> None:
+        """The device changed its config (requested size): re-read it and work (C4)."""
+        self.config_changed = True
+        self.stopped_no_space = False
+        self._queue()
+
+    def online_all(self) -> None:
+        """User space onlines every offline block (what udev would do); may restart the worker."""
+        for mid, st in sorted(self.state.items()):
+            if st in (Mb.OFFLINE, Mb.OFFLINE_PARTIAL):
+                self._online(mid, Online.MOVABLE)
+        self.stopped_no_space = False
+        self._queue()
+
+    def _queue(self) -> None:
+        if self.broken or self.hung or self._queued:
+            return
+        self._queued = True
+        self.sched.call_soon(self._run_queued)
+
+    def _run_queued(self) -> None:
+        self._queued = False
+        self.run()
+
+    @property
+    def idle(self) -> bool:
+        """True when nothing is queued and no retry timer is armed."""
+        return not self._queued and self._timer is None
+
+    @property
+    def timer_due(self) -> float | None:
+        """When the retry timer fires, if armed."""
+        return self._timer.when if self._timer else None
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """One pass of ``virtio_mem_run_wq``."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.broken or self.hung:
+            return
+        for _ in range(MAX_IMMEDIATE_RETRIES):
+            rc = self._run_once()
+            if rc is not Rc.EAGAIN:
+                break
+        else:
+            self.violations.append("driver livelock: the device keeps answering NACK")
+            rc = Rc.ETXTBSY
+        if rc is Rc.OK:
+            self.retry_period = RETRY_START
+        elif rc is Rc.ENOSPC:
+            self.stopped_no_space = True
+        elif rc in (Rc.ETXTBSY, Rc.EBUSY, Rc.ENOMEM):
+            self._arm_timer()
+        elif rc is Rc.EHUNG:
+            self.hung = True
+        else:
+            self.broken = True
+            log.warning("virtio_mem: device answered ERROR, the driver is now broken")
+        for cb in list(self.listeners):
+            cb(self)
+
+    def _arm_timer(self) -> None:
+        period = self.retry_period
+
+        def expire() -> None:
+            self._timer = None
+            self.retry_period = min(2 * self.retry_period, RETRY_MAX)
+            self.run()
+
+        self._timer = self.sched.call_at(self.sched.now() + period, expire)
+
+    def _run_once(self) -> Rc:
+        rc = Rc.OK
+        if self.unplug_all_required:
+            resp = self._send(ReqType.UNPLUG_ALL, 0, 0)
+            if resp is None:
+                return Rc.EHUNG
+            if resp == Resp.ACK:
+                self.plugged_size = 0
+                self.unplug_all_required = False
+                self.config_changed = True
+            else:
+                rc = Rc.ETXTBSY if resp == Resp.BUSY else Rc.ENOMEM
+        if self.config_changed:
+            self.config_changed = False
+            cfg = self.channel.read_config()
+            if cfg.plugged_size != self.plugged_size:
+                log.warning(
+                    "virtio_mem: plugged size 0x%x differs from the device's 0x%x; adopting it",
+                    self.plugged_size,
+                    cfg.plugged_size,
+                )
+                self.plugged_size = cfg.plugged_size
+            self.usable_region_size = cfg.usable_region_size
+            self.requested_size = cfg.requested_size
+            self._update_last_usable()
+        if rc is Rc.OK:
+            rc = self._cleanup()
+        if rc is Rc.OK and self.requested_size != self.plugged_size:
+            if self.requested_size > self.plugged_size:
+                rc = self._plug(self.requested_size - self.plugged_size)
+            else:
+                rc = self._unplug(self.plugged_size - self.requested_size)
+        if rc is Rc.OK and self.sbm and self._waiting_removal():
+            rc = Rc.EBUSY
+        return rc
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _send(self, kind: ReqType, gpa: int, nb_blocks: int) -> Resp | int | None:
+        """Send a request; its response type (an int if unknown), or None if none came."""
+        resp = self.channel.send(Request(kind, gpa, nb_blocks))
+        answer: Resp | int | None = None
+        if resp is not None:
+            known = resp.type in Resp._value2member_map_
+            answer = Resp(resp.type) if known else resp.type
+        if answer is None:
+            shown = "none"
+        elif isinstance(answer, Resp):
+            shown = answer.name.lower()
+        else:
+            shown = f"unknown({answer})"
+        offset = gpa - self.addr if kind != ReqType.UNPLUG_ALL else 0
+        self.log.append(
+            LoggedRequest(kind.name.lower(), offset, nb_blocks, shown, self.sched.now())
+        )
+        return answer
+
+    def _plug_request(self, gpa: int, size: int) -> Rc:
+        if self.config_changed:
+            return Rc.EAGAIN
+        resp = self._send(ReqType.PLUG, gpa, size // self.block_size)
+        if resp is None:
+            return Rc.EHUNG
+        if resp == Resp.ACK:
+            self.plugged_size += size
+            return Rc.OK
+        if resp == Resp.ERROR:
+            return Rc.EINVAL
+        if resp == Resp.NACK:
+            return Rc.EAGAIN
+        # Linux starts from -ENOMEM: a response type it does not know retries on the timer.
+        return Rc.ETXTBSY if resp == Resp.BUSY else Rc.ENOMEM
+
+    def _unplug_request(self, gpa: int, size: int) -> Rc:
+        if self.config_changed:
+            return Rc.EAGAIN
+        resp = self._send(ReqType.UNPLUG, gpa, size // self.block_size)
+        if resp is None:
+            return Rc.EHUNG
+        if resp == Resp.ACK:
+            self.plugged_size -= size
+            return Rc.OK
+        if resp == Resp.ERROR:
+            return Rc.EINVAL
+        return Rc.ETXTBSY if resp == Resp.BUSY else Rc.ENOMEM
+
+    # -- memory use ---------------------------------------------------------------------------
+
+    def _use(self, gpa: int) -> None:
+        """A sub-block became usable by the kernel: the guest writes into it."""
+        if self.memory is None or (gpa // self.unit) % self.opts.use_stride:
+            return
+        self._seq += 1
+        self._seeds[gpa] = self._seq
+        try:
+            self.memory.write_pattern(gpa, self.unit, self._seq)
+        except Exception as exc:  # the guest would crash on a non-RAM access to plugged memory
+            self.violations.append(f"plugged memory at 0x{gpa:x} is not usable: {exc}")
+
+    def _release(self, gpa: int) -> None:
+        """A sub-block is about to be given back: its data must still be there."""
+        seed = self._seeds.pop(gpa, None)
+        if self.memory is None or seed is None:
+            return
+        try:
+            ok = self.memory.check_pattern(gpa, self.unit, seed)
+        except Exception as exc:
+            ok = False
+            self.violations.append(f"plugged memory at 0x{gpa:x} vanished: {exc}")
+            return
+        if not ok:
+            self.violations.append(f"plugged memory at 0x{gpa:x} lost its contents")
+
+    def verify(self) -> int:
+        """Check the pattern of every sub-block in use; returns how many were checked."""
+        if self.memory is None:
+            return 0
+        checked = 0
+        for gpa, seed in sorted(self._seeds.items()):
+            checked += 1
+            try:
+                ok = self.memory.check_pattern(gpa, self.unit, seed)
+            except Exception as exc:
+                self.violations.append(f"plugged memory at 0x{gpa:x} vanished: {exc}")
+                continue
+            if not ok:
+                self.violations.append(f"plugged memory at 0x{gpa:x} lost its contents")
+        return checked
+
+    # -- block bookkeeping --------------------------------------------------------------------
+
+    def _base(self, mid: int) -> int:
+        return mid * self.id_size
+
+    def _ids(self, state: Mb, *, descending: bool = False) -> list[int]:
+        return sorted((m for m, s in self.state.items() if s is state), reverse=descending)
+
+    def _online(self, mid: int, how: Online) -> None:
+        st = self.state[mid]
+        partial = st is Mb.OFFLINE_PARTIAL
+        zone = Mb.MOVABLE if how is Online.MOVABLE else Mb.KERNEL
+        self.state[mid] = _PARTIAL[zone] if partial else zone
+        self.offline_size -= self.mb_size if self.sbm else self.unit
+        if self.memory is not None:
+            for gpa in self._plugged_units(mid):
+                self._use(gpa)
+
+    def _plugged_units(self, mid: int) -> list[int]:
+        base = self._base(mid)
+        if not self.sbm:
+            return [base]
+        return [base + i * self.unit for i, p in enumerate(self.sb_plugged[mid]) if p]
+
+    def _add_memory(self, mid: int) -> None:
+        """add_memory_driver_managed, then the auto-online policy."""
+        self.offline_size += self.mb_size if self.sbm else self.unit
+        if self.opts.online is not Online.OFFLINE:
+            self._online(mid, self.opts.online)
+
+    def _remove(self, mid: int) -> None:
+        if self.state[mid] in (Mb.OFFLINE, Mb.OFFLINE_PARTIAL):
+            self.offline_size -= self.mb_size if self.sbm else self.unit
+        self.state[mid] = Mb.UNUSED
+        if self.sbm:
+            self.sb_plugged[mid] = [False] * self.per_unit
+
+    def _waiting_removal(self) -> bool:
+        return any(
+            st in _PARTIAL.values() and not any(self.sb_plugged[mid])
+            for mid, st in self.state.items()
+        )
+
+    def _cleanup(self) -> Rc:
+        """Unplug blocks left plugged but not added; retry removing emptied blocks."""
+        for mid in self._ids(Mb.PLUGGED):
+            base = self._base(mid)
+            size = self.id_size
+            if self.sbm:
+                size = sum(self.sb_plugged[mid]) * self.unit
+            rc = self._unplug_request(base, size) if size else Rc.OK
+            if rc is not Rc.OK:
+                return rc
+            self._remove(mid)
+        if self.sbm:
+            for mid, st in list(self.state.items()):
+                if st in _PARTIAL.values() and not any(self.sb_plugged[mid]):
+                    self._remove(mid)
+        return Rc.OK
+
+    # -- plug (C5, C7) ------------------------------------------------------------------------
+
+    def _plug(self, diff: int) -> Rc:
+        n = diff // self.unit
+        if n == 0:
+            return Rc.OK
+        if not self.sbm:
+            return self._plug_bbm(n)
+        for state in (Mb.KERNEL_PARTIAL, Mb.MOVABLE_PARTIAL, Mb.OFFLINE_PARTIAL):
+            for mid in self._ids(state):
+                n, rc = self._plug_partial(mid, n)
+                if rc is not Rc.OK or n == 0:
+                    return rc
+        for mid in self._ids(Mb.UNUSED):
+            if self.offline_size + self.mb_size > self.offline_threshold:
+                return Rc.ENOSPC
+            n, rc = self._plug_and_add(mid, n)
+            if rc is not Rc.OK or n == 0:
+                return rc
+        while n:
+            if self.next_id > self.last_usable_id:
+                return Rc.ENOSPC
+            if self.offline_size + self.mb_size > self.offline_threshold:
+                return Rc.ENOSPC
+            mid = self.next_id
+            self.next_id += 1
+            self.state[mid] = Mb.UNUSED
+            self.sb_plugged[mid] = [False] * self.per_unit
+            n, rc = self._plug_and_add(mid, n)
+            if rc is not Rc.OK:
+                return rc
+        return Rc.OK
+
+    def _plug_partial(self, mid: int, n: int) -> tuple[int, Rc]:
+        sbs = self.sb_plugged[mid]
+        base = self._base(mid)
+        online = self.state[mid] in _ONLINE
+        while n and not all(sbs):
+            first = sbs.index(False)
+            count = 1
+            while first + count < self.per_unit and not sbs[first + count] and count < n:
+                count += 1
+            rc = self._plug_request(base + first * self.unit, count * self.unit)
+            if rc is not Rc.OK:
+                return n, rc
+            for i in range(first, first + count):
+                sbs[i] = True
+                if online:
+                    self._use(base + i * self.unit)
+            n -= count
+        if all(sbs):
+            self.state[mid] = _FULL[self.state[mid]]
+        return n, Rc.OK
+
+    def _plug_and_add(self, mid: int, n: int) -> tuple[int, Rc]:
+        count = min(n, self.per_unit)
+        rc = self._plug_request(self._base(mid), count * self.unit)
+        if rc is not Rc.OK:
+            return n, rc
+        self.sb_plugged[mid] = [i < count for i in range(self.per_unit)]
+        self.state[mid] = Mb.OFFLINE if count == self.per_unit else Mb.OFFLINE_PARTIAL
+        self._add_memory(mid)
+        return n - count, Rc.OK
+
+    def _plug_bbm(self, n: int) -> Rc:
+        while n:
+            unused = self._ids(Mb.UNUSED)
+            if unused:
+                mid = unused[0]
+            else:
+                if self.next_id > self.last_usable_id:
+                    return Rc.ENOSPC
+                mid = self.next_id
+            if self.offline_size + self.unit > self.offline_threshold:
+                return Rc.ENOSPC
+            rc = self._plug_request(self._base(mid), self.unit)
+            if rc is not Rc.OK:
+                return rc
+            if not unused:
+                self.next_id += 1
+            self.state[mid] = Mb.OFFLINE
+            self._add_memory(mid)
+            n -= 1
+        return Rc.OK
+
+    # -- unplug (C6, C7) ----------------------------------------------------------------------
+
+    def _pinned(self, gpa: int) -> bool:
+        return gpa - self.addr in self.opts.pinned
+
+    def _unplug(self, diff: int) -> Rc:
+        n = diff // self.unit
+        if n == 0:
+            return Rc.OK
+        if not self.sbm:
+            return self._unplug_bbm(n)
+        order = (
+            Mb.OFFLINE_PARTIAL,
+            Mb.OFFLINE,
+            Mb.MOVABLE_PARTIAL,
+            Mb.KERNEL_PARTIAL,
+            Mb.MOVABLE,
+            Mb.KERNEL,
+        )
+        for i, state in enumerate(order):
+            if i == 2 and not self.opts.unplug_online:
+                return Rc.OK
+            for mid in self._ids(state, descending=True):
+                if self.state[mid] is not state:
+                    continue
+                if state in (Mb.OFFLINE, Mb.OFFLINE_PARTIAL):
+                    n, rc = self._unplug_offline(mid, n)
+                else:
+                    n, rc = self._unplug_online(mid, n)
+                if rc is not Rc.OK:
+                    return rc
+                if n == 0:
+                    return Rc.OK
+        return Rc.EBUSY if n else Rc.OK
+
+    def _unplug_offline(self, mid: int, n: int) -> tuple[int, Rc]:
+        sbs = self.sb_plugged[mid]
+        base = self._base(mid)
+        while n and any(sbs):
+            top = max(i for i, p in enumerate(sbs) if p)
+            low = top
+            while low > 0 and sbs[low - 1] and top - low + 1 < n:
+                low -= 1
+            count = top - low + 1
+            rc = self._unplug_request(base + low * self.unit, count * self.unit)
+            if rc is not Rc.OK:
+                return n, rc
+            for i in range(low, top + 1):
+                sbs[i] = False
+            n -= count
+        if not any(sbs):
+            self._remove(mid)
+        elif self.state[mid] is Mb.OFFLINE:
+            self.state[mid] = Mb.OFFLINE_PARTIAL
+        return n, Rc.OK
+
+    def _unplug_online(self, mid: int, n: int) -> tuple[int, Rc]:
+        sbs = self.sb_plugged[mid]
+        base = self._base(mid)
+        kernel = self.state[mid] in (Mb.KERNEL, Mb.KERNEL_PARTIAL)
+        full = self.state[mid] in (Mb.KERNEL, Mb.MOVABLE)
+        if n >= self.per_unit and full:
+            # Fake-offline the whole block (alloc_contig_range); a pinned page makes it EBUSY.
+            blocked = kernel and any(self._pinned(base + i * self.unit) for i in range(len(sbs)))
+            if not blocked:
+                gpas = [base + i * self.unit for i in range(self.per_unit)]
+                for gpa in gpas:
+                    self._release(gpa)
+                rc = self._unplug_request(base, self.per_unit * self.unit)
+                if rc is not Rc.OK:
+                    for gpa in gpas:
+                        self._use(gpa)  # fake-online again
+                    return n, rc
+                self.sb_plugged[mid] = [False] * self.per_unit
+                self._remove(mid)  # offline_and_remove_memory
+                return n - self.per_unit, Rc.OK
+        for i in range(self.per_unit - 1, -1, -1):
+            if not n:
+                break
+            if not sbs[i]:
+                continue
+            gpa = base + i * self.unit
+            if kernel and self._pinned(gpa):
+                continue  # migration failed: skipped silently
+            self._release(gpa)
+            rc = self._unplug_request(gpa, self.unit)
+            if rc is not Rc.OK:
+                self._use(gpa)
+                return n, rc
+            sbs[i] = False
+            n -= 1
+        if not any(sbs):
+            self._remove(mid)
+        elif full and not all(sbs):
+            self.state[mid] = _PARTIAL[self.state[mid]]
+        return n, Rc.OK
+
+    def _unplug_bbm(self, n: int) -> Rc:
+        for pass_ in range(3):
+            if pass_ == 1 and not self.opts.unplug_online:
+                return Rc.OK
+            for mid in sorted(self.state, reverse=True):
+                if not n:
+                    return Rc.OK
+                st = self.state[mid]
+                if st is Mb.UNUSED or st is Mb.PLUGGED:
+                    continue
+                offline = st is Mb.OFFLINE
+                if (pass_ == 0 and not offline) or (pass_ == 1 and st is Mb.KERNEL):
+                    continue
+                base = self._base(mid)
+                if st is Mb.KERNEL and any(
+                    self._pinned(g) for g in range(base, base + self.unit, PAGEBLOCK_SIZE)
+                ):
+                    continue  # fake-offline fails: roll back and skip
+                self._release(base)
+                self._remove(mid)  # offline_and_remove_memory first (safe BBM unplug)
+                rc = self._unplug_request(base, self.unit)
+                if rc is not Rc.OK:
+                    self.state[mid] = Mb.PLUGGED  # cleaned up by a later run
+                    return rc
+                n -= 1
+        return Rc.EBUSY if n else Rc.OK
+
+
+__all__ = [
+    "Channel",
+    "GuestOptions",
+    "GuestRam",
+    "LinuxGuest",
+    "LoggedRequest",
+    "Mb",
+    "MemoryUser",
+    "Online",
+    "RamUser",
+    "memory_block_size",
+]
+
+
+class RamUser:
+    """A :class:`MemoryUser` that reaches guest RAM through the machine's memory map.
+
+    Each use writes one 16-byte record (address, seed) into one 4 KiB page of the range, so a
+    fully used 1 TiB device costs 2 GiB of host memory, not 1 TiB.
+    """
+
+    def __init__(self, memory: GuestRam) -> None:
+        self.ram = memory
+
+    @staticmethod
+    def _where(gpa: int, length: int, seed: int) -> int:
+        return gpa + (seed * 2654435761 % max(1, length // 4096)) * 4096
+
+    def write_pattern(self, gpa: int, length: int, seed: int) -> None:
+        """Write the record; raises if the range is not RAM."""
+        self.ram.write(self._where(gpa, length, seed), struct.pack("<QQ", gpa, seed))
+
+    def check_pattern(self, gpa: int, length: int, seed: int) -> bool:
+        """True if the record is intact."""
+        data = self.ram.read(self._where(gpa, length, seed), 16)
+        return data == struct.pack("<QQ", gpa, seed)
+
+
+class GuestRam(Protocol):
+    """Byte access to guest-physical memory (:class:`memslots.memory.address_space.GuestMemory`)."""
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Read guest memory."""
+        ...
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Write guest memory."""
+        ...

@@ -1,0 +1,1 @@
+"""The host: libc calls through ctypes, host memory backends, page sizes."""

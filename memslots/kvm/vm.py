@@ -1,0 +1,277 @@
+"""The real accelerator: a KVM VM on ``/dev/kvm`` whose memslots are set with ``ioctl``.
+
+The VM itself creates no vCPU; it offers memslot operations plus the few system queries and
+:meth:`KvmVm.create_vcpu` that :class:`memslots.kvm.vcpu.ProbeVcpu` builds on.
+:meth:`KvmVm.probe_mapped` reads the kernel's slot table back by trying to create a scratch
+slot, which the kernel refuses with EEXIST exactly when another slot covers the address.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+
+from memslots.closing import Closing
+from memslots.errors import KvmError, KvmUnavailableError
+from memslots.kvm.abi import (
+    DEFAULT_NR_MEMSLOTS,
+    KVM_API_VERSION,
+    KVM_CAP_MULTI_ADDRESS_SPACE,
+    KVM_CAP_NR_MEMSLOTS,
+    KVM_CAP_USER_MEMORY2,
+    KVM_CHECK_EXTENSION,
+    KVM_CREATE_VCPU,
+    KVM_CREATE_VM,
+    KVM_GET_API_VERSION,
+    KVM_GET_SUPPORTED_CPUID,
+    KVM_GET_VCPU_MMAP_SIZE,
+    KVM_SET_USER_MEMORY_REGION,
+    KVM_SET_USER_MEMORY_REGION2,
+    PAGE_SIZE,
+    CpuidEntry,
+    UserspaceMemoryRegion,
+    memslot_error,
+    pack_cpuid2,
+    reject_guest_memfd,
+    unpack_cpuid2,
+)
+from memslots.kvm.cost import MmuConfig, detect_host_mmu
+from memslots.sizes import align_down
+
+
+def kvm_available(path: str = "/dev/kvm") -> bool:
+    """Whether ``path`` can be opened read-write and speaks KVM API version 12."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, KVM_GET_API_VERSION, 0) == KVM_API_VERSION
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def read_max_memslots(path: str = "/dev/kvm") -> int:
+    """KVM_CAP_NR_MEMSLOTS from the system fd, without creating a VM (32 if it reports 0).
+
+    Raises :class:`KvmUnavailableError` if ``path`` cannot be opened.
+    """
+    fd = _open_system(path)
+    try:
+        nr = _ioctl(
+            fd, KVM_CHECK_EXTENSION, KVM_CAP_NR_MEMSLOTS, "KVM_CHECK_EXTENSION(NR_MEMSLOTS)"
+        )
+    finally:
+        os.close(fd)
+    return nr or DEFAULT_NR_MEMSLOTS
+
+
+def supported_cpuid(path: str = "/dev/kvm") -> list[CpuidEntry]:
+    """KVM_GET_SUPPORTED_CPUID on the system fd: every CPUID leaf KVM can give a guest."""
+    fd = _open_system(path)
+    try:
+        nent = 128
+        while True:
+            buf = pack_cpuid2([CpuidEntry(0, 0, 0, 0, 0, 0, 0)] * nent)
+            try:
+                fcntl.ioctl(fd, KVM_GET_SUPPORTED_CPUID, buf, True)
+            except OSError as e:
+                # E2BIG: the kernel has more entries than we made room for.
+                if e.errno == errno.E2BIG and nent < 4096:
+                    nent *= 2
+                    continue
+                raise KvmError(f"KVM_GET_SUPPORTED_CPUID failed: {e.strerror}", _errno(e)) from e
+            return unpack_cpuid2(buf)
+    finally:
+        os.close(fd)
+
+
+class KvmVm(Closing):
+    """A VM on ``/dev/kvm`` (type 0, the default x86 VM) used to set and probe memslots.
+
+    Attributes: ``max_memslots`` (KVM_CAP_NR_MEMSLOTS, 32 if the kernel reports 0, as QEMU
+    does), ``nr_address_spaces`` (KVM_CAP_MULTI_ADDRESS_SPACE, at least 1), ``has_region2``
+    (KVM_CAP_USER_MEMORY2) and ``mmu`` (:func:`detect_host_mmu`). Slot id ``max_memslots - 1``
+    of address space 0 is reserved for :meth:`probe_mapped`. Errors raise :class:`KvmError`
+    with the kernel's errno; a missing or unusable ``/dev/kvm`` raises
+    :class:`KvmUnavailableError`.
+    """
+
+    is_real = True
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        self.path = path
+        self._vm_fd = -1
+        self._scratch: mmap.mmap | None = None
+        sys_fd = _open_system(path)
+        try:
+            version = _ioctl(sys_fd, KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+            if version != KVM_API_VERSION:
+                raise KvmUnavailableError(
+                    f"{path} speaks KVM API version {version}, expected {KVM_API_VERSION}"
+                )
+            self._vm_fd = _create_vm(sys_fd)
+        finally:
+            # The VM fd holds its own reference to KVM; the system fd is not needed any more.
+            os.close(sys_fd)
+        try:
+            self.max_memslots: int = (
+                self.check_extension(KVM_CAP_NR_MEMSLOTS) or DEFAULT_NR_MEMSLOTS
+            )
+            # 0 means the kernel was built without multiple address spaces (no SMM).
+            self.nr_address_spaces: int = max(1, self.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE))
+            self.has_region2: bool = self.check_extension(KVM_CAP_USER_MEMORY2) > 0
+            self.mmu: MmuConfig = detect_host_mmu(smm=self.nr_address_spaces > 1)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def vm_fd(self) -> int:
+        """The VM file descriptor; :class:`KvmError` (EBADF) once closed."""
+        if self._vm_fd < 0:
+            raise KvmError("the KVM VM is closed", errno.EBADF)
+        return self._vm_fd
+
+    def fileno(self) -> int:
+        """The VM file descriptor, so the VM can be passed where a file is expected."""
+        return self.vm_fd
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd: 0 if unsupported, else a capability-specific value."""
+        return _ioctl(self.vm_fd, KVM_CHECK_EXTENSION, cap, f"KVM_CHECK_EXTENSION({cap})")
+
+    def set_memory_region(
+        self, slot: int, gpa: int, size: int, userspace_addr: int, flags: int = 0
+    ) -> None:
+        """Create, move or change the flags of memslot ``slot`` (``as_id << 16 | id``).
+
+        Uses KVM_SET_USER_MEMORY_REGION2 when the kernel has it, else the v1 ioctl.
+        KVM_MEM_GUEST_MEMFD is refused with ValueError (no guest_memfd can be passed).
+        """
+        reject_guest_memfd(flags)
+        region = UserspaceMemoryRegion(slot, flags, gpa, size, userspace_addr)
+        self._set_region(region, "set_memory_region")
+
+    def delete_memory_region(self, slot: int) -> None:
+        """Delete memslot ``slot``; EINVAL if it does not exist."""
+        self._set_region(UserspaceMemoryRegion(slot, 0, 0, 0, 0), "delete_memory_region")
+
+    def probe_mapped(self, gpa: int) -> bool:
+        """Whether a memslot of address space 0 covers ``gpa``, asked of the kernel itself.
+
+        Creates a 4 KiB scratch slot (id ``max_memslots - 1``) over a private host page at the
+        page containing ``gpa``: EEXIST means an existing slot covers it; success means none
+        does, and the scratch slot is deleted again.
+        """
+        page = align_down(gpa, PAGE_SIZE)
+        scratch = self.max_memslots - 1
+        region = UserspaceMemoryRegion(scratch, 0, page, PAGE_SIZE, self._scratch_addr())
+        try:
+            self._ioctl_region(region)
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                return True
+            reason = None
+            if e.errno == errno.EINVAL:
+                reason = (
+                    f"the scratch slot {scratch} is in use, or gpa is beyond the guest-physical "
+                    "limit"
+                )
+            raise memslot_error(
+                self._op("probe_mapped"), scratch, page, PAGE_SIZE, _errno(e), reason
+            ) from e
+        self._set_region(UserspaceMemoryRegion(scratch, 0, 0, 0, 0), "probe_mapped (delete)")
+        return False
+
+    def vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE: bytes to mmap from a vCPU fd (``kvm_run`` and its data)."""
+        fd = _open_system(self.path)
+        try:
+            return _ioctl(fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+        finally:
+            os.close(fd)
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        """KVM_GET_SUPPORTED_CPUID: every CPUID leaf KVM can give a guest, as KVM fills it in."""
+        return supported_cpuid(self.path)
+
+    def create_vcpu(self, vcpu_id: int) -> int:
+        """KVM_CREATE_VCPU: a new vCPU fd (the caller closes it).
+
+        The kernel keeps the vCPU until the VM is closed, even after its fd is closed, so an id
+        can be created only once per VM (EEXIST otherwise).
+        """
+        return _ioctl(self.vm_fd, KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU({vcpu_id})")
+
+    def close(self) -> None:
+        """Close the VM (the kernel frees all its memslots); safe to call more than once."""
+        if self._vm_fd >= 0:
+            fd, self._vm_fd = self._vm_fd, -1
+            os.close(fd)
+        if self._scratch is not None:
+            self._scratch.close()
+            self._scratch = None
+
+    def __del__(self) -> None:
+        # Safety net for VMs that were never closed; a leaked VM pins all its metadata.
+        self.close()
+
+    def _op(self, what: str) -> str:
+        ioctl = "KVM_SET_USER_MEMORY_REGION2" if self.has_region2 else "KVM_SET_USER_MEMORY_REGION"
+        return f"{what} ({ioctl})"
+
+    def _ioctl_region(self, region: UserspaceMemoryRegion) -> None:
+        if self.has_region2:
+            fcntl.ioctl(self.vm_fd, KVM_SET_USER_MEMORY_REGION2, region.pack2())
+        else:
+            fcntl.ioctl(self.vm_fd, KVM_SET_USER_MEMORY_REGION, region.pack())
+
+    def _set_region(self, region: UserspaceMemoryRegion, what: str) -> None:
+        try:
+            self._ioctl_region(region)
+        except OSError as e:
+            raise memslot_error(
+                self._op(what), region.slot, region.guest_phys_addr, region.memory_size, _errno(e)
+            ) from e
+
+    def _scratch_addr(self) -> int:
+        if self._scratch is None:
+            self._scratch = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # The temporary ctypes view is dropped at once, so the mmap can still be closed later.
+        return ctypes.addressof(ctypes.c_char.from_buffer(self._scratch))
+
+
+def _errno(e: OSError) -> int:
+    # Every failed syscall sets errno; EIO only stands in for the type checker's None case.
+    return e.errno if e.errno is not None else errno.EIO
+
+
+def _open_system(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise KvmUnavailableError(f"cannot open {path}: {e.strerror}", _errno(e)) from e
+
+
+def _ioctl(fd: int, request: int, arg: int, what: str) -> int:
+    try:
+        return fcntl.ioctl(fd, request, arg)
+    except OSError as e:
+        raise KvmError(f"{what} failed: {e.strerror}", _errno(e)) from e
+
+
+def _create_vm(sys_fd: int) -> int:
+    # KVM_CREATE_VM can be interrupted while the kernel sets up the VM; QEMU retries too.
+    while True:
+        try:
+            return fcntl.ioctl(sys_fd, KVM_CREATE_VM, 0)
+        except InterruptedError:
+            continue
+        except OSError as e:
+            raise KvmError(f"KVM_CREATE_VM (type 0) failed: {e.strerror}", _errno(e)) from e

@@ -1,0 +1,1 @@
+"""The machine: pc layout, device plugging order, guests, resize jobs."""

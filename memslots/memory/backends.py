@@ -1,0 +1,165 @@
+"""Memory backend objects (``-object memory-backend-*``) as the machine sees them.
+
+A :class:`MemoryBackend` joins the parsed options, the host memory behind them and the RAM
+region that devices map. It also remembers whether a device already uses it (QEMU's "busy").
+For planning, :class:`PlannedMemory` stands in for host memory that is described but never
+mapped, so that ``memslots plan`` can describe machines larger than this host.
+"""
+
+from __future__ import annotations
+
+import os
+
+from memslots.errors import ConfigError, HostMemoryError
+from memslots.host.memory import (
+    FileBackend,
+    HostMemory,
+    MemfdBackend,
+    RamBackend,
+    host_page_size,
+    hugetlbfs_page_size,
+)
+from memslots.memory.address_space import MemoryRegion, RamBlock
+from memslots.options import BackendOptions
+from memslots.sizes import MiB, align_up
+
+#: QEMU maps anonymous guest RAM 2 MiB aligned on x86-64 so THP can back it (QEMU_VMALLOC_ALIGN).
+ANON_RAM_ALIGN = 2 * MiB
+
+# Planned memory gets distinct, 1 GiB aligned, non-overlapping fake host addresses inside the
+# user address range, which is all KVM checks of them.
+_next_fake_address = [1 << 30]
+
+
+def _fake_address(size: int) -> int:
+    addr = _next_fake_address[0]
+    _next_fake_address[0] = align_up(addr + size, 1 << 30)
+    return addr
+
+
+class PlannedMemory:
+    """Host memory that is described but not mapped: what ``memslots plan`` works with."""
+
+    def __init__(self, opts: BackendOptions) -> None:
+        self.id = opts.id
+        self.size = opts.size
+        self.kind = opts.qom_type.removeprefix("memory-backend-")
+        self.shared = opts.share
+        self.page_size = _planned_page_size(opts)
+        self.host_addr = _fake_address(opts.size)
+        self.fd: int | None = None
+        self.fd_offset = 0
+
+    @property
+    def fd_backed(self) -> bool:
+        """memfd and file memory would have an fd for vhost-user back-ends."""
+        return self.kind != "ram"
+
+    def discard(self, offset: int, length: int) -> None:
+        """Nothing is mapped, so nothing is given back."""
+
+    def populate(self, offset: int, length: int) -> None:
+        """Nothing is mapped, so nothing is allocated."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Planned memory has no contents."""
+        raise HostMemoryError(f"memory backend '{self.id}' is only planned: it has no contents")
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Planned memory has no contents."""
+        raise HostMemoryError(f"memory backend '{self.id}' is only planned: it has no contents")
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _planned_page_size(opts: BackendOptions) -> int:
+    if opts.qom_type == "memory-backend-memfd" and opts.hugetlb:
+        return opts.hugetlbsize or _default_huge_page_size()
+    if opts.qom_type == "memory-backend-file" and opts.mem_path:
+        path = opts.mem_path if os.path.isdir(opts.mem_path) else os.path.dirname(opts.mem_path)
+        return hugetlbfs_page_size(path or ".") or host_page_size()
+    return host_page_size()
+
+
+def _default_huge_page_size() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Hugepagesize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2 * MiB
+
+
+class MemoryBackend:
+    """One ``-object memory-backend-*``: options, host memory and its RAM region."""
+
+    def __init__(self, opts: BackendOptions, memory: RamBlock) -> None:
+        self.opts = opts
+        self.memory = memory
+        # QEMU aligns anonymous RAM for THP; fd-backed memory only to its page size.
+        align = ANON_RAM_ALIGN if opts.qom_type == "memory-backend-ram" else memory.page_size
+        self.region = MemoryRegion.ram(opts.id, memory, align=max(align, memory.page_size))
+        #: Set while a device uses the backend; a second device is refused ("busy").
+        self.used_by: str | None = None
+
+    @property
+    def id(self) -> str:
+        """The object id."""
+        return self.opts.id
+
+    @property
+    def size(self) -> int:
+        """Bytes of memory."""
+        return self.opts.size
+
+    @property
+    def qom_path(self) -> str:
+        """Canonical QOM path, as ``query-memory-devices`` reports it."""
+        return f"/objects/{self.opts.id}"
+
+    @property
+    def prealloc(self) -> bool:
+        """Whether the backend was asked to preallocate its memory."""
+        return self.opts.prealloc
+
+    def close(self) -> None:
+        """Release the host memory."""
+        close = getattr(self.memory, "close", None)
+        if close is not None:
+            close()
+
+
+def create_backend(opts: BackendOptions, *, planned: bool = False) -> MemoryBackend:
+    """Create the host memory an ``-object`` describes (or a planned stand-in)."""
+    if planned:
+        return MemoryBackend(opts, PlannedMemory(opts))
+    memory: HostMemory
+    if opts.qom_type == "memory-backend-ram":
+        memory = RamBackend(opts.id, opts.size, share=opts.share, reserve=opts.reserve)
+    elif opts.qom_type == "memory-backend-memfd":
+        memory = MemfdBackend(
+            opts.id,
+            opts.size,
+            share=opts.share,
+            reserve=opts.reserve,
+            hugetlb=opts.hugetlb,
+            hugetlbsize=opts.hugetlbsize,
+            seal=opts.seal,
+        )
+    elif opts.qom_type == "memory-backend-file":
+        assert opts.mem_path is not None
+        memory = FileBackend(
+            opts.id, opts.size, opts.mem_path, share=opts.share, reserve=opts.reserve
+        )
+    else:
+        raise ConfigError(f"object '{opts.id}': unsupported type '{opts.qom_type}'")
+    if opts.prealloc:
+        try:
+            memory.populate(0, align_up(opts.size, memory.page_size))
+        except Exception:
+            memory.close()
+            raise
+    return MemoryBackend(opts, memory)

@@ -1,0 +1,1 @@
+"""memslots run: the QMP server and commands, Prometheus metrics, the client side."""

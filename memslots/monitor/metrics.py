@@ -1,0 +1,223 @@
+"""Prometheus metrics of a running machine, read from the machine at every scrape.
+
+:class:`MachineCollector` turns the machine's state into metric families when Prometheus asks,
+so nothing has to be updated as the machine changes: virtio-mem request counters (by type and
+response), plugged/requested/region bytes and memslots per device, memslots used/free/max per
+consumer (KVM, each vhost back-end), the device-memory accounting, and the kernel metadata our
+memslots cost (the model's figure; the measured ``VmallocUsed`` on the real kernel).
+:class:`Metrics` adds request latency histograms (fed through :meth:`Metrics.observe` by the
+guest channel) and serves it all over HTTP.
+
+The HTTP endpoint runs in the asyncio loop that runs the QMP server, so a scrape never reads the
+machine while a command changes it. It listens on 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from memslots.devices.virtio_mem import VirtioMem
+from memslots.errors import MeasurementError
+from memslots.machine.machine import Machine
+from memslots.measure import sample_vmalloc_used
+
+log = logging.getLogger("memslots.monitor.metrics")
+
+#: Request types, as ``VirtioMem.requests`` names them.
+REQUEST_TYPES = ("plug", "unplug", "unplug_all", "state")
+#: Latency buckets: a request takes microseconds without mapping, up to seconds with a big one.
+LATENCY_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+DEFAULT_HOST = "127.0.0.1"
+_REQUEST_TIMEOUT = 10.0
+
+
+def _device_label(dev: VirtioMem) -> str:
+    return dev.id if dev.id is not None else f"0x{dev.addr:x}"
+
+
+class MachineCollector(Collector):
+    """Reads a machine on every scrape and yields its metric families."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def collect(self) -> Iterable[Metric]:
+        """The metric families of the machine as it is now."""
+        yield from self._virtio_mem()
+        yield from self._consumers()
+        yield from self._device_memory()
+        yield from self._kernel()
+
+    def _virtio_mem(self) -> Iterable[Metric]:
+        labels = ["device"]
+        requests = CounterMetricFamily(
+            "memslots_virtio_mem_requests",
+            "Guest requests handled, by type and response.",
+            labels=["device", "type", "response"],
+        )
+        discard = CounterMetricFamily(
+            "memslots_virtio_mem_discard_failures",
+            "Unplugged ranges whose host memory could not be given back.",
+            labels=labels,
+        )
+        gauges = {
+            "plugged": GaugeMetricFamily(
+                "memslots_virtio_mem_plugged_bytes", "Bytes plugged (size).", labels=labels
+            ),
+            "requested": GaugeMetricFamily(
+                "memslots_virtio_mem_requested_bytes", "Requested size in bytes.", labels=labels
+            ),
+            "region": GaugeMetricFamily(
+                "memslots_virtio_mem_region_bytes", "Device region size in bytes.", labels=labels
+            ),
+            "memslots": GaugeMetricFamily(
+                "memslots_virtio_mem_memslots", "Memslots the device is split into.", labels=labels
+            ),
+            "mapped": GaugeMetricFamily(
+                "memslots_virtio_mem_mapped_memslots", "Memslots mapped now.", labels=labels
+            ),
+        }
+        for dev in self.machine.memory_devices:
+            if not isinstance(dev, VirtioMem):
+                continue
+            name = _device_label(dev)
+            for (kind, response), count in sorted(dev.requests.items()):
+                requests.add_metric([name, kind, response], count)
+            discard.add_metric([name], dev.discard_failures)
+            gauges["plugged"].add_metric([name], dev.size)
+            gauges["requested"].add_metric([name], dev.requested_size)
+            gauges["region"].add_metric([name], dev.region_size)
+            gauges["memslots"].add_metric([name], dev.decided_memslots)
+            gauges["mapped"].add_metric([name], dev.mapped_memslots)
+        yield requests
+        yield discard
+        yield from gauges.values()
+
+    def _consumers(self) -> Iterable[Metric]:
+        labels = ["consumer"]
+        families = [
+            GaugeMetricFamily(
+                f"memslots_consumer_{what}_memslots", f"Memslots {doc} per consumer.", labels=labels
+            )
+            for what, doc in (("max", "supported"), ("used", "in use"), ("free", "free"))
+        ]
+        for c in [self.machine.kvm, *self.machine.vhost.backends]:
+            for family, value in zip(
+                families, (c.max_memslots, c.used_memslots, c.free_memslots), strict=True
+            ):
+                family.add_metric([c.name], value)
+        yield from families
+
+    def _device_memory(self) -> Iterable[Metric]:
+        dm = self.machine.device_memory
+        if dm is None:
+            return
+        for what, value, doc in (
+            ("required", dm.required_memslots, "promised to plugged memory devices"),
+            ("used", dm.used_memslots, "mapped by memory devices"),
+            ("reserved", dm.reserved_memslots, "promised but not mapped yet"),
+        ):
+            yield GaugeMetricFamily(
+                f"memslots_device_memory_{what}_memslots", f"Memslots {doc}.", value=value
+            )
+        yield GaugeMetricFamily(
+            "memslots_device_memory_used_bytes",
+            "Device-memory space taken by plugged memory devices.",
+            value=dm.used_region_size,
+        )
+
+    def _kernel(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "memslots_kernel_metadata_model_bytes",
+            "Kernel metadata our KVM memslots cost, as the model predicts.",
+            value=self.machine.kvm.predicted_metadata_bytes(),
+        )
+        if self.machine.vm.is_real:
+            try:
+                used = sample_vmalloc_used()
+            except MeasurementError as exc:
+                log.warning("metrics: %s", exc)
+                return
+            yield GaugeMetricFamily(
+                "memslots_kernel_vmalloc_used_bytes",
+                "VmallocUsed of the host (KVM memslot metadata is vmalloc'ed).",
+                value=used,
+            )
+
+
+class Metrics:
+    """The Prometheus registry of a running machine and its HTTP endpoint."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(MachineCollector(machine))
+        self.request_seconds = Histogram(
+            "memslots_virtio_mem_request_duration_seconds",
+            "Time from a guest request to its response, by request type.",
+            ["type"],
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        # Every type has a series from the start, so rates do not begin with a gap.
+        for kind in REQUEST_TYPES:
+            self.request_seconds.labels(type=kind)
+        self._server: asyncio.Server | None = None
+
+    def observe(self, kind: str, seconds: float) -> None:
+        """Record one request's latency; ``kind`` is one of :data:`REQUEST_TYPES`."""
+        self.request_seconds.labels(type=kind).observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+    async def start(self, port: int, host: str = DEFAULT_HOST) -> tuple[str, int]:
+        """Serve ``GET /metrics`` on ``host:port`` in this loop; returns the bound address."""
+        self._server = await asyncio.start_server(self._serve, host, port)
+        bound = self._server.sockets[0].getsockname()
+        log.info("metrics: serving on http://%s:%d/metrics", bound[0], bound[1])
+        return str(bound[0]), int(bound[1])
+
+    async def close(self) -> None:
+        """Stop serving."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT)
+            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
+            if method not in ("GET", "HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif target.split("?", 1)[0] == "/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.exposition()
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"see /metrics\n"
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            )
+            if method != "HEAD":
+                writer.write(body)
+            await writer.drain()
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+        ):
+            pass  # a client that sends no complete request, or leaves, gets no answer
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()

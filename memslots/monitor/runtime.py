@@ -1,0 +1,180 @@
+"""``memslots run``: the machine as a long-running process with a QMP monitor.
+
+One asyncio loop runs everything: the QMP server, the optional metrics endpoint, and the guest
+drivers (on a :class:`~memslots.guest.sched.LoopScheduler`, so they never run in the middle of a
+monitor command). SIGTERM, SIGINT and QMP ``quit`` shut down the same way: stop serving, detach
+the guests, close the VM (the kernel frees every memslot with it) and release host memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from memslots.devices.memory_device import MemoryDevice
+from memslots.devices.vhost_user import VHOST_USER_DRIVERS, parse_vhost_user_device
+from memslots.devices.virtio_mem import VirtioMem
+from memslots.errors import OptionError
+from memslots.guest.sched import LoopScheduler
+from memslots.kvm.abi import VmBackend
+from memslots.machine.machine import Machine, create_vm
+from memslots.machine.vm import GuestVm, ObservedChannel
+from memslots.monitor.commands import Monitor
+from memslots.monitor.metrics import Metrics
+from memslots.monitor.qmp_server import QMPServer
+from memslots.options import MachineConfig, split_option_string
+
+log = logging.getLogger("memslots.monitor.runtime")
+
+
+@dataclass(frozen=True)
+class QmpEndpoint:
+    """Where the monitor listens: a Unix socket path, or (only if asked) a TCP address."""
+
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+
+def parse_qmp_option(text: str) -> QmpEndpoint:
+    """QEMU's ``-qmp unix:PATH,server=on,wait=off`` or ``-qmp tcp:HOST:PORT,server=on,...``."""
+    pairs = split_option_string(text, "address")
+    values = dict(pairs)
+    address = values.pop("address", "")
+    if values.pop("server", "on") not in ("on", "yes", "true"):
+        raise OptionError(f"-qmp {text}: only server=on is supported")
+    if values.pop("wait", "off") not in ("off", "no", "false"):
+        raise OptionError(f"-qmp {text}: only wait=off is supported")
+    if values:
+        raise OptionError(f"-qmp {text}: unknown parameter '{next(iter(values))}'")
+    if address.startswith("unix:") and len(address) > 5:
+        return QmpEndpoint(path=address[5:])
+    if address.startswith("tcp:"):
+        host, _, port = address[4:].rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise OptionError(f"-qmp {text}: expected tcp:HOST:PORT with a port up to 65535")
+        return QmpEndpoint(host=host, port=int(port))
+    raise OptionError(f"-qmp {text}: expected unix:PATH or tcp:HOST:PORT")
+
+
+class VhostUserProvider:
+    """``device_add``/``device_del`` of vhost-user devices (a :class:`DeviceProvider`)."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def drivers(self) -> Sequence[str]:
+        """vhost-user-blk[-pci] and vhost-user-fs[-pci]."""
+        return VHOST_USER_DRIVERS
+
+    def add_device(self, args: dict[str, Any]) -> None:
+        """Parse the arguments with the command line's rules and attach the device."""
+        words = []
+        for key, value in args.items():
+            text = ("on" if value else "off") if isinstance(value, bool) else str(value)
+            words.append(f"{key}={text.replace(',', ',,')}")
+        self.machine.add_vhost_user_device(parse_vhost_user_device(",".join(words)))
+
+    def has_device(self, dev_id: str) -> bool:
+        """True for a vhost-user device of this machine."""
+        return dev_id in self.machine.vhost_devices
+
+    def remove_device(self, dev_id: str) -> None:
+        """Detach the device: its back-end is told and its regions leave the budget."""
+        self.machine.remove_device(dev_id)
+
+
+class MachineRuntime:
+    """The running machine as the monitor sees it (:class:`memslots.monitor.commands.Runtime`)."""
+
+    def __init__(self, machine: Machine, stopped: asyncio.Event) -> None:
+        self._machine = machine
+        self._stopped = stopped
+        self._state = "running"
+
+    @property
+    def machine(self) -> Machine:
+        """The machine."""
+        return self._machine
+
+    def status(self) -> str:
+        """QEMU's RunState name."""
+        return self._state
+
+    def quit(self) -> None:
+        """Ask the process to shut down (the loop's main task does the work)."""
+        self._state = "shutdown"
+        self._stopped.set()
+
+
+async def serve(
+    config: MachineConfig,
+    endpoints: list[QmpEndpoint],
+    *,
+    guest: bool = True,
+    metrics_port: int | None = None,
+    vm_factory: Callable[[], VmBackend] | None = None,
+    ready: Callable[[MachineRuntime], None] | None = None,
+    install_signals: bool = True,
+) -> None:
+    """Run the machine until ``quit``, SIGTERM or SIGINT; then shut down cleanly."""
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    vm = vm_factory() if vm_factory is not None else create_vm(config.accel)
+    machine = Machine(config, vm=vm)
+    runtime = MachineRuntime(machine, stopped)
+    server = QMPServer()
+    monitor = Monitor(runtime, server)
+    monitor.add_device_provider(VhostUserProvider(machine))
+    metrics = Metrics(machine) if metrics_port is not None else None
+    gvm = GuestVm(machine, LoopScheduler(loop)) if guest else None
+
+    def observe_guest(dev_id: str) -> None:
+        if gvm is not None and metrics is not None and dev_id in gvm.guests:
+            g = gvm.guests[dev_id]
+            g.channel = ObservedChannel(g.channel, metrics.observe)
+
+    if gvm is not None:
+        for dev_id in gvm.guests:
+            observe_guest(dev_id)
+
+        def added(dev: MemoryDevice) -> None:
+            if isinstance(dev, VirtioMem):
+                gvm.attach(dev)  # refuses a device without an id: no guest could drive it
+                assert dev.id is not None
+                observe_guest(dev.id)
+
+        monitor.device_added.append(added)
+        monitor.device_removed.append(gvm.detach)
+    try:
+        for ep in endpoints:
+            if ep.path is not None:
+                await server.start_unix(ep.path)
+            else:
+                assert ep.host is not None and ep.port is not None
+                await server.start_tcp(ep.host, ep.port)
+        if metrics is not None:
+            assert metrics_port is not None
+            host, port = await metrics.start(metrics_port)
+            log.info("metrics on http://%s:%d/metrics", host, port)
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, runtime.quit)
+        if ready is not None:
+            ready(runtime)
+        await stopped.wait()
+    finally:
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        await server.close()
+        if metrics is not None:
+            await metrics.close()
+        monitor.close()
+        if gvm is not None:
+            gvm.close()
+        machine.close()

@@ -1,0 +1,1 @@
+"""Resize traces through the guest model, recorded and plotted."""

@@ -1,0 +1,345 @@
+"""``memslots simulate``: run a resize trace against a machine and record what it costs.
+
+A trace is a list of ``(time, requested-size)`` steps, from a CSV file or a built-in scenario.
+At each step the requested size is set as a :class:`~memslots.machine.resize.ResizeJob` and the
+guest (the Linux driver model, talking to the device through the virtqueue) runs until the next
+step. Every step records the requested and plugged sizes, the memslots mapped, the requests by type
+(and, if asked, each request), memslot operations, the kernel metadata the model predicts and,
+on the real kernel, what VmallocUsed says. ``compare`` runs the same trace once per exposure
+strategy: one memslot, QEMU's dynamic memslots, or fixed-size memslots.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import statistics
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memslots.devices.virtio_mem import VirtioMem
+from memslots.errors import OptionError
+from memslots.guest.linux import GuestOptions, LinuxGuest
+from memslots.guest.sched import Scheduler
+from memslots.kvm.abi import VmBackend
+from memslots.kvm.cost import slot_metadata_bytes
+from memslots.machine.machine import Machine, create_vm
+from memslots.machine.resize import ResizeJob
+from memslots.machine.vm import GuestVm, ObservedChannel
+from memslots.measure import sample_vmalloc_used
+from memslots.memory.address_space import Section
+from memslots.options import MachineConfig, VirtioMemOptions
+from memslots.sizes import GiB, parse_size
+
+# -- traces ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TraceStep:
+    """At ``time`` seconds, ask for ``requested`` bytes."""
+
+    time: float
+    requested: int
+
+
+def parse_trace(text: str, *, source: str = "trace") -> list[TraceStep]:
+    """Parse ``time,requested-size`` rows (a header row and ``#`` comments are allowed)."""
+    steps: list[TraceStep] = []
+    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
+            continue
+        if len(row) != 2:
+            raise OptionError(f"{source}:{lineno}: expected 'time,requested-size', got {row!r}")
+        t_raw, size_raw = row[0].strip(), row[1].strip()
+        if lineno == 1 and not t_raw.replace(".", "", 1).isdigit():
+            continue  # a header row
+        try:
+            t = float(t_raw)
+        except ValueError:
+            raise OptionError(f"{source}:{lineno}: time '{t_raw}' is not a number") from None
+        try:
+            size = parse_size(size_raw, what="requested-size")
+        except OptionError as exc:
+            raise OptionError(f"{source}:{lineno}: {exc}") from exc
+        if t < 0 or (steps and t < steps[-1].time):
+            raise OptionError(f"{source}:{lineno}: times must be non-negative and ascending")
+        steps.append(TraceStep(t, size))
+    if not steps:
+        raise OptionError(f"{source}: the trace has no steps")
+    return steps
+
+
+SCENARIOS = ("ramp-up", "sawtooth", "burst")
+
+
+def scenario(
+    name: str, max_size: int, block: int, *, steps: int = 8, period: float = 60.0
+) -> list[TraceStep]:
+    """Built-in traces up to ``max_size``: ramp-up, sawtooth (up and down twice), burst."""
+
+    def at(fraction: float) -> int:
+        return int(max_size * fraction) // block * block
+
+    if name == "ramp-up":
+        sizes = [at(i / steps) for i in range(steps + 1)]
+    elif name == "sawtooth":
+        up = [at(i / (steps // 2)) for i in range(steps // 2 + 1)]
+        sizes = (up + up[-2:0:-1]) * 2 + [0]
+    elif name == "burst":
+        sizes = [at(1 / 16), at(1 / 16), at(1.0), at(1.0), at(1 / 16), at(1 / 16), at(0.5), 0]
+    else:
+        raise OptionError(f"unknown scenario '{name}' (known: {', '.join(SCENARIOS)})")
+    return [TraceStep(i * period, s) for i, s in enumerate(sizes)]
+
+
+# -- strategies --------------------------------------------------------------------------------
+
+
+def parse_strategy(text: str) -> tuple[str, Callable[[VirtioMemOptions], VirtioMemOptions]]:
+    """``single`` | ``dynamic`` | ``fixed:SIZE`` → a name and how to rewrite the device options."""
+    if text == "single":
+        return text, lambda o: dataclasses.replace(o, dynamic_memslots=False, memslot_size=None)
+    if text == "dynamic":
+        return text, lambda o: dataclasses.replace(o, dynamic_memslots=True, memslot_size=None)
+    if text.startswith("fixed:"):
+        size = parse_size(text.removeprefix("fixed:"), what="memslot size")
+        return text, lambda o: dataclasses.replace(o, memslot_size=size)
+    raise OptionError(f"unknown strategy '{text}' (single, dynamic, fixed:SIZE)")
+
+
+# -- recording ---------------------------------------------------------------------------------
+
+
+@dataclass
+class StepRecord:
+    """What one trace step did."""
+
+    time: float
+    requested: int
+    plugged: int
+    memslots_mapped: int
+    requests: dict[str, int]
+    responses: dict[str, int]
+    memslot_creates: int
+    memslot_deletes: int
+    kernel_metadata_bytes: int
+    kernel_metadata_measured: int | None
+    ideal_metadata_bytes: int
+    single_metadata_bytes: int
+    outcome: str
+    memslot_map: list[bool]
+    request_log: list[dict[str, object]] | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        """The JSON shape of a step."""
+        d = dataclasses.asdict(self)
+        if self.request_log is None:
+            d.pop("request_log")
+        return d
+
+
+@dataclass
+class SimResult:
+    """A whole run: the steps, request latencies and the violations the guest saw."""
+
+    strategy: str
+    real_kvm: bool
+    device: dict[str, object]
+    steps: list[StepRecord] = field(default_factory=list)
+    latencies_us: dict[str, list[float]] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+
+    def latency_summary(self) -> dict[str, dict[str, float]]:
+        """p50/p99 (µs) of request round trips through the virtqueue, per request type."""
+        out = {}
+        for kind, values in sorted(self.latencies_us.items()):
+            vs = sorted(values)
+            out[kind] = {
+                "count": float(len(vs)),
+                "p50": statistics.median(vs),
+                "p99": vs[min(len(vs) - 1, int(len(vs) * 0.99))],
+            }
+        return out
+
+    def as_dict(self) -> dict[str, object]:
+        """The ``simulate --json`` object for one strategy."""
+        return {
+            "strategy": self.strategy,
+            "real_kvm": self.real_kvm,
+            "device": self.device,
+            "steps": [s.as_dict() for s in self.steps],
+            "latency_us": self.latency_summary(),
+            "violations": self.violations,
+        }
+
+    def write_csv(self, path: Path) -> None:
+        """One row per step."""
+        cols = [
+            "time",
+            "requested",
+            "plugged",
+            "memslots_mapped",
+            "memslot_creates",
+            "memslot_deletes",
+            "kernel_metadata_bytes",
+            "kernel_metadata_measured",
+            "ideal_metadata_bytes",
+            "single_metadata_bytes",
+            "outcome",
+        ]
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow([*cols, "plug", "unplug", "unplug_all", "state"])
+            for s in self.steps:
+                d = s.as_dict()
+                w.writerow(
+                    [d[c] for c in cols]
+                    + [s.requests.get(k, 0) for k in ("plug", "unplug", "unplug_all", "state")]
+                )
+
+
+def _ideal_metadata(dev: VirtioMem, machine: Machine) -> int:
+    """Metadata if exactly the plugged ranges were memslots (the unreachable ideal)."""
+    total = 0
+    bs = dev.block_size
+    bitmap = dev.bitmap
+    i = bitmap.find(1)
+    while i >= 0:
+        j = bitmap.find(0, i)
+        j = len(bitmap) if j < 0 else j
+        total += slot_metadata_bytes(dev.addr + i * bs, (j - i) * bs, machine.mmu)
+        i = bitmap.find(1, j) if j < len(bitmap) else -1
+    return total
+
+
+def run_trace(
+    machine: Machine,
+    dev: VirtioMem,
+    guest: LinuxGuest,
+    sched: Scheduler,
+    trace: Sequence[TraceStep],
+    *,
+    strategy: str,
+    latencies: dict[str, list[float]],
+    request_log: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> SimResult:
+    """Run ``trace`` on a booted guest; one :class:`StepRecord` per step."""
+    real = machine.vm.is_real
+    result = SimResult(
+        strategy=strategy,
+        real_kvm=real,
+        device={
+            "id": dev.id,
+            "address": dev.addr,
+            "region_size": dev.region_size,
+            "block_size": dev.block_size,
+            "memslots": dev.decided_memslots,
+            "memslot_size": dev.memslot_size if dev.dynamic else dev.region_size,
+        },
+        latencies_us=latencies,
+    )
+
+    def in_dev(s: Section) -> bool:
+        return dev.addr <= s.gpa < dev.addr + dev.region_size
+
+    single = slot_metadata_bytes(dev.addr, dev.region_size, machine.mmu)
+    baseline = sample_vmalloc_used() - machine.kvm.predicted_metadata_bytes(in_dev) if real else 0
+    for i, step in enumerate(trace):
+        sched.run_until(lambda: False, step.time)
+        log_start = len(guest.log)
+        creates, deletes = machine.kvm.creates, machine.kvm.deletes
+        job = ResizeJob(dev, step.requested, sched, guest)
+        horizon = trace[i + 1].time if i + 1 < len(trace) else step.time + 3600
+        res = job.wait(max(0.0, horizon - sched.now()))
+        new = guest.log[log_start:]
+        record = StepRecord(
+            time=step.time,
+            requested=step.requested,
+            plugged=dev.size,
+            memslots_mapped=dev.mapped_memslots,
+            requests=dict(Counter(r.type for r in new)),
+            responses=dict(Counter(r.response for r in new)),
+            memslot_creates=machine.kvm.creates - creates,
+            memslot_deletes=machine.kvm.deletes - deletes,
+            kernel_metadata_bytes=machine.kvm.predicted_metadata_bytes(in_dev),
+            kernel_metadata_measured=sample_vmalloc_used() - baseline if real else None,
+            ideal_metadata_bytes=_ideal_metadata(dev, machine),
+            single_metadata_bytes=single,
+            outcome=res.outcome.value,
+            memslot_map=[m.mapped for m in dev.memslot_map()],
+            request_log=[r.as_dict() for r in new] if request_log else None,
+        )
+        result.steps.append(record)
+        guest.verify()
+        if progress:
+            progress(i + 1)
+    result.violations = list(guest.violations)
+    return result
+
+
+def with_strategy(config: MachineConfig, dev_id: str, strategy: str) -> MachineConfig:
+    """``config`` with the virtio-mem device ``dev_id`` rewritten for ``strategy``."""
+    _, rewrite = parse_strategy(strategy)
+    devices = tuple(
+        rewrite(d) if isinstance(d, VirtioMemOptions) and d.id == dev_id else d
+        for d in config.devices
+    )
+    return dataclasses.replace(config, devices=devices)
+
+
+def first_virtio_mem(config: MachineConfig) -> str:
+    """The id of the first virtio-mem device (the one a trace resizes)."""
+    for d in config.devices:
+        if isinstance(d, VirtioMemOptions):
+            if d.id is None:
+                raise OptionError("simulate: the virtio-mem device needs an id")
+            return d.id
+    raise OptionError("simulate: the machine has no virtio-mem device")
+
+
+def run_simulation(
+    config: MachineConfig,
+    trace: Sequence[TraceStep],
+    *,
+    strategy: str = "dynamic",
+    request_log: bool = False,
+    progress: Callable[[int], None] | None = None,
+    vm_factory: Callable[[], VmBackend] | None = None,
+    guest_options: GuestOptions | None = None,
+) -> SimResult:
+    """Build the machine for ``strategy``, boot the guest, run ``trace``, tear it all down."""
+    dev_id = first_virtio_mem(config)
+    config = with_strategy(config, dev_id, strategy)
+    vm = vm_factory() if vm_factory is not None else create_vm(config.accel)
+    with Machine(config, vm=vm) as machine:
+        latencies: dict[str, list[float]] = {}
+        sched = Scheduler()
+        with GuestVm(machine, sched, guest_options=guest_options) as gvm:
+            guest = gvm.guests[dev_id]
+
+            def observe(kind: str, seconds: float) -> None:
+                latencies.setdefault(kind, []).append(seconds * 1e6)
+
+            guest.channel = ObservedChannel(guest.channel, observe)
+            gvm.settle()
+            return run_trace(
+                machine,
+                machine.virtio_mem(dev_id),
+                guest,
+                sched,
+                trace,
+                strategy=strategy,
+                latencies=latencies,
+                request_log=request_log,
+                progress=progress,
+            )
+
+
+DEFAULT_SIM_MEMORY = "4G,maxmem=260G"
+DEFAULT_SIM_OBJECT = "memory-backend-ram,id=mem0,size=256G,reserve=off"
+DEFAULT_SIM_DEVICE = "virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on"
+DEFAULT_SIM_MAX = 64 * GiB

@@ -1,0 +1,1 @@
+"""Test tooling (fuzzers) that the product never imports."""

@@ -1,0 +1,1 @@
+"""vhost back-ends as memslot consumers: vhost-kernel and vhost-user."""

@@ -1,0 +1,1 @@
+"""The virtio transport of virtio-mem: split virtqueues in guest RAM."""

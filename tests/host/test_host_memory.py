@@ -1,0 +1,545 @@
+"""Tests for memslots.host.memory: real mappings, real discards, and QEMU's THP probing."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from memslots.errors import HostMemoryError
+from memslots.host.memory import (
+    FileBackend,
+    HostMemory,
+    MemfdBackend,
+    RamBackend,
+    default_block_size,
+    host_page_size,
+    hugetlbfs_page_size,
+    probe_thp_size,
+    thp_size,
+)
+from memslots.sizes import GiB, KiB, MiB, TiB
+
+PAGE = host_page_size()
+SIZE = 8 * MiB
+PATTERN = bytes(range(256)) * (4 * MiB // 256)
+LOGGER = "memslots.host.memory"
+
+
+def _vm_size() -> int:
+    """This process' virtual address space size in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * KiB
+    raise AssertionError("no VmSize in /proc/self/status")
+
+
+def _overcommit_always() -> bool:
+    with open("/proc/sys/vm/overcommit_memory") as f:
+        return f.read().strip() == "1"
+
+
+def _free_huge_pages() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+    return 0
+
+
+BACKENDS: dict[str, Callable[[Path], HostMemory]] = {
+    "ram": lambda d: RamBackend("ram0", SIZE),
+    "ram-shared": lambda d: RamBackend("ram1", SIZE, share=True),
+    "memfd": lambda d: MemfdBackend("memfd0", SIZE),
+    "memfd-private": lambda d: MemfdBackend("memfd1", SIZE, share=False),
+    "file-shared": lambda d: FileBackend("file0", SIZE, d, share=True),
+    "file-private-tmp": lambda d: FileBackend("file1", SIZE, d),
+}
+EXPECTED = {  # name: (kind, shared, has fd, writes allocate in the fd)
+    "ram": ("ram", False, False, False),
+    "ram-shared": ("ram", True, False, False),
+    "memfd": ("memfd", True, True, True),
+    "memfd-private": ("memfd", False, True, True),
+    "file-shared": ("file", True, True, True),
+    "file-private-tmp": ("file", False, True, False),
+}
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_backend_roundtrip_and_discard_releases_memory(name: str, tmp_path: Path) -> None:
+    kind, shared, has_fd, allocates = EXPECTED[name]
+    with BACKENDS[name](tmp_path) as mem:
+        assert (mem.kind, mem.shared, mem.size, mem.page_size) == (kind, shared, SIZE, PAGE)
+        assert (mem.fd is not None) == has_fd
+        assert mem.fd_offset == 0
+        assert mem.host_addr % thp_size() == 0
+        assert mem.resident_bytes() == 0
+
+        mem.write(0, b"head")
+        mem.write(SIZE - 4, b"tail")
+        # The file system may allocate whole large folios around head and tail.
+        baseline = mem.allocated_bytes() if has_fd else 0
+        mem.write(2 * MiB, PATTERN)
+        assert mem.read(2 * MiB, len(PATTERN)) == PATTERN
+        assert mem.resident_bytes(2 * MiB, 4 * MiB) == 4 * MiB
+        if allocates:
+            assert mem.allocated_bytes() >= baseline + 4 * MiB
+
+        mem.discard(2 * MiB, 4 * MiB)
+
+        assert mem.resident_bytes(2 * MiB, 4 * MiB) == 0
+        if has_fd:
+            assert mem.allocated_bytes() == baseline
+        else:
+            with pytest.raises(HostMemoryError, match="without an fd"):
+                mem.allocated_bytes()
+        assert mem.read(2 * MiB, 4 * MiB) == bytes(4 * MiB)
+        assert mem.read(0, 4) == b"head"
+        assert mem.read(SIZE - 4, 4) == b"tail"
+    assert mem.closed
+
+
+def test_host_addr_is_thp_aligned_for_odd_sizes(tmp_path: Path) -> None:
+    # The kernel PMD-aligns only mappings whose length is a PMD multiple; the rest is ours.
+    size = 2 * MiB + PAGE
+    backends = [
+        RamBackend("r", size),
+        RamBackend("rs", size, share=True),
+        MemfdBackend("m", size),
+        FileBackend("f", size, tmp_path),
+    ]
+    try:
+        assert [b.host_addr % thp_size() for b in backends] == [0, 0, 0, 0]
+    finally:
+        for b in backends:
+            b.close()
+
+
+def test_shared_memfd_is_visible_through_fd_before_and_after_discard() -> None:
+    with MemfdBackend("vhost-mem", SIZE) as mem:
+        assert mem.fd is not None
+        # A second mapping of the fd is what a vhost-user back-end sees.
+        with mmap.mmap(mem.fd, SIZE) as peer:
+            mem.write(MiB, b"guest data")
+            assert peer[MiB : MiB + 10] == b"guest data"
+            mem.discard(MiB, MiB)
+            assert peer[MiB : MiB + 10] == bytes(10)
+
+
+def test_private_memfd_writes_do_not_reach_the_fd() -> None:
+    with MemfdBackend("priv", SIZE, share=False) as mem:
+        assert mem.fd is not None
+        mem.write(0, b"secret")
+        assert os.pread(mem.fd, 6, 0) == bytes(6)
+
+
+def test_memfd_is_sealed_like_qemu() -> None:
+    with MemfdBackend("sealed", SIZE) as mem:
+        assert mem.fd is not None
+        seals = fcntl.fcntl(mem.fd, fcntl.F_GET_SEALS)
+        assert seals == fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+        with pytest.raises(PermissionError):
+            os.ftruncate(mem.fd, 2 * SIZE)
+    with MemfdBackend("unsealed", SIZE, seal=False) as mem:
+        assert mem.fd is not None
+        # Without MFD_ALLOW_SEALING the kernel itself forbids adding seals.
+        assert fcntl.fcntl(mem.fd, fcntl.F_GET_SEALS) == fcntl.F_SEAL_SEAL
+        os.ftruncate(mem.fd, 2 * SIZE)
+
+
+@pytest.mark.parametrize(
+    ("op", "needle"),
+    [
+        (lambda m: m.discard(1, PAGE), "must start and end on a 0x1000 page boundary"),
+        (lambda m: m.discard(0, PAGE + 1), "must start and end on a 0x1000 page boundary"),
+        (lambda m: m.discard(SIZE - PAGE, 2 * PAGE), "is not inside the backend"),
+        (lambda m: m.discard(-PAGE, PAGE), "is not inside the backend"),
+        (lambda m: m.read(SIZE - 2, 4), "is not inside the backend"),
+        (lambda m: m.read(0, -1), "is not inside the backend"),
+        (lambda m: m.write(SIZE - 1, b"ab"), "is not inside the backend"),
+        (lambda m: m.resident_bytes(1), "page boundary"),
+        (lambda m: m.resident_bytes(0, SIZE + PAGE), "is not inside the backend"),
+    ],
+)
+def test_bad_ranges_raise(op: Callable[[HostMemory], object], needle: str) -> None:
+    with RamBackend("bad", SIZE) as mem:
+        with pytest.raises(HostMemoryError, match=needle) as info:
+            op(mem)
+        assert "memory backend 'bad' (8 MiB)" in str(info.value)
+
+
+def test_discard_error_names_the_range() -> None:
+    with RamBackend("r", SIZE) as mem:
+        with pytest.raises(HostMemoryError, match=r"discard range \[0x7ff000, 0x801000\)"):
+            mem.discard(SIZE - PAGE, 2 * PAGE)
+        mem.discard(0, 0)  # an empty range is valid and frees nothing
+
+
+@pytest.mark.parametrize("size", [0, PAGE + 1, -PAGE])
+def test_bad_sizes_raise(size: int) -> None:
+    with pytest.raises(HostMemoryError, match=r"'odd'.*positive multiple of the backend page size"):
+        RamBackend("odd", size)
+
+
+def test_close_is_idempotent_and_closes_the_fd() -> None:
+    mem = MemfdBackend("m", SIZE)
+    fd = mem.fd
+    assert fd is not None
+    mem.close()
+    mem.close()
+    assert mem.closed
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    for op in (
+        lambda: mem.host_addr,
+        lambda: mem.fd,
+        lambda: mem.read(0, 1),
+        lambda: mem.discard(0, PAGE),
+    ):
+        with pytest.raises(HostMemoryError, match=r"'m' .* is closed"):
+            op()
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_one_tib_noreserve_ram(share: bool) -> None:
+    vm_before = _vm_size()
+    start = time.monotonic()
+    with RamBackend("big", TiB, share=share, reserve=False) as mem:
+        assert _vm_size() - vm_before >= TiB
+        mem.write(TiB - 8, b"lastword")
+        assert mem.read(TiB - 8, 8) == b"lastword"
+        assert 0 < mem.resident_bytes(TiB - 2 * MiB, 2 * MiB) <= 2 * MiB
+        mem.discard(TiB - 2 * MiB, 2 * MiB)
+        assert mem.resident_bytes(TiB - 2 * MiB, 2 * MiB) == 0
+    assert time.monotonic() - start < 5
+    assert _vm_size() - vm_before < GiB
+
+
+@pytest.mark.parametrize("reserve", [True, False])
+def test_one_tib_memfd(reserve: bool) -> None:
+    start = time.monotonic()
+    with MemfdBackend("bigfd", TiB, reserve=reserve) as mem:
+        assert mem.allocated_bytes() == 0
+        mem.write(TiB - PAGE, b"x")
+        assert 0 < mem.allocated_bytes() <= 2 * MiB
+        mem.discard(TiB - 2 * MiB, 2 * MiB)
+        assert mem.allocated_bytes() == 0
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RamBackend("huge", TiB),
+        lambda: RamBackend("huge", TiB, share=True),
+        lambda: MemfdBackend("huge", TiB, share=False),  # private writable: accounted
+    ],
+)
+def test_one_tib_with_reserve_fails_cleanly(make: Callable[[], HostMemory]) -> None:
+    if _overcommit_always():
+        pytest.skip("vm.overcommit_memory=1 grants any reservation")
+    vm_before = _vm_size()
+    with pytest.raises(HostMemoryError) as info:
+        make()
+    msg = str(info.value)
+    for part in ("'huge'", "1 TiB", "can't reserve", "Cannot allocate memory", "reserve=off"):
+        assert part in msg
+    assert _vm_size() - vm_before < GiB  # the address space reservation was given back
+
+
+def test_file_backend_in_directory_uses_unlinked_temp_file(tmp_path: Path) -> None:
+    with FileBackend("f", SIZE, tmp_path, share=True) as mem:
+        assert mem.fd is not None
+        st = os.fstat(mem.fd)
+        assert (st.st_nlink, st.st_size) == (0, SIZE)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_file_backend_on_named_file_persists_shared_writes(tmp_path: Path) -> None:
+    path = tmp_path / "guest.ram"
+    with FileBackend("f", SIZE, path, share=True) as mem:
+        mem.write(PAGE, b"persist")
+    assert path.stat().st_size == SIZE
+    with open(path, "rb") as f:
+        f.seek(PAGE)
+        assert f.read(7) == b"persist"
+
+
+def test_file_backend_grows_smaller_file_and_keeps_larger_one(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.write_bytes(b"hello")
+    with FileBackend("f", SIZE, small) as mem:
+        assert mem.read(0, 5) == b"hello"
+    assert small.stat().st_size == SIZE
+
+    large = tmp_path / "large"
+    large.write_bytes(bytes(2 * SIZE))
+    with FileBackend("f", SIZE, large):
+        pass
+    assert large.stat().st_size == 2 * SIZE
+
+
+def test_private_named_file_discard_reverts_to_file_contents(tmp_path: Path) -> None:
+    path = tmp_path / "image"
+    path.write_bytes(b"\xaa" * SIZE)
+    with FileBackend("f", SIZE, path) as mem:
+        mem.write(2 * MiB, PATTERN)
+        mem.discard(2 * MiB, 4 * MiB)
+        assert mem.read(2 * MiB, 4 * MiB) == b"\xaa" * (4 * MiB)
+    assert path.read_bytes() == b"\xaa" * SIZE
+
+
+def test_file_backend_discard_data_punches_file_on_close(tmp_path: Path) -> None:
+    path = tmp_path / "scratch"
+    with FileBackend("f", SIZE, path, share=True, discard_data=True) as mem:
+        mem.write(0, PATTERN)
+    st = path.stat()
+    assert (st.st_size, st.st_blocks) == (SIZE, 0)
+
+
+def test_file_backend_bad_path(tmp_path: Path) -> None:
+    with pytest.raises(HostMemoryError, match=r"'f' .*cannot open mem-path .*nodir"):
+        FileBackend("f", SIZE, tmp_path / "nodir" / "file")
+
+
+def _hugetlb_memfd(id: str, size: int, hugetlbsize: int) -> MemfdBackend:
+    """A hugetlb memfd without reservation: works even with an empty huge page pool."""
+    try:
+        return MemfdBackend(id, size, hugetlb=True, hugetlbsize=hugetlbsize, reserve=False)
+    except HostMemoryError as exc:
+        if "cannot create memfd" in str(exc):
+            pytest.skip(f"host lacks this hugetlb size: {exc}")
+        raise
+
+
+def test_hugetlb_memfd_page_size_and_block_size() -> None:
+    with _hugetlb_memfd("h2m", 4 * MiB, hugetlbsize=2 * MiB) as mem:
+        assert mem.hugetlb
+        assert mem.page_size == 2 * MiB
+        assert mem.host_addr % (2 * MiB) == 0
+        assert default_block_size(mem) == 2 * MiB
+        with pytest.raises(HostMemoryError, match="0x200000 page boundary"):
+            mem.discard(0, PAGE)
+
+
+def test_hugetlbfs_detection_on_paths_and_file_backend(tmp_path: Path) -> None:
+    assert hugetlbfs_page_size(tmp_path) is None
+    assert hugetlbfs_page_size(tmp_path / "missing" / "file") is None
+    with MemfdBackend("shm", SIZE) as shm:
+        assert hugetlbfs_page_size(f"/proc/self/fd/{shm.fd}") is None
+    # A hugetlb memfd lives on the kernel's internal hugetlbfs mount; /proc/self/fd reaches it.
+    with _hugetlb_memfd("h", 4 * MiB, hugetlbsize=2 * MiB) as huge:
+        path = f"/proc/self/fd/{huge.fd}"
+        assert hugetlbfs_page_size(path) == 2 * MiB
+        with FileBackend("f", 4 * MiB, path, share=True, reserve=False) as file:
+            assert file.page_size == 2 * MiB
+            assert default_block_size(file) == 2 * MiB
+
+
+def test_populate_preallocates(tmp_path: Path) -> None:
+    with RamBackend("r", SIZE) as ram, MemfdBackend("m", SIZE) as memfd:
+        ram.populate(2 * MiB, 4 * MiB)
+        assert ram.resident_bytes(2 * MiB, 4 * MiB) == 4 * MiB
+        assert ram.resident_bytes(6 * MiB, 2 * MiB) == 0
+        memfd.populate(0, 4 * MiB)
+        assert memfd.allocated_bytes() == 4 * MiB
+        with pytest.raises(HostMemoryError, match=r"populate range .* page boundary"):
+            ram.populate(PAGE // 2, PAGE)
+
+
+def test_populate_without_huge_pages_fails_instead_of_sigbus() -> None:
+    if _free_huge_pages():
+        pytest.skip("host has free huge pages")
+    needle = r"'h' .*cannot preallocate \[0x0, 0x200000\): the host could not supply"
+    with _hugetlb_memfd("h", 4 * MiB, hugetlbsize=2 * MiB) as mem:
+        with pytest.raises(HostMemoryError, match=needle):
+            mem.populate(0, 2 * MiB)
+        assert mem.allocated_bytes() == 0
+
+
+def test_hugetlb_memfd_1g_block_size() -> None:
+    if not os.path.isdir("/sys/kernel/mm/hugepages/hugepages-1048576kB"):
+        pytest.skip("no 1 GiB huge pages on this host")
+    with _hugetlb_memfd("h1g", 2 * GiB, hugetlbsize=GiB) as mem:
+        assert mem.page_size == GiB
+        assert default_block_size(mem) == GiB
+
+
+def test_hugetlb_memfd_size_must_be_huge_page_multiple() -> None:
+    with pytest.raises(HostMemoryError, match=r"size 0x300000 .* page size 0x200000"):
+        _hugetlb_memfd("h", 3 * MiB, hugetlbsize=2 * MiB)
+
+
+def test_hugetlb_reserve_without_free_pages_fails() -> None:
+    if _free_huge_pages():
+        pytest.skip("host has free huge pages")
+    with pytest.raises(HostMemoryError, match=r"can't reserve .*reserve=off"):
+        MemfdBackend("h", 2 * MiB, hugetlb=True)
+
+
+def test_hugetlbsize_validation() -> None:
+    with pytest.raises(HostMemoryError, match="hugetlbsize requires hugetlb=on"):
+        MemfdBackend("m", SIZE, hugetlbsize=2 * MiB)
+    with pytest.raises(HostMemoryError, match="hugetlbsize 0x300000 is not a power of two"):
+        MemfdBackend("m", SIZE, hugetlb=True, hugetlbsize=3 * MiB)
+
+
+def test_default_block_size_for_base_page_backends_is_thp(tmp_path: Path) -> None:
+    pmd = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+    if not pmd.exists() or pmd.read_text() != "2097152\n":
+        pytest.skip("host THP size is not 2 MiB")
+    assert thp_size() == 2 * MiB
+    with RamBackend("r", SIZE) as ram, MemfdBackend("m", SIZE) as memfd:
+        assert default_block_size(ram) == 2 * MiB
+        assert default_block_size(memfd) == 2 * MiB
+    with FileBackend("f", SIZE, tmp_path) as file:
+        assert default_block_size(file) == 2 * MiB
+
+
+def test_default_block_size_for_other_page_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Huge pages smaller than 1 MiB (64 KiB on arm64) are raised to virtio-mem's 1 MiB minimum.
+    with RamBackend("r", SIZE) as mem:
+        monkeypatch.setattr(mem, "page_size", 64 * KiB)
+        assert default_block_size(mem) == MiB
+        monkeypatch.setattr(mem, "page_size", 32 * MiB)
+        assert default_block_size(mem) == 32 * MiB
+
+
+# --- THP probing against fake sysfs trees ---------------------------------------------------
+
+
+def _sysfs(tmp_path: Path, content: bytes | None, *, thp_dir: bool = True) -> str:
+    root = tmp_path / "sys"
+    thp = root / "kernel" / "mm" / "transparent_hugepage"
+    if thp_dir:
+        thp.mkdir(parents=True)
+    if content is not None:
+        (thp / "hpage_pmd_size").write_bytes(content)
+    return str(root)
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER]
+
+
+FALLBACK_2M = "Could not detect THP size, falling back to 2  MiB."
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"2097152\n", 2 * MiB),
+        (b"2097152", 2 * MiB),
+        (b"0x200000\n", 2 * MiB),
+        (b" +4194304\n", 4 * MiB),
+        (b"020000000\n", 4 * MiB),  # octal, as strtoull with base 0 reads it
+        (b"536870912\n", 512 * MiB),
+    ],
+)
+def test_thp_probe_valid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: bytes, expected: int
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    assert probe_thp_size(_sysfs(tmp_path, content), machine="x86_64") == expected
+    assert _warnings(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "shown"),
+    [
+        (b"0\n", "0"),
+        (b"3000000\n", "2dc6c0"),
+        (b"0x300000", "300000"),
+        (b"-1\n", "ffffffffffffffff"),  # strtoull wraps a minus sign
+    ],
+)
+def test_thp_probe_unsupported_value_warns_twice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: bytes, shown: str
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    assert probe_thp_size(_sysfs(tmp_path, content), machine="x86_64") == 2 * MiB
+    assert _warnings(caplog) == [f"Read unsupported THP size: {shown}", FALLBACK_2M]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        None,  # directory without hpage_pmd_size
+        b"",
+        b"\n",
+        b"abc\n",
+        b"2097152 kB\n",
+        b"2097152\n\n",
+        b"0x\n",
+        b"08\n",
+        b"99999999999999999999999\n",  # ERANGE
+        b"0x100000000\n",  # power of two, but QEMU's uint32_t truncates it to 0
+    ],
+)
+def test_thp_probe_garbage_falls_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: bytes | None
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    assert probe_thp_size(_sysfs(tmp_path, content), machine="x86_64") == 2 * MiB
+    assert _warnings(caplog) == [FALLBACK_2M]
+
+
+def test_thp_probe_without_thp_dir_is_1m_silently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    assert probe_thp_size(_sysfs(tmp_path, None, thp_dir=False), machine="x86_64") == MiB
+    assert _warnings(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("machine", "page_size", "expected", "shown"),
+    [
+        ("x86_64", 4 * KiB, 2 * MiB, "2"),
+        ("armv7l", 4 * KiB, 2 * MiB, "2"),
+        ("ppc64le", 64 * KiB, 2 * MiB, "2"),
+        ("aarch64", 4 * KiB, 2 * MiB, "2"),
+        ("aarch64", 16 * KiB, 32 * MiB, "20"),
+        ("aarch64", 64 * KiB, 512 * MiB, "200"),
+        ("aarch64", 8 * KiB, MiB, "1"),
+        ("s390x", 4 * KiB, MiB, "1"),
+        ("riscv64", 4 * KiB, MiB, "1"),
+    ],
+)
+def test_thp_fallback_by_arch(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    machine: str,
+    page_size: int,
+    expected: int,
+    shown: str,
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    root = _sysfs(tmp_path, b"garbage\n")
+    assert probe_thp_size(root, machine=machine, page_size=page_size) == expected
+    assert _warnings(caplog) == [f"Could not detect THP size, falling back to {shown}  MiB."]
+
+
+def test_thp_size_is_cached_per_root(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    valid = tmp_path / "a"
+    valid.mkdir()
+    root = _sysfs(valid, b"4194304\n")
+    assert thp_size(root) == 4 * MiB
+    Path(root, "kernel/mm/transparent_hugepage/hpage_pmd_size").write_bytes(b"8388608\n")
+    assert thp_size(root) == 4 * MiB
+    assert probe_thp_size(root) == 8 * MiB
+
+    broken = tmp_path / "b"
+    broken.mkdir()
+    root = _sysfs(broken, b"junk")
+    thp_size(root)
+    thp_size(root)
+    assert len(_warnings(caplog)) == 1

@@ -1,0 +1,591 @@
+"""The monitor's commands and events over a machine on the KVM model, through qemu.qmp."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+from qmp_support import (
+    FakeRuntime,
+    RawClient,
+    make_machine,
+    qmp_client,
+    serving,
+    snapshot,
+)
+
+from memslots.devices.virtio_mem import drive_to
+from memslots.kvm.model import KvmModel
+from memslots.machine.machine import Machine
+from memslots.options import parse_machine_config
+from memslots.sizes import GiB, MiB
+from memslots.vhost.kernel import VhostModel
+
+VMEM = "/machine/peripheral/vmem0"
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def error_of(qmp: QMPClient, command: str, args: dict[str, Any] | None = None) -> tuple:
+    with pytest.raises(ExecuteError) as info:
+        await qmp.execute(command, args)
+    return info.value.error_class, str(info.value)
+
+
+def test_query_memory_devices_is_qemu_shaped() -> None:
+    async def main() -> None:
+        with make_machine() as m:
+            async with serving(m) as (_, path), qmp_client(path) as qmp:
+                devices = await qmp.execute("query-memory-devices")
+        vmem, dimm = m.virtio_mem("vmem0"), m.devices["dimm0"]
+        assert devices == [
+            {
+                "type": "virtio-mem",
+                "data": {
+                    "id": "vmem0",
+                    "memaddr": vmem.addr,
+                    "requested-size": 0,
+                    "size": 0,
+                    "max-size": 8 * GiB,
+                    "block-size": 2 * MiB,
+                    "node": 0,
+                    "memdev": "/objects/mem0",
+                },
+            },
+            {
+                "type": "dimm",
+                "data": {
+                    "id": "dimm0",
+                    "addr": dimm.get_addr(),
+                    "size": GiB,
+                    "slot": 0,
+                    "node": 0,
+                    "memdev": "/objects/mem1",
+                    "hotplugged": False,
+                    "hotpluggable": True,
+                },
+            },
+        ]
+        assert vmem.addr == 5 * GiB  # RAM: 3 GiB below 4 GiB, 1 GiB above; device memory next
+
+    run(main())
+
+
+def test_resize_events_rate_limit_and_memslot_map() -> None:
+    """qom-set, the guest plugs in many steps within a second: one event now, one at the end."""
+
+    async def main() -> None:
+        with make_machine() as m:
+            dev = m.virtio_mem("vmem0")
+            async with serving(m) as (_, path), qmp_client(path) as qmp:
+                with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as events:
+                    reply = await qmp.execute(
+                        "qom-set", {"path": "vmem0", "property": "requested-size", "value": 3 * GiB}
+                    )
+                    assert reply == {}
+                    assert (
+                        await qmp.execute("qom-get", {"path": VMEM, "property": "requested-size"})
+                        == 3 * GiB
+                    )
+                    t0 = asyncio.get_running_loop().time()
+                    for step in range(1, 13):  # 12 size changes of 256 MiB
+                        drive_to(dev, step * 256 * MiB)
+                        await asyncio.sleep(0.01)
+                    first = await asyncio.wait_for(events.get(), 2)
+                    assert first["data"] == {"id": "vmem0", "size": 256 * MiB, "qom-path": VMEM}
+                    last = await asyncio.wait_for(events.get(), 2)
+                    waited = asyncio.get_running_loop().time() - t0
+                    assert last["data"] == {"id": "vmem0", "size": 3 * GiB, "qom-path": VMEM}
+                    assert 0.8 < waited < 1.6  # held until the 1 s period ended
+                    await asyncio.sleep(1.2)
+                    assert events.empty()  # nothing else was pending
+                    assert last["timestamp"]["seconds"] >= first["timestamp"]["seconds"]
+                size = await qmp.execute("qom-get", {"path": VMEM, "property": "size"})
+                assert size == 3 * GiB
+                memslots = await qmp.execute("x-query-memslots")
+                summary = await qmp.execute("query-memory-size-summary")
+                budget = await qmp.execute("x-query-memslot-budget")
+        assert isinstance(memslots, list)
+        vmem_slots = [s for s in memslots if s["device"] == "vmem0"]
+        assert len(vmem_slots) == 8
+        mapped = [s["index"] for s in vmem_slots if s["mapped"]]
+        assert mapped == [0, 1, 2]  # exactly the memslots holding plugged blocks
+        for s in vmem_slots:
+            assert s["addr"] == dev.addr + s["index"] * GiB and s["size"] == GiB
+            assert s["plugged-blocks"] == (512 if s["mapped"] else 0)
+            assert ("kvm-slot" in s) == s["mapped"]
+            assert s["vhost"] == []
+        sections = {x.gpa: x for x in m.address_space.sections}
+        for s in vmem_slots[:3]:
+            assert s["kvm-slot"] == m.kvm.slot_of(sections[s["addr"]])
+        dimm = [s for s in memslots if s["device"] == "dimm0"]
+        assert len(dimm) == 1 and dimm[0]["mapped"] and "plugged-blocks" not in dimm[0]
+        assert summary == {"base-memory": 4 * GiB, "plugged-memory": 4 * GiB}
+        kvm = budget["consumers"][0]
+        assert kvm["name"] == "kvm" and kvm["used"] == m.kvm.used_memslots
+        assert kvm["used"] + kvm["free"] == kvm["max"]
+        assert budget["device-memory"] == {
+            "required": 9,
+            "used": 4,
+            "reserved": 5,
+            "auto-decision": True,
+            "total-space": 12 * GiB,
+            "used-space": 9 * GiB,
+        }
+
+    run(main())
+
+
+def test_qom_properties() -> None:
+    async def main() -> None:
+        with make_machine() as m:
+            async with serving(m) as (_, path), qmp_client(path) as qmp:
+
+                async def get(p: str, prop: str) -> object:
+                    return await qmp.execute("qom-get", {"path": p, "property": prop})
+
+                for p in (VMEM, "vmem0", f"{VMEM}/virtio-backend", "virtio-backend"):
+                    assert await get(p, "memdev") == "/objects/mem0"
+                    assert await get(p, "block-size") == 2 * MiB
+                    assert await get(p, "dynamic-memslots") is True
+                    assert await get(p, "unplugged-inaccessible") == "on"
+                    assert await get(p, "node") == 0
+                assert await get(VMEM, "type") == "virtio-mem-pci"
+                assert await get(f"{VMEM}/virtio-backend", "type") == "virtio-mem"
+                assert await get(VMEM, "memaddr") == 5 * GiB
+                assert await get("dimm0", "slot") == 0
+                assert await get("/machine/peripheral/dimm0", "size") == GiB
+                assert await get("/objects/mem2", "size") == 2 * GiB
+                assert await get("mem0", "reserve") is False
+                assert await get("mem0", "type") == "memory-backend-ram"
+                cases = [
+                    ("vmem0", "max-size", "Property 'virtio-mem-pci.max-size' not found"),
+                    (f"{VMEM}/virtio-backend", "x", "Property 'virtio-mem.x' not found"),
+                    ("dimm0", "requested-size", "Property 'pc-dimm.requested-size' not found"),
+                ]
+                for p, prop, desc in cases:
+                    assert await error_of(qmp, "qom-get", {"path": p, "property": prop}) == (
+                        "GenericError",
+                        desc,
+                    )
+
+    run(main())
+
+
+#: (command, arguments, error class, desc) — every one refused, nothing changed.
+QMP_BAD_INPUTS: list[tuple[str, dict[str, Any] | None, str, str]] = [
+    ("no-such-command", None, "CommandNotFound", "The command no-such-command has not been found"),
+    ("query-status", {"verbose": True}, "GenericError", "Parameter 'verbose' is unexpected"),
+    ("qom-get", {"path": VMEM}, "GenericError", "Parameter 'property' is missing"),
+    ("qom-get", {"path": 5, "property": "size"}, "GenericError",
+     "Invalid parameter type for 'path', expected: string"),
+    ("qom-set", {"path": VMEM, "property": "requested-size"}, "GenericError",
+     "Parameter 'value' is missing"),
+    ("qom-set", {"path": VMEM, "property": "requested-size", "value": 3 * MiB}, "GenericError",
+     "'requested-size' has to be multiples of 'block-size' (0x200000)"),
+    ("qom-set", {"path": VMEM, "property": "requested-size", "value": 9 * GiB}, "GenericError",
+     "'requested-size' cannot exceed the memory backend size(0x200000000)"),
+    ("qom-set", {"path": VMEM, "property": "requested-size", "value": -2 * MiB}, "GenericError",
+     "'requested-size' cannot exceed the memory backend size(0x200000000)"),
+    ("qom-set", {"path": VMEM, "property": "requested-size", "value": "1G"}, "GenericError",
+     "Parameter 'requested-size' expects uint64"),
+    ("qom-set", {"path": VMEM, "property": "requested-size", "value": 1.5}, "GenericError",
+     "Parameter 'requested-size' expects uint64"),
+    ("qom-set", {"path": VMEM, "property": "requested-size", "value": True}, "GenericError",
+     "Parameter 'requested-size' expects uint64"),
+    ("qom-set", {"path": VMEM, "property": "requested-size", "value": 1 << 64}, "GenericError",
+     "Parameter 'requested-size' expects uint64"),
+    ("qom-set", {"path": VMEM, "property": "size", "value": GiB}, "GenericError",
+     "Property 'virtio-mem.size' is not writable"),
+    ("qom-set", {"path": VMEM, "property": "type", "value": "x"}, "GenericError",
+     "Property 'virtio-mem-pci.type' is not writable"),
+    ("qom-set", {"path": VMEM, "property": "block-size", "value": 4 * MiB}, "GenericError",
+     "'block-size' cannot be changed"),
+    ("qom-set", {"path": VMEM, "property": "memaddr", "value": 0}, "GenericError",
+     "Attempt to set property 'memaddr' on anonymous device (type 'virtio-mem') after it was "
+     "realized"),
+    ("qom-set", {"path": VMEM, "property": "dynamic-memslots", "value": False}, "GenericError",
+     "Attempt to set property 'dynamic-memslots' on anonymous device (type 'virtio-mem') after "
+     "it was realized"),
+    ("qom-set", {"path": VMEM, "property": "unplugged-inaccessible", "value": "off"},
+     "GenericError", "Attempt to set property 'unplugged-inaccessible' on anonymous device "
+     "(type 'virtio-mem') after it was realized"),
+    ("qom-set", {"path": "vmem0", "property": "memdev", "value": "/objects/mem2"},
+     "GenericError", "Attempt to set link property 'memdev' on device '(null)' "
+     "(type 'virtio-mem') after it was realized"),
+    ("qom-set", {"path": "dimm0", "property": "addr", "value": 0}, "GenericError",
+     "Attempt to set property 'addr' on device 'dimm0' (type 'pc-dimm') after it was realized"),
+    ("qom-set", {"path": "mem0", "property": "size", "value": GiB}, "GenericError",
+     "cannot change property size of memory-backend-ram "),
+    ("qom-set", {"path": "mem0", "property": "share", "value": True}, "GenericError",
+     "cannot change property value"),
+    ("qom-set", {"path": VMEM, "property": "max-size", "value": 1}, "GenericError",
+     "Property 'virtio-mem-pci.max-size' not found"),
+    ("qom-get", {"path": "/machine/peripheral/nope", "property": "size"}, "DeviceNotFound",
+     "Device '/machine/peripheral/nope' not found"),
+    ("qom-get", {"path": "nope", "property": "size"}, "DeviceNotFound",
+     "Device 'nope' not found"),
+    ("qom-get", {"path": "", "property": "size"}, "DeviceNotFound", "Device '' not found"),
+    ("qom-get", {"path": "/objects/", "property": "size"}, "DeviceNotFound",
+     "Device '/objects/' not found"),
+    ("object-del", {"id": "mem0"}, "GenericError",
+     "object 'mem0' can't be deleted: it is used by device 'vmem0'"),
+    ("object-del", {"id": "nope"}, "GenericError", "object 'nope' not found"),
+    ("object-add", {"qom-type": "memory-backend-ram", "id": "mem0", "size": GiB}, "GenericError",
+     "attempt to add duplicate property 'mem0' to object"),
+    ("object-add", {"qom-type": "memory-backend-rom", "id": "x", "size": GiB}, "GenericError",
+     "Parameter 'qom-type' does not accept value 'memory-backend-rom'"),
+    ("object-add", {"qom-type": "memory-backend-ram", "id": "x"}, "GenericError",
+     "Parameter 'size' is missing"),
+    ("object-add", {"qom-type": "memory-backend-ram", "id": "x", "size": GiB, "mem-path": "/"},
+     "GenericError", "Parameter 'mem-path' is unexpected"),
+    ("object-add", {"qom-type": "memory-backend-ram", "id": "1x", "size": GiB}, "GenericError",
+     "Parameter 'id' expects an identifier"),
+    ("object-add", {"qom-type": "memory-backend-ram", "id": "x", "size": 0}, "GenericError",
+     "object-add 'x': property 'size' of x must not be zero"),
+    ("device_add", {"driver": "virtio-mem", "id": "vmem0", "memdev": "mem2"}, "GenericError",
+     "Duplicate device ID 'vmem0'"),
+    ("device_add", {"driver": "virtio-mem", "id": "v1", "memdev": "nope"}, "GenericError",
+     "Property 'virtio-mem.memdev' can't find value 'nope'"),
+    ("device_add", {"driver": "virtio-mem", "id": "v1", "memdev": "mem1"}, "GenericError",
+     "virtio-mem 'v1': 'memdev' property specifies a busy memdev: mem1"),
+    ("device_add", {"driver": "virtio-mem", "id": "v1", "memdev": "mem0"}, "GenericError",
+     "not enough space, currently 0x240000000 in use of total space for memory devices "
+     "0x300000000"),
+    ("device_add", {"driver": "virtio-mem", "id": "v1", "memdev": "mem2", "block-size": "3M"},
+     "GenericError", "'block-size' property has to be a power of two"),
+    ("device_add", {"driver": "virtio-mem", "id": "v1", "memdev": "mem2",
+                    "requested-size": "3M"}, "GenericError",
+     "virtio-mem 'v1': 'requested-size' property has to be multiples of 'block-size' (0x200000)"),
+    ("device_add", {"driver": "virtio-mem", "id": "v1", "memdev": "mem2", "bogus": 1},
+     "GenericError", "device_add 'v1': unknown parameter 'bogus'"),
+    ("device_add", {"driver": "virtio-mem", "id": "v1", "memdev": "mem2", "node": [1]},
+     "GenericError", "device_add: parameter 'node' expects a string, a number or a boolean"),
+    ("device_add", {"driver": "virtio-gpu", "id": "v1"}, "GenericError",
+     "device_add 'v1': unsupported device 'virtio-gpu'"),
+    ("device_add", {"driver": "virtio-mem", "id": "a/b", "memdev": "mem2"}, "GenericError",
+     "Parameter 'id' expects an identifier"),
+    ("device_add", {"id": "v1"}, "GenericError", "Parameter 'driver' is missing"),
+    ("device_add", {"driver": "pc-dimm", "id": "d1", "memdev": "mem2", "addr": 4096},
+     "GenericError", "address must be aligned to"),
+    ("device_del", {"id": "vmem0"}, "GenericError",
+     "virtio-mem device cannot get unplugged while some of its memory is still plugged"),
+    ("device_del", {"id": "nope"}, "DeviceNotFound", "Device 'nope' not found"),
+    ("device_del", {"id": "/objects/mem0"}, "DeviceNotFound", "Device '/objects/mem0' not found"),
+    ("device_del", {}, "GenericError", "Parameter 'id' is missing"),
+    ("x-query-memslots", {"device": "vmem0"}, "GenericError", "Parameter 'device' is unexpected"),
+]  # fmt: skip
+
+#: Bytes only a raw client sends: (input, error desc prefix; None: the client is dropped).
+RAW_BAD_INPUTS: list[tuple[bytes, str | None]] = [
+    (b'{"execute": }', "JSON parse error"),
+    (b"{'execute': 'query-status'}", "JSON parse error"),
+    (b'{"execute": "query-status",}', "JSON parse error"),
+    (b'{"execute": "query-status", "id": NaN}', "JSON parse error"),
+    (b'{"execute": "query-status", "execute": "quit"}', "JSON parse error, duplicate key"),
+    (b'{"execute": "query-\xff"}', "JSON parse error"),
+    (b"]", "JSON parse error"),
+    (b"garbage ", "JSON parse error"),
+    (b"42 ", "QMP input must be a JSON object"),
+    (b'"execute"', "QMP input must be a JSON object"),
+    (b'[{"execute": "query-status"}]', "QMP input must be a JSON object"),
+    (b"{}", "QMP input lacks member 'execute'"),
+    (b'{"id": 3}', "QMP input lacks member 'execute'"),
+    (b'{"execute": 1}', "QMP input member 'execute' must be a string"),
+    (b'{"execute": "query-status", "arguments": []}', "QMP input member 'arguments' must be"),
+    (b'{"execute": "query-status", "extra": 1}', "QMP input member 'extra' is unexpected"),
+    (b'{"exec-oob": "query-status"}', "QMP input member 'exec-oob' is unexpected"),
+    (b'{"execute": "device_del", "arguments": {"id": null}}', "Invalid parameter type for 'id'"),
+    (b'{"execute": "qom-set", "arguments": {"path": "vmem0", "property": "requested-size", '
+     b'"value": 1e30}}', "Parameter 'requested-size' expects uint64"),
+    (b'{"execute": "quit"', None),  # then 70 KiB of padding: oversized, dropped
+]  # fmt: skip
+
+
+def test_bad_inputs_leave_machine_unchanged_and_server_serving() -> None:
+    assert len(QMP_BAD_INPUTS) + len(RAW_BAD_INPUTS) >= 30
+
+    async def main() -> None:
+        with make_machine() as m:
+            drive_to(m.virtio_mem("vmem0"), 3 * GiB)
+            before = snapshot(m)
+            runtime = FakeRuntime(m)
+            async with (
+                serving(m, runtime=runtime) as (_, path),
+                qmp_client(path, "bystander") as bystander,
+            ):
+                async with qmp_client(path, "bad") as qmp:
+                    for command, args, cls, desc in QMP_BAD_INPUTS:
+                        got = await error_of(qmp, command, args)
+                        assert got[0] == cls, (command, args, got)
+                        assert got[1].startswith(desc), (command, args, got)
+                raw = await RawClient.open(path)
+                for data, desc in RAW_BAD_INPUTS:
+                    if desc is None:
+                        await raw.send(data + b" " * 70 * 1024)
+                        reply = await raw.recv()
+                        assert reply["error"]["class"] == "GenericError"
+                        assert await raw.closed_by_server()
+                        await raw.close()
+                        continue
+                    await raw.send(data + b"\n")
+                    reply = await raw.recv()
+                    assert reply["error"]["class"] == "GenericError", (data, reply)
+                    assert reply["error"]["desc"].startswith(desc), (data, reply)
+                # Before negotiation, every command is refused alike.
+                early = await RawClient.open(path, negotiate=False)
+                reply = await early.execute({"execute": "quit", "id": 1})
+                assert reply["error"]["class"] == "CommandNotFound"
+                await early.close()
+                assert await bystander.execute("query-status") == {
+                    "status": "running",
+                    "singlestep": False,
+                    "running": True,
+                }
+            assert runtime.quits == 0
+            assert snapshot(m) == before
+
+    run(main())
+
+
+def test_object_and_device_hotplug_round_trip() -> None:
+    async def main() -> None:
+        with make_machine() as m:
+            added: list[str | None] = []
+            removed: list[str] = []
+            async with serving(m) as (monitor, path), qmp_client(path) as qmp:
+                monitor.device_added.append(lambda dev: added.append(dev.id))
+                monitor.device_removed.append(removed.append)
+                await qmp.execute(
+                    "object-add",
+                    {"qom-type": "memory-backend-memfd", "id": "mem3", "size": 2 * GiB},
+                )
+                assert await qmp.execute("qom-get", {"path": "mem3", "property": "share"}) is True
+                await qmp.execute(
+                    "device_add",
+                    {
+                        "driver": "virtio-mem-pci",
+                        "id": "vmem1",
+                        "memdev": "mem3",
+                        "dynamic-memslots": True,
+                        "requested-size": "1G",
+                    },
+                )
+                assert added == ["vmem1"]
+                # Two virtio-mem devices now: the partial path is ambiguous.
+                cls, desc = await error_of(
+                    qmp, "qom-get", {"path": "virtio-backend", "property": "size"}
+                )
+                assert (cls, desc) == ("DeviceNotFound", "Device 'virtio-backend' not found")
+                devices = await qmp.execute("query-memory-devices")
+                assert [d["data"].get("id") for d in devices] == ["vmem0", "dimm0", "vmem1"]
+                with qmp.listener(("MEMORY_DEVICE_SIZE_CHANGE", "DEVICE_DELETED")) as events:
+                    dev = m.virtio_mem("vmem1")
+                    drive_to(dev, GiB)
+                    ev = await asyncio.wait_for(events.get(), 2)
+                    assert ev["data"] == {
+                        "id": "vmem1",
+                        "size": GiB,
+                        "qom-path": "/machine/peripheral/vmem1",
+                    }
+                    cls, desc = await error_of(qmp, "device_del", {"id": "vmem1"})
+                    assert desc.endswith("some of its memory is still plugged")
+                    drive_to(dev, 0)
+                    await asyncio.wait_for(events.get(), 2)  # held until the period ended
+                    # Requested but not plugged yet (no guest): still refused.
+                    await qmp.execute(
+                        "qom-set", {"path": "vmem1", "property": "requested-size", "value": 2 * MiB}
+                    )
+                    cls, desc = await error_of(qmp, "device_del", {"id": "vmem1"})
+                    assert desc.endswith("while 'requested-size' != '0'")
+                    await qmp.execute(
+                        "qom-set", {"path": "vmem1", "property": "requested-size", "value": 0}
+                    )
+                    assert (
+                        await qmp.execute("device_del", {"id": "/machine/peripheral/vmem1"}) == {}
+                    )
+                    deleted = [await asyncio.wait_for(events.get(), 2) for _ in range(2)]
+                    assert [e["data"] for e in deleted] == [
+                        {"path": "/machine/peripheral/vmem1/virtio-backend"},
+                        {"device": "vmem1", "path": "/machine/peripheral/vmem1"},
+                    ]
+                    assert removed == ["vmem1"] and "vmem1" not in m.devices
+                    await qmp.execute("object-del", {"id": "mem3"})
+                    assert "mem3" not in m.backends
+                    # pc-dimm hotplug: hotplugged, one DEVICE_DELETED.
+                    await qmp.execute(
+                        "device_add", {"driver": "pc-dimm", "id": "d1", "memdev": "mem2"}
+                    )
+                    dimms = [
+                        d
+                        for d in await qmp.execute("query-memory-devices")
+                        if d["data"].get("id") == "d1"
+                    ]
+                    assert dimms[0]["data"]["hotplugged"] is True and dimms[0]["data"]["slot"] == 1
+                    await qmp.execute("device_del", {"id": "d1"})
+                    ev = await asyncio.wait_for(events.get(), 2)
+                    assert ev["event"] == "DEVICE_DELETED"
+                    assert ev["data"] == {"device": "d1", "path": "/machine/peripheral/d1"}
+                    assert m.backends["mem2"].used_by is None
+
+    run(main())
+
+
+def test_size_events_stop_after_device_del() -> None:
+    async def main() -> None:
+        with make_machine() as m:
+            async with serving(m, rate=0.0) as (monitor, path), qmp_client(path) as qmp:
+                await qmp.execute(
+                    "device_add", {"driver": "virtio-mem", "id": "v2", "memdev": "mem2"}
+                )
+                dev = m.virtio_mem("v2")
+                assert any(monitor._size_changed == cb for cb in dev.size_change_listeners)
+                await qmp.execute("device_del", {"id": "v2"})
+                assert dev.size_change_listeners == []
+
+    run(main())
+
+
+def test_anonymous_devices_get_peripheral_anon_paths() -> None:
+    async def main() -> None:
+        with make_machine() as m:
+            async with serving(m, rate=0.0) as (_, path), qmp_client(path) as qmp:
+                await qmp.execute("device_add", {"driver": "virtio-mem", "memdev": "mem2"})
+                devices = await qmp.execute("query-memory-devices")
+                anon = [d for d in devices if "id" not in d["data"]]
+                assert len(anon) == 1
+                apath = "/machine/peripheral-anon/device[0]"
+                assert await qmp.execute("qom-get", {"path": apath, "property": "memdev"}) == (
+                    "/objects/mem2"
+                )
+                with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as events:
+                    drive_to(next(d for d in m.memory_devices if d.id is None), 2 * MiB)
+                    ev = await asyncio.wait_for(events.get(), 2)
+                assert ev["data"] == {"size": 2 * MiB, "qom-path": apath}
+                memslots = await qmp.execute("x-query-memslots")
+                assert apath in {s["device"] for s in memslots}
+                # deleted by its QOM path, with QEMU's refusals first
+                with pytest.raises(ExecuteError, match="still plugged"):
+                    await qmp.execute("device_del", {"id": apath})
+                drive_to(next(d for d in m.memory_devices if d.id is None), 0)
+                await qmp.execute(
+                    "qom-set", {"path": apath, "property": "requested-size", "value": 0}
+                )
+                with qmp.listener("DEVICE_DELETED") as deleted:
+                    await qmp.execute("device_del", {"id": apath})
+                    ev = await asyncio.wait_for(deleted.get(), 2)
+                assert ev["data"] == {"path": apath}
+                assert all("id" in d["data"] for d in await qmp.execute("query-memory-devices"))
+                await qmp.execute("object-del", {"id": "mem2"})  # free again
+
+    run(main())
+
+
+def test_quit_status_and_introspection() -> None:
+    async def main() -> None:
+        with make_machine() as m:
+            runtime = FakeRuntime(m)
+            async with serving(m, runtime=runtime) as (_, path), qmp_client(path) as qmp:
+                runtime.state = "paused"
+                assert await qmp.execute("query-status") == {
+                    "status": "paused",
+                    "singlestep": False,
+                    "running": False,
+                }
+                version = await qmp.execute("query-version")
+                assert version["qemu"] == {"micro": 0, "minor": 2, "major": 8}
+                names = {c["name"] for c in await qmp.execute("query-commands")}
+                assert {"qmp_capabilities", "qom-set", "x-query-memslots", "quit"} <= names
+                meta = await qmp.execute("x-query-kernel-metadata")
+                assert meta["model"] == m.kvm.predicted_metadata_bytes()
+                assert meta["real"] is False and "vmalloc-used" not in meta
+                assert {d["device"] for d in meta["devices"]} == {"vmem0", "dimm0"}
+                with qmp.listener("SHUTDOWN") as events:
+                    assert await qmp.execute("quit") == {}
+                    ev = await asyncio.wait_for(events.get(), 2)
+                assert ev["data"] == {"guest": False, "reason": "host-qmp-quit"}
+                assert runtime.quits == 1
+
+    run(main())
+
+
+class FakeVhostProvider:
+    """A provider for a vhost-user device driver, as the runtime will register."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, dict[str, Any]] = {}
+
+    def drivers(self) -> list[str]:
+        return ["vhost-user-fs-pci"]
+
+    def add_device(self, args: dict[str, Any]) -> None:
+        self.devices[args["id"]] = args
+
+    def has_device(self, dev_id: str) -> bool:
+        return dev_id in self.devices
+
+    def remove_device(self, dev_id: str) -> None:
+        del self.devices[dev_id]
+
+
+def test_device_provider_hook() -> None:
+    async def main() -> None:
+        with make_machine() as m:
+            provider = FakeVhostProvider()
+            async with serving(m) as (monitor, path), qmp_client(path) as qmp:
+                monitor.add_device_provider(provider)
+                args = {"driver": "vhost-user-fs-pci", "id": "fs0", "chardev": "c0", "tag": "t"}
+                assert await qmp.execute("device_add", args) == {}
+                assert provider.devices["fs0"] == args
+                with qmp.listener("DEVICE_DELETED") as events:
+                    await qmp.execute("device_del", {"id": "fs0"})
+                    ev = await asyncio.wait_for(events.get(), 2)
+                assert ev["data"] == {"device": "fs0", "path": "/machine/peripheral/fs0"}
+                assert provider.devices == {}
+
+    run(main())
+
+
+def test_machine_without_device_memory() -> None:
+    async def main() -> None:
+        with Machine(parse_machine_config("1G", accel="sim"), vm=KvmModel()) as m:
+            async with serving(m) as (_, path), qmp_client(path) as qmp:
+                assert await qmp.execute("query-memory-devices") == []
+                budget = await qmp.execute("x-query-memslot-budget")
+                assert "device-memory" not in budget
+                summary = await qmp.execute("query-memory-size-summary")
+                assert summary == {"base-memory": 1 << 30, "plugged-memory": 0}
+                text = json.dumps(await qmp.execute("x-query-memslots"))
+                assert text == "[]"
+
+    run(main())
+
+
+def test_memslots_held_by_vhost_back_ends() -> None:
+    """A kernel back-end maps every section; a vhost-user one only fd-backed memory."""
+
+    async def main() -> None:
+        config = parse_machine_config(
+            "4G,maxmem=12G",
+            ["memory-backend-memfd,id=mem0,size=4G,reserve=off"],
+            ["virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on"],
+            accel="sim",
+        )
+        consumers = [VhostModel("net0", 600), VhostModel("fs0", 600, kind="user")]
+        with Machine(config, vm=KvmModel(), vhost=list(consumers)) as m:
+            drive_to(m.virtio_mem("vmem0"), GiB)
+            async with serving(m) as (_, path), qmp_client(path) as qmp:
+                memslots = await qmp.execute("x-query-memslots")
+                budget = await qmp.execute("x-query-memslot-budget")
+        assert [s["vhost"] for s in memslots][:2] == [["net0", "fs0"], []]
+        assert [c["name"] for c in budget["consumers"]] == ["kvm", "net0", "fs0"]
+        fs0 = budget["consumers"][2]
+        # Boot RAM is anonymous: the vhost-user back-end holds only the plugged memslot.
+        assert (fs0["max"], fs0["used"], fs0["free"]) == (600, 1, 599)
+
+    run(main())

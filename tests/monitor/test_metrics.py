@@ -1,0 +1,110 @@
+"""Prometheus metrics: read from the machine at scrape time, served over HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client.parser import text_string_to_metric_families
+from qmp_support import make_machine
+
+from memslots.devices.virtio_mem import ReqType, Request, drive_to
+from memslots.machine.machine import Machine
+from memslots.monitor.metrics import Metrics
+from memslots.sizes import GiB, MiB
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = metrics.exposition().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_collector_reads_the_machine_at_scrape_time() -> None:
+    with make_machine() as m:
+        metrics = Metrics(m)
+        before = samples(metrics)
+        assert before[("memslots_virtio_mem_plugged_bytes", (("device", "vmem0"),))] == 0
+        dev = m.virtio_mem("vmem0")
+        drive_to(dev, 3 * GiB)
+        dev.handle_request(Request(ReqType.STATE, dev.addr, 1).pack())
+        dev.handle_request(Request(ReqType.PLUG, dev.addr, 1).pack())  # beyond requested: NACK
+        got = samples(metrics)
+        vmem = (("device", "vmem0"),)
+        assert got[("memslots_virtio_mem_plugged_bytes", vmem)] == 3 * GiB
+        assert got[("memslots_virtio_mem_requested_bytes", vmem)] == 3 * GiB
+        assert got[("memslots_virtio_mem_region_bytes", vmem)] == 8 * GiB
+        assert got[("memslots_virtio_mem_memslots", vmem)] == 8
+        assert got[("memslots_virtio_mem_mapped_memslots", vmem)] == 3
+        assert got[("memslots_virtio_mem_discard_failures_total", vmem)] == 0
+
+        def requests(kind: str, response: str) -> float:
+            labels = (("device", "vmem0"), ("response", response), ("type", kind))
+            return got[("memslots_virtio_mem_requests_total", labels)]
+
+        assert requests("plug", "ack") == dev.requests[("plug", "ack")] >= 1
+        assert requests("plug", "nack") == 1 and requests("state", "ack") == 1
+        kvm = (("consumer", "kvm"),)
+        assert got[("memslots_consumer_used_memslots", kvm)] == m.kvm.used_memslots
+        assert got[("memslots_consumer_max_memslots", kvm)] == m.kvm.max_memslots
+        assert got[("memslots_consumer_free_memslots", kvm)] == m.kvm.free_memslots
+        assert got[("memslots_device_memory_required_memslots", ())] == 9
+        assert got[("memslots_device_memory_used_memslots", ())] == 4
+        assert got[("memslots_device_memory_reserved_memslots", ())] == 5
+        assert got[("memslots_device_memory_used_bytes", ())] == 9 * GiB
+        assert got[("memslots_kernel_metadata_model_bytes", ())] == (
+            m.kvm.predicted_metadata_bytes()
+        )
+        # The model is not the kernel: nothing measured to report.
+        assert not any(name == "memslots_kernel_vmalloc_used_bytes" for name, _ in got)
+
+
+def test_latency_histograms() -> None:
+    with make_machine() as m:
+        metrics = Metrics(m)
+        for seconds in (20e-6, 300e-6, 2e-3):
+            metrics.observe("plug", seconds)
+        metrics.observe("unplug", 40e-6)
+        got = samples(metrics)
+        plug = ("type", "plug")
+        name = "memslots_virtio_mem_request_duration_seconds"
+        assert got[(f"{name}_count", (plug,))] == 3
+        assert abs(got[(f"{name}_sum", (plug,))] - 2.32e-3) < 1e-9
+        assert got[(f"{name}_bucket", (("le", "0.0005"), plug))] == 2
+        assert got[(f"{name}_count", (("type", "unplug"),))] == 1
+
+
+async def _get(host: str, port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(request)
+    writer.write_eof()
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return data
+
+
+def test_http_endpoint_on_loopback() -> None:
+    async def main(m: Machine) -> None:
+        metrics = Metrics(m)
+        host, port = await metrics.start(0)
+        assert host == "127.0.0.1"
+        drive_to(m.virtio_mem("vmem0"), 512 * MiB)
+        reply = await _get(host, port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        assert b"text/plain; version=" in head
+        assert f"Content-Length: {len(body)}".encode() in head
+        assert b'memslots_virtio_mem_plugged_bytes{device="vmem0"} 5.36870912e+08' in body
+        reply = await _get(host, port, b"GET / HTTP/1.1\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 404")
+        reply = await _get(host, port, b"POST /metrics HTTP/1.1\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 405")
+        reply = await _get(host, port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"\r\n\r\n")
+        assert await _get(host, port, b"GET /metr") == b""  # incomplete: no answer
+        await metrics.close()
+
+    with make_machine() as m:
+        asyncio.run(asyncio.wait_for(main(m), 30))

@@ -1,0 +1,305 @@
+"""``memslots run`` as a real process, driven by the unmodified qemu.qmp client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import requires_kvm
+from qemu.qmp import ExecuteError, QMPClient
+
+from memslots.errors import OptionError
+from memslots.measure import sample_vmalloc_used
+from memslots.monitor.runtime import QmpEndpoint, parse_qmp_option
+from memslots.sizes import GiB
+
+MACHINE = [
+    "-m",
+    "4G,maxmem=20G",
+    "-object",
+    "memory-backend-ram,id=mem0,size=16G,reserve=off",
+    "-device",
+    "virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on",
+]
+
+
+def test_parse_qmp_option() -> None:
+    assert parse_qmp_option("unix:/tmp/x.sock,server=on,wait=off") == QmpEndpoint(
+        path="/tmp/x.sock"
+    )
+    assert parse_qmp_option("tcp:127.0.0.1:4444,server=on,wait=off") == QmpEndpoint(
+        host="127.0.0.1", port=4444
+    )
+    for bad in (
+        "unix:",
+        "tcp:localhost",
+        "unix:/x,server=off",
+        "unix:/x,colour=red",
+        "pipe:x",
+        "tcp:127.0.0.1:99999",
+    ):
+        with pytest.raises(OptionError):
+            parse_qmp_option(bad)
+
+
+@contextmanager
+def running(
+    *extra: str, machine: Sequence[str] = MACHINE
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``memslots run`` in a child process; yields it and its QMP socket once it listens."""
+    tmp = tempfile.mkdtemp()
+    sock = os.path.join(tmp, "qmp.sock")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memslots.cli.main",
+            "run",
+            *machine,
+            *extra,
+            "-qmp",
+            f"unix:{sock},server=on,wait=off",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        yield proc, sock
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=20)
+
+
+async def drive(sock: str) -> dict[str, object]:
+    qmp = QMPClient("test")
+    await qmp.connect(sock)
+    try:
+        devs = await qmp.execute("query-memory-devices")
+        assert devs == [
+            {
+                "type": "virtio-mem",
+                "data": {
+                    "id": "vmem0",
+                    "memaddr": 5 * GiB,
+                    "requested-size": 0,
+                    "size": 0,
+                    "max-size": 16 * GiB,
+                    "block-size": 2 << 20,
+                    "node": 0,
+                    "memdev": "/objects/mem0",
+                },
+            }
+        ]
+        sizes = []
+        with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as listener:
+            await qmp.execute(
+                "qom-set",
+                {
+                    "path": "/machine/peripheral/vmem0",
+                    "property": "requested-size",
+                    "value": 3 * GiB,
+                },
+            )
+            while not sizes or sizes[-1] != 3 * GiB:
+                event = await asyncio.wait_for(listener.get(), 10)
+                assert event["data"]["qom-path"] == "/machine/peripheral/vmem0"
+                assert event["data"]["id"] == "vmem0"
+                sizes.append(event["data"]["size"])
+        assert sizes == sorted(sizes)
+        assert await qmp.execute("qom-get", {"path": "vmem0", "property": "size"}) == 3 * GiB
+        slots = await qmp.execute("x-query-memslots")
+        assert isinstance(slots, list)
+        mapped = [s for s in slots if s["mapped"]]
+        assert [s["index"] for s in mapped] == [0, 1, 2]
+        assert all(s["plugged-blocks"] > 0 for s in mapped)
+        assert all(s["plugged-blocks"] == 0 for s in slots if not s["mapped"])
+        status = await qmp.execute("query-status")
+        assert isinstance(status, dict) and status["status"] == "running"
+        await qmp.execute("quit")
+    finally:
+        # After 'quit' the server hangs up; qemu.qmp reports that EOF from disconnect().
+        with contextlib.suppress(EOFError):
+            await qmp.disconnect()
+    return {"sizes": sizes}
+
+
+@pytest.mark.parametrize("accel", ["sim", pytest.param("kvm", marks=requires_kvm)])
+def test_run_resize_and_quit(accel: str) -> None:
+    before = sample_vmalloc_used() if accel == "kvm" else 0
+    with running("-accel", accel) as (proc, sock):
+        asyncio.run(drive(sock))
+        assert proc.wait(timeout=20) == 0
+    assert not Path(sock).exists()
+    if accel == "kvm":
+        # the VM is gone with the process: no memslot of ours is left in the kernel
+        assert abs(sample_vmalloc_used() - before) < 4 << 20
+
+
+def test_sigterm_shuts_down_cleanly() -> None:
+    with running("-accel", "sim") as (proc, sock):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert not Path(sock).exists()
+
+
+def test_resize_without_guest_times_out_with_reason() -> None:
+    from memslots.monitor.client import EXIT_TIMEOUT, run_resize
+
+    with running("-accel", "sim", "-guest", "none") as (proc, sock):
+        from rich.console import Console
+
+        err = Console(record=True, width=200)
+        code = run_resize(
+            sock,
+            "vmem0",
+            "1G",
+            wait=True,
+            timeout=2,
+            err=err,
+            out=Console(file=io.StringIO()),
+        )
+        assert code == EXIT_TIMEOUT
+        assert "never changed" in err.export_text()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/usr/bin/qemu-storage-daemon"), reason="needs Debian's qemu-storage-daemon"
+)
+def test_device_add_vhost_user_blk_over_qmp(tmp_path: Path) -> None:
+    from backends import QemuStorageDaemon, memfd_mappings, wait_until
+
+    with QemuStorageDaemon(tmp_path) as qsd:
+        machine = [
+            "-m",
+            "1G,maxmem=9G",
+            "-object",
+            "memory-backend-memfd,id=mem0,size=8G,share=on",
+            "-device",
+            "virtio-mem,id=vmem0,memdev=mem0,memslot-size=1G",
+            "-chardev",
+            f"socket,id=blk0,path={qsd.socket_path}",
+        ]
+
+        async def go(sock: str) -> None:
+            qmp = QMPClient("test")
+            await qmp.connect(sock)
+            # QEMU's rule: vmem0 decided on several memslots, so a 32-slot back-end is refused
+            with pytest.raises(ExecuteError, match="would further restricts"):
+                await qmp.execute(
+                    "device_add",
+                    {"driver": "vhost-user-blk-pci", "id": "disk0", "chardev": "blk0"},
+                )
+            # ... unless it is charged only for what it really maps (our opt-in extension)
+            await qmp.execute(
+                "device_add",
+                {
+                    "driver": "vhost-user-blk-pci",
+                    "id": "disk0",
+                    "chardev": "blk0",
+                    "memslot-accounting": "precise",
+                },
+            )
+            await qmp.execute(
+                "qom-set", {"path": "vmem0", "property": "requested-size", "value": 2 * GiB}
+            )
+            assert wait_until(lambda: len(memfd_mappings(qsd.memory_pid)) == 2, timeout=10)
+            await qmp.execute("device_del", {"id": "disk0"})
+            assert wait_until(lambda: memfd_mappings(qsd.memory_pid) == [], timeout=10)
+            await qmp.execute("quit")
+            with contextlib.suppress(EOFError):
+                await qmp.disconnect()
+
+        with running("-accel", "sim", machine=machine) as (proc, sock):
+            asyncio.run(go(sock))
+            assert proc.wait(timeout=20) == 0
+
+
+def test_device_add_that_cannot_get_a_guest_is_undone() -> None:
+    """With 2 MiB of boot RAM there is no room for a virtqueue: device_add fails and leaves
+    nothing behind (the backend can be deleted, the id reused)."""
+
+    async def go(sock: str) -> None:
+        qmp = QMPClient("test")
+        await qmp.connect(sock)
+        await qmp.execute("object-add", {"qom-type": "memory-backend-ram", "id": "m1", "size": GiB})
+        with pytest.raises(ExecuteError, match="no room for the virtqueue"):
+            await qmp.execute("device_add", {"driver": "virtio-mem", "id": "v1", "memdev": "m1"})
+        assert await qmp.execute("query-memory-devices") == []
+        await qmp.execute("object-del", {"id": "m1"})
+        # an id-less virtio-mem cannot get a guest driver either, and is refused whole
+        await qmp.execute("object-add", {"qom-type": "memory-backend-ram", "id": "m2", "size": GiB})
+        with pytest.raises(ExecuteError, match="needs an id"):
+            await qmp.execute("device_add", {"driver": "virtio-mem", "memdev": "m2"})
+        assert await qmp.execute("query-memory-devices") == []
+        await qmp.execute("quit")
+        with contextlib.suppress(EOFError):
+            await qmp.disconnect()
+
+    with running("-accel", "sim", machine=["-m", "2M,maxmem=10G"]) as (proc, sock):
+        asyncio.run(go(sock))
+        assert proc.wait(timeout=20) == 0
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/usr/bin/qemu-storage-daemon"), reason="needs Debian's qemu-storage-daemon"
+)
+def test_vhost_user_loss_is_an_event_and_reconnect_replays(tmp_path: Path) -> None:
+    from backends import QemuStorageDaemon, memfd_mappings, wait_until
+
+    with QemuStorageDaemon(tmp_path) as qsd:
+        machine = [
+            "-m", "1G,maxmem=9G",
+            "-object", "memory-backend-memfd,id=mem0,size=8G,share=on",
+            "-chardev", f"socket,id=blk0,path={qsd.socket_path}",
+            "-device", "vhost-user-blk-pci,id=disk0,chardev=blk0,memslot-accounting=precise",
+            "-device", "virtio-mem,id=vmem0,memdev=mem0,memslot-size=1G",
+        ]  # fmt: skip
+
+        async def go(sock: str) -> None:
+            qmp = QMPClient("test")
+            await qmp.connect(sock)
+            resize = {"path": "vmem0", "property": "requested-size"}
+            await qmp.execute("qom-set", {**resize, "value": 2 * GiB})
+            assert wait_until(lambda: len(memfd_mappings(qsd.memory_pid)) == 2, timeout=10)
+            with qmp.listener("X_VHOST_USER_STATE") as states:
+                qsd.kill()
+                await qmp.execute("qom-set", {**resize, "value": 3 * GiB})
+                lost = await asyncio.wait_for(states.get(), 10)
+                assert lost["data"]["id"] == "disk0" and lost["data"]["state"] == "disconnected"
+                budget = await qmp.execute("x-query-memslot-budget")
+                assert isinstance(budget, dict)
+                disk = next(c for c in budget["consumers"] if c["name"] == "disk0")
+                assert disk["connected"] is False
+                qsd.restart()
+                await qmp.execute("x-vhost-user-reconnect", {"id": "disk0"})
+                back = await asyncio.wait_for(states.get(), 10)
+                assert back["data"]["state"] == "connected"
+            # the whole table was replayed: the back-end maps the 3 memslots plugged meanwhile
+            assert wait_until(lambda: len(memfd_mappings(qsd.memory_pid)) == 3, timeout=10)
+            assert await qmp.execute("qom-get", {"path": "vmem0", "property": "size"}) == 3 * GiB
+            await qmp.execute("quit")
+            with contextlib.suppress(EOFError):
+                await qmp.disconnect()
+
+        with running("-accel", "sim", machine=machine) as (proc, sock):
+            asyncio.run(go(sock))
+            assert proc.wait(timeout=20) == 0
