@@ -12,8 +12,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from memslots.devices.virtio_mem import VirtioMem, drive_to
+from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import MeasurementError
+from memslots.guest.inorder import drive_to
 from memslots.kvm.abi import VmBackend
 from memslots.kvm.vm import KvmVm
 from memslots.machine.machine import Machine

@@ -12,7 +12,7 @@ from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import kvm_available
 from memslots.machine.machine import Machine
 from memslots.options import parse_machine_config
-from memslots.vhost.kernel import VhostModel
+from memslots.vhost.backend import VhostModel
 
 requires_kvm = pytest.mark.skipif(not kvm_available(), reason="needs /dev/kvm")
 

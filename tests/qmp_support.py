@@ -14,7 +14,8 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from memslots.devices.virtio_mem import ReqType, Request, Resp, Response, VirtioMem
+from memslots.devices.virtio_mem.device import VirtioMem
+from memslots.devices.virtio_mem.wire import ReqType, Request, Resp, Response
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
 from memslots.monitor.commands import Monitor

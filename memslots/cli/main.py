@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memslots.devices.memory_device import MemoryDevice
-from memslots.devices.virtio_mem import VirtioMem
+from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import MemslotsError
 from memslots.kvm.host import host_info
 from memslots.kvm.model import KvmModel
@@ -23,7 +23,7 @@ from memslots.memory.consumer import MemslotConsumer
 from memslots.options import VirtioMemOptions, parse_machine_config
 from memslots.simulate.run import SCENARIOS
 from memslots.sizes import format_size, parse_size
-from memslots.vhost.kernel import VHOST_KINDS, VhostModel
+from memslots.vhost.backend import VHOST_KINDS, VhostModel
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -16,7 +16,7 @@ from memslots.errors import MemoryDeviceError, NotEnoughMemslotsError
 from memslots.memory.address_space import AddressSpace, MemoryRegion, Section
 from memslots.memory.consumer import MemslotConsumer
 from memslots.sizes import align_up
-from memslots.vhost.kernel import VhostSet
+from memslots.vhost.backend import VhostSet
 
 log = logging.getLogger("memslots.devices.memory_device")
 

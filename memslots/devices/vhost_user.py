@@ -23,13 +23,9 @@ from typing import TYPE_CHECKING
 from memslots.errors import ConfigError, OptionError, VhostError
 from memslots.memory.address_space import GuestMemory
 from memslots.options import Props, split_option_string
-from memslots.vhost.kernel import attach_vhost_backend, detach_vhost_backend
-from memslots.vhost.user import (
-    ConnectionState,
-    Endpoint,
-    VhostUserConsumer,
-    VhostUserFrontend,
-)
+from memslots.vhost.backend import attach_vhost_backend, detach_vhost_backend
+from memslots.vhost.user.consumer import ConnectionState, VhostUserConsumer
+from memslots.vhost.user.frontend import Endpoint, VhostUserFrontend
 
 if TYPE_CHECKING:
     # machine.py may import this module to attach devices.

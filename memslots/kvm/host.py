@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memslots.errors import KvmError, OptionError
-from memslots.host.memory import host_page_size, thp_size
+from memslots.host.pages import host_page_size, thp_size
 from memslots.kvm.abi import X86_USER_MEM_SLOTS
 from memslots.kvm.cost import MmuConfig, detect_host_mmu
 from memslots.kvm.vm import kvm_available, read_max_memslots, supported_cpuid

@@ -13,7 +13,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from memslots.devices.virtio_mem import VirtioMem
+from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.guest.linux import LinuxGuest
 from memslots.guest.sched import Scheduler
 from memslots.sizes import format_size

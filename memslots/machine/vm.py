@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 
 from memslots.closing import Closing
-from memslots.devices.virtio_mem import (
+from memslots.devices.virtio_mem.device import VirtioMem
+from memslots.devices.virtio_mem.wire import (
     CONFIG_SIZE,
     F_UNPLUGGED_INACCESSIBLE,
     REQUEST_SIZE,
@@ -27,7 +28,6 @@ from memslots.devices.virtio_mem import (
     ReqType,
     Request,
     Response,
-    VirtioMem,
 )
 from memslots.errors import ConfigError
 from memslots.guest.linux import Channel, GuestOptions, LinuxGuest, MemoryUser, RamUser

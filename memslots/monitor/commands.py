@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from memslots.devices.dimm import PcDimm
 from memslots.devices.memory_device import MemoryDevice
-from memslots.devices.virtio_mem import VirtioMem
+from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import PropertyError
 from memslots.machine.machine import Machine
 from memslots.measure import sample_vmalloc_used
@@ -36,7 +36,7 @@ from memslots.memory.backends import MemoryBackend
 from memslots.memory.consumer import MemslotConsumer
 from memslots.monitor.qmp_server import Command, Param, QMPCommandError, QMPServer, check_value
 from memslots.options import backend_from_args, device_from_args, id_wellformed
-from memslots.vhost.user import ConnectionState, VhostUserConsumer
+from memslots.vhost.user.consumer import ConnectionState, VhostUserConsumer
 
 #: QEMU's RunState values that count as running for ``query-status``.
 RUNNING = "running"

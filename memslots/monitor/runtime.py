@@ -17,7 +17,7 @@ from typing import Any
 
 from memslots.devices.memory_device import MemoryDevice
 from memslots.devices.vhost_user import VHOST_USER_DRIVERS, parse_vhost_user_device
-from memslots.devices.virtio_mem import VirtioMem
+from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import OptionError
 from memslots.guest.sched import LoopScheduler
 from memslots.kvm.abi import VmBackend

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from conftest import PlanFactory
 
-from memslots.devices.virtio_mem import VirtioMem
+from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import MemoryDeviceError, NotEnoughMemslotsError
 from memslots.sizes import GiB, MiB, TiB
 

@@ -25,7 +25,6 @@ from memslots.devices.vhost_user import (
     parse_chardev,
     parse_vhost_user_device,
 )
-from memslots.devices.virtio_mem import drive_to
 from memslots.errors import (
     ConfigError,
     NotEnoughMemslotsError,
@@ -33,12 +32,14 @@ from memslots.errors import (
     VhostError,
     VhostLimitError,
 )
+from memslots.guest.inorder import drive_to
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
 from memslots.memory.address_space import GuestMemory
 from memslots.options import parse_backend, parse_device, parse_machine_config
 from memslots.sizes import GiB, MiB
-from memslots.vhost.user import ConnectionState, ProtocolFeature
+from memslots.vhost.user.consumer import ConnectionState
+from memslots.vhost.user.wire import ProtocolFeature
 
 # -- options -----------------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from machines import check_invariants
 
-from memslots.devices.virtio_mem import (
+from memslots.devices.virtio_mem.device import VirtioMem
+from memslots.devices.virtio_mem.wire import (
     CONFIG_SIZE,
     BlockState,
     Config,
@@ -19,10 +20,9 @@ from memslots.devices.virtio_mem import (
     Request,
     Resp,
     Response,
-    VirtioMem,
-    drive_to,
 )
 from memslots.errors import ConfigError, DeviceError, HostMemoryError, PropertyError
+from memslots.guest.inorder import drive_to
 from memslots.kvm.vm import KvmVm
 from memslots.machine.machine import Machine
 from memslots.options import parse_machine_config

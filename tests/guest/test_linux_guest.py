@@ -6,7 +6,7 @@ import pytest
 from conftest import PlanFactory
 from machines import DirectChannel, boot, machine_with
 
-from memslots.devices.virtio_mem import Request
+from memslots.devices.virtio_mem.wire import Request
 from memslots.guest.linux import GuestOptions, LinuxGuest, Online, RamUser, memory_block_size
 from memslots.guest.sched import Scheduler
 from memslots.kvm.model import KvmModel

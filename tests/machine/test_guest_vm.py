@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from machines import check_invariants
 
 from memslots.cli import main as cli
-from memslots.devices.virtio_mem import Request, Response
+from memslots.devices.virtio_mem.wire import Request, Response
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import KvmVm
 from memslots.machine.machine import Machine

@@ -11,8 +11,8 @@ import pytest
 from qmp_support import ServerThread, make_machine, socket_dir
 from rich.console import Console
 
-from memslots.devices.virtio_mem import drive_to
 from memslots.errors import OptionError
+from memslots.guest.inorder import drive_to
 from memslots.machine.machine import Machine
 from memslots.monitor.client import (
     EXIT_ERROR,

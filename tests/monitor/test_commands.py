@@ -17,12 +17,12 @@ from qmp_support import (
     snapshot,
 )
 
-from memslots.devices.virtio_mem import drive_to
+from memslots.guest.inorder import drive_to
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
 from memslots.options import parse_machine_config
 from memslots.sizes import GiB, MiB
-from memslots.vhost.kernel import VhostModel
+from memslots.vhost.backend import VhostModel
 
 VMEM = "/machine/peripheral/vmem0"
 

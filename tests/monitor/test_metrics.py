@@ -7,7 +7,8 @@ import asyncio
 from prometheus_client.parser import text_string_to_metric_families
 from qmp_support import make_machine
 
-from memslots.devices.virtio_mem import ReqType, Request, drive_to
+from memslots.devices.virtio_mem.wire import ReqType, Request
+from memslots.guest.inorder import drive_to
 from memslots.machine.machine import Machine
 from memslots.monitor.metrics import Metrics
 from memslots.sizes import GiB, MiB

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import PlanFactory
 
-from memslots.devices.virtio_mem import ReqType, Request, Resp, Response, VirtioMem, drive_to
+from memslots.devices.virtio_mem.device import VirtioMem
+from memslots.devices.virtio_mem.wire import ReqType, Request, Resp, Response
 from memslots.errors import VhostError, VhostLimitError
+from memslots.guest.inorder import drive_to
 from memslots.host.memory import RamBackend
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
@@ -20,17 +22,19 @@ from memslots.memory.backends import PlannedMemory
 from memslots.memory.consumer import UINT_MAX
 from memslots.options import parse_backend, parse_device, parse_machine_config
 from memslots.sizes import GiB, MiB
+from memslots.vhost.backend import (
+    VhostModel,
+    VhostSet,
+    attach_vhost_backend,
+    check_vhost_reservations,
+    detach_vhost_backend,
+)
 from memslots.vhost.kernel import (
     VHOST_NET_PATH,
     KernelRegion,
     VhostKernelConsumer,
     VhostKernelModel,
-    VhostModel,
     VhostNet,
-    VhostSet,
-    attach_vhost_backend,
-    check_vhost_reservations,
-    detach_vhost_backend,
     pack_vhost_memory,
     parse_max_mem_regions,
     vhost_kernel_memslots_limit,

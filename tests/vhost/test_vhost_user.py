@@ -19,22 +19,21 @@ from backends import (
 )
 from machines import NEGOTIATION, add_virtio_mem, assert_maps, check_invariants, memfd_machine
 
-from memslots.devices.virtio_mem import ReqType, Request, Resp, Response, drive_to
+from memslots.devices.virtio_mem.wire import ReqType, Request, Resp, Response
 from memslots.errors import VhostDisconnectedError, VhostError
+from memslots.guest.inorder import drive_to
 from memslots.host.memory import MemfdBackend
 from memslots.memory.address_space import GuestMemory
 from memslots.sizes import GiB, KiB, MiB
-from memslots.vhost.kernel import attach_vhost_backend, detach_vhost_backend
-from memslots.vhost.user import (
+from memslots.vhost.backend import attach_vhost_backend, detach_vhost_backend
+from memslots.vhost.user.consumer import ConnectionState, VhostUserConsumer
+from memslots.vhost.user.frontend import Endpoint, VhostUserFrontend
+from memslots.vhost.user.wire import (
     F_PROTOCOL_FEATURES,
     F_VERSION_1,
-    ConnectionState,
-    Endpoint,
     MemRegion,
     ProtocolFeature,
     Req,
-    VhostUserConsumer,
-    VhostUserFrontend,
 )
 
 MQ, ACK, CONFIG, SLOTS = (1 << f for f in ProtocolFeature)

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from memslots.devices.virtio_mem import ReqType, Request, VirtioMem
+from memslots.devices.virtio_mem.device import VirtioMem
+from memslots.devices.virtio_mem.wire import ReqType, Request
 from memslots.errors import AddressSpaceError, DeviceError
 from memslots.machine.machine import Machine
 from memslots.memory.address_space import GuestMemory

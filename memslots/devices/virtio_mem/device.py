@@ -1,5 +1,8 @@
 """The virtio-mem device: plugged blocks, guest requests, and memslots that come and go.
 
+Its wire format (requests, responses, config space) is in
+:mod:`memslots.devices.virtio_mem.wire`.
+
 State and rules follow the virtio spec (device ID 24) and QEMU 8.2+'s choices where the spec
 leaves room (``../shared/reference/virtio-mem-spec.md``, ``qemu-behaviour.md`` §3b-§4, §6).
 
@@ -21,17 +24,24 @@ discarded, so no consumer (KVM, a vhost back-end) still maps memory that is bein
 
 from __future__ import annotations
 
-import enum
 import logging
-import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 from memslots.devices.memory_device import MemoryDevice
+from memslots.devices.virtio_mem.wire import (
+    REQUEST_SIZE,
+    BlockState,
+    Config,
+    ReqType,
+    Request,
+    Resp,
+    Response,
+)
 from memslots.errors import ConfigError, DeviceError, MemslotsError, PropertyError
-from memslots.host.memory import default_block_size, host_page_size, thp_size
+from memslots.host.pages import host_page_size, thp_size
 from memslots.memory.address_space import AddressSpace, MemoryRegion
 from memslots.memory.backends import MemoryBackend
 from memslots.options import VirtioMemOptions
@@ -39,120 +49,34 @@ from memslots.sizes import GiB, MiB, align_up, is_power_of_two
 
 log = logging.getLogger("memslots.devices.virtio_mem")
 
-VIRTIO_ID_MEM = 24
+#: Smallest block size (VIRTIO_MEM_MIN_BLOCK_SIZE).
 MIN_BLOCK_SIZE = 1 * MiB
+#: Every memslot but the last is at least this big (VIRTIO_MEM_MIN_MEMSLOT_SIZE).
 MIN_MEMSLOT_SIZE = 1 * GiB
 #: x86: the usable region may extend this far past requested-size (2 x 128 MiB).
 USABLE_EXTENT = 256 * MiB
+#: Entries of the one request queue.
 QUEUE_SIZE = 128
-MAX_NB_BLOCKS = 0xFFFF
-
-REQUEST_SIZE = 24
-RESPONSE_SIZE = 10
-CONFIG_SIZE = 56
-
-#: Feature bits.
-F_ACPI_PXM = 0
-F_UNPLUGGED_INACCESSIBLE = 1
-F_PERSISTENT_SUSPEND = 2
 
 
-class ReqType(enum.IntEnum):
-    """Request types (le16 at offset 0 of a request)."""
+class PageSized(Protocol):
+    """Anything with a backing page size (host memory, or memory described for planning)."""
 
-    PLUG = 0
-    UNPLUG = 1
-    UNPLUG_ALL = 2
-    STATE = 3
-
-
-class Resp(enum.IntEnum):
-    """Response types (le16 at offset 0 of a response)."""
-
-    ACK = 0
-    NACK = 1
-    BUSY = 2
-    ERROR = 3
+    @property
+    def page_size(self) -> int:
+        """The backing page size in bytes."""
+        ...
 
 
-class BlockState(enum.IntEnum):
-    """STATE request answers."""
+def default_block_size(backend: PageSized) -> int:
+    """The default block size for ``backend`` (QEMU's virtio_mem_default_block_size).
 
-    PLUGGED = 0
-    UNPLUGGED = 1
-    MIXED = 2
-
-
-_REQ = struct.Struct("<H6xQH6x")
-_RESP = struct.Struct("<H6xH")
-_CONFIG = struct.Struct("<QH6xQQQQQ")
-
-
-@dataclass(frozen=True)
-class Request:
-    """A guest request: 24 bytes, padding ignored."""
-
-    type: int
-    addr: int = 0
-    nb_blocks: int = 0
-
-    def pack(self) -> bytes:
-        """The 24-byte wire form."""
-        return _REQ.pack(self.type, self.addr, self.nb_blocks)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Request:
-        """Parse the first 24 bytes of ``data`` (the caller checks the length)."""
-        type_, addr, nb = _REQ.unpack_from(data)
-        return cls(type_, addr, nb)
-
-
-@dataclass(frozen=True)
-class Response:
-    """A device response: 10 bytes; ``state`` is meaningful for STATE only."""
-
-    type: int
-    state: int = 0
-
-    def pack(self) -> bytes:
-        """The 10-byte wire form."""
-        return _RESP.pack(self.type, self.state)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Response:
-        """Parse a 10-byte response."""
-        type_, state = _RESP.unpack_from(data)
-        return cls(type_, state)
-
-
-@dataclass(frozen=True)
-class Config:
-    """The 56-byte device config space."""
-
-    block_size: int
-    node_id: int
-    addr: int
-    region_size: int
-    usable_region_size: int
-    plugged_size: int
-    requested_size: int
-
-    def pack(self) -> bytes:
-        """The 56-byte little-endian layout."""
-        return _CONFIG.pack(
-            self.block_size,
-            self.node_id,
-            self.addr,
-            self.region_size,
-            self.usable_region_size,
-            self.plugged_size,
-            self.requested_size,
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Config:
-        """Parse the 56-byte layout."""
-        return cls(*_CONFIG.unpack_from(data))
+    Base-page backends (anonymous, memfd, shmem, ordinary files) get ``max(page, THP size)``;
+    huge page backends get ``max(page, 1 MiB)``.
+    """
+    if backend.page_size == host_page_size():
+        return max(backend.page_size, thp_size())
+    return max(backend.page_size, MIN_BLOCK_SIZE)
 
 
 @dataclass(frozen=True)
@@ -702,40 +626,3 @@ class VirtioMem(MemoryDevice):
     def mapped_memslots(self) -> int:
         """How many of the device's memslots are mapped now."""
         return sum(1 for m in self.memslot_map() if m.mapped)
-
-
-def drive_to(dev: VirtioMem, target: int) -> int:
-    """Set ``requested-size`` to ``target`` and get there through the request path.
-
-    This is the simplest in-order guest: it plugs the lowest unplugged blocks first and
-    unplugs the highest plugged blocks first, in requests of at most 65535 contiguous blocks.
-    Returns the number of requests sent; raises :class:`DeviceError` unless every one is ACKed.
-    It serves measurements and demos; it is not a model of the Linux driver.
-    """
-    dev.set_requested_size(target)
-    bs = dev.block_size
-    sent = 0
-    while dev.size != target:
-        plug = dev.size < target
-        want = (target - dev.size) // bs if plug else (dev.size - target) // bs
-        if plug:
-            first = dev.bitmap.find(0)
-            end = dev.bitmap.find(1, first)
-            end = len(dev.bitmap) if end < 0 else end
-            count = min(want, end - first, MAX_NB_BLOCKS)
-        else:
-            last = dev.bitmap.rfind(1)
-            start = dev.bitmap.rfind(0, 0, last) + 1
-            count = min(want, last + 1 - start, MAX_NB_BLOCKS)
-            first = last + 1 - count
-        kind = ReqType.PLUG if plug else ReqType.UNPLUG
-        resp = Response.unpack(
-            dev.handle_request(Request(kind, dev.addr + first * bs, count).pack())
-        )
-        sent += 1
-        if resp.type != Resp.ACK:
-            raise DeviceError(
-                f"virtio-mem '{dev.label}' answered {Resp(resp.type).name} to {kind.name} of "
-                f"{count} blocks at 0x{dev.addr + first * bs:x}"
-            )
-    return sent
