@@ -19,11 +19,10 @@ from memslots.kvm.host import host_info
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import kvm_available
 from memslots.machine.machine import Machine
-from memslots.memory.consumer import MemslotConsumer
 from memslots.options import VirtioMemOptions, parse_machine_config
 from memslots.simulate.run import SCENARIOS
 from memslots.sizes import format_size, parse_size
-from memslots.vhost.backend import VHOST_KINDS, VhostModel
+from memslots.vhost.backend import VHOST_KINDS, VhostBackend, VhostModel
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -213,7 +212,7 @@ def plan(
     host = host_info().override(
         cpu_vendor=cpu_vendor, phys_bits=phys_bits, kvm_max_memslots=kvm_max_memslots
     )
-    vhost: list[MemslotConsumer] = (
+    vhost: list[VhostBackend] = (
         [VhostModel(f"vhost-{vhost_kind}", vhost_max_memslots, kind=vhost_kind)]
         if vhost_max_memslots is not None
         else []
@@ -264,7 +263,7 @@ def plan(
                     "used_memslots": v.used_memslots,
                     "free_memslots": v.free_memslots,
                 }
-                for v in machine.vhost.backends
+                for v in machine.budget.vhost_backends
             ],
         }
     if as_json:

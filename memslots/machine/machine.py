@@ -11,8 +11,10 @@ import logging
 from collections.abc import Callable
 
 from memslots.closing import Closing
+from memslots.devices.budget import MemslotBudget
+from memslots.devices.device_memory import DeviceMemory
 from memslots.devices.dimm import PcDimm
-from memslots.devices.memory_device import DeviceMemory, MemoryDevice
+from memslots.devices.memory_device import MemoryDevice
 from memslots.devices.vhost_user import (
     VhostUserDevice,
     VhostUserDeviceOptions,
@@ -36,7 +38,7 @@ from memslots.options import (
     MachineConfig,
     VirtioMemOptions,
 )
-from memslots.vhost.backend import VhostSet
+from memslots.vhost.backend import VhostBackend
 
 log = logging.getLogger("memslots.machine.machine")
 
@@ -65,7 +67,7 @@ class Machine(Closing):
         *,
         vm: VmBackend | None = None,
         planned: bool = False,
-        vhost: list[MemslotConsumer] | None = None,
+        vhost: list[VhostBackend] | None = None,
         before_devices: Callable[[Machine], None] | None = None,
         host: HostInfo | None = None,
     ) -> None:
@@ -81,7 +83,8 @@ class Machine(Closing):
         self.address_space = AddressSpace(
             "memory", MemoryRegion.container("system", PHYS_ADDR_SPACE)
         )
-        self.vhost = VhostSet()
+        #: Every memslot consumer and every rule about them.
+        self.budget = MemslotBudget(self.address_space, self.kvm)
         self.backends: dict[str, MemoryBackend] = {}
         self.devices: dict[str, MemoryDevice] = {}
         self._anon_devices: list[MemoryDevice] = []
@@ -94,7 +97,7 @@ class Machine(Closing):
         try:
             self.address_space.register(self.kvm)
             for consumer in vhost or ():
-                self.add_vhost(consumer)
+                self.budget.add_vhost(consumer)
             self._map_boot_ram()
             if self.layout.device_memory_size:
                 self.device_memory = DeviceMemory(
@@ -102,8 +105,7 @@ class Machine(Closing):
                     self.layout.device_memory_base,
                     self.layout.device_memory_size,
                     config.memory.device_memory_size,
-                    kvm=self.kvm,
-                    vhost=self.vhost,
+                    budget=self.budget,
                 )
             for opts in config.backends:
                 self.add_backend(opts)
@@ -155,11 +157,6 @@ class Machine(Closing):
             )
         consumer.other_used = other
 
-    def add_vhost(self, consumer: MemslotConsumer) -> None:
-        """Register a vhost back-end with the address space and the budget."""
-        self.address_space.register(consumer)
-        self.vhost.add(consumer)
-
     def add_backend(self, opts: BackendOptions) -> MemoryBackend:
         """Create a memory backend object (``-object`` / ``object-add``)."""
         if opts.id in self.backends:
@@ -184,7 +181,17 @@ class Machine(Closing):
         """Connect a vhost-user device's back-end, with QEMU's memslot checks."""
         if opts.id is not None and (opts.id in self.devices or opts.id in self.vhost_devices):
             raise ConfigError(f"Duplicate device ID '{opts.id}'")
-        dev = attach_vhost_user_device(self, opts, self.chardevs)
+        chardev = self.chardevs.get(opts.chardev)
+        if chardev is None:
+            raise ConfigError(f"Property '{opts.driver}.chardev' can't find value '{opts.chardev}'")
+        name = opts.id if opts.id is not None else f"{opts.driver}@{opts.chardev}"
+        if any(d.attached and d.opts.chardev == opts.chardev for d in self.vhost_user_devices):
+            raise ConfigError(
+                f"Property '{opts.driver}.chardev' can't take value '{opts.chardev}', it's in use"
+            )
+        if name in self.devices or any(b.name == name for b in self.budget.vhost_backends):
+            raise ConfigError(f"Duplicate device ID '{name}'")
+        dev = attach_vhost_user_device(self.budget, opts, chardev, name)
         if opts.id is not None:
             self.vhost_devices[opts.id] = dev
         else:
@@ -281,6 +288,11 @@ class Machine(Closing):
             self._anon_devices.remove(dev)
 
     # -- queries -------------------------------------------------------------------------------
+
+    @property
+    def vhost_user_devices(self) -> list[VhostUserDevice]:
+        """All vhost-user devices, in the order they were attached."""
+        return [*self.vhost_devices.values(), *self._anon_vhost]
 
     @property
     def memory_devices(self) -> list[MemoryDevice]:

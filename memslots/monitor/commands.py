@@ -33,10 +33,9 @@ from memslots.machine.machine import Machine
 from memslots.measure import sample_vmalloc_used
 from memslots.memory.address_space import Section
 from memslots.memory.backends import MemoryBackend
-from memslots.memory.consumer import MemslotConsumer
 from memslots.monitor.qmp_server import Command, Param, QMPCommandError, QMPServer, check_value
 from memslots.options import backend_from_args, device_from_args, id_wellformed
-from memslots.vhost.user.consumer import ConnectionState, VhostUserConsumer
+from memslots.vhost.user.consumer import VhostUserConsumer
 
 #: QEMU's RunState values that count as running for ``query-status``.
 RUNNING = "running"
@@ -103,13 +102,6 @@ class _Prop:
 class _QomObject:
     type_name: str
     props: dict[str, _Prop]
-
-
-def _connected(consumer: MemslotConsumer) -> bool:
-    """False for a vhost-user back-end that was lost (it then holds none of our memory)."""
-    return not isinstance(consumer, VhostUserConsumer) or (
-        consumer.state is ConnectionState.CONNECTED
-    )
 
 
 def _check_id(text: str) -> None:
@@ -268,8 +260,9 @@ class Monitor:
                 self._watched.add(dev)
         for dev in [d for d in self._watched if d not in present]:
             self._unwatch(dev)
-        for backend in self.machine.vhost.backends:
-            if isinstance(backend, VhostUserConsumer) and id(backend) not in self._watched_vhost:
+        for vdev in self.machine.vhost_user_devices:
+            backend = vdev.consumer
+            if id(backend) not in self._watched_vhost:
                 backend.state_listeners.append(self._vhost_state_changed)
                 self._watched_vhost.add(id(backend))
 
@@ -593,7 +586,7 @@ class Monitor:
                 # A mapped section is held by every back-end that takes it: a refusal would
                 # have undone the whole transaction.
                 item["vhost"] = [
-                    b.name for b in m.vhost.backends if b.accepts(section) and _connected(b)
+                    b.name for b in m.budget.vhost_backends if b.accepts(section) and b.connected
                 ]
             else:
                 item["vhost"] = []
@@ -610,7 +603,7 @@ class Monitor:
 
     def _query_budget(self, args: dict[str, Any]) -> object:
         m = self.machine
-        consumers = [m.kvm, *m.vhost.backends]
+        consumers = [m.kvm, *m.budget.vhost_backends]
         result: dict[str, Any] = {
             "consumers": [
                 {
@@ -618,7 +611,7 @@ class Monitor:
                     "max": c.max_memslots,
                     "used": c.used_memslots,
                     "free": c.free_memslots,
-                    "connected": _connected(c),
+                    "connected": c.connected,
                 }
                 for c in consumers
             ]

@@ -108,7 +108,7 @@ class MachineCollector(Collector):
             )
             for what, doc in (("max", "supported"), ("used", "in use"), ("free", "free"))
         ]
-        for c in [self.machine.kvm, *self.machine.vhost.backends]:
+        for c in [self.machine.kvm, *self.machine.budget.vhost_backends]:
             for family, value in zip(
                 families, (c.max_memslots, c.used_memslots, c.free_memslots), strict=True
             ):

@@ -21,7 +21,6 @@ from memslots.devices.vhost_user import (
     ChardevOptions,
     VhostUserDevice,
     VhostUserDeviceOptions,
-    attach_vhost_user_device,
     parse_chardev,
     parse_vhost_user_device,
 )
@@ -117,37 +116,34 @@ def qsd(tmp_path: Path) -> Iterator[QemuStorageDaemon]:
 
 
 def attach(m: Machine, text: str, path: str) -> VhostUserDevice:
-    chardevs = {"c0": ChardevOptions("c0", path)}
-    return attach_vhost_user_device(m, parse_vhost_user_device(text), chardevs)
+    m.chardevs["c0"] = ChardevOptions("c0", path)
+    return m.add_vhost_user_device(parse_vhost_user_device(text))
 
 
 def test_attach_in_qemus_order(fake: FakeBackend) -> None:
     with memfd_machine() as m:
-        chardevs = {"c0": ChardevOptions("c0", fake.path)}
         with pytest.raises(ConfigError, match=r"^Property 'vhost-user-blk\.chardev' can't find"):
-            attach_vhost_user_device(m, parse_vhost_user_device("vhost-user-blk,chardev=c9"), {})
+            m.add_vhost_user_device(parse_vhost_user_device("vhost-user-blk,chardev=c9"))
         blk = attach(m, "vhost-user-blk,id=blk0,chardev=c0", fake.path)
         # Nothing fd-backed is mapped yet: no table message, then the block config.
         assert fake.log == [*NEGOTIATION, "GET_CONFIG"]
         assert blk.capacity == 0 and blk.state is ConnectionState.CONNECTED
         fs = parse_vhost_user_device("vhost-user-fs,id=fs0,chardev=c0,tag=t")
         with pytest.raises(ConfigError) as info:
-            attach_vhost_user_device(m, fs, chardevs)
+            m.add_vhost_user_device(fs)
         assert (
             str(info.value) == "Property 'vhost-user-fs.chardev' can't take value 'c0', it's in use"
         )
-        chardevs["c1"] = ChardevOptions("c1", "/nonexistent")
+        m.chardevs["c1"] = ChardevOptions("c1", "/nonexistent")
         again = parse_vhost_user_device("vhost-user-fs,id=blk0,chardev=c1,tag=t")
         with pytest.raises(ConfigError, match=r"^Duplicate device ID 'blk0'$"):
-            attach_vhost_user_device(m, again, chardevs)
+            m.add_vhost_user_device(again)
         with pytest.raises(VhostError, match=r"^Failed to connect to '/nonexistent'"):
-            attach_vhost_user_device(
-                m, parse_vhost_user_device("vhost-user-blk,chardev=c1"), chardevs
-            )
-        assert [b.name for b in m.vhost.backends] == ["blk0"]
+            m.add_vhost_user_device(parse_vhost_user_device("vhost-user-blk,chardev=c1"))
+        assert [b.name for b in m.budget.vhost_backends] == ["blk0"]
         blk.detach()
-        assert blk.consumer.state is ConnectionState.CLOSED and m.vhost.backends == []
-        fs_dev = attach_vhost_user_device(m, fs, chardevs)  # the chardev is free again
+        assert blk.consumer.state is ConnectionState.CLOSED and m.budget.vhost_backends == []
+        fs_dev = m.add_vhost_user_device(fs)  # the chardev is free again
         with pytest.raises(VhostError, match="is not a block device"):
             fs_dev.blk_read(0, 0, 512, ring_gpa=0)
         fs_dev.detach()
@@ -177,7 +173,7 @@ def test_refused_when_used_and_reserved_exceed_8_regions(tmp_path: Path) -> None
             "reserved (1) memory slots for memory devices. (vhost back-end 'blk0', QEMU's "
             "accounting)"
         )
-        assert m.vhost.backends == []
+        assert m.budget.vhost_backends == []
         # It never saw a table: negotiation only (no MQ, no CONFIGURE_MEM_SLOTS offered).
         fake.wait_session_end()
         assert fake.log == NEGOTIATION[:5] and fake.table == []
@@ -199,7 +195,7 @@ def test_qemu_refuses_32_regions_after_an_auto_decision(qsd: QemuStorageDaemon) 
             "slots, fewer than 509\nTry plugging this vhost backend before plugging such "
             "memory devices."
         )
-        assert m.vhost.backends == [] and memfd_mappings(qsd.pid) == []
+        assert m.budget.vhost_backends == [] and memfd_mappings(qsd.pid) == []
         # Precise accounting charges it 2 mapped + 6 reserved regions: that fits.
         blk = attach(
             m, "vhost-user-blk-pci,id=blk0,chardev=c0,memslot-accounting=precise", qsd.socket_path
@@ -223,7 +219,7 @@ def test_precise_accounting_beside_32_regions(qsd: QemuStorageDaemon) -> None:
         text = "vhost-user-blk,id=blk0,chardev=c0,memslot-accounting=precise"
         blk = attach(m, text, qsd.socket_path)
         consumer = blk.consumer
-        assert m.vhost.max_memslots() > 509 and consumer.free_memslots == 32
+        assert m.budget.vhost_max_memslots() > 509 and consumer.free_memslots == 32
         dev = add_virtio_mem(m, "dynamic-memslots=on")
         # Bounded by the back-end's 32 free regions instead of falling back to one memslot.
         assert (dev.nb_memslots, dev.memslot_size) == (32, 1280 * MiB)
@@ -264,8 +260,10 @@ def test_precise_charges_only_fd_backed_reservations(qsd: QemuStorageDaemon) -> 
         dev = add_virtio_mem(m, "memslot-size=128M")  # the same, without an fd
         blk = attach(m, text, qsd.socket_path)
         consumer = blk.consumer
-        # The memory-device layer subtracts all 64 reserved memslots: they are given back.
-        assert consumer.used_memslots == 0 and consumer.free_memslots == 32 + 64
+        # The back-end reports max - used; the memory-device layer subtracts all 64 reserved
+        # memslots from what the budget tells it, so precise accounting gives them back there.
+        assert consumer.used_memslots == 0 and consumer.free_memslots == 32
+        assert m.budget.vhost_free_memslots() == 32 + 64
         drive_to(dev, 5 * GiB)
         check_invariants(m, dev)
         assert consumer.used_memslots == 0 and memfd_mappings(qsd.pid) == []

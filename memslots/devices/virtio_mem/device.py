@@ -27,10 +27,9 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
-from memslots.devices.memory_device import MemoryDevice
+from memslots.devices.memory_device import MemoryDevice, MemslotInfo
 from memslots.devices.virtio_mem.wire import (
     REQUEST_SIZE,
     BlockState,
@@ -77,17 +76,6 @@ def default_block_size(backend: PageSized) -> int:
     if backend.page_size == host_page_size():
         return max(backend.page_size, thp_size())
     return max(backend.page_size, MIN_BLOCK_SIZE)
-
-
-@dataclass(frozen=True)
-class MemslotInfo:
-    """One memslot of a device: where it is, whether it is mapped, how full it is."""
-
-    index: int
-    gpa: int
-    size: int
-    mapped: bool
-    plugged_blocks: int
 
 
 class VirtioMem(MemoryDevice):
@@ -621,8 +609,3 @@ class VirtioMem(MemoryDevice):
     def nb_plugged_blocks(self) -> int:
         """Number of plugged blocks."""
         return self.bitmap.count(1)
-
-    @property
-    def mapped_memslots(self) -> int:
-        """How many of the device's memslots are mapped now."""
-        return sum(1 for m in self.memslot_map() if m.mapped)

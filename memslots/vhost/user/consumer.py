@@ -6,19 +6,12 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from memslots.devices.dimm import PcDimm
-from memslots.devices.memory_device import MemoryDevice
-from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import VhostError
 from memslots.memory.address_space import Section
 from memslots.vhost.backend import VhostBackend
 from memslots.vhost.user.frontend import Endpoint, VhostUserFrontend
 from memslots.vhost.user.wire import MemRegion
-
-if TYPE_CHECKING:
-    from memslots.devices.memory_device import DeviceMemory
 
 log = logging.getLogger("memslots.vhost.user")
 
@@ -33,28 +26,6 @@ class ConnectionState(enum.Enum):
     CLOSED = "closed"
 
 
-def _has_fd_memory(dev: MemoryDevice) -> bool:
-    memdev = dev.memdev if isinstance(dev, VirtioMem | PcDimm) else None
-    # A device we cannot look into is charged, as QEMU charges every device.
-    return memdev is None or memdev.memory.fd_backed
-
-
-def fd_reserved_memslots(device_memory: DeviceMemory) -> int:
-    """Memslots reserved by memory devices with fd-backed memory: ``required - mapped`` per
-    device, summed over those devices. These are the only reserved memslots a vhost-user
-    back-end will ever have to map."""
-    sections = device_memory.address_space.sections
-    total = 0
-    for dev in device_memory.devices:
-        mr = dev.get_memory_region()
-        if mr is None or not _has_fd_memory(dev):
-            continue
-        lo = dev.get_addr()
-        mapped = sum(1 for s in sections if lo <= s.gpa < lo + mr.size)
-        total += max(0, dev.get_memslots() - mapped)
-    return total
-
-
 class VhostUserConsumer(VhostBackend):
     """A vhost-user back-end as a memslot consumer: one region per mapped fd-backed section.
 
@@ -66,28 +37,9 @@ class VhostUserConsumer(VhostBackend):
     recording the map without failing the commit: guest memory state never depends on a
     back-end. :meth:`reconnect` connects again, renegotiates and replays the whole table.
 
-    **Precise accounting** (``precise=True``, beyond QEMU; the default is QEMU's): QEMU
-    charges a vhost back-end for every memslot memory devices have reserved and refuses
-    auto-decided memslots next to any back-end with fewer than 509 (Debian 12's back-ends
-    have 32), so such a machine falls back to one memslot per device. In precise accounting
-    the back-end is charged only for what it will really map: regions of fd-backed memory
-    that are mapped, plus the memslots reserved by devices whose memory has an fd. It takes
-    no part in the 509 rules; instead the memory-device layer's decision and checks are
-    bounded by its exact free count, so dynamic memslots work beside it and its limit is
-    never exceeded. The trade-offs:
-
-    * the same command line decides differently from QEMU (other memslot sizes and counts);
-    * a device may take every free region, leaving none for later fd-backed devices or a
-      second back-end, where QEMU's 509 rule keeps headroom;
-    * the memory-device layer asks for one free count for any device, so a device without
-      an fd is still bounded by this back-end's free regions when it decides (though never
-      charged once plugged);
-    * the layer subtracts every reserved memslot from that free count, so
-      :attr:`free_memslots` adds back the reservations of fd-less devices and can exceed
-      ``max - used``;
-    * libvhost-user 7.2 maps each region from file offset 0 to its end, so many memslots cut
-      from one memfd cost the back-end virtual address space (not memory) of about the sum of
-      their end offsets.
+    How the back-end is charged for memslots memory devices reserved (QEMU's accounting or the
+    opt-in precise one) is the budget's choice (:mod:`memslots.devices.budget`), not ours: like
+    every consumer, this one only reports ``max``, ``used`` and ``free = max - used``.
     """
 
     kind = "user"
@@ -97,17 +49,12 @@ class VhostUserConsumer(VhostBackend):
         name: str,
         endpoint: Endpoint,
         *,
-        precise: bool = False,
-        device_memory: DeviceMemory | None = None,
         chardev: str | None = None,
     ) -> None:
         """Connect and negotiate (raises :class:`VhostError`); nothing is sent until
-        :meth:`start`. ``device_memory`` is needed for precise accounting; ``chardev`` names
-        the chardev the back-end is reached through."""
+        :meth:`start`. ``chardev`` names the chardev the back-end is reached through."""
         self.name = name
         self.endpoint = endpoint
-        self.precise = precise
-        self.device_memory = device_memory
         self.chardev = chardev
         self.frontend: VhostUserFrontend | None = VhostUserFrontend(endpoint)
         self.limit = self.frontend.max_mem_slots
@@ -130,22 +77,6 @@ class VhostUserConsumer(VhostBackend):
     @property
     def used_memslots(self) -> int:
         return len(self._sections) + self.other_used
-
-    @property
-    def free_memslots(self) -> int:
-        free = max(0, self.limit - self.used_memslots)
-        if not self.precise or self.device_memory is None:
-            return free
-        dm = self.device_memory
-        # The memory-device layer subtracts every reserved memslot from this count; give
-        # back those this back-end will never map.
-        return free + max(0, dm.reserved_memslots - self.charged_reserved(dm))
-
-    def charged_reserved(self, device_memory: DeviceMemory) -> int:
-        """All reserved memslots (QEMU), or only those of fd-backed devices (precise)."""
-        if self.precise:
-            return fd_reserved_memslots(device_memory)
-        return device_memory.reserved_memslots
 
     def accepts(self, section: Section) -> bool:
         # A back-end can only map memory it gets a file descriptor for.
