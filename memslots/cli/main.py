@@ -13,7 +13,6 @@ from rich.console import Console
 from rich.table import Table
 
 from memslots.devices.memory_device import MemoryDevice
-from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import MemslotsError
 from memslots.kvm.host import host_info
 from memslots.kvm.model import KvmModel
@@ -123,24 +122,17 @@ def device_row(machine: Machine, dev: MemoryDevice) -> dict[str, Any]:
     mr = dev.get_memory_region()
     size = mr.size if mr is not None else 0
     single, decided = machine.device_metadata_bytes(dev)
-    if isinstance(dev, VirtioMem):
-        block: int | None = dev.block_size
-        dynamic = dev.dynamic
-        memslots = dev.decided_memslots
-        memslot_size = dev.memslot_size if dynamic and memslots > 1 else size
-        last = dev.last_memslot_size
-    else:
-        block, dynamic, memslots, memslot_size, last = None, False, 1, size, size
+    plan = dev.memslot_plan()
     return {
         "id": dev.id,
         "type": dev.info_type,
         "address": dev.get_addr(),
         "region_size": size,
-        "block_size": block,
-        "dynamic_memslots": dynamic,
-        "memslots": memslots,
-        "memslot_size": memslot_size,
-        "last_memslot_size": last,
+        "block_size": plan.block_size,
+        "dynamic_memslots": plan.dynamic,
+        "memslots": plan.memslots,
+        "memslot_size": plan.memslot_size,
+        "last_memslot_size": plan.last_memslot_size,
         "kernel_metadata_bytes": {"single_memslot": single, "decided_memslots": decided},
     }
 

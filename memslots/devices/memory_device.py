@@ -9,8 +9,11 @@ are plugged is :mod:`memslots.devices.device_memory`; how many memslots they may
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from memslots.devices.qom import QomObject
 from memslots.memory.address_space import MemoryRegion
 from memslots.memory.backends import MemoryBackend
 
@@ -29,12 +32,38 @@ class MemslotInfo:
     plugged_blocks: int | None
 
 
+@dataclass(frozen=True)
+class MemslotPlan:
+    """How a device is exposed through memslots, as decided (a ``plan`` row's memslot columns).
+
+    ``block_size`` is None for devices without blocks; every memslot but the last has
+    ``memslot_size`` bytes.
+    """
+
+    block_size: int | None
+    dynamic: bool
+    memslots: int
+    memslot_size: int
+    last_memslot_size: int
+
+
+SizeListener = Callable[["MemoryDevice", int], None]
+
+
 class MemoryDevice(ABC):
-    """What the memory-device layer needs from a device (QEMU's MemoryDeviceClass)."""
+    """What the memory-device layer needs from a device (QEMU's MemoryDeviceClass), and what
+    everyone else asks it: QMP info, QOM properties, memslots, unplug checks."""
 
     id: str | None
     #: The memory backend behind the device (None until ``memdev`` is set).
     memdev: MemoryBackend | None
+    #: Set when the device came with ``device_add`` rather than the command line.
+    hotplugged: bool = False
+    #: Called with the device and its new plugged size whenever that changes.
+    size_change_listeners: list[SizeListener]
+    #: Names of QOM children that are unrealized with the device (virtio-mem's virtio device),
+    #: each announced with its own DEVICE_DELETED before the device's.
+    qom_children: tuple[str, ...] = ()
     #: ``type`` in query-memory-devices ("dimm", "virtio-mem").
     info_type: str
     #: True for devices that implement ``decide_memslots`` (virtio-mem).
@@ -81,6 +110,19 @@ class MemoryDevice(ABC):
     def unrealize(self) -> None:
         """Give the backend back (after unplug, or when plugging failed)."""
 
+    def check_unplug(self) -> None:  # noqa: B027 - optional: most devices may always go
+        """Refuse ``device_del`` while the device may not go (nothing to check by default)."""
+
+    # -- what the monitor asks -----------------------------------------------------------------
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """The device's element of QMP ``query-memory-devices`` (QEMU's fill_device_info)."""
+
+    @abstractmethod
+    def qom_objects(self) -> dict[str, QomObject]:
+        """The device's QOM objects: ``""`` for the device itself, then its children."""
+
     # -- memslots ----------------------------------------------------------------------------------
 
     @property
@@ -102,3 +144,9 @@ class MemoryDevice(ABC):
     def mapped_memslots(self) -> int:
         """How many of the device's memslots are mapped now."""
         return sum(1 for m in self.memslot_map() if m.mapped)
+
+    def memslot_plan(self) -> MemslotPlan:
+        """How the device is exposed through memslots (one memslot of the region by default)."""
+        mr = self.get_memory_region()
+        size = mr.size if mr is not None else 0
+        return MemslotPlan(None, False, 1, size, size)

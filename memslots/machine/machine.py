@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import overload
 
 from memslots.closing import Closing
 from memslots.devices.budget import MemslotBudget
@@ -35,6 +36,7 @@ from memslots.memory.consumer import MemslotConsumer
 from memslots.options import (
     BackendOptions,
     DeviceOptions,
+    DimmOptions,
     MachineConfig,
     VirtioMemOptions,
 )
@@ -88,7 +90,10 @@ class Machine(Closing):
         self.backends: dict[str, MemoryBackend] = {}
         self.devices: dict[str, MemoryDevice] = {}
         self._anon_devices: list[MemoryDevice] = []
-        self._dimm_slots: set[int] = set()
+        #: The virtio-mem devices among them (the machine made them, so it knows).
+        self._virtio_mem: list[VirtioMem] = []
+        #: The ACPI slot of every DIMM.
+        self._dimm_slots: dict[MemoryDevice, int] = {}
         self.chardevs = {c.id: c for c in config.chardevs}
         self.vhost_devices: dict[str, VhostUserDevice] = {}
         self._anon_vhost: list[VhostUserDevice] = []
@@ -198,6 +203,15 @@ class Machine(Closing):
             self._anon_vhost.append(dev)
         return dev
 
+    @overload
+    def add_device(self, opts: VirtioMemOptions) -> VirtioMem: ...
+
+    @overload
+    def add_device(self, opts: DimmOptions) -> PcDimm: ...
+
+    @overload
+    def add_device(self, opts: DeviceOptions) -> MemoryDevice: ...
+
     def add_device(self, opts: DeviceOptions) -> MemoryDevice:
         """Create, pre-plug, realize and plug a memory device; nothing remains on failure."""
         if opts.id is not None and (opts.id in self.devices or opts.id in self.vhost_devices):
@@ -209,12 +223,14 @@ class Machine(Closing):
                 raise ConfigError(
                     f"Property '{opts.driver}.memdev' can't find value '{opts.memdev}'"
                 )
-        dev: VirtioMem | PcDimm
+        dev: MemoryDevice
+        virtio_mem = None
         if isinstance(opts, VirtioMemOptions):
-            dev = VirtioMem(opts, memdev, self.address_space)
+            dev = virtio_mem = VirtioMem(opts, memdev, self.address_space)
         else:
-            dev = PcDimm(opts, memdev)
-            self._assign_dimm_slot(dev)
+            dimm = PcDimm(opts, memdev)
+            self._assign_dimm_slot(dimm)
+            dev = dimm
         try:
             if dev.get_memory_region() is not None and self.device_memory is None:
                 raise MemoryDeviceError(
@@ -230,13 +246,14 @@ class Machine(Closing):
                 dev.unrealize()
                 raise
         except BaseException:
-            if isinstance(dev, PcDimm):
-                self._dimm_slots.discard(dev.slot)
+            self._dimm_slots.pop(dev, None)
             raise
         if dev.id is not None:
             self.devices[dev.id] = dev
         else:
             self._anon_devices.append(dev)
+        if virtio_mem is not None:
+            self._virtio_mem.append(virtio_mem)
         return dev
 
     def _assign_dimm_slot(self, dimm: PcDimm) -> None:
@@ -250,16 +267,17 @@ class Machine(Closing):
                 raise MemoryDeviceError(
                     f"invalid slot number {wanted}, valid range is [0-{slots - 1}]"
                 )
-            if wanted in self._dimm_slots:
+            if wanted in self._dimm_slots.values():
                 raise MemoryDeviceError(f"slot {wanted} is busy")
             slot = wanted
         else:
-            free = [s for s in range(slots) if s not in self._dimm_slots]
+            taken = set(self._dimm_slots.values())
+            free = [s for s in range(slots) if s not in taken]
             if not free:
                 raise MemoryDeviceError("no free slots available")
             slot = free[0]
         dimm.slot = slot
-        self._dimm_slots.add(slot)
+        self._dimm_slots[dimm] = slot
 
     def remove_device(self, dev_id: str) -> None:
         """Unplug a device (``device_del``); virtio-mem must have nothing plugged."""
@@ -270,8 +288,7 @@ class Machine(Closing):
         dev = self.devices.get(dev_id)
         if dev is None:
             raise ConfigError(f"Device '{dev_id}' not found")
-        if isinstance(dev, VirtioMem):
-            dev.check_unplug()
+        dev.check_unplug()
         self.withdraw_device(dev)
 
     def withdraw_device(self, dev: MemoryDevice) -> None:
@@ -280,12 +297,12 @@ class Machine(Closing):
         assert self.device_memory is not None
         self.device_memory.unplug(dev)
         dev.unrealize()
-        if isinstance(dev, PcDimm):
-            self._dimm_slots.discard(dev.slot)
+        self._dimm_slots.pop(dev, None)
         if dev.id is not None:
             self.devices.pop(dev.id, None)
         elif dev in self._anon_devices:
             self._anon_devices.remove(dev)
+        self._virtio_mem = [v for v in self._virtio_mem if v is not dev]
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -300,10 +317,15 @@ class Machine(Closing):
         devs = list(self.devices.values()) + self._anon_devices
         return sorted(devs, key=lambda d: d.get_addr())
 
+    @property
+    def virtio_mem_devices(self) -> list[VirtioMem]:
+        """The virtio-mem devices, by address."""
+        return sorted(self._virtio_mem, key=lambda d: d.get_addr())
+
     def virtio_mem(self, dev_id: str) -> VirtioMem:
         """The virtio-mem device with this id."""
-        dev = self.devices.get(dev_id)
-        if not isinstance(dev, VirtioMem):
+        dev = next((d for d in self._virtio_mem if d.id == dev_id), None)
+        if dev is None:
             raise ConfigError(f"no virtio-mem device with id '{dev_id}'")
         return dev
 
@@ -318,7 +340,7 @@ class Machine(Closing):
         if mr is None:
             return 0, 0
         single = slot_metadata_bytes(dev.get_addr(), mr.size, self.mmu)
-        if not isinstance(dev, VirtioMem) or not dev.dynamic:
+        if not dev.memslot_plan().dynamic:
             return single, single
         return single, sum(slot_metadata_bytes(m.gpa, m.size, self.mmu) for m in dev.memslot_map())
 

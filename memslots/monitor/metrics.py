@@ -84,9 +84,7 @@ class MachineCollector(Collector):
                 "memslots_virtio_mem_mapped_memslots", "Memslots mapped now.", labels=labels
             ),
         }
-        for dev in self.machine.memory_devices:
-            if not isinstance(dev, VirtioMem):
-                continue
+        for dev in self.machine.virtio_mem_devices:
             name = _device_label(dev)
             for (kind, response), count in sorted(dev.requests.items()):
                 requests.add_metric([name, kind, response], count)

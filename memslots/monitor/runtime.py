@@ -17,7 +17,6 @@ from typing import Any
 
 from memslots.devices.memory_device import MemoryDevice
 from memslots.devices.vhost_user import VHOST_USER_DRIVERS, parse_vhost_user_device
-from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import OptionError
 from memslots.guest.sched import LoopScheduler
 from memslots.kvm.abi import VmBackend
@@ -143,10 +142,9 @@ async def serve(
             observe_guest(dev_id)
 
         def added(dev: MemoryDevice) -> None:
-            if isinstance(dev, VirtioMem):
-                gvm.attach(dev)  # refuses a device without an id: no guest could drive it
-                assert dev.id is not None
-                observe_guest(dev.id)
+            # A hot-plugged virtio-mem device gets a guest driver.
+            for dev_id in gvm.attach_new():
+                observe_guest(dev_id)
 
         monitor.device_added.append(added)
         monitor.device_removed.append(gvm.detach)

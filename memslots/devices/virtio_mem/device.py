@@ -27,9 +27,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
-from memslots.devices.memory_device import MemoryDevice, MemslotInfo
+from memslots.devices.memory_device import MemoryDevice, MemslotInfo, MemslotPlan, SizeListener
+from memslots.devices.qom import QomObject, QomProperty, refuse, refuse_after_realize
 from memslots.devices.virtio_mem.wire import (
     REQUEST_SIZE,
     BlockState,
@@ -56,6 +57,10 @@ MIN_MEMSLOT_SIZE = 1 * GiB
 USABLE_EXTENT = 256 * MiB
 #: Entries of the one request queue.
 QUEUE_SIZE = 128
+#: The type of the object behind ``/machine/peripheral/<id>`` for ``-device virtio-mem`` on x86:
+#: the PCI proxy, whose virtio device is the child ``virtio-backend``.
+PROXY_TYPE = "virtio-mem-pci"
+VIRTIO_CHILD = "virtio-backend"
 
 
 class PageSized(Protocol):
@@ -83,6 +88,7 @@ class VirtioMem(MemoryDevice):
 
     info_type = "virtio-mem"
     decides_memslots = True
+    qom_children = (VIRTIO_CHILD,)
 
     def __init__(
         self,
@@ -121,7 +127,7 @@ class VirtioMem(MemoryDevice):
         self.busy = False
         self.requests: Counter[tuple[str, str]] = Counter()
         self.discard_failures = 0
-        self.size_change_listeners: list[Callable[[VirtioMem, int], None]] = []
+        self.size_change_listeners: list[SizeListener] = []
         self.config_change_listeners: list[Callable[[VirtioMem], None]] = []
 
     # -- properties ----------------------------------------------------------------------------
@@ -594,6 +600,82 @@ class VirtioMem(MemoryDevice):
         self._unplug_all()
 
     # -- introspection -------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """``{"type": "virtio-mem", "data": VirtioMEMDeviceInfo}``, QEMU's fields."""
+        assert self.memdev is not None, "a plugged virtio-mem device has a memdev"
+        data: dict[str, Any] = {} if self.id is None else {"id": self.id}
+        data.update(
+            {
+                "memaddr": self.addr,
+                "requested-size": self.requested_size,
+                "size": self.size,
+                "max-size": self.region_size,
+                "block-size": self.block_size,
+                "node": self.node,
+                "memdev": self.memdev.qom_path,
+            }
+        )
+        return {"type": "virtio-mem", "data": data}
+
+    def qom_objects(self) -> dict[str, QomObject]:
+        """The PCI proxy and its virtio device, with the same properties."""
+        return {"": self._qom_object(PROXY_TYPE), VIRTIO_CHILD: self._qom_object("virtio-mem")}
+
+    def _qom_object(self, type_name: str) -> QomObject:
+        # The proxy's properties forward to its virtio device, an anonymous "virtio-mem":
+        # QEMU's refusals therefore name that device whichever path was used.
+        def static(name: str) -> Callable[[object], None]:
+            return refuse_after_realize(name, None, "virtio-mem")
+
+        def set_requested(value: object) -> None:
+            assert isinstance(value, int)
+            self.set_requested_size(value)
+
+        memdev = self.memdev
+        assert memdev is not None, "a realized virtio-mem device has a memdev"
+        return QomObject(
+            type_name,
+            {
+                "type": QomProperty(lambda: type_name),
+                "memdev": QomProperty(
+                    lambda: memdev.qom_path,
+                    refuse_after_realize("memdev", None, "virtio-mem", link=True),
+                ),
+                "memaddr": QomProperty(lambda: self.addr, static("memaddr")),
+                "node": QomProperty(lambda: self.node, static("node")),
+                "requested-size": QomProperty(
+                    lambda: self.requested_size, set_requested, type="size"
+                ),
+                # Read-only on the virtio device, which the proxy's alias forwards to.
+                "size": QomProperty(
+                    lambda: self.size, refuse("Property 'virtio-mem.size' is not writable")
+                ),
+                # A realized device refuses before it looks at the value (QEMU's order).
+                "block-size": QomProperty(
+                    lambda: self.block_size, refuse("'block-size' cannot be changed")
+                ),
+                "prealloc": QomProperty(lambda: self.opts.prealloc, static("prealloc")),
+                "unplugged-inaccessible": QomProperty(
+                    lambda: self.unplugged_inaccessible, static("unplugged-inaccessible")
+                ),
+                "dynamic-memslots": QomProperty(
+                    lambda: self.opts.dynamic_memslots, static("dynamic-memslots")
+                ),
+                "memslot-size": QomProperty(
+                    lambda: self.opts.memslot_size or 0, static("memslot-size")
+                ),
+            },
+        )
+
+    def memslot_plan(self) -> MemslotPlan:
+        """Block size, dynamic or not, and the memslots as decided."""
+        memslots = self.decided_memslots
+        size = self.region_size
+        memslot_size = self.memslot_size if self.dynamic and memslots > 1 else size
+        return MemslotPlan(
+            self.block_size, self.dynamic, memslots, memslot_size, self.last_memslot_size
+        )
 
     def memslot_map(self) -> list[MemslotInfo]:
         """Every memslot of the device, mapped or not."""
