@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from memslots.kvm.cost import MmuConfig
 from memslots.kvm.host import HostInfo
+from memslots.kvm.mmu import MmuConfig
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import kvm_available
 from memslots.machine.machine import Machine

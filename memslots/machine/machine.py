@@ -16,17 +16,14 @@ from memslots.devices.budget import MemslotBudget
 from memslots.devices.device_memory import DeviceMemory
 from memslots.devices.dimm import PcDimm
 from memslots.devices.memory_device import MemoryDevice
-from memslots.devices.vhost_user import (
-    VhostUserDevice,
-    VhostUserDeviceOptions,
-    attach_vhost_user_device,
-)
+from memslots.devices.vhost_user import VhostUserDevice, attach_vhost_user_device
 from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import ConfigError, MemoryDeviceError, OptionError
 from memslots.kvm.abi import VmBackend
 from memslots.kvm.accel import KvmAccel
-from memslots.kvm.cost import MmuConfig, detect_host_mmu, slot_metadata_bytes
+from memslots.kvm.cost import slot_metadata_bytes
 from memslots.kvm.host import HostInfo, host_info
+from memslots.kvm.mmu import MmuConfig
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import KvmVm, kvm_available
 from memslots.machine.layout import PHYS_ADDR_SPACE, pc_layout
@@ -38,6 +35,7 @@ from memslots.options import (
     DeviceOptions,
     DimmOptions,
     MachineConfig,
+    VhostUserDeviceOptions,
     VirtioMemOptions,
 )
 from memslots.vhost.backend import VhostBackend
@@ -52,7 +50,7 @@ def create_vm(accel: str, *, max_memslots: int | None = None) -> VmBackend:
     if accel == "auto":
         log.warning("/dev/kvm is not available: using the KVM model instead of the kernel")
     return KvmModel(
-        max_memslots=max_memslots if max_memslots is not None else 32764, mmu=detect_host_mmu()
+        max_memslots=max_memslots if max_memslots is not None else 32764, mmu=host_info().mmu
     )
 
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from memslots.devices.memory_device import MemoryDevice
-from memslots.devices.vhost_user import VHOST_USER_DRIVERS, parse_vhost_user_device
 from memslots.errors import OptionError
 from memslots.guest.sched import LoopScheduler
 from memslots.kvm.abi import VmBackend
@@ -25,7 +24,12 @@ from memslots.machine.vm import GuestVm, ObservedChannel
 from memslots.monitor.commands import Monitor
 from memslots.monitor.metrics import Metrics
 from memslots.monitor.qmp_server import QMPServer
-from memslots.options import MachineConfig, split_option_string
+from memslots.options import (
+    VHOST_USER_DRIVERS,
+    MachineConfig,
+    split_option_string,
+    vhost_user_device_from_args,
+)
 
 log = logging.getLogger("memslots.monitor.runtime")
 
@@ -72,11 +76,7 @@ class VhostUserProvider:
 
     def add_device(self, args: dict[str, Any]) -> None:
         """Parse the arguments with the command line's rules and attach the device."""
-        words = []
-        for key, value in args.items():
-            text = ("on" if value else "off") if isinstance(value, bool) else str(value)
-            words.append(f"{key}={text.replace(',', ',,')}")
-        self.machine.add_vhost_user_device(parse_vhost_user_device(",".join(words)))
+        self.machine.add_vhost_user_device(vhost_user_device_from_args(args))
 
     def has_device(self, dev_id: str) -> bool:
         """True for a vhost-user device of this machine."""

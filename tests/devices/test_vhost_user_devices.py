@@ -17,13 +17,7 @@ from backends import (
 )
 from machines import NEGOTIATION, add_virtio_mem, assert_maps, check_invariants, memfd_machine
 
-from memslots.devices.vhost_user import (
-    ChardevOptions,
-    VhostUserDevice,
-    VhostUserDeviceOptions,
-    parse_chardev,
-    parse_vhost_user_device,
-)
+from memslots.devices.vhost_user import VhostUserDevice
 from memslots.errors import (
     ConfigError,
     NotEnoughMemslotsError,
@@ -35,7 +29,15 @@ from memslots.guest.inorder import drive_to
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
 from memslots.memory.address_space import GuestMemory
-from memslots.options import parse_backend, parse_device, parse_machine_config
+from memslots.options import (
+    ChardevOptions,
+    VhostUserDeviceOptions,
+    parse_backend,
+    parse_chardev,
+    parse_device,
+    parse_machine_config,
+    parse_vhost_user_device,
+)
 from memslots.sizes import GiB, MiB
 from memslots.vhost.user.consumer import ConnectionState
 from memslots.vhost.user.wire import ProtocolFeature

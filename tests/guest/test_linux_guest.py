@@ -196,6 +196,7 @@ def test_guest_catches_lost_memory(online: Online) -> None:
         dev.set_requested_size(64 * MiB)
         sched.advance(1)
         assert guest.verify() == 32 and guest.violations == []
+        assert dev.memdev is not None
         dev.memdev.memory.discard(0, 64 * MiB)  # the host loses plugged memory
         guest.verify()
         assert len(guest.violations) == 32

@@ -68,7 +68,7 @@ def test_vcpu_confirms_every_step_of_a_random_trace() -> None:
             for slot in dev.memslot_map():
                 # from inside the guest: mapped memslots are RAM, unmapped ones are MMIO
                 assert vm.vcpu.is_ram(slot.gpa + slot.size - 8) == slot.mapped
-                assert slot.mapped == (slot.plugged_blocks > 0)
+                assert slot.mapped == bool(slot.plugged_blocks)
 
 
 @requires_kvm

@@ -11,6 +11,7 @@ import pytest
 from qmp_support import ServerThread, make_machine, socket_dir
 from rich.console import Console
 
+from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import OptionError
 from memslots.guest.inorder import drive_to
 from memslots.machine.machine import Machine
@@ -181,12 +182,13 @@ def test_resize_without_guest(machine: Machine, sock: str) -> None:
 def test_resize_fails_when_someone_else_changes_the_request(machine: Machine, sock: str) -> None:
     with ServerThread(machine, sock) as server:
         dev = machine.virtio_mem("vmem0")
+
         # Another client's request lands right after ours.
-        server.call(
-            lambda: dev.config_change_listeners.append(
-                lambda d: d.requested_size == GiB and d.set_requested_size(2 * GiB)
-            )
-        )
+        def meanwhile(d: VirtioMem) -> None:
+            if d.requested_size == GiB:
+                d.set_requested_size(2 * GiB)
+
+        server.call(lambda: dev.config_change_listeners.append(meanwhile))
         c = Captured()
         code = run_resize(sock, "vmem0", "1G", wait=True, timeout=5, poll=0.1, out=c.out, err=c.err)
         assert code == EXIT_ERROR
@@ -199,10 +201,9 @@ def test_connection_lost_while_waiting(machine: Machine, sock: str) -> None:
         dev = machine.virtio_mem("vmem0")
 
         def stop_soon(d: object) -> None:
-            assert server.monitor is not None
-            server.loop.call_later(
-                0.2, lambda: server.loop.create_task(server.monitor.server.close())
-            )
+            monitor = server.monitor
+            assert monitor is not None
+            server.loop.call_later(0.2, lambda: server.loop.create_task(monitor.server.close()))
 
         server.call(lambda: dev.config_change_listeners.append(stop_soon))
         c = Captured()

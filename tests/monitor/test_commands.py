@@ -12,6 +12,7 @@ from qmp_support import (
     FakeRuntime,
     RawClient,
     make_machine,
+    next_event,
     qmp_client,
     serving,
     snapshot,
@@ -31,7 +32,9 @@ def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
-async def error_of(qmp: QMPClient, command: str, args: dict[str, Any] | None = None) -> tuple:
+async def error_of(
+    qmp: QMPClient, command: str, args: dict[str, Any] | None = None
+) -> tuple[str, str]:
     with pytest.raises(ExecuteError) as info:
         await qmp.execute(command, args)
     return info.value.error_class, str(info.value)
@@ -96,9 +99,9 @@ def test_resize_events_rate_limit_and_memslot_map() -> None:
                     for step in range(1, 13):  # 12 size changes of 256 MiB
                         drive_to(dev, step * 256 * MiB)
                         await asyncio.sleep(0.01)
-                    first = await asyncio.wait_for(events.get(), 2)
+                    first = await next_event(events, 2)
                     assert first["data"] == {"id": "vmem0", "size": 256 * MiB, "qom-path": VMEM}
-                    last = await asyncio.wait_for(events.get(), 2)
+                    last = await next_event(events, 2)
                     waited = asyncio.get_running_loop().time() - t0
                     assert last["data"] == {"id": "vmem0", "size": 3 * GiB, "qom-path": VMEM}
                     assert 0.8 < waited < 1.6  # held until the 1 s period ended
@@ -325,8 +328,8 @@ def test_bad_inputs_leave_machine_unchanged_and_server_serving() -> None:
                         assert got[0] == cls, (command, args, got)
                         assert got[1].startswith(desc), (command, args, got)
                 raw = await RawClient.open(path)
-                for data, desc in RAW_BAD_INPUTS:
-                    if desc is None:
+                for data, raw_desc in RAW_BAD_INPUTS:
+                    if raw_desc is None:
                         await raw.send(data + b" " * 70 * 1024)
                         reply = await raw.recv()
                         assert reply["error"]["class"] == "GenericError"
@@ -336,7 +339,7 @@ def test_bad_inputs_leave_machine_unchanged_and_server_serving() -> None:
                     await raw.send(data + b"\n")
                     reply = await raw.recv()
                     assert reply["error"]["class"] == "GenericError", (data, reply)
-                    assert reply["error"]["desc"].startswith(desc), (data, reply)
+                    assert reply["error"]["desc"].startswith(raw_desc), (data, reply)
                 # Before negotiation, every command is refused alike.
                 early = await RawClient.open(path, negotiate=False)
                 reply = await early.execute({"execute": "quit", "id": 1})
@@ -387,7 +390,7 @@ def test_object_and_device_hotplug_round_trip() -> None:
                 with qmp.listener(("MEMORY_DEVICE_SIZE_CHANGE", "DEVICE_DELETED")) as events:
                     dev = m.virtio_mem("vmem1")
                     drive_to(dev, GiB)
-                    ev = await asyncio.wait_for(events.get(), 2)
+                    ev = await next_event(events, 2)
                     assert ev["data"] == {
                         "id": "vmem1",
                         "size": GiB,
@@ -396,7 +399,7 @@ def test_object_and_device_hotplug_round_trip() -> None:
                     cls, desc = await error_of(qmp, "device_del", {"id": "vmem1"})
                     assert desc.endswith("some of its memory is still plugged")
                     drive_to(dev, 0)
-                    await asyncio.wait_for(events.get(), 2)  # held until the period ended
+                    await next_event(events, 2)  # held until the period ended
                     # Requested but not plugged yet (no guest): still refused.
                     await qmp.execute(
                         "qom-set", {"path": "vmem1", "property": "requested-size", "value": 2 * MiB}
@@ -409,7 +412,7 @@ def test_object_and_device_hotplug_round_trip() -> None:
                     assert (
                         await qmp.execute("device_del", {"id": "/machine/peripheral/vmem1"}) == {}
                     )
-                    deleted = [await asyncio.wait_for(events.get(), 2) for _ in range(2)]
+                    deleted = [await next_event(events, 2) for _ in range(2)]
                     assert [e["data"] for e in deleted] == [
                         {"path": "/machine/peripheral/vmem1/virtio-backend"},
                         {"device": "vmem1", "path": "/machine/peripheral/vmem1"},
@@ -428,7 +431,7 @@ def test_object_and_device_hotplug_round_trip() -> None:
                     ]
                     assert dimms[0]["data"]["hotplugged"] is True and dimms[0]["data"]["slot"] == 1
                     await qmp.execute("device_del", {"id": "d1"})
-                    ev = await asyncio.wait_for(events.get(), 2)
+                    ev = await next_event(events, 2)
                     assert ev["event"] == "DEVICE_DELETED"
                     assert ev["data"] == {"device": "d1", "path": "/machine/peripheral/d1"}
                     assert m.backends["mem2"].used_by is None
@@ -464,21 +467,21 @@ def test_anonymous_devices_get_peripheral_anon_paths() -> None:
                     "/objects/mem2"
                 )
                 with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as events:
-                    drive_to(next(d for d in m.memory_devices if d.id is None), 2 * MiB)
-                    ev = await asyncio.wait_for(events.get(), 2)
+                    drive_to(next(d for d in m.virtio_mem_devices if d.id is None), 2 * MiB)
+                    ev = await next_event(events, 2)
                 assert ev["data"] == {"size": 2 * MiB, "qom-path": apath}
                 memslots = await qmp.execute("x-query-memslots")
                 assert apath in {s["device"] for s in memslots}
                 # deleted by its QOM path, with QEMU's refusals first
                 with pytest.raises(ExecuteError, match="still plugged"):
                     await qmp.execute("device_del", {"id": apath})
-                drive_to(next(d for d in m.memory_devices if d.id is None), 0)
+                drive_to(next(d for d in m.virtio_mem_devices if d.id is None), 0)
                 await qmp.execute(
                     "qom-set", {"path": apath, "property": "requested-size", "value": 0}
                 )
                 with qmp.listener("DEVICE_DELETED") as deleted:
                     await qmp.execute("device_del", {"id": apath})
-                    ev = await asyncio.wait_for(deleted.get(), 2)
+                    ev = await next_event(deleted, 2)
                 assert ev["data"] == {"path": apath}
                 assert all("id" in d["data"] for d in await qmp.execute("query-memory-devices"))
                 await qmp.execute("object-del", {"id": "mem2"})  # free again
@@ -507,7 +510,7 @@ def test_quit_status_and_introspection() -> None:
                 assert {d["device"] for d in meta["devices"]} == {"vmem0", "dimm0"}
                 with qmp.listener("SHUTDOWN") as events:
                     assert await qmp.execute("quit") == {}
-                    ev = await asyncio.wait_for(events.get(), 2)
+                    ev = await next_event(events, 2)
                 assert ev["data"] == {"guest": False, "reason": "host-qmp-quit"}
                 assert runtime.quits == 1
 
@@ -544,7 +547,7 @@ def test_device_provider_hook() -> None:
                 assert provider.devices["fs0"] == args
                 with qmp.listener("DEVICE_DELETED") as events:
                     await qmp.execute("device_del", {"id": "fs0"})
-                    ev = await asyncio.wait_for(events.get(), 2)
+                    ev = await next_event(events, 2)
                 assert ev["data"] == {"device": "fs0", "path": "/machine/peripheral/fs0"}
                 assert provider.devices == {}
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 from conftest import requires_kvm
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError
+from qmp_support import Client, next_event
 
 from memslots.errors import OptionError
 from memslots.measure import sample_vmalloc_used
@@ -88,7 +89,7 @@ def running(
 
 
 async def drive(sock: str) -> dict[str, object]:
-    qmp = QMPClient("test")
+    qmp = Client("test")
     await qmp.connect(sock)
     try:
         devs = await qmp.execute("query-memory-devices")
@@ -107,7 +108,7 @@ async def drive(sock: str) -> dict[str, object]:
                 },
             }
         ]
-        sizes = []
+        sizes: list[int] = []
         with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as listener:
             await qmp.execute(
                 "qom-set",
@@ -118,7 +119,7 @@ async def drive(sock: str) -> dict[str, object]:
                 },
             )
             while not sizes or sizes[-1] != 3 * GiB:
-                event = await asyncio.wait_for(listener.get(), 10)
+                event = await next_event(listener, 10)
                 assert event["data"]["qom-path"] == "/machine/peripheral/vmem0"
                 assert event["data"]["id"] == "vmem0"
                 sizes.append(event["data"]["size"])
@@ -200,7 +201,7 @@ def test_device_add_vhost_user_blk_over_qmp(tmp_path: Path) -> None:
         ]
 
         async def go(sock: str) -> None:
-            qmp = QMPClient("test")
+            qmp = Client("test")
             await qmp.connect(sock)
             # QEMU's rule: vmem0 decided on several memslots, so a 32-slot back-end is refused
             with pytest.raises(ExecuteError, match="would further restricts"):
@@ -238,7 +239,7 @@ def test_device_add_that_cannot_get_a_guest_is_undone() -> None:
     nothing behind (the backend can be deleted, the id reused)."""
 
     async def go(sock: str) -> None:
-        qmp = QMPClient("test")
+        qmp = Client("test")
         await qmp.connect(sock)
         await qmp.execute("object-add", {"qom-type": "memory-backend-ram", "id": "m1", "size": GiB})
         with pytest.raises(ExecuteError, match="no room for the virtqueue"):
@@ -275,7 +276,7 @@ def test_vhost_user_loss_is_an_event_and_reconnect_replays(tmp_path: Path) -> No
         ]  # fmt: skip
 
         async def go(sock: str) -> None:
-            qmp = QMPClient("test")
+            qmp = Client("test")
             await qmp.connect(sock)
             resize = {"path": "vmem0", "property": "requested-size"}
             await qmp.execute("qom-set", {**resize, "value": 2 * GiB})
@@ -283,7 +284,7 @@ def test_vhost_user_loss_is_an_event_and_reconnect_replays(tmp_path: Path) -> No
             with qmp.listener("X_VHOST_USER_STATE") as states:
                 qsd.kill()
                 await qmp.execute("qom-set", {**resize, "value": 3 * GiB})
-                lost = await asyncio.wait_for(states.get(), 10)
+                lost = await next_event(states, 10)
                 assert lost["data"]["id"] == "disk0" and lost["data"]["state"] == "disconnected"
                 budget = await qmp.execute("x-query-memslot-budget")
                 assert isinstance(budget, dict)
@@ -291,7 +292,7 @@ def test_vhost_user_loss_is_an_event_and_reconnect_replays(tmp_path: Path) -> No
                 assert disk["connected"] is False
                 qsd.restart()
                 await qmp.execute("x-vhost-user-reconnect", {"id": "disk0"})
-                back = await asyncio.wait_for(states.get(), 10)
+                back = await next_event(states, 10)
                 assert back["data"]["state"] == "connected"
             # the whole table was replayed: the back-end maps the 3 memslots plugged meanwhile
             assert wait_until(lambda: len(memfd_mappings(qsd.memory_pid)) == 3, timeout=10)

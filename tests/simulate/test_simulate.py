@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from memslots.errors import OptionError
-from memslots.options import parse_machine_config
+from memslots.options import VirtioMemOptions, parse_machine_config
 from memslots.simulate.run import parse_strategy, parse_trace, scenario, with_strategy
 from memslots.sizes import GiB, MiB
 
@@ -50,6 +50,8 @@ def test_strategies_rewrite_the_device() -> None:
     single = with_strategy(cfg, "v", "single").devices[0]
     dyn = with_strategy(cfg, "v", "dynamic").devices[0]
     fixed = with_strategy(cfg, "v", "fixed:512M").devices[0]
+    assert isinstance(single, VirtioMemOptions) and isinstance(dyn, VirtioMemOptions)
+    assert isinstance(fixed, VirtioMemOptions)
     assert (single.dynamic_memslots, single.memslot_size) == (False, None)
     assert dyn.dynamic_memslots is True
     assert fixed.memslot_size == 512 * MiB
