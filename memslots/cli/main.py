@@ -18,9 +18,9 @@ from memslots.kvm.host import host_info
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import kvm_available
 from memslots.machine.machine import Machine
-from memslots.options import VirtioMemOptions, parse_machine_config
+from memslots.options import parse_machine_config, parse_size
 from memslots.simulate.run import SCENARIOS
-from memslots.sizes import format_size, parse_size
+from memslots.sizes import format_size
 from memslots.vhost.backend import VHOST_KINDS, VhostBackend, VhostModel
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -469,36 +469,29 @@ def simulate(
     from rich.progress import Progress, TaskID
 
     from memslots.guest.linux import GuestOptions, Online
+    from memslots.options import first_virtio_mem, parse_offsets, parse_strategies, parse_trace
     from memslots.simulate.run import (
         DEFAULT_SIM_DEVICE,
         DEFAULT_SIM_MAX,
         DEFAULT_SIM_MEMORY,
         DEFAULT_SIM_OBJECT,
-        first_virtio_mem,
-        parse_strategy,
-        parse_trace,
         run_simulation,
     )
-    from memslots.simulate.run import (
-        scenario as make_scenario,
-    )
+    from memslots.simulate.run import scenario as make_scenario
 
     if not objects and not devices:
         memory, objects, devices = DEFAULT_SIM_MEMORY, [DEFAULT_SIM_OBJECT], [DEFAULT_SIM_DEVICE]
-    strategies = compare.split(",") if compare else [strategy]
     try:
-        for s in strategies:
-            parse_strategy(s)
+        strategies = parse_strategies(compare, strategy)
         config = parse_machine_config(memory, objects, devices, accel=accel, chardevs=chardevs)
         dev_id = first_virtio_mem(config)
         if trace_file:
             trace = parse_trace(Path(trace_file).read_text(), source=trace_file)
         else:
-            vmem = next(
-                d for d in config.devices if isinstance(d, VirtioMemOptions) and d.id == dev_id
-            )
-            backend = next(b for b in config.backends if b.id == vmem.memdev)
-            top = max_size or min(DEFAULT_SIM_MAX, backend.size)
+            memdev = config.virtio_mem_options(dev_id).memdev
+            # An unknown memdev is refused with QEMU's words when the machine is built.
+            size = next((b.size for b in config.backends if b.id == memdev), DEFAULT_SIM_MAX)
+            top = max_size or min(DEFAULT_SIM_MAX, size)
             trace = make_scenario(scenario, top, 2 << 20, steps=steps, period=period)
         guest_opts = GuestOptions(
             boot_memory_end=0,
@@ -506,7 +499,7 @@ def simulate(
                 guest_online, Online.OFFLINE
             ),
             force_bbm=guest_force_bbm,
-            pinned=frozenset(parse_size(p) for p in guest_pinned.split(",") if p),
+            pinned=parse_offsets(guest_pinned),
         )
         results = []
         with Progress(console=err, transient=True) as bar:
@@ -640,7 +633,8 @@ def run(
     """Run the machine with a QMP monitor until 'quit', SIGTERM or SIGINT."""
     import asyncio
 
-    from memslots.monitor.runtime import parse_qmp_option, serve
+    from memslots.monitor.runtime import serve
+    from memslots.options import parse_qmp_option
 
     logging.getLogger("memslots").setLevel(logging.INFO)
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
@@ -30,7 +29,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from memslots.errors import MemslotsError, OptionError
-from memslots.sizes import format_size, parse_size
+from memslots.options import parse_address, parse_arguments, parse_size
+from memslots.sizes import format_size
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -45,9 +45,6 @@ INFO_COMMANDS = {
 #: Without a size change for this long, a resize that times out is reported as stalled.
 STALL_SECONDS = 2.0
 
-Address = str | tuple[str, int]
-_TCP = re.compile(r"^(?:tcp:)?(?P<host>\[[^\]]+\]|[^/:\[\]]+):(?P<port>\d+)$")
-
 
 class _Failed(Exception):
     """Ends a command with an exit status and a message for stderr."""
@@ -55,44 +52,6 @@ class _Failed(Exception):
     def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
         super().__init__(message)
         self.code = code
-
-
-def parse_address(text: str) -> Address:
-    """A QMP address: ``HOST:PORT`` or ``tcp:HOST:PORT`` is TCP, anything else a socket path."""
-    if text.startswith("unix:"):
-        return text.removeprefix("unix:")
-    match = _TCP.match(text)
-    if match is None:
-        return text
-    return match["host"].strip("[]"), int(match["port"])
-
-
-def parse_arguments(items: Sequence[str]) -> dict[str, object]:
-    """Command arguments from ``key=value`` words (values are JSON if they parse, else strings)
-    or from one JSON object.
-    """
-    if len(items) == 1 and items[0].lstrip().startswith("{"):
-        try:
-            obj: dict[str, object] = json.loads(items[0])  # starts with "{": an object or invalid
-        except ValueError as exc:
-            raise OptionError(f"arguments '{items[0]}': not valid JSON: {exc}") from None
-        return obj
-    args: dict[str, object] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise OptionError(f"argument '{item}' is not of the form key=value")
-        if key in args:
-            raise OptionError(f"argument '{key}' given twice")
-        try:
-            args[key] = json.loads(raw, parse_constant=_not_json)
-        except ValueError:
-            args[key] = raw
-    return args
-
-
-def _not_json(name: str) -> object:
-    raise ValueError(name)
 
 
 def _consoles(out: Console | None, err: Console | None) -> tuple[Console, Console]:

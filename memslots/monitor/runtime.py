@@ -12,11 +12,9 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from memslots.devices.memory_device import MemoryDevice
-from memslots.errors import OptionError
 from memslots.guest.sched import LoopScheduler
 from memslots.kvm.abi import VmBackend
 from memslots.machine.machine import Machine, create_vm
@@ -27,41 +25,11 @@ from memslots.monitor.qmp_server import QMPServer
 from memslots.options import (
     VHOST_USER_DRIVERS,
     MachineConfig,
-    split_option_string,
+    QmpEndpoint,
     vhost_user_device_from_args,
 )
 
 log = logging.getLogger("memslots.monitor.runtime")
-
-
-@dataclass(frozen=True)
-class QmpEndpoint:
-    """Where the monitor listens: a Unix socket path, or (only if asked) a TCP address."""
-
-    path: str | None = None
-    host: str | None = None
-    port: int | None = None
-
-
-def parse_qmp_option(text: str) -> QmpEndpoint:
-    """QEMU's ``-qmp unix:PATH,server=on,wait=off`` or ``-qmp tcp:HOST:PORT,server=on,...``."""
-    pairs = split_option_string(text, "address")
-    values = dict(pairs)
-    address = values.pop("address", "")
-    if values.pop("server", "on") not in ("on", "yes", "true"):
-        raise OptionError(f"-qmp {text}: only server=on is supported")
-    if values.pop("wait", "off") not in ("off", "no", "false"):
-        raise OptionError(f"-qmp {text}: only wait=off is supported")
-    if values:
-        raise OptionError(f"-qmp {text}: unknown parameter '{next(iter(values))}'")
-    if address.startswith("unix:") and len(address) > 5:
-        return QmpEndpoint(path=address[5:])
-    if address.startswith("tcp:"):
-        host, _, port = address[4:].rpartition(":")
-        if not host or not port.isdigit() or int(port) > 65535:
-            raise OptionError(f"-qmp {text}: expected tcp:HOST:PORT with a port up to 65535")
-        return QmpEndpoint(host=host, port=int(port))
-    raise OptionError(f"-qmp {text}: expected unix:PATH or tcp:HOST:PORT")
 
 
 class VhostUserProvider:

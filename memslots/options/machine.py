@@ -291,6 +291,13 @@ class MachineConfig:
     accel: str = "auto"
     chardevs: tuple[ChardevOptions, ...] = ()
 
+    def virtio_mem_options(self, dev_id: str) -> VirtioMemOptions:
+        """The ``-device virtio-mem`` with this id."""
+        for d in self.devices:
+            if isinstance(d, VirtioMemOptions) and d.id == dev_id:
+                return d
+        raise OptionError(f"no virtio-mem device with id '{dev_id}'")
+
 
 ACCELS = ("auto", "kvm", "sim")
 

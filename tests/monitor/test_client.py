@@ -12,15 +12,12 @@ from qmp_support import ServerThread, make_machine, socket_dir
 from rich.console import Console
 
 from memslots.devices.virtio_mem.device import VirtioMem
-from memslots.errors import OptionError
 from memslots.guest.inorder import drive_to
 from memslots.machine.machine import Machine
 from memslots.monitor.client import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_TIMEOUT,
-    parse_address,
-    parse_arguments,
     run_info,
     run_qmp,
     run_resize,
@@ -56,38 +53,6 @@ def machine() -> Iterator[Machine]:
 def sock() -> Iterator[str]:
     with socket_dir() as d:
         yield f"{d}/qmp.sock"
-
-
-def test_parse_address() -> None:
-    assert parse_address("/run/qmp.sock") == "/run/qmp.sock"
-    assert parse_address("qmp.sock") == "qmp.sock"
-    assert parse_address("unix:/tmp/a:1") == "/tmp/a:1"
-    assert parse_address("localhost:4444") == ("localhost", 4444)
-    assert parse_address("tcp:127.0.0.1:4444") == ("127.0.0.1", 4444)
-    assert parse_address("[::1]:4444") == ("::1", 4444)
-    assert parse_address("./dir:1") == "./dir:1"
-
-
-def test_parse_arguments() -> None:
-    assert parse_arguments([]) == {}
-    assert parse_arguments(["path=vmem0", "value=1073741824", "flag=true", "s=1G"]) == {
-        "path": "vmem0",
-        "value": 1073741824,
-        "flag": True,
-        "s": "1G",
-    }
-    assert parse_arguments(['{"path": "vmem0", "n": [1]}']) == {"path": "vmem0", "n": [1]}
-    assert parse_arguments(["x=NaN"]) == {"x": "NaN"}
-    for bad, message in [
-        (["novalue"], "not of the form key=value"),
-        (["=1"], "not of the form key=value"),
-        (["a=1", "a=2"], "given twice"),
-        (["{not json"], "not valid JSON"),
-        (['{"a": 1}x'], "not valid JSON"),
-        (["[1]"], "not of the form key=value"),
-    ]:
-        with pytest.raises(OptionError, match=message):
-            parse_arguments(bad)
 
 
 def test_run_qmp(machine: Machine, sock: str) -> None:

@@ -20,9 +20,7 @@ from conftest import requires_kvm
 from qemu.qmp import ExecuteError
 from qmp_support import Client, next_event
 
-from memslots.errors import OptionError
 from memslots.measure import sample_vmalloc_used
-from memslots.monitor.runtime import QmpEndpoint, parse_qmp_option
 from memslots.sizes import GiB
 
 MACHINE = [
@@ -33,25 +31,6 @@ MACHINE = [
     "-device",
     "virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on",
 ]
-
-
-def test_parse_qmp_option() -> None:
-    assert parse_qmp_option("unix:/tmp/x.sock,server=on,wait=off") == QmpEndpoint(
-        path="/tmp/x.sock"
-    )
-    assert parse_qmp_option("tcp:127.0.0.1:4444,server=on,wait=off") == QmpEndpoint(
-        host="127.0.0.1", port=4444
-    )
-    for bad in (
-        "unix:",
-        "tcp:localhost",
-        "unix:/x,server=off",
-        "unix:/x,colour=red",
-        "pipe:x",
-        "tcp:127.0.0.1:99999",
-    ):
-        with pytest.raises(OptionError):
-            parse_qmp_option(bad)
 
 
 @contextmanager
