@@ -12,13 +12,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from memslots.devices.memory_device import MemoryDevice
 from memslots.errors import MemslotsError
 from memslots.kvm.host import host_info
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import kvm_available
 from memslots.machine.machine import Machine
 from memslots.options import parse_machine_config, parse_size
+from memslots.reports import budget_report, device_plan, to_json
 from memslots.simulate.run import SCENARIOS
 from memslots.sizes import format_size
 from memslots.vhost.backend import VHOST_KINDS, VhostBackend, VhostModel
@@ -117,26 +117,6 @@ def main() -> None:
 # plan
 
 
-def device_row(machine: Machine, dev: MemoryDevice) -> dict[str, Any]:
-    """One entry of ``plan --json``'s ``memory_devices``."""
-    mr = dev.get_memory_region()
-    size = mr.size if mr is not None else 0
-    single, decided = machine.device_metadata_bytes(dev)
-    plan = dev.memslot_plan()
-    return {
-        "id": dev.id,
-        "type": dev.info_type,
-        "address": dev.get_addr(),
-        "region_size": size,
-        "block_size": plan.block_size,
-        "dynamic_memslots": plan.dynamic,
-        "memslots": plan.memslots,
-        "memslot_size": plan.memslot_size,
-        "last_memslot_size": plan.last_memslot_size,
-        "kernel_metadata_bytes": {"single_memslot": single, "decided_memslots": decided},
-    }
-
-
 @main.command()
 @machine_options
 @click.option(
@@ -230,33 +210,10 @@ def plan(
     except MemslotsError as exc:
         fail(str(exc))
     with machine:
-        rows = [device_row(machine, d) for d in machine.memory_devices]
-        dm = machine.device_memory
         result: dict[str, Any] = {
             "host": host.to_json(),
-            "memory_devices": rows,
-            "required_memslots": dm.required_memslots if dm else 0,
-            "used_memslots": dm.used_memslots if dm else 0,
-            "reserved_memslots": dm.reserved_memslots if dm else 0,
-            "auto_decision_active": dm.auto_decision if dm else False,
-            "device_memory": (
-                {"base": dm.base, "size": dm.size, "total_space": dm.total_space} if dm else None
-            ),
-            "kvm": {
-                "max_memslots": machine.kvm.max_memslots,
-                "used_memslots": machine.kvm.used_memslots,
-                "free_memslots": machine.kvm.free_memslots,
-                "mmu": machine.mmu.describe(),
-            },
-            "vhost": [
-                {
-                    "name": v.name,
-                    "max_memslots": v.max_memslots,
-                    "used_memslots": v.used_memslots,
-                    "free_memslots": v.free_memslots,
-                }
-                for v in machine.budget.vhost_backends
-            ],
+            "memory_devices": [to_json(device_plan(machine, d)) for d in machine.memory_devices],
+            "budget": to_json(budget_report(machine)),
         }
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -295,18 +252,18 @@ def _print_plan(result: dict[str, Any]) -> None:
             format_size(md["decided_memslots"]),
         )
     out.print(table)
+    host = result["host"]
+    out.print(f"host: {host['cpu_vendor']} vCPU with {host['phys_bits']} physical address bits")
+    budget = result["budget"]
+    dm = budget["device_memory"] or {}
+    kvm, *vhost = budget["consumers"]
     out.print(
-        f"host: {result['host']['cpu_vendor']} vCPU with {result['host']['phys_bits']} "
-        "physical address bits"
-    )
-    kvm = result["kvm"]
-    out.print(
-        f"memory devices: required {result['required_memslots']}, used "
-        f"{result['used_memslots']}, reserved {result['reserved_memslots']} memslots; "
+        f"memory devices: required {dm.get('required_memslots', 0)}, used "
+        f"{dm.get('used_memslots', 0)}, reserved {dm.get('reserved_memslots', 0)} memslots; "
         f"KVM: {kvm['used_memslots']} used, {kvm['free_memslots']} free of "
-        f"{kvm['max_memslots']} ({kvm['mmu']})"
+        f"{kvm['max_memslots']} ({host['mmu']})"
     )
-    for v in result["vhost"]:
+    for v in vhost:
         out.print(
             f"{v['name']}: {v['used_memslots']} used, {v['free_memslots']} free of "
             f"{v['max_memslots']}"

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from memslots.errors import MemslotsError, OptionError
 from memslots.options import parse_address, parse_arguments, parse_size
+from memslots.reports import BudgetReport, MemslotReport, from_qmp
 from memslots.sizes import format_size
 
 EXIT_OK = 0
@@ -325,29 +326,30 @@ def _memslots_table(memslots: Any) -> Table:
     for name in ("device", "index", "address", "size", "mapped", "plugged blocks", "kvm slot"):
         table.add_column(name, justify="left" if name == "device" else "right")
     table.add_column("vhost")
-    for m in memslots:
+    for m in (from_qmp(MemslotReport, item) for item in memslots):
         table.add_row(
-            m["device"],
-            str(m["index"]),
-            f"0x{m['addr']:x}",
-            format_size(m["size"]),
-            "yes" if m["mapped"] else "no",
-            str(m.get("plugged-blocks", "-")),
-            str(m.get("kvm-slot", "-")),
-            ", ".join(m.get("vhost", [])) or "-",
+            m.device,
+            str(m.index),
+            f"0x{m.address:x}",
+            format_size(m.size),
+            "yes" if m.mapped else "no",
+            str(m.plugged_blocks) if m.plugged_blocks is not None else "-",
+            str(m.kvm_slot) if m.kvm_slot is not None else "-",
+            ", ".join(m.vhost) or "-",
         )
     return table
 
 
-def _budget_tables(budget: Any) -> list[Table]:
+def _budget_tables(data: Any) -> list[Table]:
+    budget: BudgetReport = from_qmp(BudgetReport, data)
     consumers = Table(title="Memslot budget")
     consumers.add_column("consumer")
     for name in ("max", "used", "free"):
         consumers.add_column(name, justify="right")
-    for c in budget["consumers"]:
-        consumers.add_row(c["name"], str(c["max"]), str(c["used"]), str(c["free"]))
+    for c in budget.consumers:
+        consumers.add_row(c.name, str(c.max_memslots), str(c.used_memslots), str(c.free_memslots))
     tables = [consumers]
-    dm = budget.get("device-memory")
+    dm = budget.device_memory
     if dm is not None:
         devmem = Table(title="Device memory")
         devmem.add_column("memslots required", justify="right")
@@ -356,11 +358,11 @@ def _budget_tables(budget: Any) -> list[Table]:
         devmem.add_column("auto decision")
         devmem.add_column("space used", justify="right")
         devmem.add_row(
-            str(dm["required"]),
-            str(dm["used"]),
-            str(dm["reserved"]),
-            "yes" if dm["auto-decision"] else "no",
-            f"{format_size(dm['used-space'])} of {format_size(dm['total-space'])}",
+            str(dm.required_memslots),
+            str(dm.used_memslots),
+            str(dm.reserved_memslots),
+            "yes" if dm.auto_decision_active else "no",
+            f"{format_size(dm.used_space)} of {format_size(dm.total_space)}",
         )
         tables.append(devmem)
     return tables

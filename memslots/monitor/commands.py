@@ -27,11 +27,10 @@ from typing import Any, Protocol
 from memslots.devices.memory_device import MemoryDevice
 from memslots.devices.qom import QomObject, QomProperty, refuse
 from memslots.machine.machine import Machine
-from memslots.measure import sample_vmalloc_used
-from memslots.memory.address_space import Section
 from memslots.memory.backends import MemoryBackend
 from memslots.monitor.qmp_server import Command, Param, QMPCommandError, QMPServer, check_value
 from memslots.options import backend_from_args, device_from_args, id_wellformed
+from memslots.reports import budget_report, kernel_metadata_report, memslot_report, to_qmp
 from memslots.vhost.user.consumer import VhostUserConsumer
 
 #: QEMU's RunState values that count as running for ``query-status``.
@@ -418,88 +417,10 @@ class Monitor:
     # -- extensions ------------------------------------------------------------------------------
 
     def _query_memslots(self, args: dict[str, Any]) -> object:
-        m = self.machine
-        sections = {s.gpa: s for s in m.address_space.sections}
-        out: list[dict[str, Any]] = []
-
-        def entry(
-            dev: MemoryDevice, index: int, gpa: int, size: int, mapped: bool, blocks: int | None
-        ) -> None:
-            item: dict[str, Any] = {
-                "device": self._name(dev),
-                "index": index,
-                "addr": gpa,
-                "size": size,
-                "mapped": mapped,
-            }
-            if blocks is not None:
-                item["plugged-blocks"] = blocks
-            section = sections.get(gpa) if mapped else None
-            if section is not None:
-                slot = m.kvm.slot_of(section)
-                if slot is not None:
-                    item["kvm-slot"] = slot
-                # A mapped section is held by every back-end that takes it: a refusal would
-                # have undone the whole transaction.
-                item["vhost"] = [
-                    b.name for b in m.budget.vhost_backends if b.accepts(section) and b.connected
-                ]
-            else:
-                item["vhost"] = []
-            out.append(item)
-
-        for dev in m.memory_devices:
-            for ms in dev.memslot_map():
-                entry(dev, ms.index, ms.gpa, ms.size, ms.mapped, ms.plugged_blocks)
-        return out
+        return to_qmp(memslot_report(self.machine, self._name))
 
     def _query_budget(self, args: dict[str, Any]) -> object:
-        m = self.machine
-        consumers = [m.kvm, *m.budget.vhost_backends]
-        result: dict[str, Any] = {
-            "consumers": [
-                {
-                    "name": c.name,
-                    "max": c.max_memslots,
-                    "used": c.used_memslots,
-                    "free": c.free_memslots,
-                    "connected": c.connected,
-                }
-                for c in consumers
-            ]
-        }
-        dm = m.device_memory
-        if dm is not None:
-            result["device-memory"] = {
-                "required": dm.required_memslots,
-                "used": dm.used_memslots,
-                "reserved": dm.reserved_memslots,
-                "auto-decision": dm.auto_decision,
-                "total-space": dm.total_space,
-                "used-space": dm.used_region_size,
-            }
-        return result
+        return to_qmp(budget_report(self.machine))
 
     def _query_kernel_metadata(self, args: dict[str, Any]) -> object:
-        m = self.machine
-        devices = []
-        for dev in m.memory_devices:
-            mr = dev.get_memory_region()
-            assert mr is not None, "plugged memory devices have a region"
-            lo, hi = dev.get_addr(), dev.get_addr() + mr.size
-
-            def inside(s: Section, lo: int = lo, hi: int = hi) -> bool:
-                return lo <= s.gpa < hi
-
-            devices.append(
-                {"device": self._name(dev), "model": m.kvm.predicted_metadata_bytes(inside)}
-            )
-        result: dict[str, Any] = {
-            "model": m.kvm.predicted_metadata_bytes(),
-            "memslots": len(m.kvm.slots()),
-            "devices": devices,
-            "real": m.vm.is_real,
-        }
-        if m.vm.is_real:
-            result["vmalloc-used"] = sample_vmalloc_used()
-        return result
+        return to_qmp(kernel_metadata_report(self.machine, self._name))

@@ -31,6 +31,7 @@ from memslots.machine.vm import GuestVm, ObservedChannel
 from memslots.measure import sample_vmalloc_used
 from memslots.memory.address_space import Section
 from memslots.options import MachineConfig, TraceStep, first_virtio_mem, with_strategy
+from memslots.reports import device_plan, to_json
 from memslots.sizes import GiB
 
 # -- traces ------------------------------------------------------------------------------------
@@ -150,6 +151,10 @@ class SimResult:
                 )
 
 
+#: The device plan's fields a simulation result repeats.
+DEVICE_FIELDS = ("id", "address", "region_size", "block_size", "memslots", "memslot_size")
+
+
 def _ideal_metadata(dev: VirtioMem, machine: Machine) -> int:
     """Metadata if exactly the plugged ranges were memslots (the unreachable ideal)."""
     total = 0
@@ -178,17 +183,11 @@ def run_trace(
 ) -> SimResult:
     """Run ``trace`` on a booted guest; one :class:`StepRecord` per step."""
     real = machine.vm.is_real
+    plan = to_json(device_plan(machine, dev))
     result = SimResult(
         strategy=strategy,
         real_kvm=real,
-        device={
-            "id": dev.id,
-            "address": dev.addr,
-            "region_size": dev.region_size,
-            "block_size": dev.block_size,
-            "memslots": dev.decided_memslots,
-            "memslot_size": dev.memslot_size if dev.dynamic else dev.region_size,
-        },
+        device={k: plan[k] for k in DEVICE_FIELDS},
         latencies_us=latencies,
     )
 

@@ -42,7 +42,9 @@ def test_plan_acceptance_json(vendor: str, address: int) -> None:
     assert dev["address"] == address
     assert data["host"]["cpu_vendor"] == vendor and data["host"]["phys_bits"] == 48
     assert data["host"]["sources"]["cpu_vendor"] == "override"
-    assert (data["required_memslots"], data["used_memslots"]) == (256, 0)
+    dm = data["budget"]["device_memory"]
+    assert (dm["required_memslots"], dm["used_memslots"]) == (256, 0)
+    assert [c["name"] for c in data["budget"]["consumers"]] == ["kvm"]
     md = dev["kernel_metadata_bytes"]
     # one 1 TiB memslot under shadow paging: 658183 vmalloc pages (kvm.md A5)
     assert md["single_memslot"] == 658183 * 4096

@@ -119,26 +119,30 @@ def test_resize_events_rate_limit_and_memslot_map() -> None:
         mapped = [s["index"] for s in vmem_slots if s["mapped"]]
         assert mapped == [0, 1, 2]  # exactly the memslots holding plugged blocks
         for s in vmem_slots:
-            assert s["addr"] == dev.addr + s["index"] * GiB and s["size"] == GiB
+            assert s["address"] == dev.addr + s["index"] * GiB and s["size"] == GiB
             assert s["plugged-blocks"] == (512 if s["mapped"] else 0)
             assert ("kvm-slot" in s) == s["mapped"]
             assert s["vhost"] == []
         sections = {x.gpa: x for x in m.address_space.sections}
         for s in vmem_slots[:3]:
-            assert s["kvm-slot"] == m.kvm.slot_of(sections[s["addr"]])
+            assert s["kvm-slot"] == m.kvm.slot_of(sections[s["address"]])
         dimm = [s for s in memslots if s["device"] == "dimm0"]
         assert len(dimm) == 1 and dimm[0]["mapped"] and "plugged-blocks" not in dimm[0]
         assert summary == {"base-memory": 4 * GiB, "plugged-memory": 4 * GiB}
         kvm = budget["consumers"][0]
-        assert kvm["name"] == "kvm" and kvm["used"] == m.kvm.used_memslots
-        assert kvm["used"] + kvm["free"] == kvm["max"]
+        assert kvm["name"] == "kvm" and kvm["used-memslots"] == m.kvm.used_memslots
+        assert kvm["used-memslots"] + kvm["free-memslots"] == kvm["max-memslots"]
+        assert kvm["connected"] is True
+        assert m.device_memory is not None
         assert budget["device-memory"] == {
-            "required": 9,
-            "used": 4,
-            "reserved": 5,
-            "auto-decision": True,
+            "base": m.device_memory.base,
+            "size": m.device_memory.size,
             "total-space": 12 * GiB,
             "used-space": 9 * GiB,
+            "required-memslots": 9,
+            "used-memslots": 4,
+            "reserved-memslots": 5,
+            "auto-decision-active": True,
         }
 
     run(main())
@@ -505,8 +509,8 @@ def test_quit_status_and_introspection() -> None:
                 names = {c["name"] for c in await qmp.execute("query-commands")}
                 assert {"qmp_capabilities", "qom-set", "x-query-memslots", "quit"} <= names
                 meta = await qmp.execute("x-query-kernel-metadata")
-                assert meta["model"] == m.kvm.predicted_metadata_bytes()
-                assert meta["real"] is False and "vmalloc-used" not in meta
+                assert meta["model-bytes"] == m.kvm.predicted_metadata_bytes()
+                assert meta["real"] is False and "vmalloc-used-bytes" not in meta
                 assert {d["device"] for d in meta["devices"]} == {"vmem0", "dimm0"}
                 with qmp.listener("SHUTDOWN") as events:
                     assert await qmp.execute("quit") == {}
@@ -589,6 +593,6 @@ def test_memslots_held_by_vhost_back_ends() -> None:
         assert [c["name"] for c in budget["consumers"]] == ["kvm", "net0", "fs0"]
         fs0 = budget["consumers"][2]
         # Boot RAM is anonymous: the vhost-user back-end holds only the plugged memslot.
-        assert (fs0["max"], fs0["used"], fs0["free"]) == (600, 1, 599)
+        assert (fs0["max-memslots"], fs0["used-memslots"], fs0["free-memslots"]) == (600, 1, 599)
 
     run(main())

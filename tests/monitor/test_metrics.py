@@ -54,12 +54,12 @@ def test_collector_reads_the_machine_at_scrape_time() -> None:
         assert got[("memslots_device_memory_required_memslots", ())] == 9
         assert got[("memslots_device_memory_used_memslots", ())] == 4
         assert got[("memslots_device_memory_reserved_memslots", ())] == 5
-        assert got[("memslots_device_memory_used_bytes", ())] == 9 * GiB
+        assert got[("memslots_device_memory_used_space_bytes", ())] == 9 * GiB
         assert got[("memslots_kernel_metadata_model_bytes", ())] == (
             m.kvm.predicted_metadata_bytes()
         )
         # The model is not the kernel: nothing measured to report.
-        assert not any(name == "memslots_kernel_vmalloc_used_bytes" for name, _ in got)
+        assert not any(name == "memslots_kernel_metadata_vmalloc_used_bytes" for name, _ in got)
 
 
 def test_latency_histograms() -> None:
