@@ -1,18 +1,31 @@
-"""The ``memslots`` command: QEMU-style options, tables for people, ``--json`` for programs."""
+"""The ``memslots`` command: QEMU-style options, tables for people, ``--json`` for programs.
+
+Errors are handled in one place, :class:`MemslotsCli`: every :class:`MemslotsError` prints
+``memslots: <message>`` and exits with the status its class carries, click's usage errors exit
+with 1 (bad input), and ``--help`` lists the table (:data:`memslots.errors.EXIT_CODES`).
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from memslots.errors import MemslotsError
+from memslots.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CODES,
+    KvmUnavailableError,
+    MemslotsError,
+    OptionError,
+)
 from memslots.kvm.host import host_info
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import kvm_available
@@ -34,10 +47,38 @@ def table_console() -> Console:
     return console if console.is_terminal else Console(width=160)
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print ``memslots: message`` on stderr (never wrapped) and exit with ``code``."""
-    click.echo(f"memslots: {message}", err=True)
-    sys.exit(code)
+class MemslotsCli(click.Group):
+    """The ``memslots`` group, with the one handler that maps errors to messages and exit
+    statuses (:data:`memslots.errors.EXIT_CODES`)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Run a command; errors end the process here and nowhere else."""
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.ClickException as exc:
+            exc.show()
+            # Usage errors are bad input, like every other (click itself would exit 2).
+            sys.exit(EXIT_BAD_INPUT)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except MemslotsError as exc:
+            # Never wrapped, so that QEMU's text can be matched.
+            click.echo(f"memslots: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            # Output piped into a reader that went away (| head): stop quietly, as click does;
+            # the interpreter's last flush then goes nowhere instead of failing again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_BAD_INPUT)
+
+
+EXIT_STATUS_HELP = "\b\nExit status:\n" + "\n".join(
+    f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items()
+)
 
 
 class _QemuStyleFormatter(logging.Formatter):
@@ -101,7 +142,7 @@ def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) 
         raise click.BadParameter(str(exc)) from exc
 
 
-@click.group()
+@click.group(cls=MemslotsCli, epilog=EXIT_STATUS_HELP)
 @click.version_option(package_name="memslots")
 def main() -> None:
     """virtio-mem through many small memslots, mapped only while memory in them is plugged."""
@@ -180,7 +221,7 @@ def plan(
 ) -> None:
     """Decide memslots as QEMU would, on the KVM model, without touching the kernel."""
     if vhost_free_memslots is not None and vhost_max_memslots is None:
-        fail("--vhost-free-memslots needs --vhost-max-memslots")
+        raise OptionError("--vhost-free-memslots needs --vhost-max-memslots")
     host = host_info().override(
         cpu_vendor=cpu_vendor, phys_bits=phys_bits, kvm_max_memslots=kvm_max_memslots
     )
@@ -196,19 +237,11 @@ def plan(
         if vhost and vhost_free_memslots is not None:
             m.set_free_memslots(vhost[0], vhost_free_memslots, "--vhost-free-memslots")
 
-    try:
-        config = parse_machine_config(memory, objects, devices, accel="sim", chardevs=chardevs)
-        vm = KvmModel(max_memslots=host.kvm_max_memslots, mmu=host.mmu)
-        machine = Machine(
-            config,
-            vm=vm,
-            planned=True,
-            vhost=vhost,
-            before_devices=describe_host,
-            host=host,
-        )
-    except MemslotsError as exc:
-        fail(str(exc))
+    config = parse_machine_config(memory, objects, devices, accel="sim", chardevs=chardevs)
+    vm = KvmModel(max_memslots=host.kvm_max_memslots, mmu=host.mmu)
+    machine = Machine(
+        config, vm=vm, planned=True, vhost=vhost, before_devices=describe_host, host=host
+    )
     with machine:
         result: dict[str, Any] = {
             "host": host.to_json(),
@@ -295,16 +328,15 @@ def measure(device_size: int, plugged: int, as_json: bool) -> None:
     from memslots.measure import compare
 
     if not kvm_available():
-        fail("/dev/kvm is not available: measure needs the real kernel (try 'plan')", 2)
+        raise KvmUnavailableError(
+            "/dev/kvm is not available: measure needs the real kernel (try 'plan')"
+        )
     if plugged > device_size:
-        fail(f"--plugged {format_size(plugged)} exceeds --device-size {format_size(device_size)}")
-    try:
-        with err.status("starting") as status:
-            result = compare(
-                device_size, plugged, on_phase=lambda p: status.update(f"measuring {p}")
-            )
-    except MemslotsError as exc:
-        fail(str(exc))
+        raise OptionError(
+            f"--plugged {format_size(plugged)} exceeds --device-size {format_size(device_size)}"
+        )
+    with err.status("starting") as status:
+        result = compare(device_size, plugged, on_phase=lambda p: status.update(f"measuring {p}"))
     data = result.to_json()
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -438,46 +470,43 @@ def simulate(
 
     if not objects and not devices:
         memory, objects, devices = DEFAULT_SIM_MEMORY, [DEFAULT_SIM_OBJECT], [DEFAULT_SIM_DEVICE]
-    try:
-        strategies = parse_strategies(compare, strategy)
-        config = parse_machine_config(memory, objects, devices, accel=accel, chardevs=chardevs)
-        dev_id = first_virtio_mem(config)
-        if trace_file:
-            trace = parse_trace(Path(trace_file).read_text(), source=trace_file)
-        else:
-            memdev = config.virtio_mem_options(dev_id).memdev
-            # An unknown memdev is refused with QEMU's words when the machine is built.
-            size = next((b.size for b in config.backends if b.id == memdev), DEFAULT_SIM_MAX)
-            top = max_size or min(DEFAULT_SIM_MAX, size)
-            trace = make_scenario(scenario, top, 2 << 20, steps=steps, period=period)
-        guest_opts = GuestOptions(
-            boot_memory_end=0,
-            online={"movable": Online.MOVABLE, "kernel": Online.KERNEL}.get(
-                guest_online, Online.OFFLINE
-            ),
-            force_bbm=guest_force_bbm,
-            pinned=parse_offsets(guest_pinned),
-        )
-        results = []
-        with Progress(console=err, transient=True) as bar:
-            for s in strategies:
-                task = bar.add_task(f"simulating ({s})", total=len(trace))
+    strategies = parse_strategies(compare, strategy)
+    config = parse_machine_config(memory, objects, devices, accel=accel, chardevs=chardevs)
+    dev_id = first_virtio_mem(config)
+    if trace_file:
+        trace = parse_trace(Path(trace_file).read_text(), source=trace_file)
+    else:
+        memdev = config.virtio_mem_options(dev_id).memdev
+        # An unknown memdev is refused with QEMU's words when the machine is built.
+        size = next((b.size for b in config.backends if b.id == memdev), DEFAULT_SIM_MAX)
+        top = max_size or min(DEFAULT_SIM_MAX, size)
+        trace = make_scenario(scenario, top, 2 << 20, steps=steps, period=period)
+    guest_opts = GuestOptions(
+        boot_memory_end=0,
+        online={"movable": Online.MOVABLE, "kernel": Online.KERNEL}.get(
+            guest_online, Online.OFFLINE
+        ),
+        force_bbm=guest_force_bbm,
+        pinned=parse_offsets(guest_pinned),
+    )
+    results = []
+    with Progress(console=err, transient=True) as bar:
+        for s in strategies:
+            task = bar.add_task(f"simulating ({s})", total=len(trace))
 
-                def advance(n: int, task: TaskID = task) -> None:
-                    bar.update(task, completed=n)
+            def advance(n: int, task: TaskID = task) -> None:
+                bar.update(task, completed=n)
 
-                results.append(
-                    run_simulation(
-                        config,
-                        trace,
-                        strategy=s,
-                        request_log=request_log,
-                        progress=advance,
-                        guest_options=guest_opts,
-                    )
+            results.append(
+                run_simulation(
+                    config,
+                    trace,
+                    strategy=s,
+                    request_log=request_log,
+                    progress=advance,
+                    guest_options=guest_opts,
                 )
-    except MemslotsError as exc:
-        fail(str(exc))
+            )
     if csv_path:
         for r in results:
             path = Path(csv_path)
@@ -594,12 +623,9 @@ def run(
     from memslots.options import parse_qmp_option
 
     logging.getLogger("memslots").setLevel(logging.INFO)
-    try:
-        config = parse_machine_config(memory, objects, devices, accel=accel, chardevs=chardevs)
-        endpoints = [parse_qmp_option(q) for q in qmp]
-        asyncio.run(serve(config, endpoints, guest=guest == "linux", metrics_port=metrics_port))
-    except MemslotsError as exc:
-        fail(str(exc))
+    config = parse_machine_config(memory, objects, devices, accel=accel, chardevs=chardevs)
+    endpoints = [parse_qmp_option(q) for q in qmp]
+    asyncio.run(serve(config, endpoints, guest=guest == "linux", metrics_port=metrics_port))
 
 
 @main.command("qmp")
@@ -613,7 +639,7 @@ def qmp_command(socket: str, command: str, args: Sequence[str], timeout: float) 
     """Send one QMP COMMAND (ARGS as key=value or one JSON object) and print the reply."""
     from memslots.monitor.client import run_qmp
 
-    sys.exit(run_qmp(socket, command, args, timeout=timeout))
+    run_qmp(socket, command, args, timeout=timeout)
 
 
 @main.command()
@@ -625,10 +651,10 @@ def qmp_command(socket: str, command: str, args: Sequence[str], timeout: float) 
     "--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True
 )
 def resize(socket: str, device: str, size: str, wait: bool, timeout: float) -> None:
-    """Set DEVICE's requested-size to SIZE (exit 2 on timeout, 1 on error)."""
+    """Set DEVICE's requested-size to SIZE (exit 3 on timeout, 1 on error)."""
     from memslots.monitor.client import run_resize
 
-    sys.exit(run_resize(socket, device, size, wait=wait, timeout=timeout))
+    run_resize(socket, device, size, wait=wait, timeout=timeout)
 
 
 @main.command()
@@ -639,7 +665,7 @@ def info(socket: str, what: str, as_json: bool) -> None:
     """Show the memslot map, the memory devices or the memslot budget of a running machine."""
     from memslots.monitor.client import run_info
 
-    sys.exit(run_info(socket, what, json_output=as_json))
+    run_info(socket, what, json_output=as_json)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,10 +679,7 @@ def demo(accel: str, as_json: bool) -> None:
     """4 GiB boot RAM and a 1 TiB virtio-mem device, grown and shrunk: memslots and cost."""
     from memslots.demo import run_demo
 
-    try:
-        run_demo(accel, as_json=as_json, out=table_console())
-    except MemslotsError as exc:
-        fail(str(exc))
+    run_demo(accel, as_json=as_json, out=table_console())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,8 +2,10 @@
 
 Everything goes through ``qemu.qmp``'s :class:`~qemu.qmp.QMPClient`, so these commands work
 against QEMU as well as against ``memslots run``. Each entry point is a plain function that
-returns the process exit status: :data:`EXIT_OK`, :data:`EXIT_ERROR` (the server refused, the
-connection failed or was lost) or :data:`EXIT_TIMEOUT`.
+returns :data:`~memslots.errors.EXIT_OK` or raises: :class:`~memslots.errors.MonitorError` when
+the server refused or the connection failed or was lost, and
+:class:`~memslots.errors.MemslotsTimeoutError` when something did not happen in time. The
+command line's one handler turns them into a message and an exit status.
 
 An address is a Unix socket path, ``unix:PATH``, or ``HOST:PORT`` / ``tcp:HOST:PORT``.
 """
@@ -28,14 +30,10 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from memslots.errors import MemslotsError, OptionError
+from memslots.errors import EXIT_OK, MemslotsTimeoutError, MonitorError, OptionError
 from memslots.options import parse_address, parse_arguments, parse_size
 from memslots.reports import BudgetReport, MemslotReport, from_qmp
 from memslots.sizes import format_size
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_TIMEOUT = 2
 
 PERIPHERAL = "/machine/peripheral/"
 INFO_COMMANDS = {
@@ -47,20 +45,8 @@ INFO_COMMANDS = {
 STALL_SECONDS = 2.0
 
 
-class _Failed(Exception):
-    """Ends a command with an exit status and a message for stderr."""
-
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _consoles(out: Console | None, err: Console | None) -> tuple[Console, Console]:
-    return out if out is not None else Console(), err if err is not None else Console(stderr=True)
-
-
-def _report(err: Console, message: str) -> None:
-    err.print(f"memslots: {message}", markup=False, highlight=False, soft_wrap=True)
+def _console(out: Console | None) -> Console:
+    return out if out is not None else Console()
 
 
 @contextlib.asynccontextmanager
@@ -69,31 +55,24 @@ async def _session(address: str, name: str, timeout: float) -> AsyncIterator[QMP
     try:
         await asyncio.wait_for(qmp.connect(parse_address(address)), timeout)
     except TimeoutError:
-        raise _Failed(f"{address}: no QMP greeting within {timeout:g}s", EXIT_TIMEOUT) from None
+        raise MemslotsTimeoutError(f"{address}: no QMP greeting within {timeout:g}s") from None
     except ConnectError as exc:
-        raise _Failed(f"cannot connect to {address}: {exc}") from None
+        raise MonitorError(f"cannot connect to {address}: {exc}") from None
     try:
         yield qmp
     except ExecuteError as exc:
-        raise _Failed(f"{exc.sent['execute']}: {exc.error_class}: {exc}") from None
+        raise MonitorError(f"{exc.sent['execute']}: {exc.error_class}: {exc}") from None
     except (ExecInterruptedError, StateError, EOFError, ConnectionError) as exc:
         # StateError: the client noticed the hang-up first and refuses to send.
-        raise _Failed(f"connection to {address} lost: the server hung up") from exc
+        raise MonitorError(f"connection to {address} lost: the server hung up") from exc
     finally:
         # The outcome is decided; a disconnect error (the server already hung up) adds nothing.
         with contextlib.suppress(Exception):
             await qmp.disconnect()
 
 
-def _run(coro: Coroutine[Any, Any, int], err: Console) -> int:
-    try:
-        code: int = asyncio.run(coro)
-    except _Failed as exc:
-        _report(err, str(exc))
-        return exc.code
-    except MemslotsError as exc:
-        _report(err, str(exc))
-        return EXIT_ERROR
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    code: int = asyncio.run(coro)
     return code
 
 
@@ -107,10 +86,9 @@ def run_qmp(
     *,
     timeout: float = 30.0,
     out: Console | None = None,
-    err: Console | None = None,
 ) -> int:
     """``memslots qmp SOCKET COMMAND [ARGS]``: execute one command, print its JSON result."""
-    out, err = _consoles(out, err)
+    out = _console(out)
 
     async def main() -> int:
         arguments = parse_arguments(args)
@@ -118,11 +96,11 @@ def run_qmp(
             try:
                 result = await asyncio.wait_for(qmp.execute(command, arguments or None), timeout)
             except TimeoutError:
-                raise _Failed(f"{command}: no answer within {timeout:g}s", EXIT_TIMEOUT) from None
+                raise MemslotsTimeoutError(f"{command}: no answer within {timeout:g}s") from None
         out.print(json.dumps(result, indent=2), markup=False, highlight=False, soft_wrap=True)
         return EXIT_OK
 
-    return _run(main(), err)
+    return _run(main())
 
 
 # -- memslots resize -----------------------------------------------------------------------------
@@ -137,7 +115,6 @@ def run_resize(
     timeout: float = 60.0,
     poll: float = 0.5,
     out: Console | None = None,
-    err: Console | None = None,
 ) -> int:
     """``memslots resize SOCKET DEVICE SIZE [--wait] [--timeout S]``.
 
@@ -147,7 +124,7 @@ def run_resize(
     changed by someone else or the device goes away (exit 1), or ``timeout`` seconds pass
     (exit 2, saying whether the size was still moving).
     """
-    out, err = _consoles(out, err)
+    out = _console(out)
 
     async def main() -> int:
         deadline = asyncio.get_running_loop().time() + timeout
@@ -156,7 +133,7 @@ def run_resize(
             async with asyncio.timeout_at(deadline + poll + 1.0):
                 return await resize(deadline)
         except TimeoutError:
-            raise _Failed(f"{device}: the server stopped answering", EXIT_TIMEOUT) from None
+            raise MemslotsTimeoutError(f"{device}: the server stopped answering") from None
 
     async def resize(deadline: float) -> int:
         target = size if isinstance(size, int) else parse_size(size, what="SIZE")
@@ -180,13 +157,13 @@ def run_resize(
                     return EXIT_OK
                 return await _follow(qmp, events, device, path, start, target, deadline, poll, out)
 
-    return _run(main(), err)
+    return _run(main())
 
 
 async def _qom_int(qmp: QMPClient, path: str, prop: str) -> int:
     value = await qmp.execute("qom-get", {"path": path, "property": prop})
     if not isinstance(value, int):
-        raise _Failed(f"qom-get {path} {prop}: expected an integer, got {value!r}")
+        raise MonitorError(f"qom-get {path} {prop}: expected an integer, got {value!r}")
     return value
 
 
@@ -223,16 +200,15 @@ async def _follow(
                 last_size, last_change = size, now
             progress.update(task, completed=min(abs(size - start), abs(target - start)))
             if requested != target:
-                raise _Failed(
+                raise MonitorError(
                     f"{device}: requested-size was changed to {format_size(requested)} by another "
                     f"client while waiting (plugged {format_size(size)})"
                 )
             if size == target:
                 break
             if now >= deadline:
-                raise _Failed(
-                    _timeout_reason(device, start, size, target, now - began, now - last_change),
-                    EXIT_TIMEOUT,
+                raise MemslotsTimeoutError(
+                    _timeout_reason(device, start, size, target, now - began, now - last_change)
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(events.get(), min(poll, deadline - now))
@@ -267,10 +243,9 @@ def run_info(
     json_output: bool = False,
     timeout: float = 30.0,
     out: Console | None = None,
-    err: Console | None = None,
 ) -> int:
     """``memslots info SOCKET memslots|memory-devices|budget [--json]``: a table (or JSON)."""
-    out, err = _consoles(out, err)
+    out = _console(out)
 
     async def main() -> int:
         command = INFO_COMMANDS.get(what)
@@ -280,7 +255,7 @@ def run_info(
             try:
                 result = await asyncio.wait_for(qmp.execute(command), timeout)
             except TimeoutError:
-                raise _Failed(f"{command}: no answer within {timeout:g}s", EXIT_TIMEOUT) from None
+                raise MemslotsTimeoutError(f"{command}: no answer within {timeout:g}s") from None
         if json_output:
             out.print(json.dumps(result, indent=2), markup=False, highlight=False, soft_wrap=True)
         elif what == "memory-devices":
@@ -292,7 +267,7 @@ def run_info(
                 out.print(table)
         return EXIT_OK
 
-    return _run(main(), err)
+    return _run(main())
 
 
 def _size(value: Any) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from conftest import requires_kvm
 from qemu.qmp import ExecuteError
 from qmp_support import Client, next_event
 
+from memslots.errors import EXIT_TIMEOUT
 from memslots.measure import sample_vmalloc_used
 from memslots.sizes import GiB
 
@@ -140,23 +140,14 @@ def test_sigterm_shuts_down_cleanly() -> None:
 
 
 def test_resize_without_guest_times_out_with_reason() -> None:
-    from memslots.monitor.client import EXIT_TIMEOUT, run_resize
-
     with running("-accel", "sim", "-guest", "none") as (proc, sock):
-        from rich.console import Console
-
-        err = Console(record=True, width=200)
-        code = run_resize(
-            sock,
-            "vmem0",
-            "1G",
-            wait=True,
-            timeout=2,
-            err=err,
-            out=Console(file=io.StringIO()),
+        resize = [sys.executable, "-m", "memslots.cli.main", "resize", sock, "vmem0", "1G"]
+        done = subprocess.run(
+            [*resize, "--wait", "--timeout", "2"], capture_output=True, text=True, timeout=60
         )
-        assert code == EXIT_TIMEOUT
-        assert "never changed" in err.export_text()
+        assert done.returncode == EXIT_TIMEOUT == 3
+        assert done.stderr.startswith("memslots: vmem0: timed out after")
+        assert "never changed" in done.stderr
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
 
