@@ -10,6 +10,7 @@ from conftest import requires_kvm
 
 from memslots import demo as demo_module
 from memslots.cli import main as cli
+from memslots.cli import plan as cli_plan
 from memslots.errors import (
     EXIT_BAD_INPUT,
     EXIT_CODES,
@@ -116,7 +117,7 @@ def test_plan_bad_options(args: list[str], needle: str) -> None:
 
 
 def test_measure_without_kvm_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "kvm_available", lambda: False)
+    monkeypatch.setattr(cli_plan, "kvm_available", lambda: False)
     code, _, err = run(["measure", "--json"])
     assert code == 2 and "/dev/kvm is not available" in err
 
