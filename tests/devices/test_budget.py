@@ -13,7 +13,7 @@ from memslots.devices import budget
 from memslots.devices.budget import PreciseAccounting
 from memslots.errors import NotEnoughMemslotsError, VhostLimitError
 from memslots.guest.inorder import drive_to
-from memslots.options import parse_device
+from memslots.options import MEMSLOT_ACCOUNTING, parse_device
 from memslots.sizes import GiB
 from memslots.vhost.backend import VhostModel
 
@@ -23,6 +23,8 @@ AUTO = "virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on"
 
 def test_defaults_are_qemus() -> None:
     assert (budget.SOFT_MEMSLOT_LIMIT, budget.SAFE_MAX_MEMSLOTS) == (256, 509)
+    # every memslot-accounting= value the options accept has a strategy, and no other
+    assert set(budget.ACCOUNTINGS) == set(MEMSLOT_ACCOUNTING)
 
 
 @pytest.mark.parametrize("vhost", [None, (600, None, "kernel"), (600, None, "user")])
