@@ -64,3 +64,15 @@ def test_readme_tree_is_the_package_tree() -> None:
         elif rel.parent != Path("."):
             actual.add(f"{rel.parent}/")
     assert listed == actual
+
+
+def test_nothing_in_the_product_imports_the_test_tooling() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    contracts = config["tool"]["importlinter"]["contracts"]
+    (sources,) = [
+        c["source_modules"]
+        for c in contracts
+        if c["type"] == "forbidden" and c["forbidden_modules"] == ["memslots.testing"]
+    ]
+    product = {n for layer in _contract_layers() for n in layer} - {"testing"}
+    assert {s.removeprefix("memslots.") for s in sources} == product
