@@ -16,8 +16,9 @@ import json
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
-from memslots.kvm.cost import detect_host_mmu
+from memslots.kvm.host import detect_host_mmu
 from memslots.kvm.vm import kvm_available
 from memslots.measure import compare
 from memslots.sizes import format_size, parse_size
@@ -34,14 +35,14 @@ def main() -> int:
         print("memslot_cost: /dev/kvm is not available; nothing to measure", file=sys.stderr)
         return 2
     device = parse_size(args.device_size)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for plugged in (parse_size(p) for p in args.plugged.split(",")):
         print(
             f"{format_size(device)} device, {format_size(plugged) if plugged else '0'} plugged",
             file=sys.stderr,
         )
         rows.append(compare(device, plugged).to_json())
-    report = {
+    report: dict[str, Any] = {
         "host": {"kernel": platform.release(), "mmu": detect_host_mmu().describe()},
         "command": " ".join(["bench/memslot_cost.py", *sys.argv[1:]]),
         "runs": rows,

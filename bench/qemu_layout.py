@@ -41,7 +41,7 @@ def _qmp(conn: socket.socket, command: str) -> dict[str, Any]:
         buf += chunk
         for line in buf.split(b"\n"):
             if line.strip():
-                msg = json.loads(line)
+                msg: dict[str, Any] = json.loads(line)
                 if "return" in msg or "error" in msg:
                     return msg
 
@@ -153,7 +153,8 @@ def main() -> int:
 
         def show(res: dict[str, Any]) -> str:
             if "error" in res:
-                return "refused: " + res["error"].splitlines()[-1][:90]
+                last: str = res["error"].splitlines()[-1]
+                return "refused: " + last[:90]
             return ", ".join(f"{d['id']}@{d['addr']:#x}" for d in res["devices"]) or "-"
 
         lines.append(f"| {r['name']} | {show(r['qemu'])} | {show(r['memslots'])} | "

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -43,7 +44,7 @@ RESP = {0: "ack", 1: "nack", 2: "busy", 3: "error"}
 
 # name -> (extra -device options, sizes in MiB (the first is the boot requested-size)
 #          [, auto-online policy])
-SEQUENCES = {
+SEQUENCES: dict[str, tuple[Any, ...]] = {
     "sbm-worked-example": ("", [512, 900, 700]),
     "sbm-mixed": ("", [512, 1024, 300, 0, 1536]),
     "sbm-odd": ("", [0, 130, 386, 258, 2, 1000, 1002, 0]),
@@ -64,11 +65,14 @@ while true; do sleep 3600; done
 """
 
 
-def sh(cmd: str, **kw) -> str:
-    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True, **kw).stdout
+def sh(cmd: str, **kw: Any) -> str:
+    out: str = subprocess.run(
+        cmd, shell=True, check=True, capture_output=True, text=True, **kw
+    ).stdout
+    return out
 
 
-def prepare(work: Path) -> dict:
+def prepare(work: Path) -> dict[str, Any]:
     """Kernel + initramfs in WORK (cached)."""
     work.mkdir(parents=True, exist_ok=True)
     if (
@@ -80,7 +84,9 @@ def prepare(work: Path) -> dict:
     debs = sorted(work.glob("linux-image-6.1.*-amd64_*.deb"))
     if not debs:
         dep = sh("apt-cache depends linux-image-amd64")
-        pkg = re.search(r"Depends: (linux-image-6\.1\.\S+-amd64)\b", dep).group(1)
+        found = re.search(r"Depends: (linux-image-6\.1\.\S+-amd64)\b", dep)
+        assert found is not None, "no Debian 6.1 kernel package"
+        pkg = found.group(1)
         sh(f"apt-get download {pkg}", cwd=work)
         debs = sorted(work.glob("linux-image-6.1.*-amd64_*.deb"))
     kdir = work / "k"
@@ -125,7 +131,7 @@ def prepare(work: Path) -> dict:
 
 
 class Qmp:
-    def __init__(self, path: str, timeout: float = 10.0):
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
         deadline = time.time() + timeout
         while True:
             try:
@@ -140,7 +146,7 @@ class Qmp:
         json.loads(self.f.readline())
         self.cmd("qmp_capabilities")
 
-    def cmd(self, name: str, **args):
+    def cmd(self, name: str, **args: Any) -> Any:
         self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
         self.f.flush()
         while True:
@@ -150,7 +156,7 @@ class Qmp:
             if "error" in msg:
                 raise RuntimeError(f"{name}: {msg['error']}")
 
-    def close(self):
+    def close(self) -> None:
         self.s.close()
 
 
@@ -160,7 +166,7 @@ class Guest:
     def __init__(
         self,
         work: Path,
-        art: dict,
+        art: dict[str, Any],
         accel: str,
         devopts: str,
         boot_mib: int,
@@ -219,7 +225,8 @@ class Guest:
         return False
 
     def get(self, prop: str) -> int:
-        return self.qmp.cmd("qom-get", path="/machine/peripheral/vmem0", property=prop)
+        value: int = self.qmp.cmd("qom-get", path="/machine/peripheral/vmem0", property=prop)
+        return value
 
     def lines(self) -> list[str]:
         return self.trace.read_text(errors="replace").splitlines() if self.trace.exists() else []
@@ -240,7 +247,7 @@ class Guest:
                 return f"stuck at {size // MiB}M", round(now - t0, 2)
             time.sleep(0.2)
 
-    def stop(self):
+    def stop(self) -> None:
         with contextlib.suppress(Exception):
             self.qmp.cmd("quit")
         try:
@@ -254,8 +261,8 @@ class Guest:
 TRACE_RE = re.compile(r"virtio_mem_(plug|unplug|state)_request addr=0x([0-9a-f]+) nb_blocks=(\d+)")
 
 
-def parse(lines: list[str], base: int) -> list[dict]:
-    out: list[dict] = []
+def parse(lines: list[str], base: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     for ln in lines:
         m = TRACE_RE.search(ln)
         if m:
@@ -280,14 +287,14 @@ def parse(lines: list[str], base: int) -> list[dict]:
 
 def run_real(
     work: Path,
-    art: dict,
+    art: dict[str, Any],
     accel: str,
     name: str,
     devopts: str,
     sizes: list[int],
     timeout: float,
     online: str = "online_movable",
-) -> dict:
+) -> dict[str, Any]:
     g = Guest(work, art, accel, devopts, sizes[0], name, online)
     try:
         if not g.booted(120):
@@ -342,7 +349,7 @@ def run_model(
     sizes: list[int],
     times: list[float],
     online: str = "online_movable",
-) -> dict:
+) -> dict[str, Any]:
     """The model on the same trace; step times are the real run's, so retry timers see the
     same gaps."""
     csv = work / f"model-{name}.csv"
@@ -388,18 +395,18 @@ def run_model(
     }
 
 
-def key(r: dict) -> tuple:
+def key(r: dict[str, Any]) -> tuple[Any, ...]:
     return (r["type"], r["offset"], r["nb_blocks"], r["response"])
 
 
-def fmt(r: dict) -> str:
+def fmt(r: dict[str, Any]) -> str:
     if r["offset"] is None:
         return f"{r['type']}->{r['response']}"
     return f"{r['type']}(+{r['offset'] // MiB}M, {r['nb_blocks']})->{r['response']}"
 
 
-def compare(real: dict, model: dict) -> dict:
-    out = {"match": True, "steps": []}
+def compare(real: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"match": True, "steps": []}
     for i, (rs, ms) in enumerate(zip(real["steps"], model["steps"], strict=False)):
         a, b = rs["requests"], ms["requests"]
         first = next(
@@ -432,7 +439,7 @@ def compare(real: dict, model: dict) -> dict:
     return out
 
 
-def pick_accel(work: Path, art: dict, want: str) -> tuple[str, str]:
+def pick_accel(work: Path, art: dict[str, Any], want: str) -> tuple[str, str]:
     if want != "auto":
         return want, "requested"
     if not os.path.exists("/dev/kvm"):
@@ -452,7 +459,7 @@ def pick_accel(work: Path, art: dict, want: str) -> tuple[str, str]:
     )
 
 
-def write_md(doc: dict) -> str:
+def write_md(doc: dict[str, Any]) -> str:
     L = [
         "# Real Linux guest vs the guest model: virtio-mem request streams",
         "",
@@ -514,7 +521,7 @@ def main() -> int:
     accel, reason = pick_accel(work, art, a.accel)
     print(f"accel={accel}: {reason}", file=sys.stderr)
     qemu_ver = sh("qemu-system-x86_64 --version").splitlines()[0]
-    doc = {
+    doc: dict[str, Any] = {
         "env": {
             **{k: art[k] for k in ("kernel", "kernel_package", "config")},
             "qemu": qemu_ver,

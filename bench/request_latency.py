@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from memslots.devices.virtio_mem import (
+from memslots.devices.virtio_mem.wire import (
     REQUEST_SIZE,
     RESPONSE_SIZE,
     ReqType,

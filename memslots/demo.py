@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from rich.console import Console
 from rich.table import Table
 
-from memslots.devices.virtio_mem import VirtioMem
+from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import DeviceError
 from memslots.kvm.cost import slot_metadata_bytes
 from memslots.machine.machine import Machine

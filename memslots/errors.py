@@ -1,14 +1,54 @@
-"""The one exception hierarchy of memslots.
+"""The one exception hierarchy of memslots, and the one table of exit statuses.
 
 Every error the package raises derives from :class:`MemslotsError`. Messages name the object
 (device id, backend id, memslot) and the limit that was hit, so that a user can act on them.
+Each class carries the process exit status it ends a command with (``exit_code``), from
+:data:`EXIT_CODES`; the command line has one handler that prints ``memslots: <message>`` and
+exits with it (see :mod:`memslots.cli.main`).
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+EXIT_OK = 0
+#: Bad input, or a configuration QEMU would refuse (the command line's usage errors too).
+EXIT_BAD_INPUT = 1
+#: Something missing on the host: /dev/kvm, or an optional component a command needs.
+EXIT_HOST_MISSING = 2
+#: A timeout: ``resize --wait`` did not get there, or a QMP server did not answer in time.
+EXIT_TIMEOUT = 3
+
+#: The exit statuses of every command, as ``--help`` and the README list them.
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "done",
+    EXIT_BAD_INPUT: "bad input, or a configuration QEMU would refuse (usage errors too)",
+    EXIT_HOST_MISSING: "something missing on the host (/dev/kvm, matplotlib for --plots)",
+    EXIT_TIMEOUT: "a timeout (resize --wait, a QMP server that does not answer)",
+}
+
 
 class MemslotsError(Exception):
-    """Root of all memslots errors."""
+    """Root of all memslots errors; ends a command with :data:`EXIT_BAD_INPUT` unless a
+    subclass says otherwise."""
+
+    exit_code: ClassVar[int] = EXIT_BAD_INPUT
+
+
+class HostMissingError(MemslotsError):
+    """Something the command needs is missing on the host (/dev/kvm, an optional package)."""
+
+    exit_code = EXIT_HOST_MISSING
+
+
+class MemslotsTimeoutError(MemslotsError):
+    """Something did not happen in time (a resize, a QMP server's answer)."""
+
+    exit_code = EXIT_TIMEOUT
+
+
+class MonitorError(MemslotsError):
+    """A QMP server refused a command, or the connection to it failed or was lost."""
 
 
 class OptionError(MemslotsError):
@@ -39,7 +79,7 @@ class KvmError(MemslotsError):
         self.errno = errno
 
 
-class KvmUnavailableError(KvmError):
+class KvmUnavailableError(KvmError, HostMissingError):
     """``/dev/kvm`` is missing or cannot be opened."""
 
 

@@ -30,7 +30,7 @@ from typing import Self
 
 import pytest
 
-from memslots.vhost.user import F_PROTOCOL_FEATURES, F_VERSION_1, ProtocolFeature, Req
+from memslots.vhost.user.wire import F_PROTOCOL_FEATURES, F_VERSION_1, ProtocolFeature, Req
 
 QSD = "/usr/bin/qemu-storage-daemon"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"

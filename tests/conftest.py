@@ -6,13 +6,13 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from memslots.kvm.cost import MmuConfig
 from memslots.kvm.host import HostInfo
+from memslots.kvm.mmu import MmuConfig
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import kvm_available
 from memslots.machine.machine import Machine
 from memslots.options import parse_machine_config
-from memslots.vhost.kernel import VhostModel
+from memslots.vhost.backend import VhostModel
 
 requires_kvm = pytest.mark.skipif(not kvm_available(), reason="needs /dev/kvm")
 

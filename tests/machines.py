@@ -6,13 +6,15 @@ import os
 
 from backends import memfd_mappings
 
-from memslots.devices.virtio_mem import Config, Request, Response, VirtioMem
+from memslots.devices.virtio_mem.device import VirtioMem
+from memslots.devices.virtio_mem.wire import Config, Request, Response
 from memslots.guest.linux import GuestOptions, LinuxGuest
 from memslots.guest.sched import Scheduler
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
 from memslots.options import parse_device, parse_machine_config
-from memslots.vhost.user import MemRegion, VhostUserConsumer
+from memslots.vhost.user.consumer import VhostUserConsumer
+from memslots.vhost.user.wire import MemRegion
 
 
 def check_invariants(m: Machine, dev: VirtioMem) -> None:

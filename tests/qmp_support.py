@@ -8,13 +8,14 @@ import json
 import shutil
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 
-from memslots.devices.virtio_mem import ReqType, Request, Resp, Response, VirtioMem
+from memslots.devices.virtio_mem.device import VirtioMem
+from memslots.devices.virtio_mem.wire import ReqType, Request, Resp, Response
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
 from memslots.monitor.commands import Monitor
@@ -86,10 +87,24 @@ async def serving(
             monitor.close()
 
 
+class Client(QMPClient):
+    """qemu.qmp's client, whose results (JSON) the tests look into: typed Any, not object."""
+
+    async def execute(
+        self, cmd: str, arguments: Mapping[str, object] | None = None, oob: bool = False
+    ) -> Any:
+        return await super().execute(cmd, arguments, oob)
+
+
+async def next_event(listener: EventListener, timeout: float) -> Any:
+    """The next event of ``listener`` (a JSON object), waiting at most ``timeout`` seconds."""
+    return await asyncio.wait_for(listener.get(), timeout)
+
+
 @contextlib.asynccontextmanager
-async def qmp_client(path: str, name: str = "test") -> AsyncIterator[QMPClient]:
+async def qmp_client(path: str, name: str = "test") -> AsyncIterator[Client]:
     """The real qemu.qmp client, connected and negotiated."""
-    qmp = QMPClient(name)
+    qmp = Client(name)
     await asyncio.wait_for(qmp.connect(path), WAIT)
     try:
         yield qmp

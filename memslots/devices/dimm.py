@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from memslots.devices.memory_device import MemoryDevice
+from collections.abc import Callable
+from typing import Any
+
+from memslots.devices.memory_device import MemoryDevice, SizeListener
+from memslots.devices.qom import QomObject, QomProperty, refuse_after_realize
 from memslots.errors import ConfigError
 from memslots.memory.address_space import MemoryRegion
 from memslots.memory.backends import MemoryBackend
@@ -24,6 +28,8 @@ class PcDimm(MemoryDevice):
         #: The ACPI DIMM slot, assigned by the machine.
         self.slot = -1
         self.realized = False
+        #: A DIMM's plugged size never changes while it is plugged: nobody is ever called.
+        self.size_change_listeners: list[SizeListener] = []
 
     def get_memory_region(self) -> MemoryRegion:
         if self.memdev is None:
@@ -62,3 +68,45 @@ class PcDimm(MemoryDevice):
         if self.memdev is not None and self.memdev.used_by == self.label:
             self.memdev.used_by = None
         self.realized = False
+
+    def info(self) -> dict[str, Any]:
+        """``{"type": "dimm", "data": PCDIMMDeviceInfo}``, QEMU's fields."""
+        assert self.memdev is not None, "a plugged pc-dimm has a memdev"
+        data: dict[str, Any] = {} if self.id is None else {"id": self.id}
+        data.update(
+            {
+                "addr": self.addr,
+                "size": self.memdev.size,
+                "slot": self.slot,
+                "node": self.node,
+                "memdev": self.memdev.qom_path,
+                "hotplugged": self.hotplugged,
+                "hotpluggable": True,
+            }
+        )
+        return {"type": "dimm", "data": data}
+
+    def qom_objects(self) -> dict[str, QomObject]:
+        """The DIMM's properties."""
+
+        def static(name: str) -> Callable[[object], None]:
+            return refuse_after_realize(name, self.id, "pc-dimm")
+
+        memdev = self.memdev
+        assert memdev is not None, "a realized pc-dimm has a memdev"
+        return {
+            "": QomObject(
+                "pc-dimm",
+                {
+                    "type": QomProperty(lambda: "pc-dimm"),
+                    "addr": QomProperty(lambda: self.addr, static("addr")),
+                    "node": QomProperty(lambda: self.node, static("node")),
+                    "slot": QomProperty(lambda: self.slot, static("slot")),
+                    "memdev": QomProperty(
+                        lambda: memdev.qom_path,
+                        refuse_after_realize("memdev", self.id, "pc-dimm", link=True),
+                    ),
+                    "size": QomProperty(lambda: memdev.size),
+                },
+            )
+        }

@@ -1,12 +1,11 @@
-"""vhost-user devices: ``-chardev socket`` and ``-device vhost-user-blk|fs[-pci]``.
+"""vhost-user devices: ``-device vhost-user-blk|fs[-pci]`` attached through ``-chardev socket``.
 
-Parsing follows :mod:`memslots.options` (one error per rule, naming the option). Attaching
-follows QEMU's realize: the chardev is looked up, the back-end is connected and negotiated,
-QEMU's two memory slot refusals run around registering the back-end as a memory listener
-(:func:`memslots.vhost.kernel.attach_vhost_backend`), and for vhost-user-blk the config space
-is read.
-What matters here is the memory table; for vhost-user-blk there is also just enough of one
-virtqueue (:class:`BlkQueue`) to READ from the disk into guest memory.
+Their options are :mod:`memslots.options.vhost_user`'s. Attaching follows QEMU's realize: the
+chardev is looked up (by the machine), the back-end is connected and negotiated, QEMU's two
+memory slot refusals run around registering the back-end as a memory listener
+(:meth:`memslots.devices.budget.MemslotBudget.attach_vhost`), and for vhost-user-blk the config
+space is read. What matters here is the memory table; for vhost-user-blk there is also just
+enough of one virtqueue (:class:`BlkQueue`) to READ from the disk into guest memory.
 """
 
 from __future__ import annotations
@@ -16,127 +15,17 @@ import os
 import select
 import struct
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from memslots.errors import ConfigError, OptionError, VhostError
+from memslots.devices.budget import MemslotBudget, accounting
+from memslots.errors import VhostError
 from memslots.memory.address_space import GuestMemory
-from memslots.options import Props, split_option_string
-from memslots.vhost.kernel import attach_vhost_backend, detach_vhost_backend
-from memslots.vhost.user import (
-    ConnectionState,
-    Endpoint,
-    VhostUserConsumer,
-    VhostUserFrontend,
-)
+from memslots.options.vhost_user import ChardevOptions, VhostUserDeviceOptions
+from memslots.vhost.user.consumer import ConnectionState, VhostUserConsumer
+from memslots.vhost.user.frontend import Endpoint, VhostUserFrontend
 
-if TYPE_CHECKING:
-    # machine.py may import this module to attach devices.
-    from memslots.machine.machine import Machine
-
-VHOST_USER_BLK_DRIVERS = ("vhost-user-blk", "vhost-user-blk-pci")
-VHOST_USER_FS_DRIVERS = ("vhost-user-fs", "vhost-user-fs-pci")
-VHOST_USER_DRIVERS = VHOST_USER_BLK_DRIVERS + VHOST_USER_FS_DRIVERS
-MEMSLOT_ACCOUNTING = ("qemu", "precise")
-#: sizeof(virtio_fs_config.tag).
-FS_TAG_MAX = 36
 #: sizeof(struct virtio_blk_config) as QEMU 7.2 reads it; the capacity is its first u64.
 BLK_CONFIG_SIZE = 60
 SECTOR_SIZE = 512
-
-
-@dataclass(frozen=True)
-class ChardevOptions:
-    """``-chardev socket,id=…,path=…``: a Unix socket we connect to as the client."""
-
-    id: str
-    path: str
-
-
-def parse_chardev(text: str) -> ChardevOptions:
-    """Parse ``-chardev socket,id=ID,path=PATH[,server=off]``."""
-    props = Props("-chardev", text, split_option_string(text, "backend"))
-    backend = props.require_str("backend")
-    if backend != "socket":
-        raise OptionError(
-            f"-chardev {text}: unsupported chardev backend '{backend}' (supported: socket)"
-        )
-    chardev_id = props.pop_id(required=True)
-    assert chardev_id is not None
-    if "host" in props.values or "port" in props.values:
-        raise OptionError(
-            f"-chardev {text}: only Unix sockets are supported: use 'path' instead of "
-            "'host' and 'port'"
-        )
-    path = props.require_str("path")
-    if props.pop_bool("server", False):
-        raise OptionError(
-            f"-chardev {text}: 'server=on' is not supported: memslots connects to the "
-            "vhost-user back-end as a client"
-        )
-    props.finish(("backend", "id", "path", "server"))
-    return ChardevOptions(id=chardev_id, path=path)
-
-
-@dataclass(frozen=True)
-class VhostUserDeviceOptions:
-    """``-device vhost-user-blk[-pci]|vhost-user-fs[-pci],chardev=…``.
-
-    ``memslot_accounting`` is our extension: "qemu" (default) or "precise" (see
-    :class:`memslots.vhost.user.VhostUserConsumer`).
-    """
-
-    driver: str
-    id: str | None
-    chardev: str
-    tag: str | None = None
-    memslot_accounting: str = "qemu"
-
-    @property
-    def is_blk(self) -> bool:
-        """True for vhost-user-blk."""
-        return self.driver in VHOST_USER_BLK_DRIVERS
-
-    @property
-    def precise(self) -> bool:
-        """True for precise memslot accounting."""
-        return self.memslot_accounting == "precise"
-
-
-def parse_vhost_user_device(text: str) -> VhostUserDeviceOptions:
-    """Parse ``-device vhost-user-blk[-pci],chardev=…[,id=…][,memslot-accounting=…]`` or
-    ``-device vhost-user-fs[-pci],chardev=…,tag=…[,id=…][,memslot-accounting=…]``."""
-    props = Props("-device", text, split_option_string(text, "driver"))
-    driver = props.require_str("driver")
-    if driver not in VHOST_USER_DRIVERS:
-        raise OptionError(
-            f"-device {text}: unsupported device '{driver}' "
-            f"(supported: {', '.join(VHOST_USER_DRIVERS)})"
-        )
-    dev_id = props.pop_id()
-    chardev = props.pop_str("chardev")
-    accounting = props.pop_choice("memslot-accounting", MEMSLOT_ACCOUNTING, "qemu")
-    allowed = ["id", "chardev", "memslot-accounting"]
-    tag = None
-    if driver in VHOST_USER_FS_DRIVERS:
-        tag = props.pop_str("tag")
-        allowed.append("tag")
-    props.finish(allowed)
-    # QEMU's realize checks, in its order and words.
-    if not chardev:
-        missing = "chardev is mandatory" if driver in VHOST_USER_BLK_DRIVERS else "missing chardev"
-        raise OptionError(f"-device {text}: {missing}")
-    if driver in VHOST_USER_FS_DRIVERS:
-        if tag is None:
-            raise OptionError(f"-device {text}: missing tag property")
-        if not tag:
-            raise OptionError(f"-device {text}: tag property must not be empty")
-        if len(tag.encode()) > FS_TAG_MAX:
-            raise OptionError(f"-device {text}: tag property must be {FS_TAG_MAX} bytes or less")
-    return VhostUserDeviceOptions(
-        driver=driver, id=dev_id, chardev=chardev, tag=tag, memslot_accounting=accounting
-    )
 
 
 # -- virtio-blk over one split virtqueue -------------------------------------------------------
@@ -248,12 +137,12 @@ class VhostUserDevice:
 
     def __init__(
         self,
-        machine: Machine,
+        budget: MemslotBudget,
         opts: VhostUserDeviceOptions,
         consumer: VhostUserConsumer,
         capacity: int | None,
     ) -> None:
-        self.machine = machine
+        self.budget = budget
         self.opts = opts
         self.consumer = consumer
         #: vhost-user-blk: the disk size in 512-byte sectors (from the config space).
@@ -269,6 +158,11 @@ class VhostUserDevice:
     def state(self) -> ConnectionState:
         """CONNECTED, DISCONNECTED (back-end lost; see :meth:`reconnect`) or CLOSED."""
         return self.consumer.state
+
+    @property
+    def attached(self) -> bool:
+        """True until :meth:`detach` (the back-end is in the budget, connected or not)."""
+        return self.consumer.state is not ConnectionState.CLOSED
 
     def check(self) -> ConnectionState:
         """Ask the back-end whether it is still there; returns the state."""
@@ -299,7 +193,7 @@ class VhostUserDevice:
         if queue is None or queue.frontend is not frontend or queue.ring_gpa != ring_gpa:
             self._drop_queue()
             queue = self._queue = BlkQueue(
-                frontend, GuestMemory(self.machine.address_space), ring_gpa
+                frontend, GuestMemory(self.budget.address_space), ring_gpa
             )
         return queue.read(sector, gpa, length, self.consumer.endpoint.timeout)
 
@@ -309,47 +203,32 @@ class VhostUserDevice:
             self._queue = None
 
     def detach(self) -> None:
-        """Unplug the device: it leaves the machine's memslot accounting and is closed."""
+        """Unplug the device: it leaves the machine's memslot budget and is closed (once)."""
         self._drop_queue()
-        detach_vhost_backend(self.machine, self.consumer)
+        if self.attached:
+            self.budget.detach_vhost(self.consumer)
 
 
 def attach_vhost_user_device(
-    machine: Machine, opts: VhostUserDeviceOptions, chardevs: Mapping[str, ChardevOptions]
+    budget: MemslotBudget, opts: VhostUserDeviceOptions, chardev: ChardevOptions, name: str
 ) -> VhostUserDevice:
-    """Realize a vhost-user device on ``machine`` in QEMU's order.
+    """Realize a vhost-user device in QEMU's order, once the machine found its chardev.
 
-    The chardev must exist and be unused; the back-end is connected and negotiated; then
-    QEMU's refusals (:func:`memslots.vhost.kernel.check_vhost_limit` before registering the memory
-    listener, :func:`memslots.vhost.kernel.check_vhost_reservations` after), then the memory table
-    is sent, and vhost-user-blk's config is read. Nothing remains on failure.
+    The back-end is connected and negotiated; then the budget's refusals run around
+    registering it (:meth:`~memslots.devices.budget.MemslotBudget.attach_vhost`), then the
+    memory table is sent, and vhost-user-blk's config is read. Nothing remains on failure.
     """
-    chardev = chardevs.get(opts.chardev)
-    if chardev is None:
-        raise ConfigError(f"Property '{opts.driver}.chardev' can't find value '{opts.chardev}'")
-    name = opts.id if opts.id is not None else f"{opts.driver}@{opts.chardev}"
-    for other in machine.vhost.backends:
-        if isinstance(other, VhostUserConsumer) and other.chardev == opts.chardev:
-            raise ConfigError(
-                f"Property '{opts.driver}.chardev' can't take value '{opts.chardev}', it's in use"
-            )
-    if name in machine.devices or any(b.name == name for b in machine.vhost.backends):
-        raise ConfigError(f"Duplicate device ID '{name}'")
     consumer = VhostUserConsumer(
-        name,
-        Endpoint(chardev.path, config=opts.is_blk),
-        precise=opts.precise,
-        device_memory=machine.device_memory,
-        chardev=opts.chardev,
+        name, Endpoint(chardev.path, config=opts.is_blk), chardev=opts.chardev
     )
-    attach_vhost_backend(machine, consumer)
+    budget.attach_vhost(consumer, accounting(opts.memslot_accounting))
     capacity = None
     if opts.is_blk:
         assert consumer.frontend is not None
         try:
             config = consumer.frontend.get_config(BLK_CONFIG_SIZE)
         except VhostError as exc:
-            detach_vhost_backend(machine, consumer)
+            budget.detach_vhost(consumer)
             raise VhostError(f"vhost-user-blk '{name}': get block config failed: {exc}") from exc
         capacity = struct.unpack_from("<Q", config)[0]
-    return VhostUserDevice(machine, opts, consumer, capacity)
+    return VhostUserDevice(budget, opts, consumer, capacity)

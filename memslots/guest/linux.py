@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from memslots.devices.virtio_mem import Config, ReqType, Request, Resp, Response
+from memslots.devices.virtio_mem.wire import Config, ReqType, Request, Resp, Response
 from memslots.guest.sched import Scheduler, Timer
 from memslots.sizes import GiB, MiB
 

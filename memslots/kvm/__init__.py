@@ -1,3 +1,4 @@
-"""KVM: the userspace ABI, a real VM, a model of it, what memslots cost the kernel, the accelerator
-that turns sections into memslots, a probe vCPU, and the host it describes.
+"""KVM: the userspace ABI, the host's MMU mode, what memslots cost the kernel, a real VM and a
+model of it, the accelerator that turns sections into memslots, the host description, and a
+probe vCPU.
 """

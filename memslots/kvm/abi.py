@@ -20,7 +20,7 @@ from memslots.errors import KvmError
 from memslots.sizes import format_size
 
 if TYPE_CHECKING:
-    from memslots.kvm.cost import MmuConfig
+    from memslots.kvm.mmu import MmuConfig
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT

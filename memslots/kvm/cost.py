@@ -8,11 +8,8 @@ for areas above 2 MiB, a vmalloc'ed ``struct page *`` array (recursively). The r
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
-from memslots.errors import KvmError
 from memslots.kvm.abi import PAGE_SHIFT, PAGE_SIZE
+from memslots.kvm.mmu import MmuConfig
 from memslots.sizes import align_up
 
 # One level of the x86 page-table hierarchy maps 512 entries: 4 KiB -> 2 MiB -> 1 GiB.
@@ -21,74 +18,6 @@ _PTR_SIZE = 8
 _RMAP_ENTRY = 8  # struct kvm_rmap_head: one atomic_long
 _LPAGE_ENTRY = 4  # struct kvm_lpage_info: int disallow_lpage
 _WRITE_TRACK_ENTRY = 2  # u16 counter per gfn
-
-
-@dataclass(frozen=True)
-class MmuConfig:
-    """The host MMU mode, which decides which per-page arrays a memslot gets eagerly.
-
-    ``shadow_paging``: shadow-paging structures are in use, either because TDP is off or
-    because a shadow root exists (e.g. a nested guest) -- rmaps and ``gfn_write_track`` are
-    allocated at slot creation. ``tdp_mmu``: TDP with the TDP MMU (rmaps and write tracking
-    lazy). ``legacy_tdp``: TDP with ``tdp_mmu=N`` (rmaps eager, write tracking lazy).
-    ``external_write_tracking``: CONFIG_KVM_EXTERNAL_WRITE_TRACKING=y (KVMGT) makes write
-    tracking eager. ``smm``: two address spaces, so every RAM slot is paid twice.
-    """
-
-    shadow_paging: bool = True
-    tdp_mmu: bool = False
-    legacy_tdp: bool = False
-    external_write_tracking: bool = False
-    smm: bool = False
-
-    def __post_init__(self) -> None:
-        if self.tdp_mmu and self.legacy_tdp:
-            raise ValueError("MmuConfig: tdp_mmu and legacy_tdp are mutually exclusive")
-        if not (self.shadow_paging or self.tdp_mmu or self.legacy_tdp):
-            raise ValueError("MmuConfig: one of shadow_paging, tdp_mmu, legacy_tdp must be set")
-
-    @property
-    def tdp_enabled(self) -> bool:
-        """Whether the host uses two-dimensional paging (EPT/NPT)."""
-        return self.tdp_mmu or self.legacy_tdp
-
-    @property
-    def eager_rmaps(self) -> bool:
-        """``kvm_memslots_have_rmaps()``: ``!tdp_mmu_enabled || shadow_root_allocated``."""
-        return self.shadow_paging or self.legacy_tdp
-
-    @property
-    def eager_write_tracking(self) -> bool:
-        """``kvm_page_track_write_tracking_enabled()`` at slot creation."""
-        return self.shadow_paging or self.external_write_tracking
-
-    @property
-    def address_spaces(self) -> int:
-        """How many times each RAM slot exists (and is paid for)."""
-        return 2 if self.smm else 1
-
-    def describe(self) -> str:
-        """One line for humans, e.g. ``shadow paging (rmaps + write tracking eager)``."""
-        if self.tdp_mmu:
-            mode = (
-                "TDP MMU with a shadow root (rmaps + write tracking eager)"
-                if self.shadow_paging
-                else "TDP MMU (rmaps + write tracking lazy)"
-            )
-        elif self.legacy_tdp:
-            mode = (
-                "legacy TDP (tdp_mmu=N) with a shadow root (rmaps + write tracking eager)"
-                if self.shadow_paging
-                else "legacy TDP (tdp_mmu=N) (rmaps eager, write tracking lazy)"
-            )
-        else:
-            mode = "shadow paging (rmaps + write tracking eager)"
-        extras = []
-        if self.external_write_tracking:
-            extras.append("external write tracking")
-        if self.smm:
-            extras.append("SMM (2 address spaces, metadata x2)")
-        return "; ".join([mode, *extras])
 
 
 def lpages(base_gfn: int, npages: int, level: int) -> int:
@@ -153,66 +82,3 @@ def slot_metadata_bytes(gpa: int, size: int, mmu: MmuConfig, dirty_log: bool = F
         raise ValueError(f"memslot gpa {gpa:#x} and size {size:#x} must be 4 KiB aligned")
     pages = slot_vmalloc_pages(gpa >> PAGE_SHIFT, size >> PAGE_SHIFT, mmu, dirty_log)
     return pages * PAGE_SIZE
-
-
-def _read_flag(path: str) -> bool | None:
-    """A Y/N or 1/0 module parameter; None when the file does not exist."""
-    try:
-        with open(path) as f:
-            return f.read().strip() in ("Y", "y", "1")
-    except FileNotFoundError:
-        return None
-
-
-def _has_external_write_tracking(boot_config: str) -> bool:
-    try:
-        with open(boot_config) as f:
-            return any(line.strip() == "CONFIG_KVM_EXTERNAL_WRITE_TRACKING=y" for line in f)
-    except OSError:
-        return False
-
-
-def detect_host_mmu(
-    *,
-    sysfs_root: str = "/sys/module",
-    kvm_path: str = "/dev/kvm",
-    smm: bool | None = None,
-    boot_config: str | None = None,
-) -> MmuConfig:
-    """The host's MMU configuration, from KVM's module parameters.
-
-    TDP is on when ``kvm_intel.ept`` or ``kvm_amd.npt`` is set; without either module (for
-    example ``kvm_pvm``) KVM uses shadow paging. With TDP, ``kvm.tdp_mmu`` chooses the TDP MMU
-    or the legacy one. ``smm=None`` asks a throw-away VM for KVM_CAP_MULTI_ADDRESS_SPACE > 1
-    (False without ``/dev/kvm``). ``boot_config`` (default ``/boot/config-$(uname -r)``) is
-    searched for CONFIG_KVM_EXTERNAL_WRITE_TRACKING=y.
-    """
-    ept = _read_flag(os.path.join(sysfs_root, "kvm_intel", "parameters", "ept"))
-    npt = _read_flag(os.path.join(sysfs_root, "kvm_amd", "parameters", "npt"))
-    tdp = bool(ept) or bool(npt)
-    # The parameter is missing on kernels that predate the TDP MMU.
-    tdp_mmu = tdp and bool(_read_flag(os.path.join(sysfs_root, "kvm", "parameters", "tdp_mmu")))
-    if boot_config is None:
-        boot_config = f"/boot/config-{os.uname().release}"
-    if smm is None:
-        smm = _probe_smm(kvm_path)
-    return MmuConfig(
-        shadow_paging=not tdp,
-        tdp_mmu=tdp_mmu,
-        legacy_tdp=tdp and not tdp_mmu,
-        external_write_tracking=_has_external_write_tracking(boot_config),
-        smm=smm,
-    )
-
-
-def _probe_smm(kvm_path: str) -> bool:
-    # Imported here because memslots.kvm.vm itself uses detect_host_mmu.
-    from memslots.kvm.vm import KvmVm
-
-    if not os.path.exists(kvm_path):
-        return False
-    try:
-        with KvmVm(kvm_path) as vm:
-            return vm.nr_address_spaces > 1
-    except KvmError:
-        return False

@@ -13,7 +13,7 @@ Sources, in order of preference:
   (``KVM_GET_SUPPORTED_CPUID``) where ``/dev/kvm`` is usable, else ``/proc/cpuinfo``. QEMU's
   ``-cpu host`` takes both from the host's CPUID, which these agree with.
 * MMU mode: the ``kvm_intel``/``kvm_amd``/``kvm`` module parameters in sysfs, SMM from
-  ``KVM_CAP_MULTI_ADDRESS_SPACE`` (see :func:`memslots.kvm.cost.detect_host_mmu`).
+  ``KVM_CAP_MULTI_ADDRESS_SPACE`` (see :func:`detect_host_mmu`).
 * KVM's memslot limit: ``KVM_CAP_NR_MEMSLOTS`` (32764, x86's value since Linux 5.12, without KVM).
 * THP size: ``/sys/kernel/mm/transparent_hugepage/hpage_pmd_size`` as QEMU probes it.
 """
@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from memslots.errors import KvmError, OptionError
-from memslots.host.memory import host_page_size, thp_size
+from memslots.host.pages import host_page_size, thp_size
 from memslots.kvm.abi import X86_USER_MEM_SLOTS
-from memslots.kvm.cost import MmuConfig, detect_host_mmu
-from memslots.kvm.vm import kvm_available, read_max_memslots, supported_cpuid
+from memslots.kvm.mmu import MmuConfig, read_host_mmu
+from memslots.kvm.vm import kvm_available, probe_smm, read_max_memslots, supported_cpuid
 
 #: Vendors QEMU tells apart for the pc layout: only AMD vCPUs move RAM above 1 TiB.
 CPU_VENDORS = ("amd", "intel", "other")
@@ -102,6 +102,20 @@ class HostInfo:
         return (
             f"{self.cpu_vendor} CPU, {self.phys_bits} physical address bits, {self.mmu.describe()}"
         )
+
+
+def detect_host_mmu(
+    *,
+    sysfs_root: str = "/sys/module",
+    kvm_path: str = "/dev/kvm",
+    smm: bool | None = None,
+    boot_config: str | None = None,
+) -> MmuConfig:
+    """The host's MMU configuration (:func:`memslots.kvm.mmu.read_host_mmu`); ``smm=None``
+    asks a throw-away VM for KVM_CAP_MULTI_ADDRESS_SPACE > 1 (False without ``/dev/kvm``)."""
+    if smm is None:
+        smm = probe_smm(kvm_path)
+    return read_host_mmu(smm=smm, sysfs_root=sysfs_root, boot_config=boot_config)
 
 
 def _cpuinfo(path: str) -> tuple[str | None, int | None]:

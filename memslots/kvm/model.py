@@ -31,7 +31,8 @@ from memslots.kvm.abi import (
     reject_guest_memfd,
     split_slot,
 )
-from memslots.kvm.cost import MmuConfig, slot_metadata_bytes
+from memslots.kvm.cost import slot_metadata_bytes
+from memslots.kvm.mmu import MmuConfig
 from memslots.sizes import align_down
 
 # Host address the model's probe slot pretends to use; any page-aligned user address works.

@@ -38,7 +38,7 @@ from memslots.kvm.abi import (
     reject_guest_memfd,
     unpack_cpuid2,
 )
-from memslots.kvm.cost import MmuConfig, detect_host_mmu
+from memslots.kvm.mmu import MmuConfig, read_host_mmu
 from memslots.sizes import align_down
 
 
@@ -91,14 +91,25 @@ def supported_cpuid(path: str = "/dev/kvm") -> list[CpuidEntry]:
         os.close(fd)
 
 
+def probe_smm(path: str = "/dev/kvm") -> bool:
+    """Whether a throw-away VM has KVM_CAP_MULTI_ADDRESS_SPACE > 1 (False without ``path``)."""
+    if not os.path.exists(path):
+        return False
+    try:
+        with KvmVm(path) as vm:
+            return vm.nr_address_spaces > 1
+    except KvmError:
+        return False
+
+
 class KvmVm(Closing):
     """A VM on ``/dev/kvm`` (type 0, the default x86 VM) used to set and probe memslots.
 
     Attributes: ``max_memslots`` (KVM_CAP_NR_MEMSLOTS, 32 if the kernel reports 0, as QEMU
     does), ``nr_address_spaces`` (KVM_CAP_MULTI_ADDRESS_SPACE, at least 1), ``has_region2``
-    (KVM_CAP_USER_MEMORY2) and ``mmu`` (:func:`detect_host_mmu`). Slot id ``max_memslots - 1``
-    of address space 0 is reserved for :meth:`probe_mapped`. Errors raise :class:`KvmError`
-    with the kernel's errno; a missing or unusable ``/dev/kvm`` raises
+    (KVM_CAP_USER_MEMORY2) and ``mmu`` (:func:`~memslots.kvm.mmu.read_host_mmu`). Slot id
+    ``max_memslots - 1`` of address space 0 is reserved for :meth:`probe_mapped`. Errors raise
+    :class:`KvmError` with the kernel's errno; a missing or unusable ``/dev/kvm`` raises
     :class:`KvmUnavailableError`.
     """
 
@@ -126,7 +137,7 @@ class KvmVm(Closing):
             # 0 means the kernel was built without multiple address spaces (no SMM).
             self.nr_address_spaces: int = max(1, self.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE))
             self.has_region2: bool = self.check_extension(KVM_CAP_USER_MEMORY2) > 0
-            self.mmu: MmuConfig = detect_host_mmu(smm=self.nr_address_spaces > 1)
+            self.mmu: MmuConfig = read_host_mmu(smm=self.nr_address_spaces > 1)
         except BaseException:
             self.close()
             raise

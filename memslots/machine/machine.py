@@ -1,118 +1,46 @@
-"""The machine: boot RAM, the device-memory area, backends, memory devices and KVM.
+"""The machine: boot RAM, the device-memory area, backends, memory devices, KVM and vhost.
 
-The layout follows QEMU's x86 ``pc`` (i440fx) machine, the default of Debian's QEMU:
-
-* boot RAM is split at 3 GiB when it reaches 3.5 GiB (``ram-below-4g`` at 0, the rest as
-  ``ram-above-4g`` at 4 GiB); below that size it all sits below 4 GiB;
-* the device-memory area starts at the next GiB boundary after boot RAM and spans
-  ``maxmem - ram`` plus 1 GiB per DIMM slot;
-* the vCPU is ``-cpu host``, so its vendor and physical address bits are the host's
-  (:class:`memslots.kvm.host.HostInfo`, overridable for planning);
-* with an AMD vCPU, when the highest used address (device memory plus the 2 GiB 64-bit PCI hole)
-  reaches AMD's HyperTransport window at 1012 GiB, RAM above 4 GiB moves to 1 TiB, as QEMU 7.1+
-  does (``pc_memory_init``, only ``IS_AMD_CPU``). ``-m 4G,maxmem=1028G`` thus puts device memory
-  at ``0x10040000000`` on AMD and at ``0x140000000`` on Intel, exactly where QEMU puts it;
-* the highest used address must fit the vCPU's physical address bits (QEMU's "phys-bits too
-  low" check).
-
-We do not model ROMs, the VGA hole or PCI BARs, so boot uses 1-2 memslots where QEMU uses ~12.
+Where things sit in guest-physical space is :mod:`memslots.machine.layout` (QEMU's pc machine).
+Devices are plugged in command-line order, each through QEMU's sequence (pre-plug, realize,
+plug); the machine owns the address space, so it also attaches and detaches vhost back-ends.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import overload
 
 from memslots.closing import Closing
+from memslots.devices.budget import MemslotBudget
+from memslots.devices.device_memory import DeviceMemory
 from memslots.devices.dimm import PcDimm
-from memslots.devices.memory_device import DeviceMemory, MemoryDevice
-from memslots.devices.vhost_user import (
-    VhostUserDevice,
-    VhostUserDeviceOptions,
-    attach_vhost_user_device,
-)
-from memslots.devices.virtio_mem import VirtioMem
+from memslots.devices.memory_device import MemoryDevice
+from memslots.devices.vhost_user import VhostUserDevice, attach_vhost_user_device
+from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import ConfigError, MemoryDeviceError, OptionError
 from memslots.kvm.abi import VmBackend
 from memslots.kvm.accel import KvmAccel
-from memslots.kvm.cost import MmuConfig, detect_host_mmu, slot_metadata_bytes
+from memslots.kvm.cost import slot_metadata_bytes
 from memslots.kvm.host import HostInfo, host_info
+from memslots.kvm.mmu import MmuConfig
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import KvmVm, kvm_available
+from memslots.machine.layout import PHYS_ADDR_SPACE, pc_layout
 from memslots.memory.address_space import AddressSpace, MemoryRegion
 from memslots.memory.backends import MemoryBackend, create_backend
 from memslots.memory.consumer import MemslotConsumer
 from memslots.options import (
     BackendOptions,
     DeviceOptions,
+    DimmOptions,
     MachineConfig,
-    MachineMemory,
+    VhostUserDeviceOptions,
     VirtioMemOptions,
 )
-from memslots.sizes import GiB, TiB, align_up
-from memslots.vhost.kernel import VhostSet
+from memslots.vhost.backend import VhostBackend
 
 log = logging.getLogger("memslots.machine.machine")
-
-#: Guest-physical space we model: 52 bits, the bound KVM applies with shadow paging.
-PHYS_ADDR_SPACE = 1 << 52
-LOWMEM_SPLIT = 0xE000_0000
-LOWMEM = 0xC000_0000
-FOUR_GIB = 4 * GiB
-AMD_HT_START = 0xFD_0000_0000
-AMD_ABOVE_1TB_START = 1 * TiB
-PCI_HOLE64_SIZE = 2 * GiB
-#: ACPI_MAX_RAM_SLOTS.
-MAX_DIMM_SLOTS = 256
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where boot RAM and device memory sit in guest-physical space."""
-
-    below_4g: int
-    above_4g: int
-    above_4g_start: int
-    device_memory_base: int
-    device_memory_size: int
-
-    @property
-    def above_4g_end(self) -> int:
-        """First address after RAM above 4 GiB."""
-        return self.above_4g_start + self.above_4g
-
-
-def pc_layout(mem: MachineMemory, *, cpu_vendor: str, phys_bits: int) -> Layout:
-    """QEMU pc (i440fx) memory layout for ``-m`` with a vCPU of this vendor and these physical
-    address bits (see the module docstring)."""
-    below = LOWMEM if mem.ram_size >= LOWMEM_SPLIT else mem.ram_size
-    above = mem.ram_size - below
-    if mem.slots > MAX_DIMM_SLOTS:
-        raise OptionError(f"unsupported amount of memory slots: {mem.slots}")
-    dev_size = 0
-    if mem.maxmem > mem.ram_size:
-        dev_size = mem.maxmem - mem.ram_size + mem.slots * GiB
-
-    def dev_base(above_start: int) -> int:
-        return align_up(above_start + above, GiB)
-
-    def max_used_gpa(above_start: int) -> int:
-        """The end of the 64-bit PCI hole, which follows device memory (or RAM)."""
-        end = dev_base(above_start) + dev_size if dev_size else above_start + above
-        return align_up(end, GiB) + PCI_HOLE64_SIZE - 1
-
-    start = FOUR_GIB
-    if cpu_vendor == "amd" and max_used_gpa(start) >= AMD_HT_START:
-        start = AMD_ABOVE_1TB_START
-    limit = (1 << phys_bits) - 1
-    if max_used_gpa(start) > limit:
-        raise OptionError(
-            f"Address space limit 0x{limit:x} < 0x{max_used_gpa(start):x} phys-bits too low "
-            f"({phys_bits})"
-        )
-    base = dev_base(start) if dev_size else 0
-    return Layout(below, above, start, base, dev_size)
 
 
 def create_vm(accel: str, *, max_memslots: int | None = None) -> VmBackend:
@@ -122,7 +50,7 @@ def create_vm(accel: str, *, max_memslots: int | None = None) -> VmBackend:
     if accel == "auto":
         log.warning("/dev/kvm is not available: using the KVM model instead of the kernel")
     return KvmModel(
-        max_memslots=max_memslots if max_memslots is not None else 32764, mmu=detect_host_mmu()
+        max_memslots=max_memslots if max_memslots is not None else 32764, mmu=host_info().mmu
     )
 
 
@@ -139,7 +67,7 @@ class Machine(Closing):
         *,
         vm: VmBackend | None = None,
         planned: bool = False,
-        vhost: list[MemslotConsumer] | None = None,
+        vhost: list[VhostBackend] | None = None,
         before_devices: Callable[[Machine], None] | None = None,
         host: HostInfo | None = None,
     ) -> None:
@@ -155,11 +83,15 @@ class Machine(Closing):
         self.address_space = AddressSpace(
             "memory", MemoryRegion.container("system", PHYS_ADDR_SPACE)
         )
-        self.vhost = VhostSet()
+        #: Every memslot consumer and every rule about them.
+        self.budget = MemslotBudget(self.address_space, self.kvm)
         self.backends: dict[str, MemoryBackend] = {}
         self.devices: dict[str, MemoryDevice] = {}
         self._anon_devices: list[MemoryDevice] = []
-        self._dimm_slots: set[int] = set()
+        #: The virtio-mem devices among them (the machine made them, so it knows).
+        self._virtio_mem: list[VirtioMem] = []
+        #: The ACPI slot of every DIMM.
+        self._dimm_slots: dict[MemoryDevice, int] = {}
         self.chardevs = {c.id: c for c in config.chardevs}
         self.vhost_devices: dict[str, VhostUserDevice] = {}
         self._anon_vhost: list[VhostUserDevice] = []
@@ -168,7 +100,7 @@ class Machine(Closing):
         try:
             self.address_space.register(self.kvm)
             for consumer in vhost or ():
-                self.add_vhost(consumer)
+                self.budget.add_vhost(consumer)
             self._map_boot_ram()
             if self.layout.device_memory_size:
                 self.device_memory = DeviceMemory(
@@ -176,8 +108,7 @@ class Machine(Closing):
                     self.layout.device_memory_base,
                     self.layout.device_memory_size,
                     config.memory.device_memory_size,
-                    kvm=self.kvm,
-                    vhost=self.vhost,
+                    budget=self.budget,
                 )
             for opts in config.backends:
                 self.add_backend(opts)
@@ -229,11 +160,6 @@ class Machine(Closing):
             )
         consumer.other_used = other
 
-    def add_vhost(self, consumer: MemslotConsumer) -> None:
-        """Register a vhost back-end with the address space and the budget."""
-        self.address_space.register(consumer)
-        self.vhost.add(consumer)
-
     def add_backend(self, opts: BackendOptions) -> MemoryBackend:
         """Create a memory backend object (``-object`` / ``object-add``)."""
         if opts.id in self.backends:
@@ -258,12 +184,31 @@ class Machine(Closing):
         """Connect a vhost-user device's back-end, with QEMU's memslot checks."""
         if opts.id is not None and (opts.id in self.devices or opts.id in self.vhost_devices):
             raise ConfigError(f"Duplicate device ID '{opts.id}'")
-        dev = attach_vhost_user_device(self, opts, self.chardevs)
+        chardev = self.chardevs.get(opts.chardev)
+        if chardev is None:
+            raise ConfigError(f"Property '{opts.driver}.chardev' can't find value '{opts.chardev}'")
+        name = opts.id if opts.id is not None else f"{opts.driver}@{opts.chardev}"
+        if any(d.attached and d.opts.chardev == opts.chardev for d in self.vhost_user_devices):
+            raise ConfigError(
+                f"Property '{opts.driver}.chardev' can't take value '{opts.chardev}', it's in use"
+            )
+        if name in self.devices or any(b.name == name for b in self.budget.vhost_backends):
+            raise ConfigError(f"Duplicate device ID '{name}'")
+        dev = attach_vhost_user_device(self.budget, opts, chardev, name)
         if opts.id is not None:
             self.vhost_devices[opts.id] = dev
         else:
             self._anon_vhost.append(dev)
         return dev
+
+    @overload
+    def add_device(self, opts: VirtioMemOptions) -> VirtioMem: ...
+
+    @overload
+    def add_device(self, opts: DimmOptions) -> PcDimm: ...
+
+    @overload
+    def add_device(self, opts: DeviceOptions) -> MemoryDevice: ...
 
     def add_device(self, opts: DeviceOptions) -> MemoryDevice:
         """Create, pre-plug, realize and plug a memory device; nothing remains on failure."""
@@ -276,12 +221,14 @@ class Machine(Closing):
                 raise ConfigError(
                     f"Property '{opts.driver}.memdev' can't find value '{opts.memdev}'"
                 )
-        dev: VirtioMem | PcDimm
+        dev: MemoryDevice
+        virtio_mem = None
         if isinstance(opts, VirtioMemOptions):
-            dev = VirtioMem(opts, memdev, self.address_space)
+            dev = virtio_mem = VirtioMem(opts, memdev, self.address_space)
         else:
-            dev = PcDimm(opts, memdev)
-            self._assign_dimm_slot(dev)
+            dimm = PcDimm(opts, memdev)
+            self._assign_dimm_slot(dimm)
+            dev = dimm
         try:
             if dev.get_memory_region() is not None and self.device_memory is None:
                 raise MemoryDeviceError(
@@ -297,13 +244,14 @@ class Machine(Closing):
                 dev.unrealize()
                 raise
         except BaseException:
-            if isinstance(dev, PcDimm):
-                self._dimm_slots.discard(dev.slot)
+            self._dimm_slots.pop(dev, None)
             raise
         if dev.id is not None:
             self.devices[dev.id] = dev
         else:
             self._anon_devices.append(dev)
+        if virtio_mem is not None:
+            self._virtio_mem.append(virtio_mem)
         return dev
 
     def _assign_dimm_slot(self, dimm: PcDimm) -> None:
@@ -317,16 +265,17 @@ class Machine(Closing):
                 raise MemoryDeviceError(
                     f"invalid slot number {wanted}, valid range is [0-{slots - 1}]"
                 )
-            if wanted in self._dimm_slots:
+            if wanted in self._dimm_slots.values():
                 raise MemoryDeviceError(f"slot {wanted} is busy")
             slot = wanted
         else:
-            free = [s for s in range(slots) if s not in self._dimm_slots]
+            taken = set(self._dimm_slots.values())
+            free = [s for s in range(slots) if s not in taken]
             if not free:
                 raise MemoryDeviceError("no free slots available")
             slot = free[0]
         dimm.slot = slot
-        self._dimm_slots.add(slot)
+        self._dimm_slots[dimm] = slot
 
     def remove_device(self, dev_id: str) -> None:
         """Unplug a device (``device_del``); virtio-mem must have nothing plugged."""
@@ -337,8 +286,7 @@ class Machine(Closing):
         dev = self.devices.get(dev_id)
         if dev is None:
             raise ConfigError(f"Device '{dev_id}' not found")
-        if isinstance(dev, VirtioMem):
-            dev.check_unplug()
+        dev.check_unplug()
         self.withdraw_device(dev)
 
     def withdraw_device(self, dev: MemoryDevice) -> None:
@@ -347,14 +295,19 @@ class Machine(Closing):
         assert self.device_memory is not None
         self.device_memory.unplug(dev)
         dev.unrealize()
-        if isinstance(dev, PcDimm):
-            self._dimm_slots.discard(dev.slot)
+        self._dimm_slots.pop(dev, None)
         if dev.id is not None:
             self.devices.pop(dev.id, None)
         elif dev in self._anon_devices:
             self._anon_devices.remove(dev)
+        self._virtio_mem = [v for v in self._virtio_mem if v is not dev]
 
     # -- queries -------------------------------------------------------------------------------
+
+    @property
+    def vhost_user_devices(self) -> list[VhostUserDevice]:
+        """All vhost-user devices, in the order they were attached."""
+        return [*self.vhost_devices.values(), *self._anon_vhost]
 
     @property
     def memory_devices(self) -> list[MemoryDevice]:
@@ -362,10 +315,15 @@ class Machine(Closing):
         devs = list(self.devices.values()) + self._anon_devices
         return sorted(devs, key=lambda d: d.get_addr())
 
+    @property
+    def virtio_mem_devices(self) -> list[VirtioMem]:
+        """The virtio-mem devices, by address."""
+        return sorted(self._virtio_mem, key=lambda d: d.get_addr())
+
     def virtio_mem(self, dev_id: str) -> VirtioMem:
         """The virtio-mem device with this id."""
-        dev = self.devices.get(dev_id)
-        if not isinstance(dev, VirtioMem):
+        dev = next((d for d in self._virtio_mem if d.id == dev_id), None)
+        if dev is None:
             raise ConfigError(f"no virtio-mem device with id '{dev_id}'")
         return dev
 
@@ -380,7 +338,7 @@ class Machine(Closing):
         if mr is None:
             return 0, 0
         single = slot_metadata_bytes(dev.get_addr(), mr.size, self.mmu)
-        if not isinstance(dev, VirtioMem) or not dev.dynamic:
+        if not dev.memslot_plan().dynamic:
             return single, single
         return single, sum(slot_metadata_bytes(m.gpa, m.size, self.mmu) for m in dev.memslot_map())
 

@@ -13,7 +13,8 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from memslots.devices.virtio_mem import VirtioMem
+from memslots.devices.memory_device import MemoryDevice
+from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.guest.linux import LinuxGuest
 from memslots.guest.sched import Scheduler
 from memslots.sizes import format_size
@@ -74,7 +75,7 @@ class ResizeJob:
         # Validates first (multiple of block-size, within the backend): raises PropertyError.
         dev.set_requested_size(size)
 
-    def _on_size_change(self, dev: VirtioMem, size: int) -> None:
+    def _on_size_change(self, dev: MemoryDevice, size: int) -> None:
         if self._progress is not None:
             self._progress(size, self.target)
 

@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 
 from memslots.closing import Closing
-from memslots.devices.virtio_mem import (
+from memslots.devices.virtio_mem.device import VirtioMem
+from memslots.devices.virtio_mem.wire import (
     CONFIG_SIZE,
     F_UNPLUGGED_INACCESSIBLE,
     REQUEST_SIZE,
@@ -27,7 +28,6 @@ from memslots.devices.virtio_mem import (
     ReqType,
     Request,
     Response,
-    VirtioMem,
 )
 from memslots.errors import ConfigError
 from memslots.guest.linux import Channel, GuestOptions, LinuxGuest, MemoryUser, RamUser
@@ -170,9 +170,8 @@ class GuestVm(Closing):
         self.transports: dict[str, VirtioMemTransport] = {}
         self.channels: dict[str, VirtqueueChannel] = {}
         self._areas: dict[str, int] = {}
-        for dev in machine.memory_devices:
-            if isinstance(dev, VirtioMem):
-                self.attach(dev)
+        for dev in machine.virtio_mem_devices:
+            self.attach(dev)
 
     def _user(self) -> MemoryUser | None:
         if not self.use_memory:
@@ -207,6 +206,19 @@ class GuestVm(Closing):
         self._areas[dev.id] = area
         guest.probe()
         return guest
+
+    def attach_new(self) -> list[str]:
+        """Attach a guest driver to every virtio-mem device that has none yet (after a
+        hot-plug); returns their ids."""
+        new = [dev for dev in self.machine.virtio_mem_devices if dev not in self.devices]
+        for dev in new:
+            self.attach(dev)  # refuses a device without an id: no guest could drive it
+        return [dev.id for dev in new if dev.id is not None]
+
+    @property
+    def devices(self) -> list[VirtioMem]:
+        """The devices that have a guest driver."""
+        return [t.dev for t in self.transports.values()]
 
     def settle(self, seconds: float = 1.0) -> None:
         """Let the guests work for ``seconds`` of scheduler time."""

@@ -11,14 +11,8 @@ from __future__ import annotations
 import os
 
 from memslots.errors import ConfigError, HostMemoryError
-from memslots.host.memory import (
-    FileBackend,
-    HostMemory,
-    MemfdBackend,
-    RamBackend,
-    host_page_size,
-    hugetlbfs_page_size,
-)
+from memslots.host.memory import FileBackend, HostMemory, MemfdBackend, RamBackend
+from memslots.host.pages import host_page_size, hugetlbfs_page_size
 from memslots.memory.address_space import MemoryRegion, RamBlock
 from memslots.options import BackendOptions
 from memslots.sizes import MiB, align_up

@@ -2,7 +2,8 @@
 
 KVM and every vhost back-end turn each RAM section they are shown into one memslot (one vhost
 region), and each has a limit. A consumer reports its maximum, how many it uses and how many are
-free; the memory-device layer asks them before it lets a device in.
+free (``max - used``), and whether a section costs it one: facts only. Every rule about them is
+the memslot budget's (:mod:`memslots.devices.budget`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from memslots.memory.address_space import Section
-
-UINT_MAX = (1 << 32) - 1
 
 
 class MemslotConsumer(ABC):
@@ -35,6 +34,11 @@ class MemslotConsumer(ABC):
     def free_memslots(self) -> int:
         """``max - used``, never negative."""
         return max(0, self.max_memslots - self.used_memslots)
+
+    @property
+    def connected(self) -> bool:
+        """False while the consumer is lost (a dead vhost-user back-end maps none of our memory)."""
+        return True
 
     def accepts(self, section: Section) -> bool:
         """Whether ``section`` costs this consumer a memslot (vhost-user skips fd-less RAM)."""

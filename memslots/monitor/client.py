@@ -2,8 +2,10 @@
 
 Everything goes through ``qemu.qmp``'s :class:`~qemu.qmp.QMPClient`, so these commands work
 against QEMU as well as against ``memslots run``. Each entry point is a plain function that
-returns the process exit status: :data:`EXIT_OK`, :data:`EXIT_ERROR` (the server refused, the
-connection failed or was lost) or :data:`EXIT_TIMEOUT`.
+returns :data:`~memslots.errors.EXIT_OK` or raises: :class:`~memslots.errors.MonitorError` when
+the server refused or the connection failed or was lost, and
+:class:`~memslots.errors.MemslotsTimeoutError` when something did not happen in time. The
+command line's one handler turns them into a message and an exit status.
 
 An address is a Unix socket path, ``unix:PATH``, or ``HOST:PORT`` / ``tcp:HOST:PORT``.
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
@@ -29,12 +30,10 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from memslots.errors import MemslotsError, OptionError
-from memslots.sizes import format_size, parse_size
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_TIMEOUT = 2
+from memslots.errors import EXIT_OK, MemslotsTimeoutError, MonitorError, OptionError
+from memslots.options import parse_address, parse_arguments, parse_size
+from memslots.reports import BudgetReport, MemslotReport, from_qmp
+from memslots.sizes import format_size
 
 PERIPHERAL = "/machine/peripheral/"
 INFO_COMMANDS = {
@@ -45,62 +44,9 @@ INFO_COMMANDS = {
 #: Without a size change for this long, a resize that times out is reported as stalled.
 STALL_SECONDS = 2.0
 
-Address = str | tuple[str, int]
-_TCP = re.compile(r"^(?:tcp:)?(?P<host>\[[^\]]+\]|[^/:\[\]]+):(?P<port>\d+)$")
 
-
-class _Failed(Exception):
-    """Ends a command with an exit status and a message for stderr."""
-
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def parse_address(text: str) -> Address:
-    """A QMP address: ``HOST:PORT`` or ``tcp:HOST:PORT`` is TCP, anything else a socket path."""
-    if text.startswith("unix:"):
-        return text.removeprefix("unix:")
-    match = _TCP.match(text)
-    if match is None:
-        return text
-    return match["host"].strip("[]"), int(match["port"])
-
-
-def parse_arguments(items: Sequence[str]) -> dict[str, object]:
-    """Command arguments from ``key=value`` words (values are JSON if they parse, else strings)
-    or from one JSON object.
-    """
-    if len(items) == 1 and items[0].lstrip().startswith("{"):
-        try:
-            obj: dict[str, object] = json.loads(items[0])  # starts with "{": an object or invalid
-        except ValueError as exc:
-            raise OptionError(f"arguments '{items[0]}': not valid JSON: {exc}") from None
-        return obj
-    args: dict[str, object] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise OptionError(f"argument '{item}' is not of the form key=value")
-        if key in args:
-            raise OptionError(f"argument '{key}' given twice")
-        try:
-            args[key] = json.loads(raw, parse_constant=_not_json)
-        except ValueError:
-            args[key] = raw
-    return args
-
-
-def _not_json(name: str) -> object:
-    raise ValueError(name)
-
-
-def _consoles(out: Console | None, err: Console | None) -> tuple[Console, Console]:
-    return out if out is not None else Console(), err if err is not None else Console(stderr=True)
-
-
-def _report(err: Console, message: str) -> None:
-    err.print(f"memslots: {message}", markup=False, highlight=False, soft_wrap=True)
+def _console(out: Console | None) -> Console:
+    return out if out is not None else Console()
 
 
 @contextlib.asynccontextmanager
@@ -109,31 +55,24 @@ async def _session(address: str, name: str, timeout: float) -> AsyncIterator[QMP
     try:
         await asyncio.wait_for(qmp.connect(parse_address(address)), timeout)
     except TimeoutError:
-        raise _Failed(f"{address}: no QMP greeting within {timeout:g}s", EXIT_TIMEOUT) from None
+        raise MemslotsTimeoutError(f"{address}: no QMP greeting within {timeout:g}s") from None
     except ConnectError as exc:
-        raise _Failed(f"cannot connect to {address}: {exc}") from None
+        raise MonitorError(f"cannot connect to {address}: {exc}") from None
     try:
         yield qmp
     except ExecuteError as exc:
-        raise _Failed(f"{exc.sent['execute']}: {exc.error_class}: {exc}") from None
+        raise MonitorError(f"{exc.sent['execute']}: {exc.error_class}: {exc}") from None
     except (ExecInterruptedError, StateError, EOFError, ConnectionError) as exc:
         # StateError: the client noticed the hang-up first and refuses to send.
-        raise _Failed(f"connection to {address} lost: the server hung up") from exc
+        raise MonitorError(f"connection to {address} lost: the server hung up") from exc
     finally:
         # The outcome is decided; a disconnect error (the server already hung up) adds nothing.
         with contextlib.suppress(Exception):
             await qmp.disconnect()
 
 
-def _run(coro: Coroutine[Any, Any, int], err: Console) -> int:
-    try:
-        code: int = asyncio.run(coro)
-    except _Failed as exc:
-        _report(err, str(exc))
-        return exc.code
-    except MemslotsError as exc:
-        _report(err, str(exc))
-        return EXIT_ERROR
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    code: int = asyncio.run(coro)
     return code
 
 
@@ -147,10 +86,9 @@ def run_qmp(
     *,
     timeout: float = 30.0,
     out: Console | None = None,
-    err: Console | None = None,
 ) -> int:
     """``memslots qmp SOCKET COMMAND [ARGS]``: execute one command, print its JSON result."""
-    out, err = _consoles(out, err)
+    out = _console(out)
 
     async def main() -> int:
         arguments = parse_arguments(args)
@@ -158,11 +96,11 @@ def run_qmp(
             try:
                 result = await asyncio.wait_for(qmp.execute(command, arguments or None), timeout)
             except TimeoutError:
-                raise _Failed(f"{command}: no answer within {timeout:g}s", EXIT_TIMEOUT) from None
+                raise MemslotsTimeoutError(f"{command}: no answer within {timeout:g}s") from None
         out.print(json.dumps(result, indent=2), markup=False, highlight=False, soft_wrap=True)
         return EXIT_OK
 
-    return _run(main(), err)
+    return _run(main())
 
 
 # -- memslots resize -----------------------------------------------------------------------------
@@ -177,7 +115,6 @@ def run_resize(
     timeout: float = 60.0,
     poll: float = 0.5,
     out: Console | None = None,
-    err: Console | None = None,
 ) -> int:
     """``memslots resize SOCKET DEVICE SIZE [--wait] [--timeout S]``.
 
@@ -187,7 +124,7 @@ def run_resize(
     changed by someone else or the device goes away (exit 1), or ``timeout`` seconds pass
     (exit 2, saying whether the size was still moving).
     """
-    out, err = _consoles(out, err)
+    out = _console(out)
 
     async def main() -> int:
         deadline = asyncio.get_running_loop().time() + timeout
@@ -196,7 +133,7 @@ def run_resize(
             async with asyncio.timeout_at(deadline + poll + 1.0):
                 return await resize(deadline)
         except TimeoutError:
-            raise _Failed(f"{device}: the server stopped answering", EXIT_TIMEOUT) from None
+            raise MemslotsTimeoutError(f"{device}: the server stopped answering") from None
 
     async def resize(deadline: float) -> int:
         target = size if isinstance(size, int) else parse_size(size, what="SIZE")
@@ -220,13 +157,13 @@ def run_resize(
                     return EXIT_OK
                 return await _follow(qmp, events, device, path, start, target, deadline, poll, out)
 
-    return _run(main(), err)
+    return _run(main())
 
 
 async def _qom_int(qmp: QMPClient, path: str, prop: str) -> int:
     value = await qmp.execute("qom-get", {"path": path, "property": prop})
     if not isinstance(value, int):
-        raise _Failed(f"qom-get {path} {prop}: expected an integer, got {value!r}")
+        raise MonitorError(f"qom-get {path} {prop}: expected an integer, got {value!r}")
     return value
 
 
@@ -263,16 +200,15 @@ async def _follow(
                 last_size, last_change = size, now
             progress.update(task, completed=min(abs(size - start), abs(target - start)))
             if requested != target:
-                raise _Failed(
+                raise MonitorError(
                     f"{device}: requested-size was changed to {format_size(requested)} by another "
                     f"client while waiting (plugged {format_size(size)})"
                 )
             if size == target:
                 break
             if now >= deadline:
-                raise _Failed(
-                    _timeout_reason(device, start, size, target, now - began, now - last_change),
-                    EXIT_TIMEOUT,
+                raise MemslotsTimeoutError(
+                    _timeout_reason(device, start, size, target, now - began, now - last_change)
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(events.get(), min(poll, deadline - now))
@@ -307,10 +243,9 @@ def run_info(
     json_output: bool = False,
     timeout: float = 30.0,
     out: Console | None = None,
-    err: Console | None = None,
 ) -> int:
     """``memslots info SOCKET memslots|memory-devices|budget [--json]``: a table (or JSON)."""
-    out, err = _consoles(out, err)
+    out = _console(out)
 
     async def main() -> int:
         command = INFO_COMMANDS.get(what)
@@ -320,7 +255,7 @@ def run_info(
             try:
                 result = await asyncio.wait_for(qmp.execute(command), timeout)
             except TimeoutError:
-                raise _Failed(f"{command}: no answer within {timeout:g}s", EXIT_TIMEOUT) from None
+                raise MemslotsTimeoutError(f"{command}: no answer within {timeout:g}s") from None
         if json_output:
             out.print(json.dumps(result, indent=2), markup=False, highlight=False, soft_wrap=True)
         elif what == "memory-devices":
@@ -332,7 +267,7 @@ def run_info(
                 out.print(table)
         return EXIT_OK
 
-    return _run(main(), err)
+    return _run(main())
 
 
 def _size(value: Any) -> str:
@@ -366,29 +301,30 @@ def _memslots_table(memslots: Any) -> Table:
     for name in ("device", "index", "address", "size", "mapped", "plugged blocks", "kvm slot"):
         table.add_column(name, justify="left" if name == "device" else "right")
     table.add_column("vhost")
-    for m in memslots:
+    for m in (from_qmp(MemslotReport, item) for item in memslots):
         table.add_row(
-            m["device"],
-            str(m["index"]),
-            f"0x{m['addr']:x}",
-            format_size(m["size"]),
-            "yes" if m["mapped"] else "no",
-            str(m.get("plugged-blocks", "-")),
-            str(m.get("kvm-slot", "-")),
-            ", ".join(m.get("vhost", [])) or "-",
+            m.device,
+            str(m.index),
+            f"0x{m.address:x}",
+            format_size(m.size),
+            "yes" if m.mapped else "no",
+            str(m.plugged_blocks) if m.plugged_blocks is not None else "-",
+            str(m.kvm_slot) if m.kvm_slot is not None else "-",
+            ", ".join(m.vhost) or "-",
         )
     return table
 
 
-def _budget_tables(budget: Any) -> list[Table]:
+def _budget_tables(data: Any) -> list[Table]:
+    budget: BudgetReport = from_qmp(BudgetReport, data)
     consumers = Table(title="Memslot budget")
     consumers.add_column("consumer")
     for name in ("max", "used", "free"):
         consumers.add_column(name, justify="right")
-    for c in budget["consumers"]:
-        consumers.add_row(c["name"], str(c["max"]), str(c["used"]), str(c["free"]))
+    for c in budget.consumers:
+        consumers.add_row(c.name, str(c.max_memslots), str(c.used_memslots), str(c.free_memslots))
     tables = [consumers]
-    dm = budget.get("device-memory")
+    dm = budget.device_memory
     if dm is not None:
         devmem = Table(title="Device memory")
         devmem.add_column("memslots required", justify="right")
@@ -397,11 +333,11 @@ def _budget_tables(budget: Any) -> list[Table]:
         devmem.add_column("auto decision")
         devmem.add_column("space used", justify="right")
         devmem.add_row(
-            str(dm["required"]),
-            str(dm["used"]),
-            str(dm["reserved"]),
-            "yes" if dm["auto-decision"] else "no",
-            f"{format_size(dm['used-space'])} of {format_size(dm['total-space'])}",
+            str(dm.required_memslots),
+            str(dm.used_memslots),
+            str(dm.reserved_memslots),
+            "yes" if dm.auto_decision_active else "no",
+            f"{format_size(dm.used_space)} of {format_size(dm.total_space)}",
         )
         tables.append(devmem)
     return tables

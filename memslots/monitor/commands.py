@@ -22,28 +22,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from memslots.devices.dimm import PcDimm
 from memslots.devices.memory_device import MemoryDevice
-from memslots.devices.virtio_mem import VirtioMem
-from memslots.errors import PropertyError
+from memslots.devices.qom import QomObject, QomProperty, refuse
 from memslots.machine.machine import Machine
-from memslots.measure import sample_vmalloc_used
-from memslots.memory.address_space import Section
 from memslots.memory.backends import MemoryBackend
-from memslots.memory.consumer import MemslotConsumer
 from memslots.monitor.qmp_server import Command, Param, QMPCommandError, QMPServer, check_value
 from memslots.options import backend_from_args, device_from_args, id_wellformed
-from memslots.vhost.user import ConnectionState, VhostUserConsumer
+from memslots.reports import budget_report, kernel_metadata_report, memslot_report, to_qmp
+from memslots.vhost.user.consumer import VhostUserConsumer
 
 #: QEMU's RunState values that count as running for ``query-status``.
 RUNNING = "running"
 PERIPHERAL = "/machine/peripheral/"
-VIRTIO_CHILD = "virtio-backend"
-#: The type of the object behind ``/machine/peripheral/<id>`` for ``-device virtio-mem`` on x86.
-VIRTIO_MEM_PROXY = "virtio-mem-pci"
 
 
 class Runtime(Protocol):
@@ -91,135 +83,26 @@ class DeviceProvider(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class _Prop:
-    """A QOM property: a getter and, when it may be set at all, a setter."""
-
-    get: Callable[[], object]
-    set: Callable[[object], None] | None = None
-
-
-@dataclass(frozen=True)
-class _QomObject:
-    type_name: str
-    props: dict[str, _Prop]
-
-
-def _connected(consumer: MemslotConsumer) -> bool:
-    """False for a vhost-user back-end that was lost (it then holds none of our memory)."""
-    return not isinstance(consumer, VhostUserConsumer) or (
-        consumer.state is ConnectionState.CONNECTED
-    )
-
-
 def _check_id(text: str) -> None:
     if not id_wellformed(text):
         raise QMPCommandError("Parameter 'id' expects an identifier")
 
 
-def _refuse_after_realize(
-    prop: str, dev_id: str | None, type_name: str, *, link: bool = False
-) -> Callable[[object], None]:
-    """The setter of a qdev property of a realized device: QEMU's refusal, value unread."""
-
-    def refuse(value: object) -> None:
-        if link:
-            # QEMU formats the id with %s; glibc prints a NULL id as "(null)".
-            who = dev_id if dev_id is not None else "(null)"
-            raise PropertyError(
-                f"Attempt to set link property '{prop}' on device '{who}' "
-                f"(type '{type_name}') after it was realized"
-            )
-        who = f"device '{dev_id}'" if dev_id is not None else "anonymous device"
-        raise PropertyError(
-            f"Attempt to set property '{prop}' on {who} (type '{type_name}') after it was realized"
-        )
-
-    return refuse
-
-
-def _refuse(message: str) -> Callable[[object], None]:
-    def refuse(value: object) -> None:
-        raise PropertyError(message)
-
-    return refuse
-
-
-def _virtio_mem_props(dev: VirtioMem, type_name: str) -> _QomObject:
-    # The proxy's properties forward to its virtio device, an anonymous "virtio-mem": QEMU's
-    # refusals therefore name that device whichever path was used.
-    def static(name: str) -> Callable[[object], None]:
-        return _refuse_after_realize(name, None, "virtio-mem")
-
-    def set_requested(value: object) -> None:
-        dev.set_requested_size(check_value("requested-size", "size", value))
-
-    memdev = dev.memdev
-    assert memdev is not None, "a realized virtio-mem device has a memdev"
-    return _QomObject(
-        type_name,
-        {
-            "type": _Prop(lambda: type_name),
-            "memdev": _Prop(
-                lambda: memdev.qom_path,
-                _refuse_after_realize("memdev", None, "virtio-mem", link=True),
-            ),
-            "memaddr": _Prop(lambda: dev.addr, static("memaddr")),
-            "node": _Prop(lambda: dev.node, static("node")),
-            "requested-size": _Prop(lambda: dev.requested_size, set_requested),
-            # Read-only on the virtio device, which the proxy's alias forwards to.
-            "size": _Prop(lambda: dev.size, _refuse("Property 'virtio-mem.size' is not writable")),
-            # A realized device refuses before it looks at the value (QEMU's order).
-            "block-size": _Prop(lambda: dev.block_size, _refuse("'block-size' cannot be changed")),
-            "prealloc": _Prop(lambda: dev.opts.prealloc, static("prealloc")),
-            "unplugged-inaccessible": _Prop(
-                lambda: dev.unplugged_inaccessible, static("unplugged-inaccessible")
-            ),
-            "dynamic-memslots": _Prop(
-                lambda: dev.opts.dynamic_memslots, static("dynamic-memslots")
-            ),
-            "memslot-size": _Prop(lambda: dev.opts.memslot_size or 0, static("memslot-size")),
-        },
-    )
-
-
-def _dimm_props(dev: PcDimm) -> _QomObject:
-    def static(name: str) -> Callable[[object], None]:
-        return _refuse_after_realize(name, dev.id, "pc-dimm")
-
-    memdev = dev.memdev
-    assert memdev is not None, "a realized pc-dimm has a memdev"
-    return _QomObject(
-        "pc-dimm",
-        {
-            "type": _Prop(lambda: "pc-dimm"),
-            "addr": _Prop(lambda: dev.addr, static("addr")),
-            "node": _Prop(lambda: dev.node, static("node")),
-            "slot": _Prop(lambda: dev.slot, static("slot")),
-            "memdev": _Prop(
-                lambda: memdev.qom_path,
-                _refuse_after_realize("memdev", dev.id, "pc-dimm", link=True),
-            ),
-            "size": _Prop(lambda: memdev.size),
-        },
-    )
-
-
-def _backend_props(backend: MemoryBackend) -> _QomObject:
+def _backend_props(backend: MemoryBackend) -> QomObject:
     qom_type = backend.opts.qom_type
-    fixed = _refuse("cannot change property value")
-    return _QomObject(
+    fixed = refuse("cannot change property value")
+    return QomObject(
         qom_type,
         {
-            "type": _Prop(lambda: qom_type),
+            "type": QomProperty(lambda: qom_type),
             # QEMU's text, trailing space included.
-            "size": _Prop(
-                lambda: backend.size, _refuse(f"cannot change property size of {qom_type} ")
+            "size": QomProperty(
+                lambda: backend.size, refuse(f"cannot change property size of {qom_type} ")
             ),
-            "share": _Prop(lambda: backend.opts.share, fixed),
-            "reserve": _Prop(lambda: backend.opts.reserve, fixed),
+            "share": QomProperty(lambda: backend.opts.share, fixed),
+            "reserve": QomProperty(lambda: backend.opts.reserve, fixed),
             # QEMU would preallocate now; we keep the backend as it was created.
-            "prealloc": _Prop(lambda: backend.opts.prealloc, fixed),
+            "prealloc": QomProperty(lambda: backend.opts.prealloc, fixed),
         },
     )
 
@@ -239,9 +122,8 @@ class Monitor:
         self._watched_vhost: set[int] = set()
         self.device_removed: list[Callable[[str], None]] = []
         self._providers: list[DeviceProvider] = []
-        self._hotplugged: set[MemoryDevice] = set()
         self._anon_paths: dict[MemoryDevice, str] = {}
-        self._watched: set[VirtioMem] = set()
+        self._watched: set[MemoryDevice] = set()
         for command in self._commands():
             self.server.register(command)
         self.sync_devices()
@@ -256,20 +138,21 @@ class Monitor:
         self._providers.append(provider)
 
     def sync_devices(self) -> None:
-        """Watch the size of every virtio-mem device; forget removed ones.
+        """Watch the size of every memory device; forget removed ones.
 
         Called for the machine's devices at start and after ``device_add``/``device_del``;
         a runtime that plugs devices by other means calls it too.
         """
-        present = [d for d in self.machine.memory_devices if isinstance(d, VirtioMem)]
+        present = self.machine.memory_devices
         for dev in present:
             if dev not in self._watched:
                 dev.size_change_listeners.append(self._size_changed)
                 self._watched.add(dev)
         for dev in [d for d in self._watched if d not in present]:
             self._unwatch(dev)
-        for backend in self.machine.vhost.backends:
-            if isinstance(backend, VhostUserConsumer) and id(backend) not in self._watched_vhost:
+        for vdev in self.machine.vhost_user_devices:
+            backend = vdev.consumer
+            if id(backend) not in self._watched_vhost:
                 backend.state_listeners.append(self._vhost_state_changed)
                 self._watched_vhost.add(id(backend))
 
@@ -298,13 +181,13 @@ class Monitor:
         for dev in list(self._watched):
             self._unwatch(dev)
 
-    def _unwatch(self, dev: VirtioMem) -> None:
+    def _unwatch(self, dev: MemoryDevice) -> None:
         self._watched.discard(dev)
         if self._size_changed in dev.size_change_listeners:
             dev.size_change_listeners.remove(self._size_changed)
 
     def qom_path(self, dev: MemoryDevice) -> str:
-        """The device's canonical QOM path (the proxy for virtio-mem)."""
+        """The device's canonical QOM path (the PCI proxy for virtio-mem)."""
         if dev.id is not None:
             return PERIPHERAL + dev.id
         path = self._anon_paths.get(dev)
@@ -318,7 +201,7 @@ class Monitor:
 
     # -- events ----------------------------------------------------------------------------------
 
-    def _size_changed(self, dev: VirtioMem, size: int) -> None:
+    def _size_changed(self, dev: MemoryDevice, size: int) -> None:
         data: dict[str, Any] = {} if dev.id is None else {"id": dev.id}
         data["size"] = size
         # QEMU names the virtio-mem-pci proxy here (and throttles by this path).
@@ -403,38 +286,8 @@ class Monitor:
 
     # -- memory devices --------------------------------------------------------------------------
 
-    def _device_info(self, dev: MemoryDevice) -> dict[str, Any]:
-        data: dict[str, Any] = {} if dev.id is None else {"id": dev.id}
-        if isinstance(dev, VirtioMem):
-            assert dev.memdev is not None
-            data.update(
-                {
-                    "memaddr": dev.addr,
-                    "requested-size": dev.requested_size,
-                    "size": dev.size,
-                    "max-size": dev.region_size,
-                    "block-size": dev.block_size,
-                    "node": dev.node,
-                    "memdev": dev.memdev.qom_path,
-                }
-            )
-            return {"type": "virtio-mem", "data": data}
-        assert isinstance(dev, PcDimm) and dev.memdev is not None, dev
-        data.update(
-            {
-                "addr": dev.addr,
-                "size": dev.memdev.size,
-                "slot": dev.slot,
-                "node": dev.node,
-                "memdev": dev.memdev.qom_path,
-                "hotplugged": dev in self._hotplugged,
-                "hotpluggable": True,
-            }
-        )
-        return {"type": "dimm", "data": data}
-
     def _query_memory_devices(self, args: dict[str, Any]) -> object:
-        return [self._device_info(d) for d in self.machine.memory_devices]
+        return [d.info() for d in self.machine.memory_devices]
 
     def _query_memory_size_summary(self, args: dict[str, Any]) -> object:
         m = self.machine
@@ -445,23 +298,19 @@ class Monitor:
 
     # -- QOM -------------------------------------------------------------------------------------
 
-    def _qom_objects(self) -> dict[str, _QomObject]:
-        objects: dict[str, _QomObject] = {}
+    def _qom_objects(self) -> dict[str, QomObject]:
+        objects: dict[str, QomObject] = {}
         for dev in self.machine.memory_devices:
             path = self.qom_path(dev)
-            if isinstance(dev, VirtioMem):
-                objects[path] = _virtio_mem_props(dev, VIRTIO_MEM_PROXY)
-                objects[f"{path}/{VIRTIO_CHILD}"] = _virtio_mem_props(dev, "virtio-mem")
-            else:
-                assert isinstance(dev, PcDimm), dev
-                objects[path] = _dimm_props(dev)
+            for child, obj in dev.qom_objects().items():
+                objects[f"{path}/{child}" if child else path] = obj
         for backend in self.machine.backends.values():
             objects[backend.qom_path] = _backend_props(backend)
         return objects
 
-    def _resolve(self, path: str) -> _QomObject:
+    def _resolve(self, path: str) -> QomObject:
         objects = self._qom_objects()
-        found: _QomObject | None
+        found: QomObject | None
         if path.startswith("/"):
             found = objects.get(path)
         else:
@@ -473,7 +322,7 @@ class Monitor:
             raise QMPCommandError(f"Device '{path}' not found", "DeviceNotFound")
         return found
 
-    def _property(self, args: dict[str, Any]) -> tuple[_QomObject, _Prop]:
+    def _property(self, args: dict[str, Any]) -> tuple[QomObject, QomProperty]:
         obj = self._resolve(args["path"])
         name = args["property"]
         prop = obj.props.get(name)
@@ -488,7 +337,10 @@ class Monitor:
         obj, prop = self._property(args)
         if prop.set is None:
             raise QMPCommandError(f"Property '{obj.type_name}.{args['property']}' is not writable")
-        prop.set(args["value"])
+        value = args["value"]
+        if prop.type is not None:
+            value = check_value(args["property"], prop.type, value)
+        prop.set(value)
         return {}
 
     # -- objects and devices ---------------------------------------------------------------------
@@ -512,7 +364,7 @@ class Monitor:
                 self.sync_devices()
                 return {}
         dev = self.machine.add_device(device_from_args(args))
-        self._hotplugged.add(dev)
+        dev.hotplugged = True
         self.sync_devices()
         try:
             for cb in list(self.device_added):
@@ -521,7 +373,6 @@ class Monitor:
             # The runtime could not take the device (e.g. no room for its guest driver):
             # undo the plug, so an error reply never leaves a device behind.
             self.machine.withdraw_device(dev)
-            self._hotplugged.discard(dev)
             self.sync_devices()
             raise
         return {}
@@ -548,19 +399,16 @@ class Monitor:
             )
             if dev is None:
                 raise QMPCommandError(f"Device '{given}' not found", "DeviceNotFound")
-            if isinstance(dev, VirtioMem):
-                dev.check_unplug()
+            dev.check_unplug()
             self.machine.withdraw_device(dev)
-            self._hotplugged.discard(dev)
             self.sync_devices()
             self._device_deleted(None, given)
             return {}
         self.machine.remove_device(dev_id)
-        self._hotplugged.discard(dev)
         self.sync_devices()
-        if isinstance(dev, VirtioMem):
+        for child in dev.qom_children:
             # QEMU unrealizes the proxy's virtio device (anonymous) first.
-            self._device_deleted(None, f"{path}/{VIRTIO_CHILD}")
+            self._device_deleted(None, f"{path}/{child}")
         self._device_deleted(dev_id, path)
         for cb in list(self.device_removed):
             cb(dev_id)
@@ -569,92 +417,10 @@ class Monitor:
     # -- extensions ------------------------------------------------------------------------------
 
     def _query_memslots(self, args: dict[str, Any]) -> object:
-        m = self.machine
-        sections = {s.gpa: s for s in m.address_space.sections}
-        out: list[dict[str, Any]] = []
-
-        def entry(
-            dev: MemoryDevice, index: int, gpa: int, size: int, mapped: bool, blocks: int | None
-        ) -> None:
-            item: dict[str, Any] = {
-                "device": self._name(dev),
-                "index": index,
-                "addr": gpa,
-                "size": size,
-                "mapped": mapped,
-            }
-            if blocks is not None:
-                item["plugged-blocks"] = blocks
-            section = sections.get(gpa) if mapped else None
-            if section is not None:
-                slot = m.kvm.slot_of(section)
-                if slot is not None:
-                    item["kvm-slot"] = slot
-                # A mapped section is held by every back-end that takes it: a refusal would
-                # have undone the whole transaction.
-                item["vhost"] = [
-                    b.name for b in m.vhost.backends if b.accepts(section) and _connected(b)
-                ]
-            else:
-                item["vhost"] = []
-            out.append(item)
-
-        for dev in m.memory_devices:
-            if isinstance(dev, VirtioMem):
-                for ms in dev.memslot_map():
-                    entry(dev, ms.index, ms.gpa, ms.size, ms.mapped, ms.plugged_blocks)
-            else:
-                assert isinstance(dev, PcDimm) and dev.memdev is not None, dev
-                entry(dev, 0, dev.addr, dev.memdev.size, dev.memdev.region.mapped, None)
-        return out
+        return to_qmp(memslot_report(self.machine, self._name))
 
     def _query_budget(self, args: dict[str, Any]) -> object:
-        m = self.machine
-        consumers = [m.kvm, *m.vhost.backends]
-        result: dict[str, Any] = {
-            "consumers": [
-                {
-                    "name": c.name,
-                    "max": c.max_memslots,
-                    "used": c.used_memslots,
-                    "free": c.free_memslots,
-                    "connected": _connected(c),
-                }
-                for c in consumers
-            ]
-        }
-        dm = m.device_memory
-        if dm is not None:
-            result["device-memory"] = {
-                "required": dm.required_memslots,
-                "used": dm.used_memslots,
-                "reserved": dm.reserved_memslots,
-                "auto-decision": dm.auto_decision,
-                "total-space": dm.total_space,
-                "used-space": dm.used_region_size,
-            }
-        return result
+        return to_qmp(budget_report(self.machine))
 
     def _query_kernel_metadata(self, args: dict[str, Any]) -> object:
-        m = self.machine
-        devices = []
-        for dev in m.memory_devices:
-            mr = dev.get_memory_region()
-            assert mr is not None, "plugged memory devices have a region"
-            lo, hi = dev.get_addr(), dev.get_addr() + mr.size
-
-            def inside(s: Section, lo: int = lo, hi: int = hi) -> bool:
-                return lo <= s.gpa < hi
-
-            devices.append(
-                {"device": self._name(dev), "model": m.kvm.predicted_metadata_bytes(inside)}
-            )
-        result: dict[str, Any] = {
-            "model": m.kvm.predicted_metadata_bytes(),
-            "memslots": len(m.kvm.slots()),
-            "devices": devices,
-            "real": m.vm.is_real,
-        }
-        if m.vm.is_real:
-            result["vmalloc-used"] = sample_vmalloc_used()
-        return result
+        return to_qmp(kernel_metadata_report(self.machine, self._name))

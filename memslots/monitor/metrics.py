@@ -4,7 +4,9 @@
 so nothing has to be updated as the machine changes: virtio-mem request counters (by type and
 response), plugged/requested/region bytes and memslots per device, memslots used/free/max per
 consumer (KVM, each vhost back-end), the device-memory accounting, and the kernel metadata our
-memslots cost (the model's figure; the measured ``VmallocUsed`` on the real kernel).
+memslots cost (the model's figure; the measured ``VmallocUsed`` on the real kernel). The budget
+and the kernel metadata come from :mod:`memslots.reports`, whose field names the metric names
+repeat (``memslots_consumer_free_memslots`` is ``ConsumerReport.free_memslots``).
 :class:`Metrics` adds request latency histograms (fed through :meth:`Metrics.observe` by the
 guest channel) and serves it all over HTTP.
 
@@ -23,10 +25,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from memslots.devices.virtio_mem import VirtioMem
+from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import MeasurementError
 from memslots.machine.machine import Machine
-from memslots.measure import sample_vmalloc_used
+from memslots.reports import budget_report, kernel_metadata_report
 
 log = logging.getLogger("memslots.monitor.metrics")
 
@@ -51,8 +53,7 @@ class MachineCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         """The metric families of the machine as it is now."""
         yield from self._virtio_mem()
-        yield from self._consumers()
-        yield from self._device_memory()
+        yield from self._budget()
         yield from self._kernel()
 
     def _virtio_mem(self) -> Iterable[Metric]:
@@ -84,9 +85,7 @@ class MachineCollector(Collector):
                 "memslots_virtio_mem_mapped_memslots", "Memslots mapped now.", labels=labels
             ),
         }
-        for dev in self.machine.memory_devices:
-            if not isinstance(dev, VirtioMem):
-                continue
+        for dev in self.machine.virtio_mem_devices:
             name = _device_label(dev)
             for (kind, response), count in sorted(dev.requests.items()):
                 requests.add_metric([name, kind, response], count)
@@ -100,55 +99,57 @@ class MachineCollector(Collector):
         yield discard
         yield from gauges.values()
 
-    def _consumers(self) -> Iterable[Metric]:
-        labels = ["consumer"]
+    def _budget(self) -> Iterable[Metric]:
+        budget = budget_report(self.machine)
         families = [
             GaugeMetricFamily(
-                f"memslots_consumer_{what}_memslots", f"Memslots {doc} per consumer.", labels=labels
+                f"memslots_consumer_{field}", f"Memslots {doc} per consumer.", labels=["consumer"]
             )
-            for what, doc in (("max", "supported"), ("used", "in use"), ("free", "free"))
+            for field, doc in (
+                ("max_memslots", "supported"),
+                ("used_memslots", "in use"),
+                ("free_memslots", "free"),
+            )
         ]
-        for c in [self.machine.kvm, *self.machine.vhost.backends]:
+        for c in budget.consumers:
             for family, value in zip(
                 families, (c.max_memslots, c.used_memslots, c.free_memslots), strict=True
             ):
                 family.add_metric([c.name], value)
         yield from families
-
-    def _device_memory(self) -> Iterable[Metric]:
-        dm = self.machine.device_memory
+        dm = budget.device_memory
         if dm is None:
             return
-        for what, value, doc in (
-            ("required", dm.required_memslots, "promised to plugged memory devices"),
-            ("used", dm.used_memslots, "mapped by memory devices"),
-            ("reserved", dm.reserved_memslots, "promised but not mapped yet"),
+        for field, value, doc in (
+            ("required_memslots", dm.required_memslots, "promised to plugged memory devices"),
+            ("used_memslots", dm.used_memslots, "mapped by memory devices"),
+            ("reserved_memslots", dm.reserved_memslots, "promised but not mapped yet"),
         ):
             yield GaugeMetricFamily(
-                f"memslots_device_memory_{what}_memslots", f"Memslots {doc}.", value=value
+                f"memslots_device_memory_{field}", f"Memslots {doc}.", value=value
             )
         yield GaugeMetricFamily(
-            "memslots_device_memory_used_bytes",
+            "memslots_device_memory_used_space_bytes",
             "Device-memory space taken by plugged memory devices.",
-            value=dm.used_region_size,
+            value=dm.used_space,
         )
 
     def _kernel(self) -> Iterable[Metric]:
+        try:
+            report = kernel_metadata_report(self.machine)
+        except MeasurementError as exc:
+            log.warning("metrics: %s", exc)
+            report = kernel_metadata_report(self.machine, measure=False)
         yield GaugeMetricFamily(
             "memslots_kernel_metadata_model_bytes",
             "Kernel metadata our KVM memslots cost, as the model predicts.",
-            value=self.machine.kvm.predicted_metadata_bytes(),
+            value=report.model_bytes,
         )
-        if self.machine.vm.is_real:
-            try:
-                used = sample_vmalloc_used()
-            except MeasurementError as exc:
-                log.warning("metrics: %s", exc)
-                return
+        if report.vmalloc_used_bytes is not None:
             yield GaugeMetricFamily(
-                "memslots_kernel_vmalloc_used_bytes",
+                "memslots_kernel_metadata_vmalloc_used_bytes",
                 "VmallocUsed of the host (KVM memslot metadata is vmalloc'ed).",
-                value=used,
+                value=report.vmalloc_used_bytes,
             )
 
 

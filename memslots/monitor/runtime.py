@@ -12,13 +12,9 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from memslots.devices.memory_device import MemoryDevice
-from memslots.devices.vhost_user import VHOST_USER_DRIVERS, parse_vhost_user_device
-from memslots.devices.virtio_mem import VirtioMem
-from memslots.errors import OptionError
 from memslots.guest.sched import LoopScheduler
 from memslots.kvm.abi import VmBackend
 from memslots.machine.machine import Machine, create_vm
@@ -26,39 +22,14 @@ from memslots.machine.vm import GuestVm, ObservedChannel
 from memslots.monitor.commands import Monitor
 from memslots.monitor.metrics import Metrics
 from memslots.monitor.qmp_server import QMPServer
-from memslots.options import MachineConfig, split_option_string
+from memslots.options import (
+    VHOST_USER_DRIVERS,
+    MachineConfig,
+    QmpEndpoint,
+    vhost_user_device_from_args,
+)
 
 log = logging.getLogger("memslots.monitor.runtime")
-
-
-@dataclass(frozen=True)
-class QmpEndpoint:
-    """Where the monitor listens: a Unix socket path, or (only if asked) a TCP address."""
-
-    path: str | None = None
-    host: str | None = None
-    port: int | None = None
-
-
-def parse_qmp_option(text: str) -> QmpEndpoint:
-    """QEMU's ``-qmp unix:PATH,server=on,wait=off`` or ``-qmp tcp:HOST:PORT,server=on,...``."""
-    pairs = split_option_string(text, "address")
-    values = dict(pairs)
-    address = values.pop("address", "")
-    if values.pop("server", "on") not in ("on", "yes", "true"):
-        raise OptionError(f"-qmp {text}: only server=on is supported")
-    if values.pop("wait", "off") not in ("off", "no", "false"):
-        raise OptionError(f"-qmp {text}: only wait=off is supported")
-    if values:
-        raise OptionError(f"-qmp {text}: unknown parameter '{next(iter(values))}'")
-    if address.startswith("unix:") and len(address) > 5:
-        return QmpEndpoint(path=address[5:])
-    if address.startswith("tcp:"):
-        host, _, port = address[4:].rpartition(":")
-        if not host or not port.isdigit() or int(port) > 65535:
-            raise OptionError(f"-qmp {text}: expected tcp:HOST:PORT with a port up to 65535")
-        return QmpEndpoint(host=host, port=int(port))
-    raise OptionError(f"-qmp {text}: expected unix:PATH or tcp:HOST:PORT")
 
 
 class VhostUserProvider:
@@ -73,11 +44,7 @@ class VhostUserProvider:
 
     def add_device(self, args: dict[str, Any]) -> None:
         """Parse the arguments with the command line's rules and attach the device."""
-        words = []
-        for key, value in args.items():
-            text = ("on" if value else "off") if isinstance(value, bool) else str(value)
-            words.append(f"{key}={text.replace(',', ',,')}")
-        self.machine.add_vhost_user_device(parse_vhost_user_device(",".join(words)))
+        self.machine.add_vhost_user_device(vhost_user_device_from_args(args))
 
     def has_device(self, dev_id: str) -> bool:
         """True for a vhost-user device of this machine."""
@@ -143,10 +110,9 @@ async def serve(
             observe_guest(dev_id)
 
         def added(dev: MemoryDevice) -> None:
-            if isinstance(dev, VirtioMem):
-                gvm.attach(dev)  # refuses a device without an id: no guest could drive it
-                assert dev.id is not None
-                observe_guest(dev.id)
+            # A hot-plugged virtio-mem device gets a guest driver.
+            for dev_id in gvm.attach_new():
+                observe_guest(dev_id)
 
         monitor.device_added.append(added)
         monitor.device_removed.append(gvm.detach)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from memslots.errors import MemslotsError
+from memslots.errors import HostMissingError
 from memslots.simulate.run import SimResult
 
 GiB_F = float(1 << 30)
@@ -20,7 +20,7 @@ def _pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise MemslotsError("plots need matplotlib: pip install 'memslots[plot]'") from exc
+        raise HostMissingError("plots need matplotlib: pip install 'memslots[plot]'") from exc
     return plt
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memslots.devices.virtio_mem import VirtioMem
+from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import OptionError
 from memslots.guest.linux import GuestOptions, LinuxGuest
 from memslots.guest.sched import Scheduler
@@ -31,45 +30,11 @@ from memslots.machine.resize import ResizeJob
 from memslots.machine.vm import GuestVm, ObservedChannel
 from memslots.measure import sample_vmalloc_used
 from memslots.memory.address_space import Section
-from memslots.options import MachineConfig, VirtioMemOptions
-from memslots.sizes import GiB, parse_size
+from memslots.options import MachineConfig, TraceStep, first_virtio_mem, with_strategy
+from memslots.reports import device_plan, to_json
+from memslots.sizes import GiB
 
 # -- traces ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TraceStep:
-    """At ``time`` seconds, ask for ``requested`` bytes."""
-
-    time: float
-    requested: int
-
-
-def parse_trace(text: str, *, source: str = "trace") -> list[TraceStep]:
-    """Parse ``time,requested-size`` rows (a header row and ``#`` comments are allowed)."""
-    steps: list[TraceStep] = []
-    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
-            continue
-        if len(row) != 2:
-            raise OptionError(f"{source}:{lineno}: expected 'time,requested-size', got {row!r}")
-        t_raw, size_raw = row[0].strip(), row[1].strip()
-        if lineno == 1 and not t_raw.replace(".", "", 1).isdigit():
-            continue  # a header row
-        try:
-            t = float(t_raw)
-        except ValueError:
-            raise OptionError(f"{source}:{lineno}: time '{t_raw}' is not a number") from None
-        try:
-            size = parse_size(size_raw, what="requested-size")
-        except OptionError as exc:
-            raise OptionError(f"{source}:{lineno}: {exc}") from exc
-        if t < 0 or (steps and t < steps[-1].time):
-            raise OptionError(f"{source}:{lineno}: times must be non-negative and ascending")
-        steps.append(TraceStep(t, size))
-    if not steps:
-        raise OptionError(f"{source}: the trace has no steps")
-    return steps
 
 
 SCENARIOS = ("ramp-up", "sawtooth", "burst")
@@ -93,21 +58,6 @@ def scenario(
     else:
         raise OptionError(f"unknown scenario '{name}' (known: {', '.join(SCENARIOS)})")
     return [TraceStep(i * period, s) for i, s in enumerate(sizes)]
-
-
-# -- strategies --------------------------------------------------------------------------------
-
-
-def parse_strategy(text: str) -> tuple[str, Callable[[VirtioMemOptions], VirtioMemOptions]]:
-    """``single`` | ``dynamic`` | ``fixed:SIZE`` → a name and how to rewrite the device options."""
-    if text == "single":
-        return text, lambda o: dataclasses.replace(o, dynamic_memslots=False, memslot_size=None)
-    if text == "dynamic":
-        return text, lambda o: dataclasses.replace(o, dynamic_memslots=True, memslot_size=None)
-    if text.startswith("fixed:"):
-        size = parse_size(text.removeprefix("fixed:"), what="memslot size")
-        return text, lambda o: dataclasses.replace(o, memslot_size=size)
-    raise OptionError(f"unknown strategy '{text}' (single, dynamic, fixed:SIZE)")
 
 
 # -- recording ---------------------------------------------------------------------------------
@@ -201,6 +151,10 @@ class SimResult:
                 )
 
 
+#: The device plan's fields a simulation result repeats.
+DEVICE_FIELDS = ("id", "address", "region_size", "block_size", "memslots", "memslot_size")
+
+
 def _ideal_metadata(dev: VirtioMem, machine: Machine) -> int:
     """Metadata if exactly the plugged ranges were memslots (the unreachable ideal)."""
     total = 0
@@ -229,17 +183,11 @@ def run_trace(
 ) -> SimResult:
     """Run ``trace`` on a booted guest; one :class:`StepRecord` per step."""
     real = machine.vm.is_real
+    plan = to_json(device_plan(machine, dev))
     result = SimResult(
         strategy=strategy,
         real_kvm=real,
-        device={
-            "id": dev.id,
-            "address": dev.addr,
-            "region_size": dev.region_size,
-            "block_size": dev.block_size,
-            "memslots": dev.decided_memslots,
-            "memslot_size": dev.memslot_size if dev.dynamic else dev.region_size,
-        },
+        device={k: plan[k] for k in DEVICE_FIELDS},
         latencies_us=latencies,
     )
 
@@ -279,26 +227,6 @@ def run_trace(
             progress(i + 1)
     result.violations = list(guest.violations)
     return result
-
-
-def with_strategy(config: MachineConfig, dev_id: str, strategy: str) -> MachineConfig:
-    """``config`` with the virtio-mem device ``dev_id`` rewritten for ``strategy``."""
-    _, rewrite = parse_strategy(strategy)
-    devices = tuple(
-        rewrite(d) if isinstance(d, VirtioMemOptions) and d.id == dev_id else d
-        for d in config.devices
-    )
-    return dataclasses.replace(config, devices=devices)
-
-
-def first_virtio_mem(config: MachineConfig) -> str:
-    """The id of the first virtio-mem device (the one a trace resizes)."""
-    for d in config.devices:
-        if isinstance(d, VirtioMemOptions):
-            if d.id is None:
-                raise OptionError("simulate: the virtio-mem device needs an id")
-            return d.id
-    raise OptionError("simulate: the machine has no virtio-mem device")
 
 
 def run_simulation(

@@ -41,7 +41,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from memslots.closing import Closing
-from memslots.devices.virtio_mem import (
+from memslots.devices.virtio_mem.device import VirtioMem
+from memslots.devices.virtio_mem.wire import (
     REQUEST_SIZE,
     RESPONSE_SIZE,
     BlockState,
@@ -49,7 +50,6 @@ from memslots.devices.virtio_mem import (
     Request,
     Resp,
     Response,
-    VirtioMem,
 )
 from memslots.errors import MemslotsError
 from memslots.machine.machine import Machine

@@ -16,16 +16,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from memslots.devices.virtio_mem import (
+from memslots.devices.virtio_mem.device import QUEUE_SIZE, VirtioMem
+from memslots.devices.virtio_mem.wire import (
     CONFIG_SIZE,
     F_UNPLUGGED_INACCESSIBLE,
-    QUEUE_SIZE,
     REQUEST_SIZE,
     RESPONSE_SIZE,
     ReqType,
     Request,
     Response,
-    VirtioMem,
 )
 from memslots.errors import MemslotsError
 from memslots.memory.address_space import GuestMemory

@@ -8,7 +8,17 @@ import pytest
 from click.testing import CliRunner
 from conftest import requires_kvm
 
+from memslots import demo as demo_module
 from memslots.cli import main as cli
+from memslots.cli import plan as cli_plan
+from memslots.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CODES,
+    EXIT_HOST_MISSING,
+    EXIT_OK,
+    KvmUnavailableError,
+)
+from memslots.kvm.abi import VmBackend
 from memslots.sizes import GiB, TiB
 
 ACCEPTANCE = [
@@ -42,7 +52,9 @@ def test_plan_acceptance_json(vendor: str, address: int) -> None:
     assert dev["address"] == address
     assert data["host"]["cpu_vendor"] == vendor and data["host"]["phys_bits"] == 48
     assert data["host"]["sources"]["cpu_vendor"] == "override"
-    assert (data["required_memslots"], data["used_memslots"]) == (256, 0)
+    dm = data["budget"]["device_memory"]
+    assert (dm["required_memslots"], dm["used_memslots"]) == (256, 0)
+    assert [c["name"] for c in data["budget"]["consumers"]] == ["kvm"]
     md = dev["kernel_metadata_bytes"]
     # one 1 TiB memslot under shadow paging: 658183 vmalloc pages (kvm.md A5)
     assert md["single_memslot"] == 658183 * 4096
@@ -105,7 +117,7 @@ def test_plan_bad_options(args: list[str], needle: str) -> None:
 
 
 def test_measure_without_kvm_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "kvm_available", lambda: False)
+    monkeypatch.setattr(cli_plan, "kvm_available", lambda: False)
     code, _, err = run(["measure", "--json"])
     assert code == 2 and "/dev/kvm is not available" in err
 
@@ -128,3 +140,27 @@ def test_demo_on_the_kernel_matches_the_model() -> None:
     for step in json.loads(out)["steps"]:
         model, measured = step["kernel_metadata_model"], step["kernel_metadata_measured"]
         assert abs(measured - model) <= 0.02 * model + 64 * 4096
+
+
+def test_exit_statuses_come_from_one_table() -> None:
+    code, out, _ = run(["--help"])
+    assert code == EXIT_OK
+    for status, meaning in EXIT_CODES.items():
+        assert f"{status}  {meaning}" in out
+    # click's usage errors are bad input too (click alone would exit 2)
+    code, _, err = run(["plan", "--no-such-option"])
+    assert code == EXIT_BAD_INPUT and "No such option" in err
+    code, _, err = run(["measure", "--device-size", "lots"])
+    assert code == EXIT_BAD_INPUT and "invalid size 'lots'" in err
+    code, _, err = run(["plan", "-m", "4G,maxmem=2G"])
+    assert code == EXIT_BAD_INPUT and err.startswith("memslots: -m 4G,maxmem=2G: invalid value")
+
+
+def test_missing_kvm_is_something_missing_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_kvm() -> VmBackend:
+        raise KvmUnavailableError("cannot open /dev/kvm: No such file or directory")
+
+    monkeypatch.setattr(demo_module, "Machine", lambda *a, **k: no_kvm())
+    code, _, err = run(["demo", "-accel", "kvm"])
+    assert code == EXIT_HOST_MISSING == KvmUnavailableError.exit_code
+    assert err == "memslots: cannot open /dev/kvm: No such file or directory\n"

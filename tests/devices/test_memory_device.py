@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from conftest import PlanFactory
 
-from memslots.devices.virtio_mem import VirtioMem
+from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import MemoryDeviceError, NotEnoughMemslotsError
 from memslots.sizes import GiB, MiB, TiB
 
@@ -77,7 +77,7 @@ def test_worked_examples(
     memory = f"4G,{'slots=7,' if block == '8G' else ''}maxmem={AREA_MAXMEM[area]}"
     probe = plan_machine(memory, [obj], **kwargs)
     assert probe.device_memory is not None
-    assert probe.device_memory.decision_limit(probe.backends["mem0"].size) == limit
+    assert probe.budget.decision_limit(probe.backends["mem0"].size) == limit
 
     m = plan_machine(memory, [obj], [dev], **kwargs)
     vmem = m.virtio_mem("vmem0")
@@ -109,7 +109,7 @@ def test_second_device_shares_the_remaining_area(plan_machine: PlanFactory) -> N
     dm = m.device_memory
     assert dm is not None
     assert (dm.required_memslots, dm.used_memslots, dm.reserved_memslots) == (256, 0, 256)
-    assert dm.decision_limit(4 * GiB) == 1  # soft limit of 256 reached
+    assert m.budget.decision_limit(4 * GiB) == 1  # soft limit of 256 reached
 
 
 def test_dimm_first_then_virtio_mem(plan_machine: PlanFactory) -> None:

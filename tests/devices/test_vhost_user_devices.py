@@ -17,87 +17,27 @@ from backends import (
 )
 from machines import NEGOTIATION, add_virtio_mem, assert_maps, check_invariants, memfd_machine
 
-from memslots.devices.vhost_user import (
-    ChardevOptions,
-    VhostUserDevice,
-    VhostUserDeviceOptions,
-    attach_vhost_user_device,
-    parse_chardev,
-    parse_vhost_user_device,
-)
-from memslots.devices.virtio_mem import drive_to
+from memslots.devices.vhost_user import VhostUserDevice
 from memslots.errors import (
     ConfigError,
     NotEnoughMemslotsError,
-    OptionError,
     VhostError,
     VhostLimitError,
 )
+from memslots.guest.inorder import drive_to
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
 from memslots.memory.address_space import GuestMemory
-from memslots.options import parse_backend, parse_device, parse_machine_config
+from memslots.options import (
+    ChardevOptions,
+    parse_backend,
+    parse_device,
+    parse_machine_config,
+    parse_vhost_user_device,
+)
 from memslots.sizes import GiB, MiB
-from memslots.vhost.user import ConnectionState, ProtocolFeature
-
-# -- options -----------------------------------------------------------------------------------
-
-
-def test_parse_chardev() -> None:
-    assert parse_chardev("socket,id=c0,path=/run/x.sock") == ChardevOptions("c0", "/run/x.sock")
-    assert parse_chardev("socket,path=/a,,b,id=c1,server=off") == ChardevOptions("c1", "/a,b")
-
-
-@pytest.mark.parametrize(
-    "text,message",
-    [
-        ("file,id=c0,path=/x", "unsupported chardev backend 'file' (supported: socket)"),
-        ("socket,path=/x", "parameter 'id' is missing"),
-        ("socket,id=c0,host=::1,port=4444", "only Unix sockets are supported"),
-        ("socket,id=c0", "parameter 'path' is missing"),
-        ("socket,id=c0,path=/x,server=on", "'server=on' is not supported"),
-        ("socket,id=c0,path=/x,server=maybe", "parameter 'server' expects 'on' or 'off'"),
-        ("socket,id=c0,path=/x,wait=off", "unknown parameter 'wait'"),
-        ("socket,id=c0,id=c1,path=/x", "parameter 'id' given twice"),
-    ],
-)
-def test_parse_chardev_errors(text: str, message: str) -> None:
-    with pytest.raises(OptionError) as info:
-        parse_chardev(text)
-    assert str(info.value).startswith(f"-chardev {text}: {message}")
-
-
-def test_parse_vhost_user_device() -> None:
-    blk = parse_vhost_user_device("vhost-user-blk-pci,id=blk0,chardev=c0")
-    assert blk == VhostUserDeviceOptions("vhost-user-blk-pci", "blk0", "c0")
-    assert blk.is_blk and not blk.precise
-    fs = parse_vhost_user_device(
-        f"vhost-user-fs,chardev=c1,tag={'t' * 36},memslot-accounting=precise"
-    )
-    assert (fs.id, fs.tag, fs.is_blk, fs.precise) == (None, "t" * 36, False, True)
-
-
-@pytest.mark.parametrize(
-    "text,message",
-    [
-        ("virtio-blk,chardev=c0", "unsupported device 'virtio-blk'"),
-        ("vhost-user-blk,id=b", "chardev is mandatory"),
-        ("vhost-user-fs-pci,tag=t", "missing chardev"),
-        ("vhost-user-fs,chardev=c0", "missing tag property"),
-        ("vhost-user-fs,chardev=c0,tag=", "tag property must not be empty"),
-        ("vhost-user-fs,chardev=c0,tag=" + "é" * 19, "tag property must be 36 bytes or less"),
-        ("vhost-user-blk,chardev=c0,tag=t", "unknown parameter 'tag'"),
-        (
-            "vhost-user-blk,chardev=c0,memslot-accounting=exact",
-            "parameter 'memslot-accounting' expects one of 'qemu', 'precise'",
-        ),
-    ],
-)
-def test_parse_vhost_user_device_errors(text: str, message: str) -> None:
-    with pytest.raises(OptionError) as info:
-        parse_vhost_user_device(text)
-    assert str(info.value).startswith(f"-device {text}: {message}")
-
+from memslots.vhost.user.consumer import ConnectionState
+from memslots.vhost.user.wire import ProtocolFeature
 
 # -- attaching ---------------------------------------------------------------------------------
 
@@ -116,37 +56,34 @@ def qsd(tmp_path: Path) -> Iterator[QemuStorageDaemon]:
 
 
 def attach(m: Machine, text: str, path: str) -> VhostUserDevice:
-    chardevs = {"c0": ChardevOptions("c0", path)}
-    return attach_vhost_user_device(m, parse_vhost_user_device(text), chardevs)
+    m.chardevs["c0"] = ChardevOptions("c0", path)
+    return m.add_vhost_user_device(parse_vhost_user_device(text))
 
 
 def test_attach_in_qemus_order(fake: FakeBackend) -> None:
     with memfd_machine() as m:
-        chardevs = {"c0": ChardevOptions("c0", fake.path)}
         with pytest.raises(ConfigError, match=r"^Property 'vhost-user-blk\.chardev' can't find"):
-            attach_vhost_user_device(m, parse_vhost_user_device("vhost-user-blk,chardev=c9"), {})
+            m.add_vhost_user_device(parse_vhost_user_device("vhost-user-blk,chardev=c9"))
         blk = attach(m, "vhost-user-blk,id=blk0,chardev=c0", fake.path)
         # Nothing fd-backed is mapped yet: no table message, then the block config.
         assert fake.log == [*NEGOTIATION, "GET_CONFIG"]
         assert blk.capacity == 0 and blk.state is ConnectionState.CONNECTED
         fs = parse_vhost_user_device("vhost-user-fs,id=fs0,chardev=c0,tag=t")
         with pytest.raises(ConfigError) as info:
-            attach_vhost_user_device(m, fs, chardevs)
+            m.add_vhost_user_device(fs)
         assert (
             str(info.value) == "Property 'vhost-user-fs.chardev' can't take value 'c0', it's in use"
         )
-        chardevs["c1"] = ChardevOptions("c1", "/nonexistent")
+        m.chardevs["c1"] = ChardevOptions("c1", "/nonexistent")
         again = parse_vhost_user_device("vhost-user-fs,id=blk0,chardev=c1,tag=t")
         with pytest.raises(ConfigError, match=r"^Duplicate device ID 'blk0'$"):
-            attach_vhost_user_device(m, again, chardevs)
+            m.add_vhost_user_device(again)
         with pytest.raises(VhostError, match=r"^Failed to connect to '/nonexistent'"):
-            attach_vhost_user_device(
-                m, parse_vhost_user_device("vhost-user-blk,chardev=c1"), chardevs
-            )
-        assert [b.name for b in m.vhost.backends] == ["blk0"]
+            m.add_vhost_user_device(parse_vhost_user_device("vhost-user-blk,chardev=c1"))
+        assert [b.name for b in m.budget.vhost_backends] == ["blk0"]
         blk.detach()
-        assert blk.consumer.state is ConnectionState.CLOSED and m.vhost.backends == []
-        fs_dev = attach_vhost_user_device(m, fs, chardevs)  # the chardev is free again
+        assert blk.consumer.state is ConnectionState.CLOSED and m.budget.vhost_backends == []
+        fs_dev = m.add_vhost_user_device(fs)  # the chardev is free again
         with pytest.raises(VhostError, match="is not a block device"):
             fs_dev.blk_read(0, 0, 512, ring_gpa=0)
         fs_dev.detach()
@@ -176,7 +113,7 @@ def test_refused_when_used_and_reserved_exceed_8_regions(tmp_path: Path) -> None
             "reserved (1) memory slots for memory devices. (vhost back-end 'blk0', QEMU's "
             "accounting)"
         )
-        assert m.vhost.backends == []
+        assert m.budget.vhost_backends == []
         # It never saw a table: negotiation only (no MQ, no CONFIGURE_MEM_SLOTS offered).
         fake.wait_session_end()
         assert fake.log == NEGOTIATION[:5] and fake.table == []
@@ -198,7 +135,7 @@ def test_qemu_refuses_32_regions_after_an_auto_decision(qsd: QemuStorageDaemon) 
             "slots, fewer than 509\nTry plugging this vhost backend before plugging such "
             "memory devices."
         )
-        assert m.vhost.backends == [] and memfd_mappings(qsd.pid) == []
+        assert m.budget.vhost_backends == [] and memfd_mappings(qsd.pid) == []
         # Precise accounting charges it 2 mapped + 6 reserved regions: that fits.
         blk = attach(
             m, "vhost-user-blk-pci,id=blk0,chardev=c0,memslot-accounting=precise", qsd.socket_path
@@ -222,7 +159,7 @@ def test_precise_accounting_beside_32_regions(qsd: QemuStorageDaemon) -> None:
         text = "vhost-user-blk,id=blk0,chardev=c0,memslot-accounting=precise"
         blk = attach(m, text, qsd.socket_path)
         consumer = blk.consumer
-        assert m.vhost.max_memslots() > 509 and consumer.free_memslots == 32
+        assert m.budget.vhost_max_memslots() > 509 and consumer.free_memslots == 32
         dev = add_virtio_mem(m, "dynamic-memslots=on")
         # Bounded by the back-end's 32 free regions instead of falling back to one memslot.
         assert (dev.nb_memslots, dev.memslot_size) == (32, 1280 * MiB)
@@ -263,8 +200,10 @@ def test_precise_charges_only_fd_backed_reservations(qsd: QemuStorageDaemon) -> 
         dev = add_virtio_mem(m, "memslot-size=128M")  # the same, without an fd
         blk = attach(m, text, qsd.socket_path)
         consumer = blk.consumer
-        # The memory-device layer subtracts all 64 reserved memslots: they are given back.
-        assert consumer.used_memslots == 0 and consumer.free_memslots == 32 + 64
+        # The back-end reports max - used; the memory-device layer subtracts all 64 reserved
+        # memslots from what the budget tells it, so precise accounting gives them back there.
+        assert consumer.used_memslots == 0 and consumer.free_memslots == 32
+        assert m.budget.vhost_free_memslots() == 32 + 64
         drive_to(dev, 5 * GiB)
         check_invariants(m, dev)
         assert consumer.used_memslots == 0 and memfd_mappings(qsd.pid) == []

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from machines import check_invariants
 
-from memslots.devices.virtio_mem import (
+from memslots.devices.virtio_mem.device import VirtioMem
+from memslots.devices.virtio_mem.wire import (
     CONFIG_SIZE,
     BlockState,
     Config,
@@ -19,10 +20,10 @@ from memslots.devices.virtio_mem import (
     Request,
     Resp,
     Response,
-    VirtioMem,
-    drive_to,
 )
 from memslots.errors import ConfigError, DeviceError, HostMemoryError, PropertyError
+from memslots.guest.inorder import drive_to
+from memslots.host.memory import HostMemory
 from memslots.kvm.vm import KvmVm
 from memslots.machine.machine import Machine
 from memslots.options import parse_machine_config
@@ -360,6 +361,7 @@ def test_prealloc_populates_on_plug_and_busy_when_the_host_cannot(
         dev = m.virtio_mem("vmem0")
         assert dev.memdev is not None
         mem = dev.memdev.memory
+        assert isinstance(mem, HostMemory)
         dev.set_requested_size(64 * MiB)
         assert req(dev, ReqType.PLUG, 0, 16).type == Resp.ACK
         assert mem.allocated_bytes() >= 32 * MiB  # populated at plug, before any guest touch

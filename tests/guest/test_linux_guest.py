@@ -6,7 +6,7 @@ import pytest
 from conftest import PlanFactory
 from machines import DirectChannel, boot, machine_with
 
-from memslots.devices.virtio_mem import Request
+from memslots.devices.virtio_mem.wire import Request
 from memslots.guest.linux import GuestOptions, LinuxGuest, Online, RamUser, memory_block_size
 from memslots.guest.sched import Scheduler
 from memslots.kvm.model import KvmModel
@@ -196,6 +196,7 @@ def test_guest_catches_lost_memory(online: Online) -> None:
         dev.set_requested_size(64 * MiB)
         sched.advance(1)
         assert guest.verify() == 32 and guest.violations == []
+        assert dev.memdev is not None
         dev.memdev.memory.discard(0, 64 * MiB)  # the host loses plugged memory
         guest.verify()
         assert len(guest.violations) == 32

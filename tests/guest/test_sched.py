@@ -33,7 +33,12 @@ def test_loop_scheduler_runs_on_the_loop() -> None:
         s = LoopScheduler(loop)
         seen: list[str] = []
         done = asyncio.Event()
-        s.call_at(s.now() + 0.02, lambda: (seen.append("timer"), done.set()))
+
+        def timer() -> None:
+            seen.append("timer")
+            done.set()
+
+        s.call_at(s.now() + 0.02, timer)
         s.call_soon(lambda: seen.append("soon"))
         s.call_at(s.now() + 0.01, lambda: seen.append("cancelled")).cancel()
         await asyncio.wait_for(done.wait(), 5)

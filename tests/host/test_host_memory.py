@@ -1,9 +1,8 @@
-"""Tests for memslots.host.memory: real mappings, real discards, and QEMU's THP probing."""
+"""Tests for memslots.host.memory: real mappings and real discards."""
 
 from __future__ import annotations
 
 import fcntl
-import logging
 import mmap
 import os
 import time
@@ -12,18 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from memslots.devices.virtio_mem.device import default_block_size
 from memslots.errors import HostMemoryError
-from memslots.host.memory import (
-    FileBackend,
-    HostMemory,
-    MemfdBackend,
-    RamBackend,
-    default_block_size,
-    host_page_size,
-    hugetlbfs_page_size,
-    probe_thp_size,
-    thp_size,
-)
+from memslots.host.memory import FileBackend, HostMemory, MemfdBackend, RamBackend
+from memslots.host.pages import host_page_size, hugetlbfs_page_size, thp_size
 from memslots.sizes import GiB, KiB, MiB, TiB
 
 PAGE = host_page_size()
@@ -389,157 +380,3 @@ def test_hugetlbsize_validation() -> None:
         MemfdBackend("m", SIZE, hugetlbsize=2 * MiB)
     with pytest.raises(HostMemoryError, match="hugetlbsize 0x300000 is not a power of two"):
         MemfdBackend("m", SIZE, hugetlb=True, hugetlbsize=3 * MiB)
-
-
-def test_default_block_size_for_base_page_backends_is_thp(tmp_path: Path) -> None:
-    pmd = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
-    if not pmd.exists() or pmd.read_text() != "2097152\n":
-        pytest.skip("host THP size is not 2 MiB")
-    assert thp_size() == 2 * MiB
-    with RamBackend("r", SIZE) as ram, MemfdBackend("m", SIZE) as memfd:
-        assert default_block_size(ram) == 2 * MiB
-        assert default_block_size(memfd) == 2 * MiB
-    with FileBackend("f", SIZE, tmp_path) as file:
-        assert default_block_size(file) == 2 * MiB
-
-
-def test_default_block_size_for_other_page_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Huge pages smaller than 1 MiB (64 KiB on arm64) are raised to virtio-mem's 1 MiB minimum.
-    with RamBackend("r", SIZE) as mem:
-        monkeypatch.setattr(mem, "page_size", 64 * KiB)
-        assert default_block_size(mem) == MiB
-        monkeypatch.setattr(mem, "page_size", 32 * MiB)
-        assert default_block_size(mem) == 32 * MiB
-
-
-# --- THP probing against fake sysfs trees ---------------------------------------------------
-
-
-def _sysfs(tmp_path: Path, content: bytes | None, *, thp_dir: bool = True) -> str:
-    root = tmp_path / "sys"
-    thp = root / "kernel" / "mm" / "transparent_hugepage"
-    if thp_dir:
-        thp.mkdir(parents=True)
-    if content is not None:
-        (thp / "hpage_pmd_size").write_bytes(content)
-    return str(root)
-
-
-def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == LOGGER]
-
-
-FALLBACK_2M = "Could not detect THP size, falling back to 2  MiB."
-
-
-@pytest.mark.parametrize(
-    ("content", "expected"),
-    [
-        (b"2097152\n", 2 * MiB),
-        (b"2097152", 2 * MiB),
-        (b"0x200000\n", 2 * MiB),
-        (b" +4194304\n", 4 * MiB),
-        (b"020000000\n", 4 * MiB),  # octal, as strtoull with base 0 reads it
-        (b"536870912\n", 512 * MiB),
-    ],
-)
-def test_thp_probe_valid(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: bytes, expected: int
-) -> None:
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    assert probe_thp_size(_sysfs(tmp_path, content), machine="x86_64") == expected
-    assert _warnings(caplog) == []
-
-
-@pytest.mark.parametrize(
-    ("content", "shown"),
-    [
-        (b"0\n", "0"),
-        (b"3000000\n", "2dc6c0"),
-        (b"0x300000", "300000"),
-        (b"-1\n", "ffffffffffffffff"),  # strtoull wraps a minus sign
-    ],
-)
-def test_thp_probe_unsupported_value_warns_twice(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: bytes, shown: str
-) -> None:
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    assert probe_thp_size(_sysfs(tmp_path, content), machine="x86_64") == 2 * MiB
-    assert _warnings(caplog) == [f"Read unsupported THP size: {shown}", FALLBACK_2M]
-
-
-@pytest.mark.parametrize(
-    "content",
-    [
-        None,  # directory without hpage_pmd_size
-        b"",
-        b"\n",
-        b"abc\n",
-        b"2097152 kB\n",
-        b"2097152\n\n",
-        b"0x\n",
-        b"08\n",
-        b"99999999999999999999999\n",  # ERANGE
-        b"0x100000000\n",  # power of two, but QEMU's uint32_t truncates it to 0
-    ],
-)
-def test_thp_probe_garbage_falls_back(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: bytes | None
-) -> None:
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    assert probe_thp_size(_sysfs(tmp_path, content), machine="x86_64") == 2 * MiB
-    assert _warnings(caplog) == [FALLBACK_2M]
-
-
-def test_thp_probe_without_thp_dir_is_1m_silently(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    assert probe_thp_size(_sysfs(tmp_path, None, thp_dir=False), machine="x86_64") == MiB
-    assert _warnings(caplog) == []
-
-
-@pytest.mark.parametrize(
-    ("machine", "page_size", "expected", "shown"),
-    [
-        ("x86_64", 4 * KiB, 2 * MiB, "2"),
-        ("armv7l", 4 * KiB, 2 * MiB, "2"),
-        ("ppc64le", 64 * KiB, 2 * MiB, "2"),
-        ("aarch64", 4 * KiB, 2 * MiB, "2"),
-        ("aarch64", 16 * KiB, 32 * MiB, "20"),
-        ("aarch64", 64 * KiB, 512 * MiB, "200"),
-        ("aarch64", 8 * KiB, MiB, "1"),
-        ("s390x", 4 * KiB, MiB, "1"),
-        ("riscv64", 4 * KiB, MiB, "1"),
-    ],
-)
-def test_thp_fallback_by_arch(
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    machine: str,
-    page_size: int,
-    expected: int,
-    shown: str,
-) -> None:
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    root = _sysfs(tmp_path, b"garbage\n")
-    assert probe_thp_size(root, machine=machine, page_size=page_size) == expected
-    assert _warnings(caplog) == [f"Could not detect THP size, falling back to {shown}  MiB."]
-
-
-def test_thp_size_is_cached_per_root(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    valid = tmp_path / "a"
-    valid.mkdir()
-    root = _sysfs(valid, b"4194304\n")
-    assert thp_size(root) == 4 * MiB
-    Path(root, "kernel/mm/transparent_hugepage/hpage_pmd_size").write_bytes(b"8388608\n")
-    assert thp_size(root) == 4 * MiB
-    assert probe_thp_size(root) == 8 * MiB
-
-    broken = tmp_path / "b"
-    broken.mkdir()
-    root = _sysfs(broken, b"junk")
-    thp_size(root)
-    thp_size(root)
-    assert len(_warnings(caplog)) == 1

@@ -6,7 +6,7 @@ import pytest
 
 from memslots.errors import KvmError
 from memslots.kvm.accel import KvmAccel
-from memslots.kvm.cost import MmuConfig
+from memslots.kvm.mmu import MmuConfig
 from memslots.kvm.model import KvmModel
 from memslots.memory.address_space import Section
 from memslots.memory.backends import PlannedMemory

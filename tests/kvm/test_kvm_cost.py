@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from memslots.kvm.cost import (
-    MmuConfig,
-    detect_host_mmu,
     lpages,
     slot_arrays,
     slot_metadata_bytes,
     slot_vmalloc_pages,
     vmalloc_area_pages,
 )
+from memslots.kvm.host import detect_host_mmu
+from memslots.kvm.mmu import MmuConfig
 from memslots.sizes import GiB, MiB, TiB
 
 SHADOW = MmuConfig()

@@ -17,7 +17,8 @@ from memslots.kvm.abi import (
     VmBackend,
     make_slot,
 )
-from memslots.kvm.cost import MmuConfig, slot_metadata_bytes
+from memslots.kvm.cost import slot_metadata_bytes
+from memslots.kvm.mmu import MmuConfig
 from memslots.kvm.model import KvmModel, ModelSlot
 from memslots.sizes import GiB, MiB, TiB
 

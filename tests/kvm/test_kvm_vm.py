@@ -28,7 +28,8 @@ from memslots.kvm.abi import (
     VmBackend,
     make_slot,
 )
-from memslots.kvm.cost import detect_host_mmu, slot_metadata_bytes
+from memslots.kvm.cost import slot_metadata_bytes
+from memslots.kvm.host import detect_host_mmu
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import KvmVm, kvm_available, read_max_memslots
 from memslots.sizes import GiB, MiB, TiB

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import pytest
 from conftest import requires_kvm
 
-from memslots.devices.virtio_mem import VirtioMem, drive_to
+from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import VcpuError
+from memslots.guest.inorder import drive_to
 from memslots.host.memory import HostMemory
 from memslots.kvm.vcpu import IMAGE_SIZE, ProbeVcpu, pattern_words
 from memslots.kvm.vm import KvmVm

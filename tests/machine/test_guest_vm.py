@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from machines import check_invariants
 
 from memslots.cli import main as cli
-from memslots.devices.virtio_mem import Request, Response
+from memslots.devices.virtio_mem.wire import Request, Response
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import KvmVm
 from memslots.machine.machine import Machine
@@ -68,7 +68,7 @@ def test_vcpu_confirms_every_step_of_a_random_trace() -> None:
             for slot in dev.memslot_map():
                 # from inside the guest: mapped memslots are RAM, unmapped ones are MMIO
                 assert vm.vcpu.is_ram(slot.gpa + slot.size - 8) == slot.mapped
-                assert slot.mapped == (slot.plugged_blocks > 0)
+                assert slot.mapped == bool(slot.plugged_blocks)
 
 
 @requires_kvm

@@ -7,7 +7,8 @@ from conftest import PlanFactory, requires_kvm
 
 from memslots.errors import ConfigError, MemoryDeviceError, OptionError
 from memslots.kvm.vm import KvmVm
-from memslots.machine.machine import Machine, pc_layout
+from memslots.machine.layout import pc_layout
+from memslots.machine.machine import Machine
 from memslots.options import parse_machine_config, parse_machine_memory
 from memslots.sizes import GiB, TiB
 

@@ -7,7 +7,7 @@ import itertools
 import pytest
 from machines import DirectChannel, boot, machine_with
 
-from memslots.devices.virtio_mem import Request
+from memslots.devices.virtio_mem.wire import Request
 from memslots.errors import PropertyError
 from memslots.guest.linux import GuestOptions, Online
 from memslots.guest.sched import Scheduler

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memslots.host.memory import host_page_size
+from memslots.host.pages import host_page_size
 from memslots.memory.backends import ANON_RAM_ALIGN, PlannedMemory, create_backend
 from memslots.options import parse_backend
 from memslots.sizes import GiB, TiB

@@ -5,25 +5,17 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from qmp_support import ServerThread, make_machine, socket_dir
 from rich.console import Console
 
-from memslots.devices.virtio_mem import drive_to
-from memslots.errors import OptionError
+from memslots.devices.virtio_mem.device import VirtioMem
+from memslots.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_TIMEOUT, MemslotsError
+from memslots.guest.inorder import drive_to
 from memslots.machine.machine import Machine
-from memslots.monitor.client import (
-    EXIT_ERROR,
-    EXIT_OK,
-    EXIT_TIMEOUT,
-    parse_address,
-    parse_arguments,
-    run_info,
-    run_qmp,
-    run_resize,
-)
+from memslots.monitor.client import run_info, run_qmp, run_resize
 from memslots.monitor.qmp_server import Command, Param
 from memslots.sizes import GiB, MiB
 
@@ -45,6 +37,15 @@ class Captured:
         return self.err_buf.getvalue()
 
 
+def status(call: Callable[[], int], c: Captured) -> int:
+    """The exit status the command line ends with, its message in ``c.stderr`` as it prints it."""
+    try:
+        return call()
+    except MemslotsError as exc:
+        c.err.print(f"memslots: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return exc.exit_code
+
+
 @pytest.fixture
 def machine() -> Iterator[Machine]:
     with make_machine() as m:
@@ -57,57 +58,27 @@ def sock() -> Iterator[str]:
         yield f"{d}/qmp.sock"
 
 
-def test_parse_address() -> None:
-    assert parse_address("/run/qmp.sock") == "/run/qmp.sock"
-    assert parse_address("qmp.sock") == "qmp.sock"
-    assert parse_address("unix:/tmp/a:1") == "/tmp/a:1"
-    assert parse_address("localhost:4444") == ("localhost", 4444)
-    assert parse_address("tcp:127.0.0.1:4444") == ("127.0.0.1", 4444)
-    assert parse_address("[::1]:4444") == ("::1", 4444)
-    assert parse_address("./dir:1") == "./dir:1"
-
-
-def test_parse_arguments() -> None:
-    assert parse_arguments([]) == {}
-    assert parse_arguments(["path=vmem0", "value=1073741824", "flag=true", "s=1G"]) == {
-        "path": "vmem0",
-        "value": 1073741824,
-        "flag": True,
-        "s": "1G",
-    }
-    assert parse_arguments(['{"path": "vmem0", "n": [1]}']) == {"path": "vmem0", "n": [1]}
-    assert parse_arguments(["x=NaN"]) == {"x": "NaN"}
-    for bad, message in [
-        (["novalue"], "not of the form key=value"),
-        (["=1"], "not of the form key=value"),
-        (["a=1", "a=2"], "given twice"),
-        (["{not json"], "not valid JSON"),
-        (['{"a": 1}x'], "not valid JSON"),
-        (["[1]"], "not of the form key=value"),
-    ]:
-        with pytest.raises(OptionError, match=message):
-            parse_arguments(bad)
-
-
 def test_run_qmp(machine: Machine, sock: str) -> None:
     with ServerThread(machine, sock):
         c = Captured()
-        code = run_qmp(sock, "qom-get", ["path=vmem0", "property=block-size"], out=c.out, err=c.err)
+        code = status(
+            lambda: run_qmp(sock, "qom-get", ["path=vmem0", "property=block-size"], out=c.out), c
+        )
         assert code == EXIT_OK and json.loads(c.stdout) == 2 * MiB
         c = Captured()
-        assert run_qmp(sock, "query-memory-size-summary", out=c.out, err=c.err) == EXIT_OK
+        assert status(lambda: run_qmp(sock, "query-memory-size-summary", out=c.out), c) == EXIT_OK
         assert json.loads(c.stdout) == {"base-memory": 4 * GiB, "plugged-memory": GiB}
         c = Captured()
-        code = run_qmp(
-            sock, "qom-get", ['{"path": "nope", "property": "size"}'], out=c.out, err=c.err
+        code = status(
+            lambda: run_qmp(sock, "qom-get", ['{"path": "nope", "property": "size"}'], out=c.out), c
         )
-        assert code == EXIT_ERROR
+        assert code == EXIT_BAD_INPUT
         assert c.stderr.strip() == "memslots: qom-get: DeviceNotFound: Device 'nope' not found"
         c = Captured()
-        assert run_qmp(sock, "qom-get", ["oops"], out=c.out, err=c.err) == EXIT_ERROR
+        assert status(lambda: run_qmp(sock, "qom-get", ["oops"], out=c.out), c) == EXIT_BAD_INPUT
         assert "not of the form key=value" in c.stderr
     c = Captured()
-    assert run_qmp(sock, "query-status", out=c.out, err=c.err) == EXIT_ERROR
+    assert status(lambda: run_qmp(sock, "query-status", out=c.out), c) == EXIT_BAD_INPUT
     assert c.stderr.startswith(f"memslots: cannot connect to {sock}")
 
 
@@ -115,36 +86,38 @@ def test_run_info_tables_and_json(machine: Machine, sock: str) -> None:
     drive_to(machine.virtio_mem("vmem0"), 1536 * MiB)
     with ServerThread(machine, sock):
         c = Captured()
-        assert run_info(sock, "memory-devices", out=c.out, err=c.err) == EXIT_OK
+        assert status(lambda: run_info(sock, "memory-devices", out=c.out), c) == EXIT_OK
         assert "virtio-mem" in c.stdout and "dimm0" in c.stdout and "1536 MiB" in c.stdout
         c = Captured()
-        assert run_info(sock, "memslots", out=c.out, err=c.err) == EXIT_OK
+        assert status(lambda: run_info(sock, "memslots", out=c.out), c) == EXIT_OK
         rows = [line for line in c.stdout.splitlines() if "vmem0" in line]
         assert len(rows) == 8 and sum(" yes " in r for r in rows) == 2
         c = Captured()
-        assert run_info(sock, "budget", out=c.out, err=c.err) == EXIT_OK
+        assert status(lambda: run_info(sock, "budget", out=c.out), c) == EXIT_OK
         assert "kvm" in c.stdout and "Device memory" in c.stdout
         c = Captured()
-        assert run_info(sock, "memslots", json_output=True, out=c.out, err=c.err) == EXIT_OK
+        assert status(lambda: run_info(sock, "memslots", json_output=True, out=c.out), c) == EXIT_OK
         slots = json.loads(c.stdout)
         assert [s["mapped"] for s in slots if s["device"] == "vmem0"] == [True] * 2 + [False] * 6
         c = Captured()
-        assert run_info(sock, "cpus", out=c.out, err=c.err) == EXIT_ERROR
+        assert status(lambda: run_info(sock, "cpus", out=c.out), c) == EXIT_BAD_INPUT
         assert "expects one of memory-devices, memslots, budget" in c.stderr
 
 
 def test_resize_wait_follows_the_guest(machine: Machine, sock: str) -> None:
     with ServerThread(machine, sock, guest=True):
         c = Captured()
-        code = run_resize(
-            sock, "vmem0", "2G", wait=True, timeout=20, poll=0.1, out=c.out, err=c.err
+        code = status(
+            lambda: run_resize(sock, "vmem0", "2G", wait=True, timeout=20, poll=0.1, out=c.out), c
         )
         assert code == EXIT_OK, c.stderr
         assert "vmem0: plugged 2 GiB in" in c.stdout
         assert machine.virtio_mem("vmem0").size == 2 * GiB
         c = Captured()
-        code = run_resize(sock, "/machine/peripheral/vmem0", 512 * MiB, wait=True, timeout=20,
-                          poll=0.1, out=c.out, err=c.err)  # fmt: skip
+        path = "/machine/peripheral/vmem0"
+        code = status(
+            lambda: run_resize(sock, path, 512 * MiB, wait=True, timeout=20, poll=0.1, out=c.out), c
+        )
         assert code == EXIT_OK, c.stderr
         assert machine.virtio_mem("vmem0").size == 512 * MiB
 
@@ -152,11 +125,11 @@ def test_resize_wait_follows_the_guest(machine: Machine, sock: str) -> None:
 def test_resize_without_guest(machine: Machine, sock: str) -> None:
     with ServerThread(machine, sock) as server:
         c = Captured()
-        assert run_resize(sock, "vmem0", "1G", out=c.out, err=c.err) == EXIT_OK
+        assert status(lambda: run_resize(sock, "vmem0", "1G", out=c.out), c) == EXIT_OK
         assert "requested-size set to 1 GiB (plugged 0 B)" in c.stdout
         c = Captured()
-        code = run_resize(
-            sock, "vmem0", "1G", wait=True, timeout=0.5, poll=0.1, out=c.out, err=c.err
+        code = status(
+            lambda: run_resize(sock, "vmem0", "1G", wait=True, timeout=0.5, poll=0.1, out=c.out), c
         )
         assert code == EXIT_TIMEOUT
         assert "timed out after" in c.stderr and "the size never changed" in c.stderr
@@ -164,32 +137,35 @@ def test_resize_without_guest(machine: Machine, sock: str) -> None:
         dev = machine.virtio_mem("vmem0")
         server.call(lambda: drive_to(dev, 512 * MiB))
         c = Captured()
-        code = run_resize(
-            sock, "vmem0", "2G", wait=True, timeout=0.5, poll=0.1, out=c.out, err=c.err
+        code = status(
+            lambda: run_resize(sock, "vmem0", "2G", wait=True, timeout=0.5, poll=0.1, out=c.out), c
         )
         assert code == EXIT_TIMEOUT and "plugged 512 MiB of 2 GiB requested" in c.stderr
         c = Captured()
-        assert run_resize(sock, "vmem0", "3M", out=c.out, err=c.err) == EXIT_ERROR
+        assert status(lambda: run_resize(sock, "vmem0", "3M", out=c.out), c) == EXIT_BAD_INPUT
         assert "'requested-size' has to be multiples of 'block-size' (0x200000)" in c.stderr
         c = Captured()
-        assert run_resize(sock, "nope", "1G", out=c.out, err=c.err) == EXIT_ERROR
+        assert status(lambda: run_resize(sock, "nope", "1G", out=c.out), c) == EXIT_BAD_INPUT
         assert "DeviceNotFound: Device '/machine/peripheral/nope' not found" in c.stderr
         c = Captured()
-        assert run_resize(sock, "vmem0", "lots", out=c.out, err=c.err) == EXIT_ERROR
+        assert status(lambda: run_resize(sock, "vmem0", "lots", out=c.out), c) == EXIT_BAD_INPUT
 
 
 def test_resize_fails_when_someone_else_changes_the_request(machine: Machine, sock: str) -> None:
     with ServerThread(machine, sock) as server:
         dev = machine.virtio_mem("vmem0")
+
         # Another client's request lands right after ours.
-        server.call(
-            lambda: dev.config_change_listeners.append(
-                lambda d: d.requested_size == GiB and d.set_requested_size(2 * GiB)
-            )
-        )
+        def meanwhile(d: VirtioMem) -> None:
+            if d.requested_size == GiB:
+                d.set_requested_size(2 * GiB)
+
+        server.call(lambda: dev.config_change_listeners.append(meanwhile))
         c = Captured()
-        code = run_resize(sock, "vmem0", "1G", wait=True, timeout=5, poll=0.1, out=c.out, err=c.err)
-        assert code == EXIT_ERROR
+        code = status(
+            lambda: run_resize(sock, "vmem0", "1G", wait=True, timeout=5, poll=0.1, out=c.out), c
+        )
+        assert code == EXIT_BAD_INPUT
         assert "requested-size was changed to 2 GiB by another client" in c.stderr
 
 
@@ -199,15 +175,16 @@ def test_connection_lost_while_waiting(machine: Machine, sock: str) -> None:
         dev = machine.virtio_mem("vmem0")
 
         def stop_soon(d: object) -> None:
-            assert server.monitor is not None
-            server.loop.call_later(
-                0.2, lambda: server.loop.create_task(server.monitor.server.close())
-            )
+            monitor = server.monitor
+            assert monitor is not None
+            server.loop.call_later(0.2, lambda: server.loop.create_task(monitor.server.close()))
 
         server.call(lambda: dev.config_change_listeners.append(stop_soon))
         c = Captured()
-        code = run_resize(sock, "vmem0", "1G", wait=True, timeout=5, poll=0.1, out=c.out, err=c.err)
-        assert code == EXIT_ERROR and "connection to" in c.stderr and "lost" in c.stderr
+        code = status(
+            lambda: run_resize(sock, "vmem0", "1G", wait=True, timeout=5, poll=0.1, out=c.out), c
+        )
+        assert code == EXIT_BAD_INPUT and "connection to" in c.stderr and "lost" in c.stderr
 
 
 def test_resize_gives_up_on_a_server_that_stops_answering(machine: Machine, sock: str) -> None:
@@ -221,7 +198,7 @@ def test_resize_gives_up_on_a_server_that_stops_answering(machine: Machine, sock
         params = (Param("path", "str"), Param("property", "str"))
         server.call(lambda: monitor.server.register(Command("qom-get", hang, params)))
         c = Captured()
-        code = run_resize(
-            sock, "vmem0", "1G", wait=True, timeout=0.3, poll=0.1, out=c.out, err=c.err
+        code = status(
+            lambda: run_resize(sock, "vmem0", "1G", wait=True, timeout=0.3, poll=0.1, out=c.out), c
         )
         assert code == EXIT_TIMEOUT and "the server stopped answering" in c.stderr, c.stderr

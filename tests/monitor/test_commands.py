@@ -12,17 +12,18 @@ from qmp_support import (
     FakeRuntime,
     RawClient,
     make_machine,
+    next_event,
     qmp_client,
     serving,
     snapshot,
 )
 
-from memslots.devices.virtio_mem import drive_to
+from memslots.guest.inorder import drive_to
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
 from memslots.options import parse_machine_config
 from memslots.sizes import GiB, MiB
-from memslots.vhost.kernel import VhostModel
+from memslots.vhost.backend import VhostModel
 
 VMEM = "/machine/peripheral/vmem0"
 
@@ -31,7 +32,9 @@ def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
-async def error_of(qmp: QMPClient, command: str, args: dict[str, Any] | None = None) -> tuple:
+async def error_of(
+    qmp: QMPClient, command: str, args: dict[str, Any] | None = None
+) -> tuple[str, str]:
     with pytest.raises(ExecuteError) as info:
         await qmp.execute(command, args)
     return info.value.error_class, str(info.value)
@@ -96,9 +99,9 @@ def test_resize_events_rate_limit_and_memslot_map() -> None:
                     for step in range(1, 13):  # 12 size changes of 256 MiB
                         drive_to(dev, step * 256 * MiB)
                         await asyncio.sleep(0.01)
-                    first = await asyncio.wait_for(events.get(), 2)
+                    first = await next_event(events, 2)
                     assert first["data"] == {"id": "vmem0", "size": 256 * MiB, "qom-path": VMEM}
-                    last = await asyncio.wait_for(events.get(), 2)
+                    last = await next_event(events, 2)
                     waited = asyncio.get_running_loop().time() - t0
                     assert last["data"] == {"id": "vmem0", "size": 3 * GiB, "qom-path": VMEM}
                     assert 0.8 < waited < 1.6  # held until the 1 s period ended
@@ -116,26 +119,30 @@ def test_resize_events_rate_limit_and_memslot_map() -> None:
         mapped = [s["index"] for s in vmem_slots if s["mapped"]]
         assert mapped == [0, 1, 2]  # exactly the memslots holding plugged blocks
         for s in vmem_slots:
-            assert s["addr"] == dev.addr + s["index"] * GiB and s["size"] == GiB
+            assert s["address"] == dev.addr + s["index"] * GiB and s["size"] == GiB
             assert s["plugged-blocks"] == (512 if s["mapped"] else 0)
             assert ("kvm-slot" in s) == s["mapped"]
             assert s["vhost"] == []
         sections = {x.gpa: x for x in m.address_space.sections}
         for s in vmem_slots[:3]:
-            assert s["kvm-slot"] == m.kvm.slot_of(sections[s["addr"]])
+            assert s["kvm-slot"] == m.kvm.slot_of(sections[s["address"]])
         dimm = [s for s in memslots if s["device"] == "dimm0"]
         assert len(dimm) == 1 and dimm[0]["mapped"] and "plugged-blocks" not in dimm[0]
         assert summary == {"base-memory": 4 * GiB, "plugged-memory": 4 * GiB}
         kvm = budget["consumers"][0]
-        assert kvm["name"] == "kvm" and kvm["used"] == m.kvm.used_memslots
-        assert kvm["used"] + kvm["free"] == kvm["max"]
+        assert kvm["name"] == "kvm" and kvm["used-memslots"] == m.kvm.used_memslots
+        assert kvm["used-memslots"] + kvm["free-memslots"] == kvm["max-memslots"]
+        assert kvm["connected"] is True
+        assert m.device_memory is not None
         assert budget["device-memory"] == {
-            "required": 9,
-            "used": 4,
-            "reserved": 5,
-            "auto-decision": True,
+            "base": m.device_memory.base,
+            "size": m.device_memory.size,
             "total-space": 12 * GiB,
             "used-space": 9 * GiB,
+            "required-memslots": 9,
+            "used-memslots": 4,
+            "reserved-memslots": 5,
+            "auto-decision-active": True,
         }
 
     run(main())
@@ -325,8 +332,8 @@ def test_bad_inputs_leave_machine_unchanged_and_server_serving() -> None:
                         assert got[0] == cls, (command, args, got)
                         assert got[1].startswith(desc), (command, args, got)
                 raw = await RawClient.open(path)
-                for data, desc in RAW_BAD_INPUTS:
-                    if desc is None:
+                for data, raw_desc in RAW_BAD_INPUTS:
+                    if raw_desc is None:
                         await raw.send(data + b" " * 70 * 1024)
                         reply = await raw.recv()
                         assert reply["error"]["class"] == "GenericError"
@@ -336,7 +343,7 @@ def test_bad_inputs_leave_machine_unchanged_and_server_serving() -> None:
                     await raw.send(data + b"\n")
                     reply = await raw.recv()
                     assert reply["error"]["class"] == "GenericError", (data, reply)
-                    assert reply["error"]["desc"].startswith(desc), (data, reply)
+                    assert reply["error"]["desc"].startswith(raw_desc), (data, reply)
                 # Before negotiation, every command is refused alike.
                 early = await RawClient.open(path, negotiate=False)
                 reply = await early.execute({"execute": "quit", "id": 1})
@@ -387,7 +394,7 @@ def test_object_and_device_hotplug_round_trip() -> None:
                 with qmp.listener(("MEMORY_DEVICE_SIZE_CHANGE", "DEVICE_DELETED")) as events:
                     dev = m.virtio_mem("vmem1")
                     drive_to(dev, GiB)
-                    ev = await asyncio.wait_for(events.get(), 2)
+                    ev = await next_event(events, 2)
                     assert ev["data"] == {
                         "id": "vmem1",
                         "size": GiB,
@@ -396,7 +403,7 @@ def test_object_and_device_hotplug_round_trip() -> None:
                     cls, desc = await error_of(qmp, "device_del", {"id": "vmem1"})
                     assert desc.endswith("some of its memory is still plugged")
                     drive_to(dev, 0)
-                    await asyncio.wait_for(events.get(), 2)  # held until the period ended
+                    await next_event(events, 2)  # held until the period ended
                     # Requested but not plugged yet (no guest): still refused.
                     await qmp.execute(
                         "qom-set", {"path": "vmem1", "property": "requested-size", "value": 2 * MiB}
@@ -409,7 +416,7 @@ def test_object_and_device_hotplug_round_trip() -> None:
                     assert (
                         await qmp.execute("device_del", {"id": "/machine/peripheral/vmem1"}) == {}
                     )
-                    deleted = [await asyncio.wait_for(events.get(), 2) for _ in range(2)]
+                    deleted = [await next_event(events, 2) for _ in range(2)]
                     assert [e["data"] for e in deleted] == [
                         {"path": "/machine/peripheral/vmem1/virtio-backend"},
                         {"device": "vmem1", "path": "/machine/peripheral/vmem1"},
@@ -428,7 +435,7 @@ def test_object_and_device_hotplug_round_trip() -> None:
                     ]
                     assert dimms[0]["data"]["hotplugged"] is True and dimms[0]["data"]["slot"] == 1
                     await qmp.execute("device_del", {"id": "d1"})
-                    ev = await asyncio.wait_for(events.get(), 2)
+                    ev = await next_event(events, 2)
                     assert ev["event"] == "DEVICE_DELETED"
                     assert ev["data"] == {"device": "d1", "path": "/machine/peripheral/d1"}
                     assert m.backends["mem2"].used_by is None
@@ -464,21 +471,21 @@ def test_anonymous_devices_get_peripheral_anon_paths() -> None:
                     "/objects/mem2"
                 )
                 with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as events:
-                    drive_to(next(d for d in m.memory_devices if d.id is None), 2 * MiB)
-                    ev = await asyncio.wait_for(events.get(), 2)
+                    drive_to(next(d for d in m.virtio_mem_devices if d.id is None), 2 * MiB)
+                    ev = await next_event(events, 2)
                 assert ev["data"] == {"size": 2 * MiB, "qom-path": apath}
                 memslots = await qmp.execute("x-query-memslots")
                 assert apath in {s["device"] for s in memslots}
                 # deleted by its QOM path, with QEMU's refusals first
                 with pytest.raises(ExecuteError, match="still plugged"):
                     await qmp.execute("device_del", {"id": apath})
-                drive_to(next(d for d in m.memory_devices if d.id is None), 0)
+                drive_to(next(d for d in m.virtio_mem_devices if d.id is None), 0)
                 await qmp.execute(
                     "qom-set", {"path": apath, "property": "requested-size", "value": 0}
                 )
                 with qmp.listener("DEVICE_DELETED") as deleted:
                     await qmp.execute("device_del", {"id": apath})
-                    ev = await asyncio.wait_for(deleted.get(), 2)
+                    ev = await next_event(deleted, 2)
                 assert ev["data"] == {"path": apath}
                 assert all("id" in d["data"] for d in await qmp.execute("query-memory-devices"))
                 await qmp.execute("object-del", {"id": "mem2"})  # free again
@@ -502,12 +509,12 @@ def test_quit_status_and_introspection() -> None:
                 names = {c["name"] for c in await qmp.execute("query-commands")}
                 assert {"qmp_capabilities", "qom-set", "x-query-memslots", "quit"} <= names
                 meta = await qmp.execute("x-query-kernel-metadata")
-                assert meta["model"] == m.kvm.predicted_metadata_bytes()
-                assert meta["real"] is False and "vmalloc-used" not in meta
+                assert meta["model-bytes"] == m.kvm.predicted_metadata_bytes()
+                assert meta["real"] is False and "vmalloc-used-bytes" not in meta
                 assert {d["device"] for d in meta["devices"]} == {"vmem0", "dimm0"}
                 with qmp.listener("SHUTDOWN") as events:
                     assert await qmp.execute("quit") == {}
-                    ev = await asyncio.wait_for(events.get(), 2)
+                    ev = await next_event(events, 2)
                 assert ev["data"] == {"guest": False, "reason": "host-qmp-quit"}
                 assert runtime.quits == 1
 
@@ -544,7 +551,7 @@ def test_device_provider_hook() -> None:
                 assert provider.devices["fs0"] == args
                 with qmp.listener("DEVICE_DELETED") as events:
                     await qmp.execute("device_del", {"id": "fs0"})
-                    ev = await asyncio.wait_for(events.get(), 2)
+                    ev = await next_event(events, 2)
                 assert ev["data"] == {"device": "fs0", "path": "/machine/peripheral/fs0"}
                 assert provider.devices == {}
 
@@ -586,6 +593,6 @@ def test_memslots_held_by_vhost_back_ends() -> None:
         assert [c["name"] for c in budget["consumers"]] == ["kvm", "net0", "fs0"]
         fs0 = budget["consumers"][2]
         # Boot RAM is anonymous: the vhost-user back-end holds only the plugged memslot.
-        assert (fs0["max"], fs0["used"], fs0["free"]) == (600, 1, 599)
+        assert (fs0["max-memslots"], fs0["used-memslots"], fs0["free-memslots"]) == (600, 1, 599)
 
     run(main())

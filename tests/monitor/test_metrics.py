@@ -7,7 +7,8 @@ import asyncio
 from prometheus_client.parser import text_string_to_metric_families
 from qmp_support import make_machine
 
-from memslots.devices.virtio_mem import ReqType, Request, drive_to
+from memslots.devices.virtio_mem.wire import ReqType, Request
+from memslots.guest.inorder import drive_to
 from memslots.machine.machine import Machine
 from memslots.monitor.metrics import Metrics
 from memslots.sizes import GiB, MiB
@@ -53,12 +54,12 @@ def test_collector_reads_the_machine_at_scrape_time() -> None:
         assert got[("memslots_device_memory_required_memslots", ())] == 9
         assert got[("memslots_device_memory_used_memslots", ())] == 4
         assert got[("memslots_device_memory_reserved_memslots", ())] == 5
-        assert got[("memslots_device_memory_used_bytes", ())] == 9 * GiB
+        assert got[("memslots_device_memory_used_space_bytes", ())] == 9 * GiB
         assert got[("memslots_kernel_metadata_model_bytes", ())] == (
             m.kvm.predicted_metadata_bytes()
         )
         # The model is not the kernel: nothing measured to report.
-        assert not any(name == "memslots_kernel_vmalloc_used_bytes" for name, _ in got)
+        assert not any(name == "memslots_kernel_metadata_vmalloc_used_bytes" for name, _ in got)
 
 
 def test_latency_histograms() -> None:

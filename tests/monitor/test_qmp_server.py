@@ -10,11 +10,12 @@ import stat
 from typing import Any
 
 import pytest
-from qemu.qmp import ExecuteError, QMPClient
-from qmp_support import RawClient, make_machine, qmp_client, serving, socket_dir
+from qemu.qmp import ExecuteError
+from qmp_support import Client, RawClient, make_machine, next_event, qmp_client, serving, socket_dir
 
 from memslots.monitor.qmp_server import (
     MAX_NESTING,
+    ArgType,
     Command,
     Param,
     QMPCommandError,
@@ -73,12 +74,13 @@ def test_schema_values() -> None:
     assert check_value("x", "array", ["a", "b"], "str") == ["a", "b"]
     with pytest.raises(QMPCommandError, match=r"'x\[1\]', expected: string"):
         check_value("x", "array", ["a", 2], "str")
-    for type_, value, name in [
+    cases: list[tuple[ArgType, object, str]] = [
         ("bool", 1, "boolean"),
         ("number", "1", "number"),
         ("object", [], "object"),
         ("array", {}, "array"),
-    ]:
+    ]
+    for type_, value, name in cases:
         with pytest.raises(QMPCommandError, match=f"expected: {name}$"):
             check_value("x", type_, value)
     assert check_value("x", "any", {"a": [1]}) == {"a": [1]}
@@ -93,11 +95,12 @@ def test_union_and_open_arguments() -> None:
         branches={"a": (Param("x", "int"),), "b": ()},
     )
     assert check_arguments(union, {"kind": "a", "x": 1}) == {"kind": "a", "x": 1}
-    for args, message in [
+    cases: list[tuple[dict[str, object], str]] = [
         ({"kind": "c"}, "Parameter 'kind' does not accept value 'c'"),
         ({"kind": "a"}, "Parameter 'x' is missing"),
         ({"kind": "b", "x": 1}, "Parameter 'x' is unexpected"),
-    ]:
+    ]
+    for args, message in cases:
         with pytest.raises(QMPCommandError, match=message):
             check_arguments(union, args)
     loose = Command("x-open", _noop, (Param("driver", "str"),), open_args=True)
@@ -275,7 +278,7 @@ def test_rate_limit_per_key() -> None:
                     monitor.server.emit_event(
                         "MEMORY_DEVICE_SIZE_CHANGE", {"size": 9, "qom-path": "/b"}
                     )
-                    got = [await asyncio.wait_for(events.get(), 2) for _ in range(3)]
+                    got = [await next_event(events, 2) for _ in range(3)]
                     sizes = [(e["data"]["qom-path"], e["data"]["size"]) for e in got]
                     assert sizes == [("/a", 1), ("/b", 9), ("/a", 5)]
                     await asyncio.sleep(0.7)
@@ -284,7 +287,7 @@ def test_rate_limit_per_key() -> None:
                     monitor.server.emit_event(
                         "MEMORY_DEVICE_SIZE_CHANGE", {"size": 6, "qom-path": "/a"}
                     )
-                    first = await asyncio.wait_for(events.get(), 0.2)
+                    first = await next_event(events, 0.2)
                     assert first["data"]["size"] == 6
 
     run(main())
@@ -374,7 +377,7 @@ def test_tcp_only_when_asked() -> None:
         server = QMPServer()
         host, port = await server.start_tcp("127.0.0.1", 0)
         assert host == "127.0.0.1" and port > 0
-        qmp = QMPClient("tcp")
+        qmp = Client("tcp")
         await qmp.connect((host, port))
         with pytest.raises(ExecuteError, match="The command query-status has not been found"):
             await qmp.execute("query-status")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
 import signal
 import subprocess
@@ -17,11 +16,11 @@ from pathlib import Path
 
 import pytest
 from conftest import requires_kvm
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError
+from qmp_support import Client, next_event
 
-from memslots.errors import OptionError
+from memslots.errors import EXIT_TIMEOUT
 from memslots.measure import sample_vmalloc_used
-from memslots.monitor.runtime import QmpEndpoint, parse_qmp_option
 from memslots.sizes import GiB
 
 MACHINE = [
@@ -32,25 +31,6 @@ MACHINE = [
     "-device",
     "virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on",
 ]
-
-
-def test_parse_qmp_option() -> None:
-    assert parse_qmp_option("unix:/tmp/x.sock,server=on,wait=off") == QmpEndpoint(
-        path="/tmp/x.sock"
-    )
-    assert parse_qmp_option("tcp:127.0.0.1:4444,server=on,wait=off") == QmpEndpoint(
-        host="127.0.0.1", port=4444
-    )
-    for bad in (
-        "unix:",
-        "tcp:localhost",
-        "unix:/x,server=off",
-        "unix:/x,colour=red",
-        "pipe:x",
-        "tcp:127.0.0.1:99999",
-    ):
-        with pytest.raises(OptionError):
-            parse_qmp_option(bad)
 
 
 @contextmanager
@@ -88,7 +68,7 @@ def running(
 
 
 async def drive(sock: str) -> dict[str, object]:
-    qmp = QMPClient("test")
+    qmp = Client("test")
     await qmp.connect(sock)
     try:
         devs = await qmp.execute("query-memory-devices")
@@ -107,7 +87,7 @@ async def drive(sock: str) -> dict[str, object]:
                 },
             }
         ]
-        sizes = []
+        sizes: list[int] = []
         with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as listener:
             await qmp.execute(
                 "qom-set",
@@ -118,7 +98,7 @@ async def drive(sock: str) -> dict[str, object]:
                 },
             )
             while not sizes or sizes[-1] != 3 * GiB:
-                event = await asyncio.wait_for(listener.get(), 10)
+                event = await next_event(listener, 10)
                 assert event["data"]["qom-path"] == "/machine/peripheral/vmem0"
                 assert event["data"]["id"] == "vmem0"
                 sizes.append(event["data"]["size"])
@@ -160,23 +140,14 @@ def test_sigterm_shuts_down_cleanly() -> None:
 
 
 def test_resize_without_guest_times_out_with_reason() -> None:
-    from memslots.monitor.client import EXIT_TIMEOUT, run_resize
-
     with running("-accel", "sim", "-guest", "none") as (proc, sock):
-        from rich.console import Console
-
-        err = Console(record=True, width=200)
-        code = run_resize(
-            sock,
-            "vmem0",
-            "1G",
-            wait=True,
-            timeout=2,
-            err=err,
-            out=Console(file=io.StringIO()),
+        resize = [sys.executable, "-m", "memslots.cli.main", "resize", sock, "vmem0", "1G"]
+        done = subprocess.run(
+            [*resize, "--wait", "--timeout", "2"], capture_output=True, text=True, timeout=60
         )
-        assert code == EXIT_TIMEOUT
-        assert "never changed" in err.export_text()
+        assert done.returncode == EXIT_TIMEOUT == 3
+        assert done.stderr.startswith("memslots: vmem0: timed out after")
+        assert "never changed" in done.stderr
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
 
@@ -200,7 +171,7 @@ def test_device_add_vhost_user_blk_over_qmp(tmp_path: Path) -> None:
         ]
 
         async def go(sock: str) -> None:
-            qmp = QMPClient("test")
+            qmp = Client("test")
             await qmp.connect(sock)
             # QEMU's rule: vmem0 decided on several memslots, so a 32-slot back-end is refused
             with pytest.raises(ExecuteError, match="would further restricts"):
@@ -238,7 +209,7 @@ def test_device_add_that_cannot_get_a_guest_is_undone() -> None:
     nothing behind (the backend can be deleted, the id reused)."""
 
     async def go(sock: str) -> None:
-        qmp = QMPClient("test")
+        qmp = Client("test")
         await qmp.connect(sock)
         await qmp.execute("object-add", {"qom-type": "memory-backend-ram", "id": "m1", "size": GiB})
         with pytest.raises(ExecuteError, match="no room for the virtqueue"):
@@ -275,7 +246,7 @@ def test_vhost_user_loss_is_an_event_and_reconnect_replays(tmp_path: Path) -> No
         ]  # fmt: skip
 
         async def go(sock: str) -> None:
-            qmp = QMPClient("test")
+            qmp = Client("test")
             await qmp.connect(sock)
             resize = {"path": "vmem0", "property": "requested-size"}
             await qmp.execute("qom-set", {**resize, "value": 2 * GiB})
@@ -283,7 +254,7 @@ def test_vhost_user_loss_is_an_event_and_reconnect_replays(tmp_path: Path) -> No
             with qmp.listener("X_VHOST_USER_STATE") as states:
                 qsd.kill()
                 await qmp.execute("qom-set", {**resize, "value": 3 * GiB})
-                lost = await asyncio.wait_for(states.get(), 10)
+                lost = await next_event(states, 10)
                 assert lost["data"]["id"] == "disk0" and lost["data"]["state"] == "disconnected"
                 budget = await qmp.execute("x-query-memslot-budget")
                 assert isinstance(budget, dict)
@@ -291,7 +262,7 @@ def test_vhost_user_loss_is_an_event_and_reconnect_replays(tmp_path: Path) -> No
                 assert disk["connected"] is False
                 qsd.restart()
                 await qmp.execute("x-vhost-user-reconnect", {"id": "disk0"})
-                back = await asyncio.wait_for(states.get(), 10)
+                back = await next_event(states, 10)
                 assert back["data"]["state"] == "connected"
             # the whole table was replayed: the back-end maps the 3 memslots plugged meanwhile
             assert wait_until(lambda: len(memfd_mappings(qsd.memory_pid)) == 3, timeout=10)

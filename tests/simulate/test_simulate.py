@@ -1,33 +1,12 @@
-"""simulate: traces, scenarios and strategies (end-to-end runs are in test_vm.py)."""
+"""simulate: scenarios (options: tests/options; end-to-end runs: machine/test_guest_vm.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from memslots.errors import OptionError
-from memslots.options import parse_machine_config
-from memslots.simulate.run import parse_strategy, parse_trace, scenario, with_strategy
+from memslots.simulate.run import scenario
 from memslots.sizes import GiB, MiB
-
-
-def test_parse_trace() -> None:
-    steps = parse_trace("time,requested-size\n# warm up\n0,1G\n30.5, 512M\n\n60,0\n")
-    assert [(s.time, s.requested) for s in steps] == [(0, GiB), (30.5, 512 * MiB), (60, 0)]
-
-
-@pytest.mark.parametrize(
-    "text,match",
-    [
-        ("0,1G\n10,2G,3\n", ":2: expected 'time,requested-size'"),
-        ("0,1G\nsoon,2G\n", ":2: time 'soon' is not a number"),
-        ("0,1G\n10,lots\n", ":2: invalid requested-size 'lots'"),
-        ("10,1G\n5,2G\n", ":2: times must be non-negative and ascending"),
-        ("# nothing\n", "has no steps"),
-    ],
-)
-def test_parse_trace_errors(text: str, match: str) -> None:
-    with pytest.raises(OptionError, match=match):
-        parse_trace(text, source="t.csv")
 
 
 def test_scenarios() -> None:
@@ -41,17 +20,3 @@ def test_scenarios() -> None:
     assert times == sorted(times) and len(set(times)) == len(times)
     with pytest.raises(OptionError, match="unknown scenario 'zigzag'"):
         scenario("zigzag", GiB, 2 * MiB)
-
-
-def test_strategies_rewrite_the_device() -> None:
-    cfg = parse_machine_config(
-        "4G,maxmem=68G", ["memory-backend-ram,id=m,size=64G"], ["virtio-mem,id=v,memdev=m"]
-    )
-    single = with_strategy(cfg, "v", "single").devices[0]
-    dyn = with_strategy(cfg, "v", "dynamic").devices[0]
-    fixed = with_strategy(cfg, "v", "fixed:512M").devices[0]
-    assert (single.dynamic_memslots, single.memslot_size) == (False, None)
-    assert dyn.dynamic_memslots is True
-    assert fixed.memslot_size == 512 * MiB
-    with pytest.raises(OptionError, match="unknown strategy 'huge'"):
-        parse_strategy("huge")

@@ -10,27 +10,25 @@ from pathlib import Path
 import pytest
 from conftest import PlanFactory
 
-from memslots.devices.virtio_mem import ReqType, Request, Resp, Response, VirtioMem, drive_to
+from memslots.devices.budget import UINT_MAX, MemslotBudget, PreciseAccounting
+from memslots.devices.virtio_mem.device import VirtioMem
+from memslots.devices.virtio_mem.wire import ReqType, Request, Resp, Response
 from memslots.errors import VhostError, VhostLimitError
+from memslots.guest.inorder import drive_to
 from memslots.host.memory import RamBackend
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
-from memslots.memory.address_space import Section
+from memslots.memory.address_space import AddressSpace, MemoryRegion, Section
 from memslots.memory.backends import PlannedMemory
-from memslots.memory.consumer import UINT_MAX
 from memslots.options import parse_backend, parse_device, parse_machine_config
 from memslots.sizes import GiB, MiB
+from memslots.vhost.backend import VhostModel
 from memslots.vhost.kernel import (
     VHOST_NET_PATH,
     KernelRegion,
     VhostKernelConsumer,
     VhostKernelModel,
-    VhostModel,
     VhostNet,
-    VhostSet,
-    attach_vhost_backend,
-    check_vhost_reservations,
-    detach_vhost_backend,
     pack_vhost_memory,
     parse_max_mem_regions,
     vhost_kernel_memslots_limit,
@@ -50,28 +48,30 @@ def test_kernel_counts_all_ram_user_only_fd_backed() -> None:
     assert kernel.used_memslots == 2 and user.used_memslots == 1
 
 
+def empty_budget() -> MemslotBudget:
+    return MemslotBudget(AddressSpace("memory", MemoryRegion.container("system", 1 << 40)), None)
+
+
 def test_limit_and_set() -> None:
     v = VhostModel("k", 1)
     v.region_add(section("ram"))
     with pytest.raises(VhostError, match="all 1 are in use"):
         v.region_add(section("ram", 1 << 30))
-    s = VhostSet()
-    assert (s.max_memslots(), s.free_memslots()) == (UINT_MAX, UINT_MAX)
-    s.add(v)
-    s.add(VhostModel("big", 509))
-    assert (s.max_memslots(), s.free_memslots()) == (1, 0)
+    s = empty_budget()
+    assert (s.vhost_max_memslots(), s.vhost_free_memslots()) == (UINT_MAX, UINT_MAX)
+    s.add_vhost(v)
+    s.add_vhost(VhostModel("big", 509))
+    assert (s.vhost_max_memslots(), s.vhost_free_memslots()) == (1, 0)
     with pytest.raises(VhostError, match="kind must be one of"):
         VhostModel("x", 8, kind="vdpa")
 
 
 def test_precise_backends_leave_the_max_to_the_others() -> None:
-    s = VhostSet()
-    small = VhostModel("small", 32, kind="user")
-    small.precise = True
-    s.add(small)
-    assert (s.max_memslots(), s.free_memslots()) == (UINT_MAX, 32)
-    s.add(VhostModel("kernel", 64))
-    assert (s.max_memslots(), s.free_memslots()) == (64, 32)
+    s = empty_budget()
+    s.add_vhost(VhostModel("small", 32, kind="user"), PreciseAccounting())
+    assert (s.vhost_max_memslots(), s.vhost_free_memslots()) == (UINT_MAX, 32)
+    s.add_vhost(VhostModel("kernel", 64))
+    assert (s.vhost_max_memslots(), s.vhost_free_memslots()) == (64, 32)
 
 
 # -- the vhost module's max_mem_regions ---------------------------------------------------------
@@ -164,7 +164,7 @@ def add_virtio_mem(m: Machine, how: str = "dynamic-memslots=on") -> VirtioMem:
 def test_vhost_kernel_follows_every_ram_section() -> None:
     with sim_machine("4G,maxmem=12G", ["memory-backend-ram,id=mem0,size=8G"]) as m:
         vk, model = kernel_consumer(64)
-        attach_vhost_backend(m, vk)
+        m.budget.attach_vhost(vk)
         # Anonymous boot RAM counts for vhost-kernel (it would not for vhost-user).
         assert vk.used_memslots == 2 and len(model.table) == 2
         dev = add_virtio_mem(m)
@@ -174,14 +174,14 @@ def test_vhost_kernel_follows_every_ram_section() -> None:
         assert vk.table == want and list(model.table) == want and vk.used_memslots == 3
         drive_to(dev, 0)
         assert len(model.table) == 2
-        detach_vhost_backend(m, vk)
-        assert m.vhost.backends == [] and len(model.table) == 0
+        m.budget.detach_vhost(vk)
+        assert m.budget.vhost_backends == [] and len(model.table) == 0
 
 
 def test_vhost_kernel_full_table_answers_busy() -> None:
     with sim_machine("4G,maxmem=12G", ["memory-backend-ram,id=mem0,size=8G"]) as m:
         vk, model = kernel_consumer(3)
-        attach_vhost_backend(m, vk)
+        m.budget.attach_vhost(vk)
         dev = add_virtio_mem(m)
         vk.other_used = 1  # something outside the model took the last region meanwhile
         dev.set_requested_size(2 * GiB)
@@ -197,7 +197,7 @@ def test_vhost_kernel_device_failure_rolls_back() -> None:
     with sim_machine("4G,maxmem=12G", ["memory-backend-ram,id=mem0,size=8G"]) as m:
         # The kernel allows fewer than we were told.
         vk, model = kernel_consumer(64, device_limit=2)
-        attach_vhost_backend(m, vk)
+        m.budget.attach_vhost(vk)
         dev = add_virtio_mem(m)
         dev.set_requested_size(2 * GiB)
         resp = dev.handle_request(Request(ReqType.PLUG, dev.addr, 8).pack())
@@ -214,7 +214,7 @@ def test_refused_after_an_auto_decision(plan_machine: PlanFactory) -> None:
     assert dev.nb_memslots == 256
     vk, model = kernel_consumer(64)
     with pytest.raises(VhostLimitError) as info:
-        attach_vhost_backend(m, vk)
+        m.budget.attach_vhost(vk)
     assert str(info.value) == (
         "some memory device (like virtio-mem) decided how many memory slots to use based on the "
         "overall number of memory slots; this vhost backend would further restricts the overall "
@@ -227,10 +227,10 @@ def test_refused_after_an_auto_decision(plan_machine: PlanFactory) -> None:
     assert (info.value.backend, info.value.limit) == ("vhost-net0", 64)
     drive_to(dev, 8 * GiB)
     # It is not listening, and it never got a table.
-    assert m.vhost.backends == [] and vk.used_memslots == 0 and model.calls == 0
+    assert m.budget.vhost_backends == [] and vk.used_memslots == 0 and model.calls == 0
     # 509 passes the first check, and 2 boot + 2 mapped + 254 reserved memslots fit in it.
     ok, ok_model = kernel_consumer(509)
-    attach_vhost_backend(m, ok)
+    m.budget.attach_vhost(ok)
     assert ok.used_memslots == 4 and len(ok_model.table) == 4
 
 
@@ -243,12 +243,14 @@ def test_refused_when_used_and_reserved_exceed_the_limit(plan_machine: PlanFacto
     )
     vk, model = kernel_consumer(509)
     with pytest.raises(VhostLimitError) as info:
-        attach_vhost_backend(m, vk)
+        m.budget.attach_vhost(vk)
     assert str(info.value) == (
         "vhost backend memory slots limit (509) is less than current number of used (2) and "
         "reserved (1024) memory slots for memory devices. (vhost back-end 'vhost-net0', QEMU's "
         "accounting)"
     )
     drive_to(m.virtio_mem("vmem0"), 4 * MiB)
-    assert m.vhost.backends == [] and vk.used_memslots == 0 and model.calls == 0
-    check_vhost_reservations(None, vk)  # without device memory nothing is reserved
+    assert m.budget.vhost_backends == [] and vk.used_memslots == 0 and model.calls == 0
+    bare = empty_budget()  # without device memory nothing is reserved
+    bare.add_vhost(vk)
+    bare.check_vhost_reservations(vk)

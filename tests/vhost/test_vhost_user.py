@@ -19,22 +19,20 @@ from backends import (
 )
 from machines import NEGOTIATION, add_virtio_mem, assert_maps, check_invariants, memfd_machine
 
-from memslots.devices.virtio_mem import ReqType, Request, Resp, Response, drive_to
+from memslots.devices.virtio_mem.wire import ReqType, Request, Resp, Response
 from memslots.errors import VhostDisconnectedError, VhostError
+from memslots.guest.inorder import drive_to
 from memslots.host.memory import MemfdBackend
 from memslots.memory.address_space import GuestMemory
 from memslots.sizes import GiB, KiB, MiB
-from memslots.vhost.kernel import attach_vhost_backend, detach_vhost_backend
-from memslots.vhost.user import (
+from memslots.vhost.user.consumer import ConnectionState, VhostUserConsumer
+from memslots.vhost.user.frontend import Endpoint, VhostUserFrontend
+from memslots.vhost.user.wire import (
     F_PROTOCOL_FEATURES,
     F_VERSION_1,
-    ConnectionState,
-    Endpoint,
     MemRegion,
     ProtocolFeature,
     Req,
-    VhostUserConsumer,
-    VhostUserFrontend,
 )
 
 MQ, ACK, CONFIG, SLOTS = (1 << f for f in ProtocolFeature)
@@ -278,7 +276,7 @@ def test_qsd_maps_exactly_the_mapped_memslots(
 ) -> None:
     with memfd_machine() as m:
         consumer = VhostUserConsumer("qsd0", Endpoint(qsd.socket_path))
-        attach_vhost_backend(m, consumer)
+        m.budget.attach_vhost(consumer)
         dev = add_virtio_mem(m, how)
         # 32 < 509: QEMU's decision gives one memslot; a fixed size is taken as it is.
         assert dev.nb_memslots == memslots
@@ -287,8 +285,8 @@ def test_qsd_maps_exactly_the_mapped_memslots(
             check_invariants(m, dev)
             assert_maps(qsd.pid, m, consumer)
             assert len(consumer.regions) == dev.mapped_memslots
-        detach_vhost_backend(m, consumer)
-        assert consumer.state is ConnectionState.CLOSED and m.vhost.backends == []
+        m.budget.detach_vhost(consumer)
+        assert consumer.state is ConnectionState.CLOSED and m.budget.vhost_backends == []
         drive_to(dev, 2 * GiB)  # no longer listening: nothing to send
         assert consumer.regions == [] and wait_until(lambda: memfd_mappings(qsd.pid) == [])
 
@@ -297,7 +295,7 @@ def test_qsd_maps_exactly_the_mapped_memslots(
 def test_qsd_killed_mid_resize(qsd: QemuStorageDaemon, caplog: pytest.LogCaptureFixture) -> None:
     with memfd_machine() as m:
         consumer = VhostUserConsumer("qsd0", Endpoint(qsd.socket_path))
-        attach_vhost_backend(m, consumer)
+        m.budget.attach_vhost(consumer)
         dev = add_virtio_mem(m, "memslot-size=1G")
         guest = GuestMemory(m.address_space)
         drive_to(dev, 3 * GiB)
@@ -335,14 +333,14 @@ def test_qsd_killed_mid_resize(qsd: QemuStorageDaemon, caplog: pytest.LogCapture
         check_invariants(m, dev)
         assert_maps(qsd.pid, m, consumer)
         assert guest.read(dev.addr + 3 * GiB, 26) == b"written while disconnected"
-        detach_vhost_backend(m, consumer)
+        m.budget.detach_vhost(consumer)
 
 
 @requires_qsd
 def test_qsd_drops_the_connection_and_lives_on(qsd: QemuStorageDaemon) -> None:
     with memfd_machine() as m:
         consumer = VhostUserConsumer("qsd0", Endpoint(qsd.socket_path))
-        attach_vhost_backend(m, consumer)
+        m.budget.attach_vhost(consumer)
         dev = add_virtio_mem(m, "memslot-size=1G")
         drive_to(dev, 2 * GiB)
         # Make it fail: removing a region it does not hold is acked with 0, then it hangs up.
@@ -354,7 +352,7 @@ def test_qsd_drops_the_connection_and_lives_on(qsd: QemuStorageDaemon) -> None:
         assert wait_until(lambda: "Specified region not found" in qsd.log()) and qsd.alive()
         consumer.reconnect()  # the same process takes the new connection
         assert_maps(qsd.pid, m, consumer)
-        detach_vhost_backend(m, consumer)
+        m.budget.detach_vhost(consumer)
 
 
 # -- Debian's virtiofsd --------------------------------------------------------------------------
@@ -365,7 +363,7 @@ def test_virtiofsd_maps_dies_on_error_and_is_survived(tmp_path: Path) -> None:
     fs = Virtiofsd(tmp_path, sandbox="chroot")
     with fs, memfd_machine() as m:
         consumer = VhostUserConsumer("fs0", Endpoint(fs.socket_path))
-        attach_vhost_backend(m, consumer)
+        m.budget.attach_vhost(consumer)
         dev = add_virtio_mem(m, "memslot-size=1G")
         for target in (2 * GiB, 5 * GiB, GiB):
             drive_to(dev, target)
@@ -382,7 +380,7 @@ def test_virtiofsd_maps_dies_on_error_and_is_survived(tmp_path: Path) -> None:
         fs.restart()
         consumer.reconnect()
         assert_maps(fs.pid, m, consumer)
-        detach_vhost_backend(m, consumer)
+        m.budget.detach_vhost(consumer)
         assert fs.wait() == 0  # it serves one connection, and ends with it
     assert not os.path.exists(fs.pid_file)
 
@@ -392,7 +390,7 @@ def test_virtiofsd_namespace_child_holds_the_memory(tmp_path: Path) -> None:
     fs = Virtiofsd(tmp_path, sandbox="namespace")
     with fs, memfd_machine() as m:
         consumer = VhostUserConsumer("fs0", Endpoint(fs.socket_path))
-        attach_vhost_backend(m, consumer)
+        m.budget.attach_vhost(consumer)
         dev = add_virtio_mem(m, "memslot-size=1G")
         drive_to(dev, 2 * GiB)
         assert fs.memory_pid != fs.pid
@@ -402,4 +400,4 @@ def test_virtiofsd_namespace_child_holds_the_memory(tmp_path: Path) -> None:
         assert consumer.check() is ConnectionState.DISCONNECTED
         drive_to(dev, 0)
         check_invariants(m, dev)
-        detach_vhost_backend(m, consumer)
+        m.budget.detach_vhost(consumer)

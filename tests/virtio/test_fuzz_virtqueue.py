@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from memslots.devices.virtio_mem import RESPONSE_SIZE, Request
+from memslots.devices.virtio_mem.wire import RESPONSE_SIZE, Request
 from memslots.errors import DeviceError
 from memslots.testing.fuzz import QueueFuzzer
 from memslots.virtio import transport as virtio_transport

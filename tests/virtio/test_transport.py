@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from memslots.devices.virtio_mem import (
+from memslots.devices.virtio_mem.wire import (
     F_UNPLUGGED_INACCESSIBLE,
     BlockState,
     Config,

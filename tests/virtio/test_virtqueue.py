@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from memslots.devices.virtio_mem import ReqType, Request, VirtioMem
+from memslots.devices.virtio_mem.device import VirtioMem
+from memslots.devices.virtio_mem.wire import ReqType, Request
 from memslots.errors import AddressSpaceError, DeviceError
 from memslots.machine.machine import Machine
 from memslots.memory.address_space import GuestMemory
@@ -91,7 +93,9 @@ class Raw:
         memory.write(USED, bytes(used_ring_size(num)))
         self.idx = 0
 
-    def desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0, table: int = DESC):
+    def desc(
+        self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0, table: int = DESC
+    ) -> None:
         self.memory.write(table + 16 * i, struct.pack("<QIHH", addr, length, flags, nxt))
 
     def publish(self, *heads: int, idx: int | None = None) -> None:
@@ -101,7 +105,7 @@ class Raw:
             self.idx = (self.idx + 1) & 0xFFFF
         self.memory.write(self.avail + 2, struct.pack("<H", self.idx if idx is None else idx))
 
-    def queue(self, **kwargs: bool) -> VirtQueue:
+    def queue(self, **kwargs: Any) -> VirtQueue:
         return VirtQueue(self.memory, self.num, DESC, self.avail, USED, **kwargs)
 
 

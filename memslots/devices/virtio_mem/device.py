@@ -1,5 +1,8 @@
 """The virtio-mem device: plugged blocks, guest requests, and memslots that come and go.
 
+Its wire format (requests, responses, config space) is in
+:mod:`memslots.devices.virtio_mem.wire`.
+
 State and rules follow the virtio spec (device ID 24) and QEMU 8.2+'s choices where the spec
 leaves room (``../shared/reference/virtio-mem-spec.md``, ``qemu-behaviour.md`` §3b-§4, §6).
 
@@ -21,17 +24,24 @@ discarded, so no consumer (KVM, a vhost back-end) still maps memory that is bein
 
 from __future__ import annotations
 
-import enum
 import logging
-import struct
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn, Protocol
 
-from memslots.devices.memory_device import MemoryDevice
+from memslots.devices.memory_device import MemoryDevice, MemslotInfo, MemslotPlan, SizeListener
+from memslots.devices.qom import QomObject, QomProperty, refuse, refuse_after_realize
+from memslots.devices.virtio_mem.wire import (
+    REQUEST_SIZE,
+    BlockState,
+    Config,
+    ReqType,
+    Request,
+    Resp,
+    Response,
+)
 from memslots.errors import ConfigError, DeviceError, MemslotsError, PropertyError
-from memslots.host.memory import default_block_size, host_page_size, thp_size
+from memslots.host.pages import host_page_size, thp_size
 from memslots.memory.address_space import AddressSpace, MemoryRegion
 from memslots.memory.backends import MemoryBackend
 from memslots.options import VirtioMemOptions
@@ -39,131 +49,38 @@ from memslots.sizes import GiB, MiB, align_up, is_power_of_two
 
 log = logging.getLogger("memslots.devices.virtio_mem")
 
-VIRTIO_ID_MEM = 24
+#: Smallest block size (VIRTIO_MEM_MIN_BLOCK_SIZE).
 MIN_BLOCK_SIZE = 1 * MiB
+#: Every memslot but the last is at least this big (VIRTIO_MEM_MIN_MEMSLOT_SIZE).
 MIN_MEMSLOT_SIZE = 1 * GiB
 #: x86: the usable region may extend this far past requested-size (2 x 128 MiB).
 USABLE_EXTENT = 256 * MiB
+#: Entries of the one request queue.
 QUEUE_SIZE = 128
-MAX_NB_BLOCKS = 0xFFFF
-
-REQUEST_SIZE = 24
-RESPONSE_SIZE = 10
-CONFIG_SIZE = 56
-
-#: Feature bits.
-F_ACPI_PXM = 0
-F_UNPLUGGED_INACCESSIBLE = 1
-F_PERSISTENT_SUSPEND = 2
+#: The type of the object behind ``/machine/peripheral/<id>`` for ``-device virtio-mem`` on x86:
+#: the PCI proxy, whose virtio device is the child ``virtio-backend``.
+PROXY_TYPE = "virtio-mem-pci"
+VIRTIO_CHILD = "virtio-backend"
 
 
-class ReqType(enum.IntEnum):
-    """Request types (le16 at offset 0 of a request)."""
+class PageSized(Protocol):
+    """Anything with a backing page size (host memory, or memory described for planning)."""
 
-    PLUG = 0
-    UNPLUG = 1
-    UNPLUG_ALL = 2
-    STATE = 3
-
-
-class Resp(enum.IntEnum):
-    """Response types (le16 at offset 0 of a response)."""
-
-    ACK = 0
-    NACK = 1
-    BUSY = 2
-    ERROR = 3
+    @property
+    def page_size(self) -> int:
+        """The backing page size in bytes."""
+        ...
 
 
-class BlockState(enum.IntEnum):
-    """STATE request answers."""
+def default_block_size(backend: PageSized) -> int:
+    """The default block size for ``backend`` (QEMU's virtio_mem_default_block_size).
 
-    PLUGGED = 0
-    UNPLUGGED = 1
-    MIXED = 2
-
-
-_REQ = struct.Struct("<H6xQH6x")
-_RESP = struct.Struct("<H6xH")
-_CONFIG = struct.Struct("<QH6xQQQQQ")
-
-
-@dataclass(frozen=True)
-class Request:
-    """A guest request: 24 bytes, padding ignored."""
-
-    type: int
-    addr: int = 0
-    nb_blocks: int = 0
-
-    def pack(self) -> bytes:
-        """The 24-byte wire form."""
-        return _REQ.pack(self.type, self.addr, self.nb_blocks)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Request:
-        """Parse the first 24 bytes of ``data`` (the caller checks the length)."""
-        type_, addr, nb = _REQ.unpack_from(data)
-        return cls(type_, addr, nb)
-
-
-@dataclass(frozen=True)
-class Response:
-    """A device response: 10 bytes; ``state`` is meaningful for STATE only."""
-
-    type: int
-    state: int = 0
-
-    def pack(self) -> bytes:
-        """The 10-byte wire form."""
-        return _RESP.pack(self.type, self.state)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Response:
-        """Parse a 10-byte response."""
-        type_, state = _RESP.unpack_from(data)
-        return cls(type_, state)
-
-
-@dataclass(frozen=True)
-class Config:
-    """The 56-byte device config space."""
-
-    block_size: int
-    node_id: int
-    addr: int
-    region_size: int
-    usable_region_size: int
-    plugged_size: int
-    requested_size: int
-
-    def pack(self) -> bytes:
-        """The 56-byte little-endian layout."""
-        return _CONFIG.pack(
-            self.block_size,
-            self.node_id,
-            self.addr,
-            self.region_size,
-            self.usable_region_size,
-            self.plugged_size,
-            self.requested_size,
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Config:
-        """Parse the 56-byte layout."""
-        return cls(*_CONFIG.unpack_from(data))
-
-
-@dataclass(frozen=True)
-class MemslotInfo:
-    """One memslot of a device: where it is, whether it is mapped, how full it is."""
-
-    index: int
-    gpa: int
-    size: int
-    mapped: bool
-    plugged_blocks: int
+    Base-page backends (anonymous, memfd, shmem, ordinary files) get ``max(page, THP size)``;
+    huge page backends get ``max(page, 1 MiB)``.
+    """
+    if backend.page_size == host_page_size():
+        return max(backend.page_size, thp_size())
+    return max(backend.page_size, MIN_BLOCK_SIZE)
 
 
 class VirtioMem(MemoryDevice):
@@ -171,6 +88,7 @@ class VirtioMem(MemoryDevice):
 
     info_type = "virtio-mem"
     decides_memslots = True
+    qom_children = (VIRTIO_CHILD,)
 
     def __init__(
         self,
@@ -209,7 +127,7 @@ class VirtioMem(MemoryDevice):
         self.busy = False
         self.requests: Counter[tuple[str, str]] = Counter()
         self.discard_failures = 0
-        self.size_change_listeners: list[Callable[[VirtioMem, int], None]] = []
+        self.size_change_listeners: list[SizeListener] = []
         self.config_change_listeners: list[Callable[[VirtioMem], None]] = []
 
     # -- properties ----------------------------------------------------------------------------
@@ -683,6 +601,82 @@ class VirtioMem(MemoryDevice):
 
     # -- introspection -------------------------------------------------------------------------
 
+    def info(self) -> dict[str, Any]:
+        """``{"type": "virtio-mem", "data": VirtioMEMDeviceInfo}``, QEMU's fields."""
+        assert self.memdev is not None, "a plugged virtio-mem device has a memdev"
+        data: dict[str, Any] = {} if self.id is None else {"id": self.id}
+        data.update(
+            {
+                "memaddr": self.addr,
+                "requested-size": self.requested_size,
+                "size": self.size,
+                "max-size": self.region_size,
+                "block-size": self.block_size,
+                "node": self.node,
+                "memdev": self.memdev.qom_path,
+            }
+        )
+        return {"type": "virtio-mem", "data": data}
+
+    def qom_objects(self) -> dict[str, QomObject]:
+        """The PCI proxy and its virtio device, with the same properties."""
+        return {"": self._qom_object(PROXY_TYPE), VIRTIO_CHILD: self._qom_object("virtio-mem")}
+
+    def _qom_object(self, type_name: str) -> QomObject:
+        # The proxy's properties forward to its virtio device, an anonymous "virtio-mem":
+        # QEMU's refusals therefore name that device whichever path was used.
+        def static(name: str) -> Callable[[object], None]:
+            return refuse_after_realize(name, None, "virtio-mem")
+
+        def set_requested(value: object) -> None:
+            assert isinstance(value, int)
+            self.set_requested_size(value)
+
+        memdev = self.memdev
+        assert memdev is not None, "a realized virtio-mem device has a memdev"
+        return QomObject(
+            type_name,
+            {
+                "type": QomProperty(lambda: type_name),
+                "memdev": QomProperty(
+                    lambda: memdev.qom_path,
+                    refuse_after_realize("memdev", None, "virtio-mem", link=True),
+                ),
+                "memaddr": QomProperty(lambda: self.addr, static("memaddr")),
+                "node": QomProperty(lambda: self.node, static("node")),
+                "requested-size": QomProperty(
+                    lambda: self.requested_size, set_requested, type="size"
+                ),
+                # Read-only on the virtio device, which the proxy's alias forwards to.
+                "size": QomProperty(
+                    lambda: self.size, refuse("Property 'virtio-mem.size' is not writable")
+                ),
+                # A realized device refuses before it looks at the value (QEMU's order).
+                "block-size": QomProperty(
+                    lambda: self.block_size, refuse("'block-size' cannot be changed")
+                ),
+                "prealloc": QomProperty(lambda: self.opts.prealloc, static("prealloc")),
+                "unplugged-inaccessible": QomProperty(
+                    lambda: self.unplugged_inaccessible, static("unplugged-inaccessible")
+                ),
+                "dynamic-memslots": QomProperty(
+                    lambda: self.opts.dynamic_memslots, static("dynamic-memslots")
+                ),
+                "memslot-size": QomProperty(
+                    lambda: self.opts.memslot_size or 0, static("memslot-size")
+                ),
+            },
+        )
+
+    def memslot_plan(self) -> MemslotPlan:
+        """Block size, dynamic or not, and the memslots as decided."""
+        memslots = self.decided_memslots
+        size = self.region_size
+        memslot_size = self.memslot_size if self.dynamic and memslots > 1 else size
+        return MemslotPlan(
+            self.block_size, self.dynamic, memslots, memslot_size, self.last_memslot_size
+        )
+
     def memslot_map(self) -> list[MemslotInfo]:
         """Every memslot of the device, mapped or not."""
         if not self.dynamic:
@@ -697,45 +691,3 @@ class VirtioMem(MemoryDevice):
     def nb_plugged_blocks(self) -> int:
         """Number of plugged blocks."""
         return self.bitmap.count(1)
-
-    @property
-    def mapped_memslots(self) -> int:
-        """How many of the device's memslots are mapped now."""
-        return sum(1 for m in self.memslot_map() if m.mapped)
-
-
-def drive_to(dev: VirtioMem, target: int) -> int:
-    """Set ``requested-size`` to ``target`` and get there through the request path.
-
-    This is the simplest in-order guest: it plugs the lowest unplugged blocks first and
-    unplugs the highest plugged blocks first, in requests of at most 65535 contiguous blocks.
-    Returns the number of requests sent; raises :class:`DeviceError` unless every one is ACKed.
-    It serves measurements and demos; it is not a model of the Linux driver.
-    """
-    dev.set_requested_size(target)
-    bs = dev.block_size
-    sent = 0
-    while dev.size != target:
-        plug = dev.size < target
-        want = (target - dev.size) // bs if plug else (dev.size - target) // bs
-        if plug:
-            first = dev.bitmap.find(0)
-            end = dev.bitmap.find(1, first)
-            end = len(dev.bitmap) if end < 0 else end
-            count = min(want, end - first, MAX_NB_BLOCKS)
-        else:
-            last = dev.bitmap.rfind(1)
-            start = dev.bitmap.rfind(0, 0, last) + 1
-            count = min(want, last + 1 - start, MAX_NB_BLOCKS)
-            first = last + 1 - count
-        kind = ReqType.PLUG if plug else ReqType.UNPLUG
-        resp = Response.unpack(
-            dev.handle_request(Request(kind, dev.addr + first * bs, count).pack())
-        )
-        sent += 1
-        if resp.type != Resp.ACK:
-            raise DeviceError(
-                f"virtio-mem '{dev.label}' answered {Resp(resp.type).name} to {kind.name} of "
-                f"{count} blocks at 0x{dev.addr + first * bs:x}"
-            )
-    return sent

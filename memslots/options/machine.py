@@ -1,177 +1,28 @@
-"""QEMU-style option strings and the typed configuration they describe.
+"""The machine's options: ``-m``, ``-object memory-backend-*``, ``-device`` and the whole
+command line as a :class:`MachineConfig`.
 
 ``-m 4G,slots=N,maxmem=1028G``, ``-object memory-backend-ram,id=mem0,size=1T,reserve=off`` and
-``-device virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on`` are parsed here into frozen
-dataclasses. This is the only place that turns user text into configuration: every rule that
-can be checked without a machine is checked here, one error per rule, and each error names the
-option, the key and the allowed values. Rules that need the machine (sizes against backends,
-memslot budgets) are checked at realize time by the devices themselves.
+``-device virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on`` become frozen dataclasses. Every
+rule that can be checked without a machine is checked here, one error per rule, and each error
+names the option, the key and the allowed values. Rules that need the machine (sizes against
+backends, memslot budgets) are checked at realize time by the devices themselves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from memslots.errors import OptionError, SizeError
-from memslots.sizes import MiB, align_up, parse_ram_size, parse_size
-
-if TYPE_CHECKING:
-    from memslots.devices.vhost_user import ChardevOptions, VhostUserDeviceOptions
-
-_BOOL_WORDS = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
-
-
-def split_option_string(text: str, implied_key: str | None) -> list[tuple[str, str]]:
-    """Split ``a,b=c,d=e`` into key/value pairs the way QEMU's QemuOpts does.
-
-    A first element without ``=`` is the value of ``implied_key``; ``,,`` is an escaped comma.
-    """
-    parts: list[str] = []
-    cur: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == ",":
-            if text[i + 1 : i + 2] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    parts.append("".join(cur))
-    pairs: list[tuple[str, str]] = []
-    for index, part in enumerate(parts):
-        if part == "":
-            raise OptionError(f"'{text}': empty element in option list")
-        if "=" in part:
-            key, value = part.split("=", 1)
-            if not key:
-                raise OptionError(f"'{text}': element '{part}' has an empty key")
-            pairs.append((key, value))
-        elif index == 0 and implied_key is not None:
-            pairs.append((implied_key, part))
-        else:
-            raise OptionError(f"'{text}': element '{part}' is not of the form key=value")
-    return pairs
-
-
-def id_wellformed(text: str) -> bool:
-    """QEMU's ``id_wellformed``: a letter, then letters, digits, '-', '.' or '_'."""
-    return (
-        text[:1].isascii()
-        and text[:1].isalpha()
-        and all(c.isascii() and (c.isalnum() or c in "-._") for c in text)
-    )
-
-
-class Props:
-    """Key/value pairs of one option, consumed key by key so that leftovers are reported."""
-
-    def __init__(self, option: str, text: str, pairs: list[tuple[str, str]]) -> None:
-        self.option = option
-        self.text = text
-        self.values: dict[str, str] = {}
-        for key, value in pairs:
-            if key in self.values:
-                raise OptionError(f"{option} {text}: parameter '{key}' given twice")
-            self.values[key] = value
-
-    def where(self) -> str:
-        return f"{self.option} {self.text}"
-
-    def pop_str(self, key: str, default: str | None = None) -> str | None:
-        return self.values.pop(key, default)
-
-    def pop_id(self, *, required: bool = False) -> str | None:
-        """The ``id`` parameter, which must be an identifier as QEMU requires."""
-        value = self.require_str("id") if required else self.pop_str("id")
-        if value is not None and not id_wellformed(value):
-            raise OptionError(f"{self.where()}: Parameter 'id' expects an identifier")
-        return value
-
-    def require_str(self, key: str) -> str:
-        value = self.values.pop(key, None)
-        if value is None or value == "":
-            raise OptionError(f"{self.where()}: parameter '{key}' is missing")
-        return value
-
-    def pop_size(self, key: str, default: int | None = None) -> int | None:
-        raw = self.values.pop(key, None)
-        if raw is None:
-            return default
-        try:
-            return parse_size(raw, what=f"'{key}'")
-        except SizeError as exc:
-            raise OptionError(f"{self.where()}: {exc}") from exc
-
-    def pop_u64(self, key: str, default: int) -> int:
-        """A uint64 property as QEMU parses it: decimal, 0x hex or 0 octal; no suffixes."""
-        raw = self.values.pop(key, None)
-        if raw is None:
-            return default
-        digits, base = raw, 10
-        if raw[:2].lower() == "0x":
-            digits, base = raw[2:], 16
-        elif len(raw) > 1 and raw.startswith("0"):
-            digits, base = raw[1:], 8
-        try:
-            if not digits or not digits.isalnum():
-                raise ValueError(raw)
-            value = int(digits, base)
-        except ValueError:
-            raise OptionError(
-                f"{self.where()}: Parameter '{key}' expects uint64 (got '{raw}')"
-            ) from None
-        if value >= 1 << 64:
-            raise OptionError(f"{self.where()}: Parameter '{key}' expects uint64 (got '{raw}')")
-        return value
-
-    def pop_int(self, key: str, default: int) -> int:
-        raw = self.values.pop(key, None)
-        if raw is None:
-            return default
-        try:
-            value = int(raw, 0)
-        except ValueError:
-            raise OptionError(
-                f"{self.where()}: parameter '{key}' expects a non-negative integer, got '{raw}'"
-            ) from None
-        if value < 0:
-            raise OptionError(f"{self.where()}: parameter '{key}' must not be negative")
-        return value
-
-    def pop_bool(self, key: str, default: bool) -> bool:
-        raw = self.values.pop(key, None)
-        if raw is None:
-            return default
-        try:
-            return _BOOL_WORDS[raw.lower()]
-        except KeyError:
-            raise OptionError(
-                f"{self.where()}: parameter '{key}' expects 'on' or 'off', got '{raw}'"
-            ) from None
-
-    def pop_choice(self, key: str, choices: Sequence[str], default: str) -> str:
-        raw = self.values.pop(key, None)
-        if raw is None:
-            return default
-        if raw not in choices:
-            allowed = ", ".join(f"'{c}'" for c in choices)
-            raise OptionError(f"{self.where()}: parameter '{key}' expects one of {allowed}")
-        return raw
-
-    def finish(self, allowed: Sequence[str]) -> None:
-        if self.values:
-            key = next(iter(self.values))
-            raise OptionError(
-                f"{self.where()}: unknown parameter '{key}' (allowed: {', '.join(allowed)})"
-            )
-
+from memslots.options.grammar import Props, args_pairs, describe_args, split_option_string
+from memslots.options.vhost_user import (
+    VHOST_USER_DRIVERS,
+    ChardevOptions,
+    VhostUserDeviceOptions,
+    parse_chardev,
+    parse_vhost_user_device,
+)
+from memslots.sizes import MiB, align_up, parse_ram_size
 
 # ---------------------------------------------------------------------------------------------
 # -m
@@ -253,32 +104,12 @@ def parse_backend(text: str) -> BackendOptions:
 
 def backend_from_args(args: dict[str, object], where: str = "object-add") -> BackendOptions:
     """The same rules for QMP ``object-add`` arguments (JSON numbers, booleans, strings)."""
-    return _backend(Props(where, _describe_args(args), _args_pairs(args, where)))
+    return _backend(Props(where, describe_args(args), args_pairs(args, where)))
 
 
 def device_from_args(args: dict[str, object], where: str = "device_add") -> DeviceOptions:
     """The same rules for QMP ``device_add`` arguments."""
-    return _device(Props(where, _describe_args(args), _args_pairs(args, where)))
-
-
-def _args_pairs(args: dict[str, object], where: str) -> list[tuple[str, str]]:
-    pairs = []
-    for key, value in args.items():
-        if isinstance(value, bool):
-            text = "on" if value else "off"
-        elif isinstance(value, int | str):
-            text = str(value)
-        else:
-            raise OptionError(f"{where}: parameter '{key}' expects a string, a number or a boolean")
-        pairs.append((key, text))
-    return pairs
-
-
-def _describe_args(args: dict[str, object]) -> str:
-    for key in ("id", "qom-type", "driver"):
-        if isinstance(args.get(key), str):
-            return f"'{args[key]}'"
-    return "(arguments)"
+    return _device(Props(where, describe_args(args), args_pairs(args, where)))
 
 
 def _backend(props: Props) -> BackendOptions:
@@ -384,9 +215,6 @@ def parse_device(text: str) -> DeviceOptions:
 
 def parse_any_device(text: str) -> DeviceOptions | VhostUserDeviceOptions:
     """Parse ``-device``: a memory device, or a vhost-user device (blk, fs)."""
-    # Imported here: vhost_user_devices builds on this module's parsing helpers.
-    from memslots.devices.vhost_user import VHOST_USER_DRIVERS, parse_vhost_user_device
-
     pairs = split_option_string(text, "driver")
     if dict(pairs).get("driver") in VHOST_USER_DRIVERS:
         return parse_vhost_user_device(text)
@@ -463,6 +291,13 @@ class MachineConfig:
     accel: str = "auto"
     chardevs: tuple[ChardevOptions, ...] = ()
 
+    def virtio_mem_options(self, dev_id: str) -> VirtioMemOptions:
+        """The ``-device virtio-mem`` with this id."""
+        for d in self.devices:
+            if isinstance(d, VirtioMemOptions) and d.id == dev_id:
+                return d
+        raise OptionError(f"no virtio-mem device with id '{dev_id}'")
+
 
 ACCELS = ("auto", "kvm", "sim")
 
@@ -475,8 +310,6 @@ def parse_machine_config(
     chardevs: Sequence[str] = (),
 ) -> MachineConfig:
     """Parse a whole command line's memory options; ids must be unique across the machine."""
-    from memslots.devices.vhost_user import parse_chardev
-
     if accel not in ACCELS:
         raise OptionError(f"-accel {accel}: expects one of {', '.join(ACCELS)}")
     mem = parse_machine_memory(memory if memory is not None else "128M")

@@ -1,0 +1,99 @@
+"""``memslots run`` (the machine with a QMP monitor) and the client side: ``qmp``, ``resize``
+and ``info``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import click
+
+from memslots.cli.common import accel_option, machine_options
+from memslots.options import parse_machine_config
+
+
+@click.command()
+@machine_options
+@accel_option
+@click.option(
+    "-qmp",
+    "qmp",
+    multiple=True,
+    required=True,
+    metavar="unix:PATH,server=on,wait=off",
+    help="QMP monitor socket (tcp:HOST:PORT only when given explicitly).",
+)
+@click.option(
+    "-guest",
+    "guest",
+    type=click.Choice(("linux", "none")),
+    default="linux",
+    show_default=True,
+    help="The Linux driver model as guest, or no guest.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help="Serve Prometheus metrics on 127.0.0.1:PORT.",
+)
+def run(
+    memory: str,
+    objects: Sequence[str],
+    devices: Sequence[str],
+    chardevs: Sequence[str],
+    accel: str,
+    qmp: Sequence[str],
+    guest: str,
+    metrics_port: int | None,
+) -> None:
+    """Run the machine with a QMP monitor until 'quit', SIGTERM or SIGINT."""
+    import asyncio
+
+    from memslots.monitor.runtime import serve
+    from memslots.options import parse_qmp_option
+
+    logging.getLogger("memslots").setLevel(logging.INFO)
+    config = parse_machine_config(memory, objects, devices, accel=accel, chardevs=chardevs)
+    endpoints = [parse_qmp_option(q) for q in qmp]
+    asyncio.run(serve(config, endpoints, guest=guest == "linux", metrics_port=metrics_port))
+
+
+@click.command("qmp")
+@click.argument("socket")
+@click.argument("command")
+@click.argument("args", nargs=-1)
+@click.option(
+    "--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True
+)
+def qmp_command(socket: str, command: str, args: Sequence[str], timeout: float) -> None:
+    """Send one QMP COMMAND (ARGS as key=value or one JSON object) and print the reply."""
+    from memslots.monitor.client import run_qmp
+
+    run_qmp(socket, command, args, timeout=timeout)
+
+
+@click.command()
+@click.argument("socket")
+@click.argument("device")
+@click.argument("size")
+@click.option("--wait", is_flag=True, help="Wait until the size is reached (progress bar).")
+@click.option(
+    "--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True
+)
+def resize(socket: str, device: str, size: str, wait: bool, timeout: float) -> None:
+    """Set DEVICE's requested-size to SIZE (exit 3 on timeout, 1 on error)."""
+    from memslots.monitor.client import run_resize
+
+    run_resize(socket, device, size, wait=wait, timeout=timeout)
+
+
+@click.command()
+@click.argument("socket")
+@click.argument("what", type=click.Choice(("memslots", "memory-devices", "budget")))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def info(socket: str, what: str, as_json: bool) -> None:
+    """Show the memslot map, the memory devices or the memslot budget of a running machine."""
+    from memslots.monitor.client import run_info
+
+    run_info(socket, what, json_output=as_json)

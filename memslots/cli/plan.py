@@ -1,0 +1,236 @@
+"""``memslots plan``, ``measure`` and ``demo``: what memslots cost, decided, measured and shown."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import click
+from rich.table import Table
+
+from memslots.cli.common import accel_option, err, machine_options, size_option, table_console
+from memslots.errors import KvmUnavailableError, OptionError
+from memslots.kvm.host import host_info
+from memslots.kvm.model import KvmModel
+from memslots.kvm.vm import kvm_available
+from memslots.machine.machine import Machine
+from memslots.options import parse_machine_config
+from memslots.reports import budget_report, device_plan, to_json
+from memslots.sizes import format_size
+from memslots.vhost.backend import VHOST_KINDS, VhostBackend, VhostModel
+
+
+@click.command()
+@machine_options
+@click.option(
+    "--kvm-max-memslots",
+    type=click.IntRange(min=1),
+    default=None,
+    help="KVM_CAP_NR_MEMSLOTS of the host [default: this machine's, else 32764].",
+)
+@click.option(
+    "--kvm-free-memslots",
+    type=click.IntRange(min=0),
+    default=None,
+    help="KVM memslots still free when the first memory device is plugged "
+    "[default: all but boot RAM's].",
+)
+@click.option(
+    "--vhost-max-memslots",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Memslot limit of a vhost back-end (none without this flag).",
+)
+@click.option(
+    "--vhost-free-memslots",
+    type=click.IntRange(min=0),
+    default=None,
+    help="vhost memslots still free when the first memory device is plugged.",
+)
+@click.option(
+    "--vhost-kind",
+    type=click.Choice(VHOST_KINDS),
+    default="kernel",
+    show_default=True,
+    help="kernel counts all RAM; user counts only fd-backed memory.",
+)
+@click.option(
+    "--cpu-vendor",
+    type=click.Choice(("amd", "intel")),
+    default=None,
+    help="The vCPU's (-cpu host's) vendor: AMD moves RAM above 1 TiB [default: this host's].",
+)
+@click.option(
+    "--phys-bits",
+    type=click.IntRange(min=32, max=52),
+    default=None,
+    help="The vCPU's physical address bits [default: this host's].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan(
+    memory: str,
+    objects: Sequence[str],
+    devices: Sequence[str],
+    chardevs: Sequence[str],
+    kvm_max_memslots: int | None,
+    kvm_free_memslots: int | None,
+    vhost_max_memslots: int | None,
+    vhost_free_memslots: int | None,
+    vhost_kind: str,
+    cpu_vendor: str | None,
+    phys_bits: int | None,
+    as_json: bool,
+) -> None:
+    """Decide memslots as QEMU would, on the KVM model, without touching the kernel."""
+    if vhost_free_memslots is not None and vhost_max_memslots is None:
+        raise OptionError("--vhost-free-memslots needs --vhost-max-memslots")
+    host = host_info().override(
+        cpu_vendor=cpu_vendor, phys_bits=phys_bits, kvm_max_memslots=kvm_max_memslots
+    )
+    vhost: list[VhostBackend] = (
+        [VhostModel(f"vhost-{vhost_kind}", vhost_max_memslots, kind=vhost_kind)]
+        if vhost_max_memslots is not None
+        else []
+    )
+
+    def describe_host(m: Machine) -> None:
+        if kvm_free_memslots is not None:
+            m.set_free_memslots(m.kvm, kvm_free_memslots, "--kvm-free-memslots")
+        if vhost and vhost_free_memslots is not None:
+            m.set_free_memslots(vhost[0], vhost_free_memslots, "--vhost-free-memslots")
+
+    config = parse_machine_config(memory, objects, devices, accel="sim", chardevs=chardevs)
+    vm = KvmModel(max_memslots=host.kvm_max_memslots, mmu=host.mmu)
+    machine = Machine(
+        config, vm=vm, planned=True, vhost=vhost, before_devices=describe_host, host=host
+    )
+    with machine:
+        result: dict[str, Any] = {
+            "host": host.to_json(),
+            "memory_devices": [to_json(device_plan(machine, d)) for d in machine.memory_devices],
+            "budget": to_json(budget_report(machine)),
+        }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    _print_plan(result)
+
+
+def _print_plan(result: dict[str, Any]) -> None:
+    out = table_console()
+    table = Table(title="Memory devices", title_justify="left")
+    for col in (
+        "id",
+        "type",
+        "address",
+        "size",
+        "block",
+        "memslots",
+        "memslot size",
+        "last",
+        "metadata as 1 memslot",
+        "as decided",
+    ):
+        table.add_column(col, justify="right" if col not in ("id", "type") else "left")
+    for r in result["memory_devices"]:
+        md = r["kernel_metadata_bytes"]
+        table.add_row(
+            str(r["id"]),
+            r["type"] + (" (dynamic)" if r["dynamic_memslots"] else ""),
+            f"0x{r['address']:x}",
+            format_size(r["region_size"]),
+            format_size(r["block_size"]) if r["block_size"] else "-",
+            str(r["memslots"]),
+            format_size(r["memslot_size"]),
+            format_size(r["last_memslot_size"]),
+            format_size(md["single_memslot"]),
+            format_size(md["decided_memslots"]),
+        )
+    out.print(table)
+    host = result["host"]
+    out.print(f"host: {host['cpu_vendor']} vCPU with {host['phys_bits']} physical address bits")
+    budget = result["budget"]
+    dm = budget["device_memory"] or {}
+    kvm, *vhost = budget["consumers"]
+    out.print(
+        f"memory devices: required {dm.get('required_memslots', 0)}, used "
+        f"{dm.get('used_memslots', 0)}, reserved {dm.get('reserved_memslots', 0)} memslots; "
+        f"KVM: {kvm['used_memslots']} used, {kvm['free_memslots']} free of "
+        f"{kvm['max_memslots']} ({host['mmu']})"
+    )
+    for v in vhost:
+        out.print(
+            f"{v['name']}: {v['used_memslots']} used, {v['free_memslots']} free of "
+            f"{v['max_memslots']}"
+        )
+
+
+@click.command()
+@click.option(
+    "--device-size",
+    default="1T",
+    show_default=True,
+    callback=size_option,
+    help="Size of the virtio-mem device.",
+)
+@click.option(
+    "--plugged",
+    default="1G",
+    show_default=True,
+    callback=size_option,
+    help="How much of it to plug.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def measure(device_size: int, plugged: int, as_json: bool) -> None:
+    """Measure on the real kernel: one memslot vs dynamic memslots, VmallocUsed and time."""
+    from memslots.measure import compare
+
+    if not kvm_available():
+        raise KvmUnavailableError(
+            "/dev/kvm is not available: measure needs the real kernel (try 'plan')"
+        )
+    if plugged > device_size:
+        raise OptionError(
+            f"--plugged {format_size(plugged)} exceeds --device-size {format_size(device_size)}"
+        )
+    with err.status("starting") as status:
+        result = compare(device_size, plugged, on_phase=lambda p: status.update(f"measuring {p}"))
+    data = result.to_json()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    out = table_console()
+    table = Table(
+        title=f"{format_size(device_size)} virtio-mem device, "
+        f"{format_size(plugged)} plugged (real KVM)",
+        title_justify="left",
+    )
+    for col in ("", "memslots mapped", "kernel metadata (measured)", "model", "realize+plug"):
+        table.add_column(col, justify="right")
+    for name, run in (("single memslot", result.single), ("dynamic memslots", result.dynamic)):
+        table.add_row(
+            name,
+            str(run.memslots_mapped),
+            format_size(run.kernel_metadata_bytes),
+            format_size(run.predicted_bytes),
+            f"{run.seconds * 1000:.1f} ms",
+        )
+    out.print(table)
+    ratios = data["ratios"]
+    assert isinstance(ratios, dict)
+    if ratios["kernel_metadata"] is not None:
+        out.print(
+            f"dynamic / single: metadata {ratios['kernel_metadata']:.4f}, "
+            f"time {ratios['seconds']:.4f}"
+        )
+
+
+@click.command()
+@accel_option
+@click.option("--json", "as_json", is_flag=True, help="Print the steps as JSON.")
+def demo(accel: str, as_json: bool) -> None:
+    """4 GiB boot RAM and a 1 TiB virtio-mem device, grown and shrunk: memslots and cost."""
+    from memslots.demo import run_demo
+
+    run_demo(accel, as_json=as_json, out=table_console())

@@ -1,0 +1,324 @@
+"""The report records: what ``plan --json``, the QMP ``x-query-*`` commands, the Prometheus
+metrics and ``memslots info`` tell about a machine, built once and rendered by each.
+
+* :class:`BudgetReport` (:class:`ConsumerReport` per memslot consumer, and
+  :class:`DeviceMemoryReport`): ``plan --json``'s ``budget``, ``x-query-memslot-budget``, the
+  ``memslots_consumer_*`` and ``memslots_device_memory_*`` metrics, ``info budget``;
+* :class:`MemslotReport`: one memslot of a memory device and who maps it; ``x-query-memslots``
+  and ``info memslots``;
+* :class:`DevicePlan`: a memory device as decided; ``plan --json``'s ``memory_devices``;
+* :class:`KernelMetadataReport`: what our KVM memslots cost the kernel;
+  ``x-query-kernel-metadata`` and the ``memslots_kernel_*`` metrics.
+
+Each field has one spelling, its Python name. JSON output (``plan --json``) uses it as is, with
+``null`` for an absent value; QMP spells it with dashes, as QAPI does, and leaves absent
+(optional) members out; metric names contain it after a ``memslots_<record>_`` prefix.
+QEMU's own QMP outputs (``query-memory-devices``, events) are the devices' and stay QEMU's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from memslots.devices.memory_device import MemoryDevice
+from memslots.machine.machine import Machine
+from memslots.measure import sample_vmalloc_used
+from memslots.memory.address_space import Section
+from memslots.memory.consumer import MemslotConsumer
+
+__all__ = [
+    "BudgetReport",
+    "ConsumerReport",
+    "DeviceKernelMetadata",
+    "DeviceMemoryReport",
+    "DevicePlan",
+    "KernelMetadataPlan",
+    "KernelMetadataReport",
+    "MemslotReport",
+    "budget_report",
+    "device_plan",
+    "from_qmp",
+    "kernel_metadata_report",
+    "memslot_report",
+    "to_json",
+    "to_qmp",
+]
+
+#: How a report names a device: its id, or what the caller calls an anonymous one.
+DeviceName = Callable[[MemoryDevice], str]
+
+
+def _default_name(dev: MemoryDevice) -> str:
+    return dev.label
+
+
+# -- rendering -------------------------------------------------------------------------------------
+
+
+def _render(value: object, *, qmp: bool) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if v is None and qmp:
+                continue  # an absent optional member
+            out[f.name.replace("_", "-") if qmp else f.name] = _render(v, qmp=qmp)
+        return out
+    if isinstance(value, list | tuple):
+        return [_render(v, qmp=qmp) for v in value]
+    return value
+
+
+def to_json(record: object) -> Any:
+    """The record as JSON for ``--json`` output: field names as they are, None as null."""
+    return _render(record, qmp=False)
+
+
+def to_qmp(record: object) -> Any:
+    """The record as a QMP return value: field names with dashes, None members left out."""
+    return _render(record, qmp=True)
+
+
+def _fields_from_qmp(cls: type[Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    return {f.name: data.get(f.name.replace("_", "-")) for f in dataclasses.fields(cls) if f.init}
+
+
+def from_qmp(cls: type[Any], data: Mapping[str, Any]) -> Any:
+    """A record of type ``cls`` back from its QMP form (for the client side)."""
+    if cls is BudgetReport:
+        dm = data.get("device-memory")
+        return BudgetReport(
+            consumers=[from_qmp(ConsumerReport, c) for c in data.get("consumers", [])],
+            device_memory=from_qmp(DeviceMemoryReport, dm) if dm is not None else None,
+        )
+    if cls is KernelMetadataReport:
+        values = _fields_from_qmp(cls, data)
+        values["devices"] = [from_qmp(DeviceKernelMetadata, d) for d in data.get("devices", [])]
+        return KernelMetadataReport(**values)
+    if cls is MemslotReport:
+        values = _fields_from_qmp(cls, data)
+        values["vhost"] = list(data.get("vhost", []))
+        return MemslotReport(**values)
+    return cls(**_fields_from_qmp(cls, data))
+
+
+# -- the memslot budget ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConsumerReport:
+    """One memslot consumer (KVM or a vhost back-end): its facts, ``free = max - used``."""
+
+    name: str
+    max_memslots: int
+    used_memslots: int
+    free_memslots: int
+    #: False for a vhost-user back-end that was lost (it then maps none of our memory).
+    connected: bool
+
+    @classmethod
+    def of(cls, consumer: MemslotConsumer) -> ConsumerReport:
+        """The consumer as it is now."""
+        return cls(
+            name=consumer.name,
+            max_memslots=consumer.max_memslots,
+            used_memslots=consumer.used_memslots,
+            free_memslots=consumer.free_memslots,
+            connected=consumer.connected,
+        )
+
+
+@dataclass(frozen=True)
+class DeviceMemoryReport:
+    """The device-memory area and QEMU's memslot counters of the memory devices in it."""
+
+    base: int
+    size: int
+    #: Bytes memory devices may use in total (``maxmem - ram``) and use now.
+    total_space: int
+    used_space: int
+    required_memslots: int
+    used_memslots: int
+    reserved_memslots: int
+    auto_decision_active: bool
+
+
+@dataclass(frozen=True)
+class BudgetReport:
+    """Every memslot consumer (KVM first) and the device-memory counters (None: no area)."""
+
+    consumers: list[ConsumerReport]
+    device_memory: DeviceMemoryReport | None
+
+
+def budget_report(machine: Machine) -> BudgetReport:
+    """The machine's memslot budget as it is now."""
+    dm = machine.device_memory
+    device_memory = None
+    if dm is not None:
+        device_memory = DeviceMemoryReport(
+            base=dm.base,
+            size=dm.size,
+            total_space=dm.total_space,
+            used_space=dm.used_region_size,
+            required_memslots=dm.required_memslots,
+            used_memslots=dm.used_memslots,
+            reserved_memslots=dm.reserved_memslots,
+            auto_decision_active=dm.auto_decision,
+        )
+    consumers = [machine.kvm, *machine.budget.vhost_backends]
+    return BudgetReport([ConsumerReport.of(c) for c in consumers], device_memory)
+
+
+# -- the memslot map -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemslotReport:
+    """One memslot of a memory device, mapped or not, and who maps it.
+
+    ``plugged_blocks`` is None for devices without blocks, ``kvm_slot`` while unmapped;
+    ``vhost`` names the back-ends that hold it.
+    """
+
+    device: str
+    index: int
+    address: int
+    size: int
+    mapped: bool
+    plugged_blocks: int | None
+    kvm_slot: int | None
+    vhost: list[str]
+
+
+def memslot_report(machine: Machine, name_of: DeviceName = _default_name) -> list[MemslotReport]:
+    """Every memslot of every memory device, by address."""
+    sections = {s.gpa: s for s in machine.address_space.sections}
+    out: list[MemslotReport] = []
+    for dev in machine.memory_devices:
+        for ms in dev.memslot_map():
+            section = sections.get(ms.gpa) if ms.mapped else None
+            slot = None
+            vhost: list[str] = []
+            if section is not None:
+                slot = machine.kvm.slot_of(section)
+                # A mapped section is held by every back-end that takes it: a refusal would
+                # have undone the whole transaction.
+                vhost = [
+                    b.name
+                    for b in machine.budget.vhost_backends
+                    if b.accepts(section) and b.connected
+                ]
+            out.append(
+                MemslotReport(
+                    device=name_of(dev),
+                    index=ms.index,
+                    address=ms.gpa,
+                    size=ms.size,
+                    mapped=ms.mapped,
+                    plugged_blocks=ms.plugged_blocks,
+                    kvm_slot=slot,
+                    vhost=vhost,
+                )
+            )
+    return out
+
+
+# -- device plans ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelMetadataPlan:
+    """Kernel metadata of a device fully plugged: as one memslot, and as decided."""
+
+    single_memslot: int
+    decided_memslots: int
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """A memory device as decided: where it is and how it is exposed through memslots."""
+
+    id: str | None
+    type: str
+    address: int
+    region_size: int
+    block_size: int | None
+    dynamic_memslots: bool
+    memslots: int
+    memslot_size: int
+    last_memslot_size: int
+    kernel_metadata_bytes: KernelMetadataPlan
+
+
+def device_plan(machine: Machine, dev: MemoryDevice) -> DevicePlan:
+    """The plan of one memory device."""
+    mr = dev.get_memory_region()
+    single, decided = machine.device_metadata_bytes(dev)
+    plan = dev.memslot_plan()
+    return DevicePlan(
+        id=dev.id,
+        type=dev.info_type,
+        address=dev.get_addr(),
+        region_size=mr.size if mr is not None else 0,
+        block_size=plan.block_size,
+        dynamic_memslots=plan.dynamic,
+        memslots=plan.memslots,
+        memslot_size=plan.memslot_size,
+        last_memslot_size=plan.last_memslot_size,
+        kernel_metadata_bytes=KernelMetadataPlan(single, decided),
+    )
+
+
+# -- kernel metadata -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceKernelMetadata:
+    """What the KVM memslots of one memory device cost, as the model predicts."""
+
+    device: str
+    model_bytes: int
+
+
+@dataclass(frozen=True)
+class KernelMetadataReport:
+    """What our KVM memslots cost the kernel: the model, and on the real kernel VmallocUsed."""
+
+    model_bytes: int
+    memslots: int
+    devices: list[DeviceKernelMetadata]
+    real: bool
+    #: The host's VmallocUsed (the real kernel only; None on the model or when not measured).
+    vmalloc_used_bytes: int | None
+
+
+def kernel_metadata_report(
+    machine: Machine, name_of: DeviceName = _default_name, *, measure: bool = True
+) -> KernelMetadataReport:
+    """The kernel metadata of the machine's memslots; on the real kernel (and with
+    ``measure``) VmallocUsed is sampled, which raises
+    :class:`~memslots.errors.MeasurementError` if it cannot be read."""
+    devices = []
+    for dev in machine.memory_devices:
+        mr = dev.get_memory_region()
+        assert mr is not None, "plugged memory devices have a region"
+        lo, hi = dev.get_addr(), dev.get_addr() + mr.size
+
+        def inside(s: Section, lo: int = lo, hi: int = hi) -> bool:
+            return lo <= s.gpa < hi
+
+        devices.append(
+            DeviceKernelMetadata(name_of(dev), machine.kvm.predicted_metadata_bytes(inside))
+        )
+    real = machine.vm.is_real
+    return KernelMetadataReport(
+        model_bytes=machine.kvm.predicted_metadata_bytes(),
+        memslots=len(machine.kvm.slots()),
+        devices=devices,
+        real=real,
+        vmalloc_used_bytes=sample_vmalloc_used() if real and measure else None,
+    )
