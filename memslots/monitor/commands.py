@@ -29,8 +29,8 @@ from memslots.devices.dimm import PcDimm
 from memslots.devices.memory_device import MemoryDevice
 from memslots.devices.virtio_mem import VirtioMem
 from memslots.errors import PropertyError
+from memslots.host.kmem import KmemMeter, SystemMeter, current_meter
 from memslots.machine.machine import Machine
-from memslots.measure import sample_vmalloc_used
 from memslots.memory.address_space import Section
 from memslots.memory.backends import MemoryBackend
 from memslots.memory.consumer import MemslotConsumer
@@ -232,8 +232,12 @@ class Monitor:
     detach guest drivers.
     """
 
-    def __init__(self, runtime: Runtime, server: QMPServer | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, server: QMPServer | None = None, *, kmem: KmemMeter | None = None
+    ) -> None:
         self.runtime = runtime
+        #: Where ``x-query-kernel-metadata`` reads kernel memory (default: the process's meter).
+        self._kmem = kmem
         self.server = server if server is not None else QMPServer()
         self.device_added: list[Callable[[MemoryDevice], None]] = []
         self._watched_vhost: set[int] = set()
@@ -656,5 +660,19 @@ class Monitor:
             "real": m.vm.is_real,
         }
         if m.vm.is_real:
-            result["vmalloc-used"] = sample_vmalloc_used()
+            # Kernel memory charged since the process's meter opened (``memslots run`` opens it
+            # before the VM exists), with the model's figure for the same source.
+            meter = self._kmem_meter()
+            result["kernel-memory"] = {
+                **meter.figure(meter.used()).as_json(),
+                "model": m.kvm.predicted_kernel_bytes(meter.source),
+                "detail": meter.describe(),
+            }
         return result
+
+    def _kmem_meter(self) -> KmemMeter:
+        if self._kmem is None:
+            self._kmem = current_meter() or SystemMeter(
+                "no meter was opened before the VM", register=False
+            )
+        return self._kmem

@@ -4,7 +4,8 @@
 so nothing has to be updated as the machine changes: virtio-mem request counters (by type and
 response), plugged/requested/region bytes and memslots per device, memslots used/free/max per
 consumer (KVM, each vhost back-end), the device-memory accounting, and the kernel metadata our
-memslots cost (the model's figure; the measured ``VmallocUsed`` on the real kernel).
+memslots cost (the model's figure) and, on the real kernel, the kernel memory measured per VM
+(``memslots_kernel_memory_bytes{source="cgroup"|"system"}``, see :mod:`memslots.host.kmem`).
 :class:`Metrics` adds request latency histograms (fed through :meth:`Metrics.observe` by the
 guest channel) and serves it all over HTTP.
 
@@ -25,8 +26,8 @@ from prometheus_client.registry import Collector
 
 from memslots.devices.virtio_mem import VirtioMem
 from memslots.errors import MeasurementError
+from memslots.host.kmem import KmemMeter, SystemMeter, current_meter
 from memslots.machine.machine import Machine
-from memslots.measure import sample_vmalloc_used
 
 log = logging.getLogger("memslots.monitor.metrics")
 
@@ -45,8 +46,10 @@ def _device_label(dev: VirtioMem) -> str:
 class MachineCollector(Collector):
     """Reads a machine on every scrape and yields its metric families."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine, kmem: KmemMeter | None = None) -> None:
         self.machine = machine
+        #: The kernel-memory meter (default: the process's innermost open meter).
+        self.kmem = kmem
 
     def collect(self) -> Iterable[Metric]:
         """The metric families of the machine as it is now."""
@@ -140,24 +143,44 @@ class MachineCollector(Collector):
             value=self.machine.kvm.predicted_metadata_bytes(),
         )
         if self.machine.vm.is_real:
+            meter = self._meter()
             try:
-                used = sample_vmalloc_used()
+                used = meter.used()
             except MeasurementError as exc:
                 log.warning("metrics: %s", exc)
                 return
-            yield GaugeMetricFamily(
-                "memslots_kernel_vmalloc_used_bytes",
-                "VmallocUsed of the host (KVM memslot metadata is vmalloc'ed).",
-                value=used,
+            doc = (
+                "Kernel memory charged to this VM's memory cgroup since start (source=cgroup), "
+                "or the rise of the host's VmallocUsed (source=system: other processes move it)."
             )
+            yield _gauge("memslots_kernel_memory_bytes", doc, meter.source, used)
+            yield _gauge(
+                "memslots_kernel_memory_model_bytes",
+                "What the model predicts our KVM memslots charge to that source.",
+                meter.source,
+                self.machine.kvm.predicted_kernel_bytes(meter.source),
+            )
+
+    def _meter(self) -> KmemMeter:
+        if self.kmem is None:
+            self.kmem = current_meter() or SystemMeter(
+                "no meter was opened before the VM", register=False
+            )
+        return self.kmem
+
+
+def _gauge(name: str, doc: str, source: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=["source"])
+    family.add_metric([source], value)
+    return family
 
 
 class Metrics:
     """The Prometheus registry of a running machine and its HTTP endpoint."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine, kmem: KmemMeter | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(MachineCollector(machine))
+        self.registry.register(MachineCollector(machine, kmem))
         self.request_seconds = Histogram(
             "memslots_virtio_mem_request_duration_seconds",
             "Time from a guest request to its response, by request type.",
