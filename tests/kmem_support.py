@@ -133,3 +133,10 @@ def memory_cgroup_of(pid: int | str = "self") -> str:
                 v2 = path
     assert v2 is not None, f"process {pid} is in no memory cgroup"
     return v2
+
+
+if __name__ == "__main__":
+    # Run the stressor in the foreground (for running a whole suite beside it); SIGTERM stops it.
+    with tempfile.TemporaryDirectory(prefix="memslots-stressor-") as tmp:
+        sys.argv = ["stressor", os.path.join(tmp, "cycles"), str(STRESSOR_SLOT_SIZE)]
+        exec(STRESSOR)

@@ -351,7 +351,8 @@ class CgroupMeter(KmemMeter):
         self._moved = False
         ncpu = os.cpu_count() or 1
         # v1: the kmem counter is exact in pages; slab objects come from one per-CPU stock of
-        # pre-charged bytes (< 1 page each) plus a per-objcg remainder (< 1 page).
+        # pre-charged bytes (< 1 page each) plus a per-objcg remainder (< 1 page). Another
+        # cgroup's allocation on the same CPU flushes our stock: the same bound.
         self.tolerance = (ncpu + 1) * PAGE_SIZE
         if loc.version == 2:
             # v2: memory.stat is flushed only once this many page updates are pending.

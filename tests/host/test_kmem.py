@@ -232,9 +232,11 @@ def test_64g_memslot_charges_the_memcg_model_to_the_page(
             vm.delete_memory_region(0)
             after = meter.read()
             # The slab object is charged from a per-CPU stock of whole pages: less than a page
-            # per CPU (and one for the remainder) away from the byte-exact model.
+            # per CPU (and one for the remainder) away from the byte-exact model. Another
+            # cgroup allocating on the same CPU (the stressor) flushes that stock, which moves
+            # our reading by the same amount, and by nothing more.
             assert abs(created - before - model) < meter.tolerance, (created - before, model)
-            assert still == created
+            assert abs(still - created) < meter.tolerance
             assert abs(after - before) < meter.tolerance
 
 
