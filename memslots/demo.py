@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 
@@ -10,10 +11,11 @@ from rich.table import Table
 
 from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import DeviceError
+from memslots.host.kmem import source_footnote, source_label
 from memslots.kvm.cost import slot_metadata_bytes
-from memslots.machine.machine import Machine
+from memslots.kvm.host import open_vm_meter
+from memslots.machine.machine import Machine, uses_real_kvm
 from memslots.machine.vm import GuestVm
-from memslots.measure import sample_vmalloc_used
 from memslots.memory.address_space import Section
 from memslots.options import parse_machine_config
 from memslots.sizes import GiB, format_size
@@ -38,6 +40,10 @@ class DemoStep:
     kernel_metadata_model: int
     kernel_metadata_measured: int | None
     single_memslot_model: int
+    #: Where the measured figure comes from ("cgroup", "system"; None on the model) and the
+    #: model's figure for that source.
+    kernel_metadata_source: str | None = None
+    kernel_metadata_source_model: int | None = None
 
 
 def run_demo(accel: str, *, as_json: bool = False, out: Console | None = None) -> list[DemoStep]:
@@ -45,7 +51,12 @@ def run_demo(accel: str, *, as_json: bool = False, out: Console | None = None) -
     out = out or Console()
     config = parse_machine_config(DEMO_MEMORY, [DEMO_OBJECT], [DEMO_DEVICE], accel=accel)
     steps: list[DemoStep] = []
-    with Machine(config) as machine, GuestVm(machine) as gvm:
+    real_kvm = uses_real_kvm(accel)
+    with (
+        open_vm_meter() if real_kvm else contextlib.nullcontext() as meter,
+        Machine(config) as machine,
+        GuestVm(machine) as gvm,
+    ):
         real = machine.vm.is_real
         guest = gvm.guests["vmem0"]
         gvm.settle()
@@ -69,7 +80,9 @@ def run_demo(accel: str, *, as_json: bool = False, out: Console | None = None) -
                 f"{format_size(guest.mb_size)} memory blocks; it checks its memory "
                 + ("from a real vCPU" if gvm.vcpu is not None else "through guest RAM")
             )
-        baseline = sample_vmalloc_used() if real else 0
+        if not as_json and meter is not None:
+            out.print(f"kernel memory: {meter.describe()}", highlight=False)
+        baseline = meter.read() if meter is not None else 0
         for target in DEMO_STEPS:
             before = len(guest.log)
             result = gvm.resize("vmem0", target).wait(600)
@@ -79,7 +92,7 @@ def run_demo(accel: str, *, as_json: bool = False, out: Console | None = None) -
             if guest.violations:
                 raise DeviceError(f"demo: the guest lost memory: {guest.violations[0]}")
             model = machine.kvm.predicted_metadata_bytes(in_device)
-            measured = sample_vmalloc_used() - baseline if real else None
+            measured = meter.read() - baseline if meter is not None else None
             steps.append(
                 DemoStep(
                     requested=target,
@@ -91,20 +104,31 @@ def run_demo(accel: str, *, as_json: bool = False, out: Console | None = None) -
                     kernel_metadata_model=model,
                     kernel_metadata_measured=measured,
                     single_memslot_model=single,
+                    kernel_metadata_source=meter.source if meter is not None else None,
+                    kernel_metadata_source_model=(
+                        machine.kvm.predicted_kernel_bytes(meter.source, in_device)
+                        if meter is not None
+                        else None
+                    ),
                 )
             )
         if as_json:
-            print(json.dumps({"real_kvm": real, "steps": [asdict(s) for s in steps]}, indent=2))
+            data: dict[str, object] = {"real_kvm": real, "steps": [asdict(s) for s in steps]}
+            if meter is not None:
+                data["source"] = meter.source
+                data["source_detail"] = meter.describe()
+            print(json.dumps(data, indent=2))
             return steps
-        _print_steps(out, steps, real, dev)
+        _print_steps(out, steps, meter.source if meter is not None else None, dev)
     return steps
 
 
-def _print_steps(out: Console, steps: list[DemoStep], real: bool, dev: VirtioMem) -> None:
+def _print_steps(out: Console, steps: list[DemoStep], source: str | None, dev: VirtioMem) -> None:
+    real = source is not None
     table = Table(title="Resizing vmem0", title_justify="left")
     cols = ["requested", "plugged", "guest requests", "memslots mapped", "KVM metadata (model)"]
     if real:
-        cols.append("measured")
+        cols.append(f"measured ({source_label(source)})")
     for c in cols:
         table.add_column(c, justify="right")
     for s in steps:
@@ -113,13 +137,20 @@ def _print_steps(out: Console, steps: list[DemoStep], real: bool, dev: VirtioMem
             format_size(s.plugged) if s.plugged else "0",
             str(s.requests),
             f"{s.memslots_mapped} of {dev.nb_memslots}",
-            format_size(s.kernel_metadata_model),
+            format_size(
+                s.kernel_metadata_source_model
+                if s.kernel_metadata_source_model is not None
+                else s.kernel_metadata_model
+            ),
         ]
         if real:
             assert s.kernel_metadata_measured is not None
             row.append(format_size(s.kernel_metadata_measured))
         table.add_row(*row)
     out.print(table)
+    note = source_footnote(source)
+    if note:
+        out.print(note, highlight=False)
     single = steps[0].single_memslot_model
     out.print(
         f"With one memslot (dynamic-memslots=off) the kernel would pay "

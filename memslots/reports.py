@@ -7,8 +7,9 @@ metrics and ``memslots info`` tell about a machine, built once and rendered by e
 * :class:`MemslotReport`: one memslot of a memory device and who maps it; ``x-query-memslots``
   and ``info memslots``;
 * :class:`DevicePlan`: a memory device as decided; ``plan --json``'s ``memory_devices``;
-* :class:`KernelMetadataReport`: what our KVM memslots cost the kernel;
-  ``x-query-kernel-metadata`` and the ``memslots_kernel_*`` metrics.
+* :class:`KernelMetadataReport`: what our KVM memslots cost the kernel, the model's figure and
+  (:class:`KernelMemoryReport`) what the per-VM meter measured; ``x-query-kernel-metadata`` and
+  the ``memslots_kernel_metadata_*`` and ``memslots_kernel_memory_*`` metrics.
 
 Each field has one spelling, its Python name. JSON output (``plan --json``) uses it as is, with
 ``null`` for an absent value; QMP spells it with dashes, as QAPI does, and leaves absent
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from memslots.devices.memory_device import MemoryDevice
+from memslots.host.kmem import KmemMeter
 from memslots.machine.machine import Machine
-from memslots.measure import sample_vmalloc_used
 from memslots.memory.address_space import Section
 from memslots.memory.consumer import MemslotConsumer
 
@@ -35,6 +36,7 @@ __all__ = [
     "DeviceKernelMetadata",
     "DeviceMemoryReport",
     "DevicePlan",
+    "KernelMemoryReport",
     "KernelMetadataPlan",
     "KernelMetadataReport",
     "MemslotReport",
@@ -97,6 +99,8 @@ def from_qmp(cls: type[Any], data: Mapping[str, Any]) -> Any:
     if cls is KernelMetadataReport:
         values = _fields_from_qmp(cls, data)
         values["devices"] = [from_qmp(DeviceKernelMetadata, d) for d in data.get("devices", [])]
+        km = data.get("kernel-memory")
+        values["kernel_memory"] = from_qmp(KernelMemoryReport, km) if km is not None else None
         return KernelMetadataReport(**values)
     if cls is MemslotReport:
         values = _fields_from_qmp(cls, data)
@@ -285,23 +289,40 @@ class DeviceKernelMetadata:
 
 
 @dataclass(frozen=True)
+class KernelMemoryReport:
+    """The kernel memory this VM's process was charged, measured (see :mod:`memslots.host.kmem`).
+
+    ``bytes`` is the rise since the meter opened: per VM from a memory cgroup of our own
+    (``source`` "cgroup"), or the host's VmallocUsed where no cgroup could be used ("system",
+    then ``disturbed``: other processes move it too). ``model_bytes`` is what the model predicts
+    our KVM memslots cost that source; ``detail`` says where the figure is read.
+    """
+
+    bytes: int
+    source: str
+    disturbed: bool
+    model_bytes: int
+    detail: str
+
+
+@dataclass(frozen=True)
 class KernelMetadataReport:
-    """What our KVM memslots cost the kernel: the model, and on the real kernel VmallocUsed."""
+    """What our KVM memslots cost the kernel: the model, and on the real kernel what the
+    per-VM meter measured (None on the model, or when no meter was given)."""
 
     model_bytes: int
     memslots: int
     devices: list[DeviceKernelMetadata]
     real: bool
-    #: The host's VmallocUsed (the real kernel only; None on the model or when not measured).
-    vmalloc_used_bytes: int | None
+    kernel_memory: KernelMemoryReport | None
 
 
 def kernel_metadata_report(
-    machine: Machine, name_of: DeviceName = _default_name, *, measure: bool = True
+    machine: Machine, name_of: DeviceName = _default_name, *, kmem: KmemMeter | None = None
 ) -> KernelMetadataReport:
-    """The kernel metadata of the machine's memslots; on the real kernel (and with
-    ``measure``) VmallocUsed is sampled, which raises
-    :class:`~memslots.errors.MeasurementError` if it cannot be read."""
+    """The kernel metadata of the machine's memslots; on the real kernel, with a meter, also
+    what it measured, which raises :class:`~memslots.errors.MeasurementError` if it cannot be
+    read."""
     devices = []
     for dev in machine.memory_devices:
         mr = dev.get_memory_region()
@@ -315,10 +336,20 @@ def kernel_metadata_report(
             DeviceKernelMetadata(name_of(dev), machine.kvm.predicted_metadata_bytes(inside))
         )
     real = machine.vm.is_real
+    kernel_memory = None
+    if real and kmem is not None:
+        figure = kmem.figure(kmem.used())
+        kernel_memory = KernelMemoryReport(
+            bytes=figure.bytes,
+            source=figure.source,
+            disturbed=figure.disturbed,
+            model_bytes=machine.kvm.predicted_kernel_bytes(figure.source),
+            detail=kmem.describe(),
+        )
     return KernelMetadataReport(
         model_bytes=machine.kvm.predicted_metadata_bytes(),
         memslots=len(machine.kvm.slots()),
         devices=devices,
         real=real,
-        vmalloc_used_bytes=sample_vmalloc_used() if real and measure else None,
+        kernel_memory=kernel_memory,
     )

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
+from kmem_support import Stressor, run_stressor
 
+from memslots.host.kmem import cgroup_unavailable_reason
 from memslots.kvm.host import HostInfo
 from memslots.kvm.mmu import MmuConfig
 from memslots.kvm.model import KvmModel
@@ -15,6 +17,22 @@ from memslots.options import parse_machine_config
 from memslots.vhost.backend import VhostModel
 
 requires_kvm = pytest.mark.skipif(not kvm_available(), reason="needs /dev/kvm")
+
+_memcg_missing = cgroup_unavailable_reason()
+#: Tests that measure kernel memory per VM: they need a memory cgroup of their own.
+requires_memcg = pytest.mark.skipif(
+    _memcg_missing is not None, reason=f"needs a per-VM memory cgroup: {_memcg_missing}"
+)
+
+
+@pytest.fixture
+def memslot_stressor() -> Iterator[Stressor]:
+    """Another process on the host creating and deleting 64 GiB memslots in a loop, on its own
+    VM, for the whole test; stopped (and its VM closed) at teardown. Needs /dev/kvm."""
+    if not kvm_available():
+        pytest.skip("the memslot stressor needs /dev/kvm")
+    yield from run_stressor()
+
 
 PlanFactory = Callable[..., Machine]
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from conftest import PlanFactory
 
 from memslots.guest.inorder import drive_to
+from memslots.host.kmem import SystemMeter
 from memslots.reports import (
     BudgetReport,
+    KernelMemoryReport,
     KernelMetadataReport,
     MemslotReport,
     budget_report,
@@ -57,7 +62,34 @@ def test_qmp_form_reads_back(plan_machine: PlanFactory) -> None:
         assert from_qmp(MemslotReport, to_qmp(slot)) == slot
     meta = kernel_metadata_report(m)
     assert from_qmp(KernelMetadataReport, to_qmp(meta)) == meta
-    assert meta.vmalloc_used_bytes is None and not meta.real
+    assert meta.kernel_memory is None and not meta.real
+
+
+def test_kernel_memory_is_measured_on_the_kernel_only(
+    plan_machine: PlanFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A meter's figure, source and the model for that source reach the report (and from it
+    QMP and JSON) on the real kernel; on the model there is nothing measured to report."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("VmallocUsed:  1000 kB\n")
+    meter = SystemMeter("a test", meminfo=str(meminfo), register=False)
+    m = plan_machine(*MACHINE)
+    drive_to(m.virtio_mem("vmem0"), 3 * GiB)
+    assert kernel_metadata_report(m, kmem=meter).kernel_memory is None
+    monkeypatch.setattr(type(m.vm), "is_real", True)
+    meminfo.write_text("VmallocUsed:  1012 kB\n")
+    meta = kernel_metadata_report(m, kmem=meter)
+    assert meta.kernel_memory == KernelMemoryReport(
+        bytes=12 * 1024,
+        source="system",
+        disturbed=True,
+        model_bytes=m.kvm.predicted_metadata_bytes(),
+        detail=meter.describe(),
+    )
+    qmp = to_qmp(meta)
+    assert set(qmp["kernel-memory"]) == {"bytes", "source", "disturbed", "model-bytes", "detail"}
+    assert from_qmp(KernelMetadataReport, qmp) == meta
+    assert to_json(meta)["kernel_memory"]["model_bytes"] == m.kvm.predicted_metadata_bytes()
 
 
 def test_free_is_max_minus_used_in_every_report(plan_machine: PlanFactory) -> None:

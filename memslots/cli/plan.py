@@ -181,9 +181,21 @@ def _print_plan(result: dict[str, Any]) -> None:
     callback=size_option,
     help="How much of it to plug.",
 )
+@click.option(
+    "--repeats",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1, max=100),
+    help="Measure each layout this often; pairs alternate which goes first.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def measure(device_size: int, plugged: int, as_json: bool) -> None:
-    """Measure on the real kernel: one memslot vs dynamic memslots, VmallocUsed and time."""
+def measure(device_size: int, plugged: int, repeats: int, as_json: bool) -> None:
+    """Measure on the real kernel: one memslot vs dynamic memslots, kernel memory and time.
+
+    Kernel memory is measured per VM in a memory cgroup of our own where one can be created,
+    else as the system-wide VmallocUsed (marked: other processes move it too).
+    """
+    from memslots.host.kmem import source_footnote, source_label
     from memslots.measure import compare
 
     if not kvm_available():
@@ -195,33 +207,46 @@ def measure(device_size: int, plugged: int, as_json: bool) -> None:
             f"--plugged {format_size(plugged)} exceeds --device-size {format_size(device_size)}"
         )
     with err.status("starting") as status:
-        result = compare(device_size, plugged, on_phase=lambda p: status.update(f"measuring {p}"))
+        result = compare(
+            device_size,
+            plugged,
+            repeats=repeats,
+            on_phase=lambda p: status.update(f"measuring {p}"),
+        )
     data = result.to_json()
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     out = table_console()
+    label = source_label(result.source)
     table = Table(
         title=f"{format_size(device_size)} virtio-mem device, "
-        f"{format_size(plugged)} plugged (real KVM)",
+        f"{format_size(plugged)} plugged (real KVM, {repeats}x each)",
         title_justify="left",
     )
-    for col in ("", "memslots mapped", "kernel metadata (measured)", "model", "realize+plug"):
+    for col in ("", "memslots", f"kernel ({label})\nmin / median", "model", "time\nmin / median"):
         table.add_column(col, justify="right")
-    for name, run in (("single memslot", result.single), ("dynamic memslots", result.dynamic)):
+    for name, runs in (("single", result.singles), ("dynamic", result.dynamics)):
+        summary = result.single if name == "single" else result.dynamic
+        kernel = [r.kernel_metadata_bytes for r in runs]
+        seconds = [r.seconds for r in runs]
         table.add_row(
             name,
-            str(run.memslots_mapped),
-            format_size(run.kernel_metadata_bytes),
-            format_size(run.predicted_bytes),
-            f"{run.seconds * 1000:.1f} ms",
+            str(summary.memslots_mapped),
+            f"{format_size(min(kernel))} / {format_size(summary.kernel_metadata_bytes)}",
+            format_size(summary.predicted_bytes),
+            f"{min(seconds) * 1000:.1f} / {summary.seconds * 1000:.1f} ms",
         )
     out.print(table)
+    out.print(f"kernel memory: {result.source_detail}", highlight=False)
+    note = source_footnote(result.source)
+    if note:
+        out.print(note, highlight=False)
     ratios = data["ratios"]
     assert isinstance(ratios, dict)
     if ratios["kernel_metadata"] is not None:
         out.print(
-            f"dynamic / single: metadata {ratios['kernel_metadata']:.4f}, "
+            f"dynamic / single (medians): kernel {ratios['kernel_metadata']:.4f}, "
             f"time {ratios['seconds']:.4f}"
         )
 

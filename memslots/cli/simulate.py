@@ -174,8 +174,11 @@ def simulate(
 
 
 def _print_simulation(results: Sequence[Any]) -> None:
+    from memslots.host.kmem import source_footnote, source_label
+
     out = table_console()
     for r in results:
+        source = r.steps[0].kernel_metadata_source if r.steps else None
         table = Table(
             title=f"{r.strategy}: {r.device['id']} ({format_size(r.device['region_size'])}"
             f", {r.device['memslots']} memslot(s)){' on real KVM' if r.real_kvm else ''}",
@@ -189,7 +192,7 @@ def _print_simulation(results: Sequence[Any]) -> None:
             "requests",
             "creates/deletes",
             "KVM metadata",
-            "measured",
+            f"measured ({source_label(source)})",
             "outcome",
         ):
             table.add_column(col, justify="right")
@@ -208,6 +211,9 @@ def _print_simulation(results: Sequence[Any]) -> None:
                 s.outcome,
             )
         out.print(table)
+        note = source_footnote(source)
+        if note:
+            out.print(note, highlight=False)
         lat = r.latency_summary()
         if lat:
             out.print(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from memslots.errors import KvmError
 from memslots.kvm.abi import VmBackend
-from memslots.kvm.cost import slot_metadata_bytes
+from memslots.kvm.cost import slot_memcg_bytes, slot_metadata_bytes
 from memslots.memory.address_space import Section
 from memslots.memory.consumer import MemslotConsumer
 
@@ -104,12 +104,36 @@ class KvmAccel(MemslotConsumer):
         self.deletes += 1
 
     def predicted_metadata_bytes(self, which: Callable[[Section], bool] | None = None) -> int:
-        """Kernel vmalloc bytes our memslots (or those ``which`` selects) cost, per ``kvm_cost``."""
+        """Kernel vmalloc bytes our memslots (or those ``which`` selects) cost (kvm.cost)."""
         return sum(
             slot_metadata_bytes(s.gpa, s.size, self.vm.mmu)
             for s in self._slots
             if which is None or which(s)
         )
+
+    def predicted_memcg_bytes(self, which: Callable[[Section], bool] | None = None) -> int:
+        """Bytes our memslots (or those ``which`` selects) charge to our memory cgroup.
+
+        The per-VM counterpart of :meth:`predicted_metadata_bytes`
+        (:func:`~memslots.kvm.cost.slot_memcg_bytes`).
+        """
+        return sum(
+            slot_memcg_bytes(s.gpa, s.size, self.vm.mmu)
+            for s in self._slots
+            if which is None or which(s)
+        )
+
+    def predicted_kernel_bytes(
+        self, source: str, which: Callable[[Section], bool] | None = None
+    ) -> int:
+        """The model's figure to compare with a measurement from ``source``.
+
+        ``"cgroup"`` (a per-VM memory cgroup): :meth:`predicted_memcg_bytes`; ``"system"``
+        (VmallocUsed): :meth:`predicted_metadata_bytes`.
+        """
+        if source == "cgroup":
+            return self.predicted_memcg_bytes(which)
+        return self.predicted_metadata_bytes(which)
 
     def close(self) -> None:
         """Close the VM (the kernel frees every memslot with it)."""

@@ -16,6 +16,9 @@ Sources, in order of preference:
   ``KVM_CAP_MULTI_ADDRESS_SPACE`` (see :func:`detect_host_mmu`).
 * KVM's memslot limit: ``KVM_CAP_NR_MEMSLOTS`` (32764, x86's value since Linux 5.12, without KVM).
 * THP size: ``/sys/kernel/mm/transparent_hugepage/hpage_pmd_size`` as QEMU probes it.
+
+:func:`open_vm_meter` opens the per-VM kernel-memory meter (:mod:`memslots.host.kmem`) after
+the host is probed, so that the probe's throw-away VM is not measured.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memslots.errors import KvmError, OptionError
+from memslots.host.kmem import KmemMeter, open_meter
 from memslots.host.pages import host_page_size, thp_size
 from memslots.kvm.abi import X86_USER_MEM_SLOTS
 from memslots.kvm.mmu import MmuConfig, read_host_mmu
@@ -203,3 +207,14 @@ def detect_host(
 def host_info() -> HostInfo:
     """This host, detected once per process."""
     return detect_host()
+
+
+def open_vm_meter() -> KmemMeter:
+    """A kernel-memory meter for a VM about to be created (see :func:`open_meter`).
+
+    The host is probed first, outside the meter: the probe creates and closes a throw-away VM,
+    and the kernel frees part of a closed VM some milliseconds later (after an RCU grace
+    period), which would otherwise land in the first measurement.
+    """
+    host_info()
+    return open_meter()

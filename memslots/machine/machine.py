@@ -43,9 +43,14 @@ from memslots.vhost.backend import VhostBackend
 log = logging.getLogger("memslots.machine.machine")
 
 
+def uses_real_kvm(accel: str) -> bool:
+    """Whether :func:`create_vm` gives ``-accel accel`` the real kernel."""
+    return accel == "kvm" or (accel == "auto" and kvm_available())
+
+
 def create_vm(accel: str, *, max_memslots: int | None = None) -> VmBackend:
     """A VM for ``-accel``: the real kernel (``kvm``), the model (``sim``), or either (auto)."""
-    if accel == "kvm" or (accel == "auto" and kvm_available()):
+    if uses_real_kvm(accel):
         return KvmVm()
     if accel == "auto":
         log.warning("/dev/kvm is not available: using the KVM model instead of the kernel")

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from memslots.devices.memory_device import MemoryDevice
 from memslots.devices.qom import QomObject, QomProperty, refuse
+from memslots.host.kmem import KmemMeter, current_or_system_meter
 from memslots.machine.machine import Machine
 from memslots.memory.backends import MemoryBackend
 from memslots.monitor.qmp_server import Command, Param, QMPCommandError, QMPServer, check_value
@@ -115,8 +116,12 @@ class Monitor:
     detach guest drivers.
     """
 
-    def __init__(self, runtime: Runtime, server: QMPServer | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, server: QMPServer | None = None, *, kmem: KmemMeter | None = None
+    ) -> None:
         self.runtime = runtime
+        #: Where ``x-query-kernel-metadata`` reads kernel memory (default: the process's meter).
+        self._kmem = kmem
         self.server = server if server is not None else QMPServer()
         self.device_added: list[Callable[[MemoryDevice], None]] = []
         self._watched_vhost: set[int] = set()
@@ -423,4 +428,12 @@ class Monitor:
         return to_qmp(budget_report(self.machine))
 
     def _query_kernel_metadata(self, args: dict[str, Any]) -> object:
-        return to_qmp(kernel_metadata_report(self.machine, self._name))
+        # On the real kernel, kernel memory charged since the process's meter opened
+        # (``memslots run`` opens it before the VM exists).
+        kmem = self._kmem_meter() if self.machine.vm.is_real else None
+        return to_qmp(kernel_metadata_report(self.machine, self._name, kmem=kmem))
+
+    def _kmem_meter(self) -> KmemMeter:
+        if self._kmem is None:
+            self._kmem = current_or_system_meter()
+        return self._kmem

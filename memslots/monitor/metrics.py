@@ -4,9 +4,11 @@
 so nothing has to be updated as the machine changes: virtio-mem request counters (by type and
 response), plugged/requested/region bytes and memslots per device, memslots used/free/max per
 consumer (KVM, each vhost back-end), the device-memory accounting, and the kernel metadata our
-memslots cost (the model's figure; the measured ``VmallocUsed`` on the real kernel). The budget
-and the kernel metadata come from :mod:`memslots.reports`, whose field names the metric names
-repeat (``memslots_consumer_free_memslots`` is ``ConsumerReport.free_memslots``).
+memslots cost: the model's figure and, on the real kernel, the kernel memory measured per VM
+(``memslots_kernel_memory_bytes{source="cgroup"|"system"}``, see :mod:`memslots.host.kmem`).
+The budget and the kernel metadata come from :mod:`memslots.reports`, whose field names the
+metric names repeat (``memslots_consumer_free_memslots`` is ``ConsumerReport.free_memslots``,
+``memslots_kernel_memory_model_bytes`` is ``KernelMemoryReport.model_bytes``).
 :class:`Metrics` adds request latency histograms (fed through :meth:`Metrics.observe` by the
 guest channel) and serves it all over HTTP.
 
@@ -27,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import MeasurementError
+from memslots.host.kmem import KmemMeter, current_or_system_meter
 from memslots.machine.machine import Machine
 from memslots.reports import budget_report, kernel_metadata_report
 
@@ -47,8 +50,10 @@ def _device_label(dev: VirtioMem) -> str:
 class MachineCollector(Collector):
     """Reads a machine on every scrape and yields its metric families."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine, kmem: KmemMeter | None = None) -> None:
         self.machine = machine
+        #: The kernel-memory meter (default: the process's innermost open meter).
+        self.kmem = kmem
 
     def collect(self) -> Iterable[Metric]:
         """The metric families of the machine as it is now."""
@@ -135,30 +140,49 @@ class MachineCollector(Collector):
         )
 
     def _kernel(self) -> Iterable[Metric]:
+        kmem = self._meter() if self.machine.vm.is_real else None
         try:
-            report = kernel_metadata_report(self.machine)
+            report = kernel_metadata_report(self.machine, kmem=kmem)
         except MeasurementError as exc:
             log.warning("metrics: %s", exc)
-            report = kernel_metadata_report(self.machine, measure=False)
+            report = kernel_metadata_report(self.machine)
         yield GaugeMetricFamily(
             "memslots_kernel_metadata_model_bytes",
             "Kernel metadata our KVM memslots cost, as the model predicts.",
             value=report.model_bytes,
         )
-        if report.vmalloc_used_bytes is not None:
-            yield GaugeMetricFamily(
-                "memslots_kernel_metadata_vmalloc_used_bytes",
-                "VmallocUsed of the host (KVM memslot metadata is vmalloc'ed).",
-                value=report.vmalloc_used_bytes,
-            )
+        measured = report.kernel_memory
+        if measured is None:
+            return
+        for field, value, doc in (
+            (
+                "bytes",
+                measured.bytes,
+                "Kernel memory charged to this VM's memory cgroup since start (source=cgroup), "
+                "or the rise of the host's VmallocUsed (source=system: other processes move it).",
+            ),
+            (
+                "model_bytes",
+                measured.model_bytes,
+                "What the model predicts our KVM memslots charge to that source.",
+            ),
+        ):
+            family = GaugeMetricFamily(f"memslots_kernel_memory_{field}", doc, labels=["source"])
+            family.add_metric([measured.source], value)
+            yield family
+
+    def _meter(self) -> KmemMeter:
+        if self.kmem is None:
+            self.kmem = current_or_system_meter()
+        return self.kmem
 
 
 class Metrics:
     """The Prometheus registry of a running machine and its HTTP endpoint."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine, kmem: KmemMeter | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(MachineCollector(machine))
+        self.registry.register(MachineCollector(machine, kmem))
         self.request_seconds = Histogram(
             "memslots_virtio_mem_request_duration_seconds",
             "Time from a guest request to its response, by request type.",

@@ -9,6 +9,7 @@ the guests, close the VM (the kernel frees every memslot with it) and release ho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -16,8 +17,10 @@ from typing import Any
 
 from memslots.devices.memory_device import MemoryDevice
 from memslots.guest.sched import LoopScheduler
+from memslots.host.kmem import KmemMeter
 from memslots.kvm.abi import VmBackend
-from memslots.machine.machine import Machine, create_vm
+from memslots.kvm.host import open_vm_meter
+from memslots.machine.machine import Machine, create_vm, uses_real_kvm
 from memslots.machine.vm import GuestVm, ObservedChannel
 from memslots.monitor.commands import Monitor
 from memslots.monitor.metrics import Metrics
@@ -88,16 +91,46 @@ async def serve(
     ready: Callable[[MachineRuntime], None] | None = None,
     install_signals: bool = True,
 ) -> None:
-    """Run the machine until ``quit``, SIGTERM or SIGINT; then shut down cleanly."""
+    """Run the machine until ``quit``, SIGTERM or SIGINT; then shut down cleanly.
+
+    On the real kernel the process lives in a memory cgroup of its own from before the VM is
+    created until after it is closed (:mod:`memslots.host.kmem`), so the QMP command
+    ``x-query-kernel-metadata`` and the metrics report this VM's kernel memory only.
+    """
+    real = vm_factory is not None or uses_real_kvm(config.accel)
+    with open_vm_meter() if real else contextlib.nullcontext() as kmem:
+        await _serve(
+            config,
+            endpoints,
+            guest=guest,
+            metrics_port=metrics_port,
+            vm_factory=vm_factory,
+            ready=ready,
+            install_signals=install_signals,
+            kmem=kmem,
+        )
+
+
+async def _serve(
+    config: MachineConfig,
+    endpoints: list[QmpEndpoint],
+    *,
+    guest: bool,
+    metrics_port: int | None,
+    vm_factory: Callable[[], VmBackend] | None,
+    ready: Callable[[MachineRuntime], None] | None,
+    install_signals: bool,
+    kmem: KmemMeter | None,
+) -> None:
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
     vm = vm_factory() if vm_factory is not None else create_vm(config.accel)
     machine = Machine(config, vm=vm)
     runtime = MachineRuntime(machine, stopped)
     server = QMPServer()
-    monitor = Monitor(runtime, server)
+    monitor = Monitor(runtime, server, kmem=kmem)
     monitor.add_device_provider(VhostUserProvider(machine))
-    metrics = Metrics(machine) if metrics_port is not None else None
+    metrics = Metrics(machine, kmem) if metrics_port is not None else None
     gvm = GuestVm(machine, LoopScheduler(loop)) if guest else None
 
     def observe_guest(dev_id: str) -> None:

@@ -7,9 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from memslots.errors import HostMissingError
+from memslots.host.kmem import CGROUP, SYSTEM
 from memslots.simulate.run import SimResult
 
 GiB_F = float(1 << 30)
+
+
+def measured_label(source: str | None) -> str:
+    """Where measured points come from, as a legend says it."""
+    if source == SYSTEM:
+        return "system-wide VmallocUsed, may include other processes"
+    return "per-VM cgroup" if source == CGROUP else "unknown source"
+
+
 MiB_F = float(1 << 20)
 
 
@@ -99,12 +109,13 @@ def write_plots(results: Sequence[SimResult], out_dir: Path, stem: str = "simula
         )
         measured = [s.kernel_metadata_measured for s in r.steps]
         if all(m is not None for m in measured):
+            source = r.steps[0].kernel_metadata_source if r.steps else None
             ax.plot(
                 [s.time for s in r.steps],
                 [float(m or 0) / MiB_F for m in measured],
                 "o",
                 markersize=3,
-                label=f"{r.strategy} (measured)",
+                label=f"{r.strategy} (measured, {measured_label(source)})",
             )
     ax.step(
         times,

@@ -5,12 +5,15 @@ At each step the requested size is set as a :class:`~memslots.machine.resize.Res
 guest (the Linux driver model, talking to the device through the virtqueue) runs until the next
 step. Every step records the requested and plugged sizes, the memslots mapped, the requests by type
 (and, if asked, each request), memslot operations, the kernel metadata the model predicts and,
-on the real kernel, what VmallocUsed says. ``compare`` runs the same trace once per exposure
-strategy: one memslot, QEMU's dynamic memslots, or fixed-size memslots.
+on the real kernel, what the per-VM kernel-memory meter says (:mod:`memslots.host.kmem`: a
+memory cgroup of our own, else the system-wide VmallocUsed), with its source. ``compare`` runs
+the same trace once per exposure strategy: one memslot, QEMU's dynamic memslots, or fixed-size
+memslots.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import statistics
@@ -23,12 +26,13 @@ from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import OptionError
 from memslots.guest.linux import GuestOptions, LinuxGuest
 from memslots.guest.sched import Scheduler
+from memslots.host.kmem import KmemMeter, SystemMeter, current_meter
 from memslots.kvm.abi import VmBackend
 from memslots.kvm.cost import slot_metadata_bytes
-from memslots.machine.machine import Machine, create_vm
+from memslots.kvm.host import open_vm_meter
+from memslots.machine.machine import Machine, create_vm, uses_real_kvm
 from memslots.machine.resize import ResizeJob
 from memslots.machine.vm import GuestVm, ObservedChannel
-from memslots.measure import sample_vmalloc_used
 from memslots.memory.address_space import Section
 from memslots.options import MachineConfig, TraceStep, first_virtio_mem, with_strategy
 from memslots.reports import device_plan, to_json
@@ -82,6 +86,11 @@ class StepRecord:
     outcome: str
     memslot_map: list[bool]
     request_log: list[dict[str, object]] | None = None
+    #: Where ``kernel_metadata_measured`` comes from: "cgroup", "system" (may include other
+    #: processes), or None on the model.
+    kernel_metadata_source: str | None = None
+    #: The model's figure for that source (memcg-charged or VmallocUsed bytes).
+    kernel_metadata_source_model: int | None = None
 
     def as_dict(self) -> dict[str, object]:
         """The JSON shape of a step."""
@@ -136,6 +145,7 @@ class SimResult:
             "memslot_deletes",
             "kernel_metadata_bytes",
             "kernel_metadata_measured",
+            "kernel_metadata_source",
             "ideal_metadata_bytes",
             "single_metadata_bytes",
             "outcome",
@@ -180,9 +190,48 @@ def run_trace(
     latencies: dict[str, list[float]],
     request_log: bool = False,
     progress: Callable[[int], None] | None = None,
+    meter: KmemMeter | None = None,
 ) -> SimResult:
-    """Run ``trace`` on a booted guest; one :class:`StepRecord` per step."""
+    """Run ``trace`` on a booted guest; one :class:`StepRecord` per step.
+
+    On the real kernel the measured figure comes from ``meter``, which should have been opened
+    before the VM was created (:func:`run_simulation` does); without one the innermost open
+    meter of the process is used, else the system-wide VmallocUsed.
+    """
     real = machine.vm.is_real
+    with contextlib.ExitStack() as stack:
+        if real and meter is None:
+            meter = current_meter() or stack.enter_context(
+                SystemMeter("no meter was opened before the VM")
+            )
+        return _run_trace(
+            machine,
+            dev,
+            guest,
+            sched,
+            trace,
+            strategy=strategy,
+            latencies=latencies,
+            request_log=request_log,
+            progress=progress,
+            meter=meter if real else None,
+        )
+
+
+def _run_trace(
+    machine: Machine,
+    dev: VirtioMem,
+    guest: LinuxGuest,
+    sched: Scheduler,
+    trace: Sequence[TraceStep],
+    *,
+    strategy: str,
+    latencies: dict[str, list[float]],
+    request_log: bool,
+    progress: Callable[[int], None] | None,
+    meter: KmemMeter | None,
+) -> SimResult:
+    real = meter is not None
     plan = to_json(device_plan(machine, dev))
     result = SimResult(
         strategy=strategy,
@@ -195,7 +244,14 @@ def run_trace(
         return dev.addr <= s.gpa < dev.addr + dev.region_size
 
     single = slot_metadata_bytes(dev.addr, dev.region_size, machine.mmu)
-    baseline = sample_vmalloc_used() - machine.kvm.predicted_metadata_bytes(in_dev) if real else 0
+    source = meter.source if meter is not None else None
+
+    def source_model() -> int | None:
+        return machine.kvm.predicted_kernel_bytes(source, in_dev) if source else None
+
+    # The device's memslots so far were created inside the meter too; count them as the model
+    # does, so the figure is the device's own (boot RAM and the VM itself are not in it).
+    baseline = meter.read() - (source_model() or 0) if meter is not None else 0
     for i, step in enumerate(trace):
         sched.run_until(lambda: False, step.time)
         log_start = len(guest.log)
@@ -214,12 +270,14 @@ def run_trace(
             memslot_creates=machine.kvm.creates - creates,
             memslot_deletes=machine.kvm.deletes - deletes,
             kernel_metadata_bytes=machine.kvm.predicted_metadata_bytes(in_dev),
-            kernel_metadata_measured=sample_vmalloc_used() - baseline if real else None,
+            kernel_metadata_measured=meter.read() - baseline if meter is not None else None,
             ideal_metadata_bytes=_ideal_metadata(dev, machine),
             single_metadata_bytes=single,
             outcome=res.outcome.value,
             memslot_map=[m.mapped for m in dev.memslot_map()],
             request_log=[r.as_dict() for r in new] if request_log else None,
+            kernel_metadata_source=source,
+            kernel_metadata_source_model=source_model(),
         )
         result.steps.append(record)
         guest.verify()
@@ -242,8 +300,14 @@ def run_simulation(
     """Build the machine for ``strategy``, boot the guest, run ``trace``, tear it all down."""
     dev_id = first_virtio_mem(config)
     config = with_strategy(config, dev_id, strategy)
-    vm = vm_factory() if vm_factory is not None else create_vm(config.accel)
-    with Machine(config, vm=vm) as machine:
+    real = vm_factory is not None or uses_real_kvm(config.accel)
+    # The meter is opened before the VM exists, so that everything the VM costs is in it.
+    with (
+        open_vm_meter() if real else contextlib.nullcontext() as meter,
+        Machine(
+            config, vm=vm_factory() if vm_factory is not None else create_vm(config.accel)
+        ) as machine,
+    ):
         latencies: dict[str, list[float]] = {}
         sched = Scheduler()
         with GuestVm(machine, sched, guest_options=guest_options) as gvm:
@@ -264,6 +328,7 @@ def run_simulation(
                 latencies=latencies,
                 request_log=request_log,
                 progress=progress,
+                meter=meter,
             )
 
 

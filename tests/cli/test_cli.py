@@ -6,7 +6,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import requires_kvm
+from conftest import requires_kvm, requires_memcg
+from kmem_support import STOCK_TOLERANCE, VCPU_MMU_ALLOWANCE, Stressor
 
 from memslots import demo as demo_module
 from memslots.cli import main as cli
@@ -134,12 +135,17 @@ def test_demo_on_the_model() -> None:
 
 
 @requires_kvm
-def test_demo_on_the_kernel_matches_the_model() -> None:
+@requires_memcg
+def test_demo_on_the_kernel_matches_the_model(memslot_stressor: Stressor) -> None:
     code, out, _ = run(["demo", "-accel", "kvm", "--json"])
     assert code == 0
-    for step in json.loads(out)["steps"]:
-        model, measured = step["kernel_metadata_model"], step["kernel_metadata_measured"]
-        assert abs(measured - model) <= 0.02 * model + 64 * 4096
+    data = json.loads(out)
+    assert data["source"] == "cgroup"
+    for step in data["steps"]:
+        model, measured = step["kernel_metadata_source_model"], step["kernel_metadata_measured"]
+        assert step["kernel_metadata_source"] == "cgroup"
+        # The memcg model of the mapped memslots, plus what the vCPU's MMU holds.
+        assert -STOCK_TOLERANCE < measured - model <= VCPU_MMU_ALLOWANCE, step
 
 
 def test_exit_statuses_come_from_one_table() -> None:
@@ -164,3 +170,22 @@ def test_missing_kvm_is_something_missing_on_the_host(monkeypatch: pytest.Monkey
     code, _, err = run(["demo", "-accel", "kvm"])
     assert code == EXIT_HOST_MISSING == KvmUnavailableError.exit_code
     assert err == "memslots: cannot open /dev/kvm: No such file or directory\n"
+
+
+@requires_kvm
+@requires_memcg
+def test_measure_json_on_the_kernel(memslot_stressor: Stressor) -> None:
+    code, out, _ = run(
+        ["measure", "--device-size", "4G", "--plugged", "0", "--repeats", "2", "--json"]
+    )
+    assert code == 0
+    data = json.loads(out)
+    assert data["source"] == "cgroup" and data["disturbed"] is False
+    assert data["order"] == ["single", "dynamic", "dynamic", "single"]
+    single = data["single"]
+    assert len(single["runs"]) == 2 and single["source"] == "cgroup"
+    model = data["model"]["single"]["kernel_metadata_bytes"]
+    assert model == data["model"]["single"]["memcg_charged_bytes"]
+    for r in single["runs"]:
+        assert abs(r["kernel_metadata_bytes"] - model) < STOCK_TOLERANCE
+    assert data["dynamic"]["kernel_metadata_bytes_min"] < STOCK_TOLERANCE

@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 
 from memslots.kvm.cost import (
+    SLOT_STRUCT_CHARGE,
     lpages,
+    memcg_area_pages,
     slot_arrays,
+    slot_memcg_bytes,
     slot_metadata_bytes,
     slot_vmalloc_pages,
     vmalloc_area_pages,
@@ -233,3 +236,49 @@ def test_detect_host_mmu_on_this_host() -> None:
     mmu = detect_host_mmu()
     assert mmu.shadow_paging and not mmu.tdp_enabled
     assert mmu.smm is False
+
+
+# -- what a memslot charges to its creator's memory cgroup ------------------------------------
+
+
+def _nested_pages(nbytes: int) -> int:
+    """kvm.md A4's nested(): the vmalloc'ed page-pointer arrays of one area, recursively."""
+    return vmalloc_area_pages(nbytes) - memcg_area_pages(nbytes)
+
+
+@pytest.mark.parametrize(("size", "shadow", "tdp", "shadow_dirty", "tdp_dirty"), TABLE)
+def test_memcg_is_vmalloc_without_nested_arrays_plus_the_slot_struct(
+    size: int, shadow: int, tdp: int, shadow_dirty: int, tdp_dirty: int
+) -> None:
+    """Per array, the memcg is charged the data pages (``GFP_KERNEL_ACCOUNT``), not the nested
+    ``struct page *`` arrays (allocated with the reclaim bits only); per slot, the kmalloc'ed
+    ``struct kvm_memory_slot`` adds 520 bytes (kmalloc-cg-512 + the obj_cgroup pointer)."""
+    for mmu, dirty, vmalloc_pages in (
+        (SHADOW, False, shadow),
+        (TDP_MMU, False, tdp),
+        (SHADOW, True, shadow_dirty),
+        (TDP_MMU, True, tdp_dirty),
+    ):
+        nested = sum(_nested_pages(n) for _, n in slot_arrays(0, size // 4096, mmu, dirty))
+        assert slot_memcg_bytes(0, size, mmu, dirty) == (
+            (vmalloc_pages - nested) * 4096 + SLOT_STRUCT_CHARGE
+        )
+
+
+def test_memcg_worked_examples() -> None:
+    # 64 GiB on shadow paging: 32768 + 64 + 1 (rmaps) + 32 + 1 (lpage_info) + 8192 (write
+    # tracking) = 41058 pages; VmallocUsed adds 64 + 16 pages of page pointers (41138).
+    assert slot_memcg_bytes(0, 64 * GiB, SHADOW) == 41058 * 4096 + 520
+    # 1 TiB: 656899 data pages (2565.98 MiB) against VmallocUsed's 658183 (2571.03 MiB).
+    assert slot_memcg_bytes(0, TiB, SHADOW) == 656899 * 4096 + 520
+    # A tiny slot: 6 data pages (3 rmaps, 2 lpage_info, 1 write tracking) + the struct.
+    assert slot_memcg_bytes(0, 4096, SHADOW) == 6 * 4096 + 520
+    assert memcg_area_pages(0) == 0 and memcg_area_pages(1) == 1 and memcg_area_pages(4097) == 2
+
+
+def test_memcg_with_smm_is_paid_twice() -> None:
+    smm = MmuConfig(smm=True)
+    assert slot_memcg_bytes(0, GiB, smm) == 2 * slot_memcg_bytes(0, GiB, SHADOW)
+    assert slot_memcg_bytes(0, 0, SHADOW) == 0
+    with pytest.raises(ValueError):
+        slot_memcg_bytes(1, 4096, SHADOW)

@@ -510,7 +510,7 @@ def test_quit_status_and_introspection() -> None:
                 assert {"qmp_capabilities", "qom-set", "x-query-memslots", "quit"} <= names
                 meta = await qmp.execute("x-query-kernel-metadata")
                 assert meta["model-bytes"] == m.kvm.predicted_metadata_bytes()
-                assert meta["real"] is False and "vmalloc-used-bytes" not in meta
+                assert meta["real"] is False and "kernel-memory" not in meta
                 assert {d["device"] for d in meta["devices"]} == {"vmem0", "dimm0"}
                 with qmp.listener("SHUTDOWN") as events:
                     assert await qmp.execute("quit") == {}

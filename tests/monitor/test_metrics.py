@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from conftest import requires_kvm, requires_memcg
+from kmem_support import Stressor
 from prometheus_client.parser import text_string_to_metric_families
 from qmp_support import make_machine
 
@@ -59,7 +61,29 @@ def test_collector_reads_the_machine_at_scrape_time() -> None:
             m.kvm.predicted_metadata_bytes()
         )
         # The model is not the kernel: nothing measured to report.
-        assert not any(name == "memslots_kernel_metadata_vmalloc_used_bytes" for name, _ in got)
+        assert not any(name.startswith("memslots_kernel_memory") for name, _ in got)
+
+
+@requires_kvm
+@requires_memcg
+def test_kernel_memory_per_vm_on_the_kernel(memslot_stressor: Stressor) -> None:
+    """On the kernel the metrics carry the VM's kernel memory with its source, next to the
+    model's figure for that source; the stressor's memslots are not in it."""
+    from qmp_support import DEVICES, MEMORY, OBJECTS
+
+    from memslots.kvm.host import open_vm_meter
+    from memslots.options import parse_machine_config
+
+    config = parse_machine_config(MEMORY, OBJECTS, DEVICES, accel="kvm")
+    with open_vm_meter() as meter, Machine(config) as m:
+        metrics = Metrics(m, meter)
+        drive_to(m.virtio_mem("vmem0"), 3 * GiB)
+        got = samples(metrics)
+        source = (("source", "cgroup"),)
+        model = got[("memslots_kernel_memory_model_bytes", source)]
+        assert model == m.kvm.predicted_memcg_bytes()
+        # The VM itself (its structures, ~100 KiB) comes on top of its memslots.
+        assert 0 <= got[("memslots_kernel_memory_bytes", source)] - model < 1 << 20
 
 
 def test_latency_histograms() -> None:

@@ -15,12 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import requires_kvm
+from conftest import requires_kvm, requires_memcg
+from kmem_support import memory_cgroup_of
 from qemu.qmp import ExecuteError
 from qmp_support import Client, next_event
 
 from memslots.errors import EXIT_TIMEOUT
-from memslots.measure import sample_vmalloc_used
+from memslots.host.kmem import locate_memory_cgroup, open_meter
 from memslots.sizes import GiB
 
 MACHINE = [
@@ -112,24 +113,51 @@ async def drive(sock: str) -> dict[str, object]:
         assert all(s["plugged-blocks"] == 0 for s in slots if not s["mapped"])
         status = await qmp.execute("query-status")
         assert isinstance(status, dict) and status["status"] == "running"
+        meta = await qmp.execute("x-query-kernel-metadata")
         await qmp.execute("quit")
     finally:
         # After 'quit' the server hangs up; qemu.qmp reports that EOF from disconnect().
         with contextlib.suppress(EOFError):
             await qmp.disconnect()
-    return {"sizes": sizes}
+    return {"sizes": sizes, "kernel-metadata": meta}
 
 
 @pytest.mark.parametrize("accel", ["sim", pytest.param("kvm", marks=requires_kvm)])
-def test_run_resize_and_quit(accel: str) -> None:
-    before = sample_vmalloc_used() if accel == "kvm" else 0
-    with running("-accel", accel) as (proc, sock):
-        asyncio.run(drive(sock))
-        assert proc.wait(timeout=20) == 0
-    assert not Path(sock).exists()
+def test_run_resize_and_quit(accel: str, request: pytest.FixtureRequest) -> None:
     if accel == "kvm":
-        # the VM is gone with the process: no memslot of ours is left in the kernel
-        assert abs(sample_vmalloc_used() - before) < 4 << 20
+        request.getfixturevalue("memslot_stressor")
+    # On the kernel, the child process starts inside a meter of ours: what it leaves charged
+    # after it exits (its VM included) shows there, and nothing else on the host does.
+    with open_meter() if accel == "kvm" else contextlib.nullcontext() as meter:
+        with running("-accel", accel) as (proc, sock):
+            got = asyncio.run(drive(sock))
+            assert proc.wait(timeout=20) == 0
+        assert not Path(sock).exists()
+        meta = got["kernel-metadata"]
+        assert isinstance(meta, dict)
+        if accel == "kvm":
+            assert meter is not None
+            kernel = meta["kernel-memory"]
+            if meter.source == "cgroup":
+                # The process lived in a cgroup of its own: its VM (3 mapped memslots of 1 GiB
+                # and boot RAM), the vCPU, and what the process itself holds in the kernel.
+                assert kernel["source"] == "cgroup" and kernel["disturbed"] is False
+                assert 0 <= kernel["bytes"] - kernel["model-bytes"] < 2 << 20, kernel
+                # the VM is gone with the process: no memslot of ours is left in the kernel
+                assert abs(meter.used()) < 1 << 20
+        else:
+            assert "kernel-memory" not in meta
+
+
+@requires_kvm
+@requires_memcg
+def test_run_lives_in_its_own_cgroup_until_sigterm() -> None:
+    with running("-accel", "kvm") as (proc, _):
+        assert os.path.basename(memory_cgroup_of(proc.pid)) == f"memslots-{proc.pid}-1"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    location = locate_memory_cgroup()
+    assert not os.path.exists(os.path.join(location.path, f"memslots-{proc.pid}-1"))
 
 
 def test_sigterm_shuts_down_cleanly() -> None:

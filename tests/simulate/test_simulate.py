@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from memslots.errors import OptionError
@@ -20,3 +22,24 @@ def test_scenarios() -> None:
     assert times == sorted(times) and len(set(times)) == len(times)
     with pytest.raises(OptionError, match="unknown scenario 'zigzag'"):
         scenario("zigzag", GiB, 2 * MiB)
+
+
+def test_plots_name_the_source_of_measured_figures(tmp_path: Path) -> None:
+    from memslots.simulate.plots import measured_label, write_plots
+    from memslots.simulate.run import SimResult, StepRecord
+
+    assert measured_label("cgroup") == "per-VM cgroup"
+    assert "may include other processes" in measured_label("system")
+
+    def step(t: float, measured: int) -> StepRecord:
+        return StepRecord(
+            time=t, requested=0, plugged=0, memslots_mapped=0, requests={}, responses={},
+            memslot_creates=0, memslot_deletes=0, kernel_metadata_bytes=4096,
+            kernel_metadata_measured=measured, ideal_metadata_bytes=0,
+            single_metadata_bytes=8192, outcome="reached", memslot_map=[False],
+            kernel_metadata_source="system", kernel_metadata_source_model=4096,
+        )  # fmt: skip
+
+    result = SimResult("dynamic", True, {"id": "vmem0"}, [step(0, 4096), step(1, -3 << 20)])
+    files = write_plots([result], tmp_path)
+    assert len(files) == 6 and all(f.stat().st_size > 0 for f in files)
