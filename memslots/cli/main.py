@@ -15,6 +15,7 @@ from rich.table import Table
 from memslots.devices.memory_device import MemoryDevice
 from memslots.devices.virtio_mem import VirtioMem
 from memslots.errors import MemslotsError
+from memslots.kvm.cost import DEFAULT_WORKING_SET_FRAMES, UNMAP_COST_MEASURED
 from memslots.kvm.host import host_info
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import kvm_available
@@ -34,6 +35,13 @@ def table_console() -> Console:
     """Standard output for tables: the terminal's width, or a wide page when piped."""
     console = Console()
     return console if console.is_terminal else Console(width=160)
+
+
+def format_ms(ms: float) -> str:
+    """A duration given in milliseconds, for tables: ``0.42 ms``, ``53 ms``, ``1.86 s``."""
+    if ms >= 1000:
+        return f"{ms / 1000:.3g} s"
+    return f"{ms:.2g} ms" if ms < 10 else f"{ms:.0f} ms"
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -87,10 +95,22 @@ def machine_options(f: F) -> F:
 accel_option = click.option(
     "-accel",
     "accel",
-    type=click.Choice(("auto", "kvm", "sim")),
     default="auto",
     show_default=True,
-    help="Real KVM, the model, or KVM when present.",
+    metavar="auto|kvm|sim[,slot-zap-all=on|off]",
+    help="Real KVM, the model, or KVM when present; slot-zap-all=on keeps KVM's quirk that "
+    "makes every memslot delete zap all shadow pages (default off: disabled where offered).",
+)
+
+working_set_option = click.option(
+    "--working-set",
+    "working_set",
+    type=click.IntRange(min=0),
+    default=DEFAULT_WORKING_SET_FRAMES,
+    show_default=True,
+    metavar="FRAMES",
+    help="Frames (2 MiB guest pages, one 4 KiB page used in each) the guest keeps using, for "
+    "the unmap-cost model: with slot-zap-all=on every memslot delete makes it re-fault them.",
 )
 
 
@@ -120,7 +140,11 @@ def main() -> None:
 
 
 def device_row(machine: Machine, dev: MemoryDevice) -> dict[str, Any]:
-    """One entry of ``plan --json``'s ``memory_devices``."""
+    """One entry of ``plan --json``'s ``memory_devices``.
+
+    ``unmap_cost_ms`` is what deleting one of the device's memslots would cost the guest
+    (delete plus re-fault, per the model), for the VM's slot-zap-all setting and working set.
+    """
     mr = dev.get_memory_region()
     size = mr.size if mr is not None else 0
     single, decided = machine.device_metadata_bytes(dev)
@@ -143,6 +167,7 @@ def device_row(machine: Machine, dev: MemoryDevice) -> dict[str, Any]:
         "memslot_size": memslot_size,
         "last_memslot_size": last,
         "kernel_metadata_bytes": {"single_memslot": single, "decided_memslots": decided},
+        "unmap_cost_ms": machine.kvm.predicted_unmap_cost(memslot_size).to_json(),
     }
 
 
@@ -192,12 +217,16 @@ def device_row(machine: Machine, dev: MemoryDevice) -> dict[str, Any]:
     default=None,
     help="The vCPU's physical address bits [default: this host's].",
 )
+@accel_option
+@working_set_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan(
     memory: str,
     objects: Sequence[str],
     devices: Sequence[str],
     chardevs: Sequence[str],
+    accel: str,
+    working_set: int,
     kvm_max_memslots: int | None,
     kvm_free_memslots: int | None,
     vhost_max_memslots: int | None,
@@ -207,7 +236,10 @@ def plan(
     phys_bits: int | None,
     as_json: bool,
 ) -> None:
-    """Decide memslots as QEMU would, on the KVM model, without touching the kernel."""
+    """Decide memslots as QEMU would, on the KVM model, without touching the kernel.
+
+    ``-accel`` only contributes its properties (slot-zap-all): plan always uses the model.
+    """
     if vhost_free_memslots is not None and vhost_max_memslots is None:
         fail("--vhost-free-memslots needs --vhost-max-memslots")
     host = host_info().override(
@@ -226,8 +258,10 @@ def plan(
             m.set_free_memslots(vhost[0], vhost_free_memslots, "--vhost-free-memslots")
 
     try:
-        config = parse_machine_config(memory, objects, devices, accel="sim", chardevs=chardevs)
-        vm = KvmModel(max_memslots=host.kvm_max_memslots, mmu=host.mmu)
+        config = parse_machine_config(memory, objects, devices, accel=accel, chardevs=chardevs)
+        vm = KvmModel(
+            max_memslots=host.kvm_max_memslots, mmu=host.mmu, slot_zap_all=config.slot_zap_all
+        )
         machine = Machine(
             config,
             vm=vm,
@@ -239,6 +273,7 @@ def plan(
     except MemslotsError as exc:
         fail(str(exc))
     with machine:
+        machine.kvm.working_set_frames = working_set
         rows = [device_row(machine, d) for d in machine.memory_devices]
         dm = machine.device_memory
         result: dict[str, Any] = {
@@ -256,6 +291,11 @@ def plan(
                 "used_memslots": machine.kvm.used_memslots,
                 "free_memslots": machine.kvm.free_memslots,
                 "mmu": machine.mmu.describe(),
+                "slot_zap_all": machine.vm.slot_zap_all,
+                "unmap_cost_model": {
+                    "working_set_frames": working_set,
+                    "constants_measured_on": UNMAP_COST_MEASURED.host,
+                },
             },
             "vhost": [
                 {
@@ -287,6 +327,7 @@ def _print_plan(result: dict[str, Any]) -> None:
         "last",
         "metadata as 1 memslot",
         "as decided",
+        "unmap cost",
     ):
         table.add_column(col, justify="right" if col not in ("id", "type") else "left")
     for r in result["memory_devices"]:
@@ -302,6 +343,7 @@ def _print_plan(result: dict[str, Any]) -> None:
             format_size(r["last_memslot_size"]),
             format_size(md["single_memslot"]),
             format_size(md["decided_memslots"]),
+            format_ms(r["unmap_cost_ms"]["total_ms"]),
         )
     out.print(table)
     out.print(
@@ -314,6 +356,18 @@ def _print_plan(result: dict[str, Any]) -> None:
         f"{result['used_memslots']}, reserved {result['reserved_memslots']} memslots; "
         f"KVM: {kvm['used_memslots']} used, {kvm['free_memslots']} free of "
         f"{kvm['max_memslots']} ({kvm['mmu']})"
+    )
+    model = kvm["unmap_cost_model"]
+    out.print(
+        "KVM slot-zap-all: "
+        + (
+            "on (every memslot delete zaps all shadow pages: the guest re-faults its working set)"
+            if kvm["slot_zap_all"]
+            else "off (a memslot delete zaps only that memslot's mappings)"
+        )
+        + "; unmap cost = one memslot delete plus re-fault for a guest using "
+        f"{model['working_set_frames']} frames (constants measured on "
+        f"{model['constants_measured_on']})"
     )
     for v in result["vhost"]:
         out.print(
@@ -437,6 +491,7 @@ def measure(device_size: int, plugged: int, as_json: bool) -> None:
     help="The guest's auto-online policy for hot-added memory.",
 )
 @click.option("--guest-force-bbm", is_flag=True, help="The guest's force_bbm=1.")
+@working_set_option
 @click.option(
     "--guest-pinned",
     default="",
@@ -467,6 +522,7 @@ def simulate(
     request_log: bool,
     guest_online: str,
     guest_force_bbm: bool,
+    working_set: int,
     guest_pinned: str,
     as_json: bool,
     csv_path: str | None,
@@ -533,6 +589,7 @@ def simulate(
                         request_log=request_log,
                         progress=advance,
                         guest_options=guest_opts,
+                        working_set_frames=working_set,
                     )
                 )
     except MemslotsError as exc:
@@ -576,6 +633,7 @@ def _print_simulation(results: Sequence[Any]) -> None:
             "creates/deletes",
             "KVM metadata",
             "measured",
+            "unmap cost",
             "outcome",
         ):
             table.add_column(col, justify="right")
@@ -591,6 +649,7 @@ def _print_simulation(results: Sequence[Any]) -> None:
                 format_size(s.kernel_metadata_measured)
                 if s.kernel_metadata_measured is not None
                 else "-",
+                format_ms(s.unmap_cost_ms) if s.memslot_deletes else "-",
                 s.outcome,
             )
         out.print(table)
@@ -605,6 +664,43 @@ def _print_simulation(results: Sequence[Any]) -> None:
             )
         if r.violations:
             out.print(f"[red]guest saw {len(r.violations)} violation(s):[/red] {r.violations[0]}")
+    _print_summary(out, results)
+
+
+def _print_summary(out: Console, results: Sequence[Any]) -> None:
+    """Metadata and unmap cost side by side, one row per strategy."""
+    first = results[0].summary()
+    table = Table(
+        title="Kernel metadata vs unmap cost (KVM slot-zap-all "
+        f"{'on' if first['slot_zap_all'] else 'off'}, guest working set "
+        f"{first['working_set_frames']} frames)",
+        title_justify="left",
+    )
+    for col in (
+        "strategy",
+        "creates",
+        "deletes",
+        "metadata peak",
+        "metadata x time",
+        "unmap cost (model)",
+        "per delete",
+        "delete time (measured)",
+    ):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for r in results:
+        sm = r.summary()
+        measured = sm["delete_ms_measured"]
+        table.add_row(
+            r.strategy,
+            str(sm["memslot_creates"]),
+            str(sm["memslot_deletes"]),
+            format_size(sm["kernel_metadata_peak_bytes"]),
+            f"{sm['kernel_metadata_byte_seconds'] / (1 << 30):.3g} GiB*s",
+            format_ms(sm["unmap_cost_ms"]),
+            format_ms(sm["unmap_cost_ms_per_delete"]) if sm["memslot_deletes"] else "-",
+            format_ms(measured) if measured is not None else "-",
+        )
+    out.print(table)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -387,6 +387,12 @@ def _budget_tables(budget: Any) -> list[Table]:
         consumers.add_column(name, justify="right")
     for c in budget["consumers"]:
         consumers.add_row(c["name"], str(c["max"]), str(c["used"]), str(c["free"]))
+    if "slot-zap-all" in budget:
+        consumers.caption = "KVM slot-zap-all: " + (
+            "on (a memslot delete zaps all shadow pages)"
+            if budget["slot-zap-all"]
+            else "off (a memslot delete zaps only its own mappings)"
+        )
     tables = [consumers]
     dm = budget.get("device-memory")
     if dm is not None:

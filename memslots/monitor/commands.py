@@ -621,7 +621,9 @@ class Monitor:
                     "connected": _connected(c),
                 }
                 for c in consumers
-            ]
+            ],
+            # KVM_X86_QUIRK_SLOT_ZAP_ALL in effect: every memslot delete zaps all shadow pages.
+            "slot-zap-all": m.vm.slot_zap_all,
         }
         dm = m.device_memory
         if dm is not None:

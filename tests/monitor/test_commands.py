@@ -128,6 +128,7 @@ def test_resize_events_rate_limit_and_memslot_map() -> None:
         assert summary == {"base-memory": 4 * GiB, "plugged-memory": 4 * GiB}
         kvm = budget["consumers"][0]
         assert kvm["name"] == "kvm" and kvm["used"] == m.kvm.used_memslots
+        assert budget["slot-zap-all"] is False  # -accel's default: the quirk is disabled
         assert kvm["used"] + kvm["free"] == kvm["max"]
         assert budget["device-memory"] == {
             "required": 9,
