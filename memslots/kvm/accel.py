@@ -42,8 +42,10 @@ class KvmAccel(MemslotConsumer):
     such a host ("N memslots free when the first memory device is plugged").
 
     ``kernel_seconds`` is the time spent in memslot ioctls, ``delete_seconds`` the part of it
-    spent deleting. ``unmap_cost_ms`` adds up what the model predicts the deletes cost the guest
-    (delete plus re-fault, :func:`~memslots.kvm.cost.unmap_cost`) for a guest that keeps using
+    spent deleting and ``delete_cpu_seconds`` the CPU time of those deletes (which, unlike
+    wall-clock time, does not grow while other processes keep the host's CPUs busy).
+    ``unmap_cost_ms`` adds up what the model predicts the deletes cost the guest (delete plus
+    re-fault, :func:`~memslots.kvm.cost.unmap_cost`) for a guest that keeps using
     ``working_set_frames`` frames and the VM's SLOT_ZAP_ALL setting.
     """
 
@@ -59,6 +61,7 @@ class KvmAccel(MemslotConsumer):
         self.deletes = 0
         self.kernel_seconds = 0.0
         self.delete_seconds = 0.0
+        self.delete_cpu_seconds = 0.0
         self.working_set_frames = DEFAULT_WORKING_SET_FRAMES
         self.unmap_cost_ms = 0.0
 
@@ -109,13 +112,14 @@ class KvmAccel(MemslotConsumer):
 
     def region_del(self, section: Section) -> None:
         slot = self._slots.pop(section)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
             self.vm.delete_memory_region(slot)
         finally:
             elapsed = time.perf_counter() - t0
             self.kernel_seconds += elapsed
             self.delete_seconds += elapsed
+            self.delete_cpu_seconds += time.thread_time() - cpu0
         heapq.heappush(self._free_ids, slot)
         self.deletes += 1
         self.unmap_cost_ms += self.predicted_unmap_cost(section.size).total_ms

@@ -271,23 +271,24 @@ class UnmapCostConstants:
 
 
 #: Measured by ``bench/unplug_cost.py`` (its default grid: quirk on/off x 1 GiB, 4 GiB, 1 TiB
-#: x 0, 2048, 16384 frames; the "fit" of a run on 2026-12-07, rounded). A later run's rows, this
-#: model's predictions beside them and that run's own fit are in bench/results/unplug_cost.json;
-#: on this shared host the 1 TiB rows vary by 15-25 % from run to run.
+#: x 0, 2048, 16384 frames; the "fit" of a run on 2026-12-07, rounded) in CPU time, which on
+#: an idle host is the stall and which, unlike wall-clock time, does not grow while other jobs
+#: keep this shared 2-CPU host busy. A later run's rows, this model's predictions beside them
+#: and that run's own fit are in bench/results/unplug_cost.json.
 UNMAP_COST_MEASURED = UnmapCostConstants(
     host=(
         "Intel Xeon (nested, kvm_pvm: shadow paging, rmaps + write tracking eager), "
         "Linux 6.18, 2 vCPUs"
     ),
-    source="bench/unplug_cost.py, fit of its default grid",
-    zap_all_base_ms=0.0107,
-    zap_all_per_frame_ms=0.00157,
-    free_per_gib_ms=0.0525,
-    zap_slot_base_ms=0.0103,
-    zap_slot_per_gib_ms=0.819,
-    zap_slot_per_gib_frame_ms=0.000452,
-    zap_slot_per_gib_frame2_ms=1.68e-8,
-    refault_per_frame_ms=0.0242,
+    source="bench/unplug_cost.py, fit of its default grid (CPU time)",
+    zap_all_base_ms=0.0614,
+    zap_all_per_frame_ms=0.00182,
+    free_per_gib_ms=0.0599,
+    zap_slot_base_ms=0.0675,
+    zap_slot_per_gib_ms=0.665,
+    zap_slot_per_gib_frame_ms=0.000488,
+    zap_slot_per_gib_frame2_ms=1.48e-8,
+    refault_per_frame_ms=0.0265,
 )
 
 #: The guest working set assumed where none is given: 2048 frames (issue 12's case).

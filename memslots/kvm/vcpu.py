@@ -180,12 +180,14 @@ def _stub(vector: int) -> bytes:
 @dataclass(frozen=True)
 class VcpuStats:
     """Counters of a :class:`ProbeVcpu`: commands run, KVM_RUN calls, MMIO exits, and the
-    seconds spent inside KVM_RUN (the guest's own time, without the host's Python)."""
+    seconds spent inside KVM_RUN (the guest's own time, without the host's Python), as wall
+    time and as the thread's CPU time (which does not count waiting for a busy host's CPU)."""
 
     commands: int = 0
     runs: int = 0
     mmio_exits: int = 0
     run_seconds: float = 0.0
+    run_cpu_seconds: float = 0.0
 
 
 def pattern_words(gpa: int, length: int, seed: int) -> list[tuple[int, int]]:
@@ -295,6 +297,7 @@ class ProbeVcpu(Closing):
         self._run: mmap.mmap | None = None
         self._commands = self._runs = self._mmio_exits = 0
         self._run_seconds = 0.0
+        self._run_cpu_seconds = 0.0
         section = boot.address_space.find(0)
         if section is None or section.end < IMAGE_SIZE:
             raise VcpuError(
@@ -347,7 +350,9 @@ class ProbeVcpu(Closing):
     @property
     def stats(self) -> VcpuStats:
         """A snapshot of the counters."""
-        return VcpuStats(self._commands, self._runs, self._mmio_exits, self._run_seconds)
+        return VcpuStats(
+            self._commands, self._runs, self._mmio_exits, self._run_seconds, self._run_cpu_seconds
+        )
 
     def read8(self, gpa: int) -> int | None:
         """The byte at ``gpa`` as the guest reads it; None if it is not RAM (MMIO exit)."""
@@ -525,7 +530,7 @@ class ProbeVcpu(Closing):
     def _enter(self, run: mmap.mmap) -> None:
         while True:
             self._runs += 1
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.thread_time()
             try:
                 fcntl.ioctl(self._fd, KVM_RUN, 0)
                 return
@@ -536,6 +541,7 @@ class ProbeVcpu(Closing):
                 raise VcpuError(f"KVM_RUN failed: {e.strerror}", _errno(e)) from e
             finally:
                 self._run_seconds += time.perf_counter() - t0
+                self._run_cpu_seconds += time.thread_time() - cpu0
 
     def _current_command(self) -> int:
         va = struct.unpack("=Q", self._read(_CTRL + 8, 8))[0]

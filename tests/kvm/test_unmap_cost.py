@@ -170,7 +170,7 @@ def test_accel_accumulates_the_predicted_unmap_cost() -> None:
         one = unmap_cost(4 * GiB, slot_zap_all=quirk, working_set_frames=16384)
         assert kvm.unmap_cost_ms == pytest.approx(2 * one.total_ms)
         assert kvm.predicted_unmap_cost(4 * GiB) == one
-        assert kvm.delete_seconds <= kvm.kernel_seconds
+        assert kvm.delete_seconds <= kvm.kernel_seconds and kvm.delete_cpu_seconds >= 0
 
 
 # -- the real kernel ----------------------------------------------------------------------------
@@ -215,6 +215,7 @@ def test_probe_vcpu_batches_and_stats() -> None:
         assert v.read64_many([2 * GiB]) == [None]
         after = v.stats
         assert after.run_seconds > before.run_seconds
+        assert after.run_cpu_seconds > before.run_cpu_seconds
         assert after.commands - before.commands == 9
         stats = v.kvm_stats()
         assert stats["pf_fixed"] >= 8 and "exits" in stats
