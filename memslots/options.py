@@ -343,9 +343,7 @@ class VirtioMemOptions:
     """``-device virtio-mem[-pci],…``. ``block_size`` None means the computed default.
 
     ``memslot_size`` is our extension (Firecracker-style fixed memslot size); None means QEMU's
-    behaviour selected by ``dynamic_memslots``. ``unmap_grace_ms`` (``x-unmap-grace-ms``, ours,
-    experimental, off by default) keeps a memslot that an unplug emptied mapped for that long
-    (its blocks are discarded at once), so that a plug coming back soon needs no new memslot.
+    behaviour selected by ``dynamic_memslots``.
     """
 
     id: str | None
@@ -359,7 +357,6 @@ class VirtioMemOptions:
     prealloc: bool = False
     memslot_size: int | None = None
     driver: str = "virtio-mem"
-    unmap_grace_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -409,7 +406,6 @@ def _device(props: Props) -> DeviceOptions:
         node = props.pop_int("node", 0)
         prealloc = props.pop_bool("prealloc", False)
         memslot_size = props.pop_size("memslot-size")
-        unmap_grace_ms = props.pop_int("x-unmap-grace-ms", 0)
         props.finish(
             (
                 "id",
@@ -422,14 +418,8 @@ def _device(props: Props) -> DeviceOptions:
                 "node",
                 "prealloc",
                 "memslot-size",
-                "x-unmap-grace-ms",
             )
         )
-        if unmap_grace_ms and not dynamic and memslot_size is None:
-            raise OptionError(
-                f"{props.where()}: 'x-unmap-grace-ms' needs 'dynamic-memslots=on' or "
-                "'memslot-size' (only dynamic memslots are ever unmapped)"
-            )
         assert requested is not None and memaddr is not None
         return VirtioMemOptions(
             id=dev_id,
@@ -443,7 +433,6 @@ def _device(props: Props) -> DeviceOptions:
             prealloc=prealloc,
             memslot_size=memslot_size,
             driver=driver,
-            unmap_grace_ms=unmap_grace_ms,
         )
     if driver in DIMM_DRIVERS:
         addr = props.pop_u64("addr", 0)

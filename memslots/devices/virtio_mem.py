@@ -17,14 +17,6 @@ Order of operations (see docs/DESIGN.md): on plug, the memslots are mapped befor
 are marked plugged, so the guest never sees a plugged block without RAM behind it; on unplug,
 the blocks are marked unplugged, empty memslots are unmapped, and only then is the memory
 discarded, so no consumer (KVM, a vhost back-end) still maps memory that is being freed.
-
-``x-unmap-grace-ms=N`` (experimental, off by default, not QEMU's behaviour): a memslot that an
-unplug empties stays mapped for N ms of the device's clock (:meth:`VirtioMem.set_clock`) and is
-unmapped then if it is still empty; a plug into it meanwhile keeps it. Its blocks are discarded
-at unplug time all the same, exactly like the unplugged blocks of a partly plugged memslot:
-the consumers' mappings of discarded memory stay valid (KVM's MMU notifier zaps its SPTEs, a
-vhost-user back-end sees the hole) and the guest may not use unplugged blocks. Without a clock
-the device unmaps at once.
 """
 
 from __future__ import annotations
@@ -35,7 +27,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn, Protocol
+from typing import NoReturn
 
 from memslots.devices.memory_device import MemoryDevice
 from memslots.errors import ConfigError, DeviceError, MemslotsError, PropertyError
@@ -163,26 +155,6 @@ class Config:
         return cls(*_CONFIG.unpack_from(data))
 
 
-class TimerHandle(Protocol):
-    """A scheduled callback that can be cancelled."""
-
-    def cancel(self) -> None:
-        """The callback will not run."""
-        ...
-
-
-class Clock(Protocol):
-    """What a device needs to run something later (the guests' scheduler provides it)."""
-
-    def now(self) -> float:
-        """Seconds on this clock."""
-        ...
-
-    def call_at(self, when: float, fn: Callable[[], None]) -> TimerHandle:
-        """Run ``fn`` at ``when``."""
-        ...
-
-
 @dataclass(frozen=True)
 class MemslotInfo:
     """One memslot of a device: where it is, whether it is mapped, how full it is."""
@@ -239,12 +211,6 @@ class VirtioMem(MemoryDevice):
         self.discard_failures = 0
         self.size_change_listeners: list[Callable[[VirtioMem, int], None]] = []
         self.config_change_listeners: list[Callable[[VirtioMem], None]] = []
-        #: ``x-unmap-grace-ms`` in seconds; empty memslots whose unmap is pending, by index.
-        self.unmap_grace = opts.unmap_grace_ms / 1000
-        self._clock: Clock | None = None
-        self._pending_unmap: dict[int, TimerHandle] = {}
-        #: Unmaps the grace period avoided (a plug came back into a still-mapped memslot).
-        self.unmaps_avoided = 0
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -493,13 +459,8 @@ class VirtioMem(MemoryDevice):
             not self.memdev.opts.share and not mem.fd_backed and mem.page_size == (host_page_size())
         )
 
-    def set_clock(self, clock: Clock | None) -> None:
-        """The clock that runs delayed unmaps (``x-unmap-grace-ms``); None unmaps at once."""
-        self._clock = clock
-
     def unrealize(self) -> None:
         """Give the backend back (the device must have been unplugged from the machine)."""
-        self._cancel_pending_unmaps()
         if self.memdev is not None and self.memdev.used_by == self.label:
             self.memdev.used_by = None
         self.realized = False
@@ -621,11 +582,6 @@ class VirtioMem(MemoryDevice):
         if not self._set_mapped([i for i in slots if not self.memslots[i].mapped], True):
             return False
         for i in slots:
-            timer = self._pending_unmap.pop(i, None)
-            if timer is not None:
-                timer.cancel()
-                self.unmaps_avoided += 1
-        for i in slots:
             self._slot_plugged[i] += self._blocks_in_slot(i, first, count)
         self.bitmap[first : first + count] = b"\x01" * count
         self._size_changed(self.size + count * self.block_size)
@@ -635,11 +591,6 @@ class VirtioMem(MemoryDevice):
         bs = self.block_size
         slots = self._slots_of(first, count) if self.dynamic else range(0)
         empty = [i for i in slots if self._slot_plugged[i] == self._blocks_in_slot(i, first, count)]
-        # With a grace period, emptied memslots stay mapped for now (their blocks are discarded
-        # below all the same, like the unplugged blocks of a partly plugged memslot).
-        delayed = empty if self.unmap_grace > 0 and self._clock is not None else []
-        if delayed:
-            empty = []
         # Unmap first, so no consumer still maps the memory when it is given back.
         if not self._set_mapped(empty, False):
             return False
@@ -651,44 +602,9 @@ class VirtioMem(MemoryDevice):
             self._slot_plugged[i] -= self._blocks_in_slot(i, first, count)
         self.bitmap[first : first + count] = bytes(count)
         self._size_changed(self.size - count * bs)
-        for i in delayed:
-            self._schedule_unmap(i)
         return True
 
-    def _schedule_unmap(self, index: int) -> None:
-        assert self._clock is not None
-        old = self._pending_unmap.pop(index, None)
-        if old is not None:
-            old.cancel()
-        self._pending_unmap[index] = self._clock.call_at(
-            self._clock.now() + self.unmap_grace, lambda: self._grace_expired(index)
-        )
-
-    def _grace_expired(self, index: int) -> None:
-        """Unmap memslot ``index`` if it is still empty (else a plug has taken it back)."""
-        if self._pending_unmap.pop(index, None) is None or not self.realized:
-            return
-        if self._slot_plugged[index] or not self.memslots[index].mapped:
-            return
-        if self.busy or not self._set_mapped([index], False):
-            # Migration running, or a consumer refused: try again after another grace period.
-            self._schedule_unmap(index)
-
-    def _cancel_pending_unmaps(self) -> None:
-        for timer in self._pending_unmap.values():
-            timer.cancel()
-        self._pending_unmap.clear()
-
-    @property
-    def pending_unmaps(self) -> int:
-        """Empty memslots still mapped while their grace period runs."""
-        return len(self._pending_unmap)
-
     def _unplug_all(self) -> Resp:
-        # Nothing plugged, but emptied memslots still in their grace period: unmap them now.
-        pending = sorted(self._pending_unmap)
-        if not self.size and pending and not self.busy and self._set_mapped(pending, False):
-            self._cancel_pending_unmaps()
         if self.size:
             if self.busy:
                 return Resp.BUSY
@@ -698,7 +614,6 @@ class VirtioMem(MemoryDevice):
             if not self._discard(0, self.region_size):
                 self._set_mapped(mapped, True)
                 return Resp.BUSY
-            self._cancel_pending_unmaps()
             self._slot_plugged = [0] * self.nb_memslots
             self.bitmap[:] = bytes(len(self.bitmap))
             self._size_changed(0)

@@ -195,8 +195,6 @@ class GuestVm(Closing):
                 f"no room for the virtqueue of '{dev.id}' in boot RAM at 0x{area:x} "
                 f"(boot RAM must reach 0x{area + QUEUE_AREA_SIZE:x})"
             )
-        # The guests' clock also runs the device's delayed unmaps (x-unmap-grace-ms).
-        dev.set_clock(self.sched)
         transport = VirtioMemTransport(dev, self.memory)
         channel = VirtqueueChannel(transport, self.memory, area)
         stride = max(1, dev.region_size // (2 * MiB) // USE_BUDGET_BLOCKS)

@@ -15,7 +15,6 @@ from machines import check_invariants
 
 from memslots.cli import main as cli
 from memslots.devices.virtio_mem import Request, Response
-from memslots.errors import OptionError
 from memslots.kvm.cost import unmap_cost
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import KvmVm
@@ -250,40 +249,3 @@ def test_simulate_compare_shows_metadata_and_unmap_cost(quirk: str) -> None:
     assert table.exit_code == 0, table.stderr
     assert "metadata x time" in table.stdout and "unmap cost (model)" in table.stdout
     assert f"slot-zap-all {quirk}" in table.stdout
-
-
-def test_unmap_grace_period_keeps_emptied_memslots_mapped_but_discards_at_once() -> None:
-    """x-unmap-grace-ms (evaluated in bench/unmap_policy.py): the blocks are discarded when they
-    are unplugged; only the unmap of the emptied memslot waits, and a plug in time keeps it."""
-    cfg = parse_machine_config(
-        "1G,maxmem=9G",
-        ["memory-backend-ram,id=mem0,size=8G,reserve=off"],
-        ["virtio-mem,id=vmem0,memdev=mem0,memslot-size=1G,x-unmap-grace-ms=10000"],
-        accel="sim",
-    )
-    with Machine(cfg, vm=KvmModel()) as m, GuestVm(m) as vm:
-        dev = m.virtio_mem("vmem0")
-        assert dev.memdev is not None
-        vm.settle()
-        assert vm.resize("vmem0", 2 * GiB).wait(100).ok
-        assert dev.memdev.memory.resident_bytes() > 0  # the guest wrote its pattern
-        creates, deletes = m.kvm.creates, m.kvm.deletes
-        assert vm.resize("vmem0", 0).wait(100).ok
-        # Unplugged and discarded at once, still mapped while the grace period runs.
-        assert dev.memdev.memory.resident_bytes() == 0
-        assert dev.mapped_memslots == 2 and dev.pending_unmaps == 2
-        assert m.kvm.deletes == deletes
-        assert vm.resize("vmem0", GiB).wait(5).ok  # back in time: no new memslot
-        assert (m.kvm.creates, dev.unmaps_avoided, dev.pending_unmaps) == (creates, 1, 1)
-        vm.settle(11)
-        assert dev.mapped_memslots == 1 and dev.pending_unmaps == 0
-        assert m.kvm.deletes == deletes + 1
-        # unplug-all (system reset) unmaps memslots in their grace period at once
-        assert vm.resize("vmem0", 0).wait(100).ok and dev.pending_unmaps == 1
-        dev.system_reset()
-        assert dev.mapped_memslots == 0 and dev.pending_unmaps == 0
-        assert vm.guests["vmem0"].violations == []
-    with pytest.raises(OptionError, match="'x-unmap-grace-ms' needs 'dynamic-memslots=on'"):
-        parse_machine_config(
-            "1G,maxmem=9G", [], ["virtio-mem,id=v,memdev=m,x-unmap-grace-ms=5"], accel="sim"
-        )
