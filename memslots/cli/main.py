@@ -684,7 +684,7 @@ def _print_summary(out: Console, results: Sequence[Any]) -> None:
         "metadata x time",
         "unmap cost (model)",
         "per delete",
-        "delete time (measured)",
+        "delete CPU time (measured)",
     ):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for r in results:

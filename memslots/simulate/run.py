@@ -7,7 +7,7 @@ step. Every step records the requested and plugged sizes, the memslots mapped, t
 (and, if asked, each request), memslot operations, the kernel metadata the model predicts and,
 on the real kernel, what VmallocUsed says, and what the memslot deletes cost the guest
 (:func:`memslots.kvm.cost.unmap_cost`: the delete plus, with KVM's SLOT_ZAP_ALL quirk, the
-re-fault of the guest's working set; on the real kernel also the measured delete time).
+re-fault of the guest's working set; on the real kernel also the deletes' measured CPU time).
 ``compare`` runs the same trace once per exposure strategy: one memslot, QEMU's dynamic
 memslots, or fixed-size memslots; :meth:`SimResult.summary` puts metadata and unmap cost side by
 side, since the memslot size trades one against the other.
@@ -138,7 +138,9 @@ class StepRecord:
     request_log: list[dict[str, object]] | None = None
     #: What this step's memslot deletes cost the guest, per the model (delete + re-fault).
     unmap_cost_ms: float = 0.0
-    #: On the real kernel: the measured time of this step's delete ioctls.
+    #: On the real kernel: the measured CPU time of this step's delete ioctls (the model's
+    #: unit: the delete part of the unmap cost; wall-clock time also counts a busy host's
+    #: waiting for a CPU).
     delete_ms_measured: float | None = None
 
     def as_dict(self) -> dict[str, object]:
@@ -326,7 +328,7 @@ def run_trace(
     machine.address_space.register(integral)
     # Memslot operations between two steps (a delayed unmap, a guest retry) count for the later.
     creates, deletes = machine.kvm.creates, machine.kvm.deletes
-    unmap_ms, delete_s = machine.kvm.unmap_cost_ms, machine.kvm.delete_seconds
+    unmap_ms, delete_s = machine.kvm.unmap_cost_ms, machine.kvm.delete_cpu_seconds
     for i, step in enumerate(trace):
         sched.run_until(lambda: False, step.time)
         result.metadata_byte_seconds = integral.advance()
@@ -352,11 +354,11 @@ def run_trace(
             memslot_map=[m.mapped for m in dev.memslot_map()],
             request_log=[r.as_dict() for r in new] if request_log else None,
             unmap_cost_ms=machine.kvm.unmap_cost_ms - unmap_ms,
-            delete_ms_measured=(machine.kvm.delete_seconds - delete_s) * 1e3 if real else None,
+            delete_ms_measured=(machine.kvm.delete_cpu_seconds - delete_s) * 1e3 if real else None,
         )
         result.steps.append(record)
         creates, deletes = machine.kvm.creates, machine.kvm.deletes
-        unmap_ms, delete_s = machine.kvm.unmap_cost_ms, machine.kvm.delete_seconds
+        unmap_ms, delete_s = machine.kvm.unmap_cost_ms, machine.kvm.delete_cpu_seconds
         guest.verify()
         if progress:
             progress(i + 1)
