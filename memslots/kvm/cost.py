@@ -271,10 +271,10 @@ class UnmapCostConstants:
 
 
 #: Measured by ``bench/unplug_cost.py`` (its default grid: quirk on/off x 1 GiB, 4 GiB, 1 TiB
-#: x 0, 2048, 16384 frames; the "fit" of a run on 2026-12-07, rounded) in CPU time, which on
-#: an idle host is the stall and which, unlike wall-clock time, does not grow while other jobs
-#: keep this shared 2-CPU host busy. A later run's rows, this model's predictions beside them
-#: and that run's own fit are in bench/results/unplug_cost.json.
+#: x 0, 2048, 16384 frames) in CPU time, which on an idle host is the stall and which, unlike
+#: wall-clock time, does not grow while other jobs keep this shared 2-CPU host busy: the "fit"
+#: of bench/results/unplug_cost_calibration.json (2026-12-07), rounded. A later run's rows, this
+#: model's predictions beside them and that run's own fit are in bench/results/unplug_cost.json.
 UNMAP_COST_MEASURED = UnmapCostConstants(
     host=(
         "Intel Xeon (nested, kvm_pvm: shadow paging, rmaps + write tracking eager), "

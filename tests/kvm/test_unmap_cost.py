@@ -222,3 +222,10 @@ def test_probe_vcpu_batches_and_stats() -> None:
         assert "mmu_shadow_zapped" in vm.stats()
         with pytest.raises(ValueError, match="does not fit"):
             v.write64_many([(gpas[0], -1)])
+
+
+def test_committed_constants_are_the_calibration_runs_fit() -> None:
+    fit = json.loads((RESULTS.parent / "unplug_cost_calibration.json").read_text())["fit"]
+    for key, value in UNMAP_COST_MEASURED.to_json().items():
+        if isinstance(value, float):
+            assert value == pytest.approx(fit[key], rel=0.01), key
