@@ -51,7 +51,7 @@ def run_demo(accel: str, *, as_json: bool = False, out: Console | None = None) -
     out = out or Console()
     config = parse_machine_config(DEMO_MEMORY, [DEMO_OBJECT], [DEMO_DEVICE], accel=accel)
     steps: list[DemoStep] = []
-    real_kvm = uses_real_kvm(accel)
+    real_kvm = uses_real_kvm(config.accel)
     with (
         open_vm_meter() if real_kvm else contextlib.nullcontext() as meter,
         Machine(config) as machine,

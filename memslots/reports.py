@@ -6,7 +6,9 @@ metrics and ``memslots info`` tell about a machine, built once and rendered by e
   ``memslots_consumer_*`` and ``memslots_device_memory_*`` metrics, ``info budget``;
 * :class:`MemslotReport`: one memslot of a memory device and who maps it; ``x-query-memslots``
   and ``info memslots``;
-* :class:`DevicePlan`: a memory device as decided; ``plan --json``'s ``memory_devices``;
+* :class:`DevicePlan`: a memory device as decided, with what unmapping one of its memslots costs
+  (:class:`UnmapCostPlan`); ``plan --json``'s ``memory_devices`` (and its ``unmap_cost_model``,
+  :class:`UnmapCostModel`);
 * :class:`KernelMetadataReport`: what our KVM memslots cost the kernel, the model's figure and
   (:class:`KernelMemoryReport`) what the per-VM meter measured; ``x-query-kernel-metadata`` and
   the ``memslots_kernel_metadata_*`` and ``memslots_kernel_memory_*`` metrics.
@@ -26,6 +28,7 @@ from typing import Any
 
 from memslots.devices.memory_device import MemoryDevice
 from memslots.host.kmem import KmemMeter
+from memslots.kvm.cost import UNMAP_COST_MEASURED
 from memslots.machine.machine import Machine
 from memslots.memory.address_space import Section
 from memslots.memory.consumer import MemslotConsumer
@@ -40,6 +43,8 @@ __all__ = [
     "KernelMetadataPlan",
     "KernelMetadataReport",
     "MemslotReport",
+    "UnmapCostModel",
+    "UnmapCostPlan",
     "budget_report",
     "device_plan",
     "from_qmp",
@@ -47,6 +52,7 @@ __all__ = [
     "memslot_report",
     "to_json",
     "to_qmp",
+    "unmap_cost_model",
 ]
 
 #: How a report names a device: its id, or what the caller calls an anonymous one.
@@ -122,9 +128,12 @@ class ConsumerReport:
     free_memslots: int
     #: False for a vhost-user back-end that was lost (it then maps none of our memory).
     connected: bool
+    #: KVM only (None for vhost back-ends): whether KVM_X86_QUIRK_SLOT_ZAP_ALL is in effect, so
+    #: that every memslot delete zaps all of the VM's shadow pages (``-accel …,slot-zap-all``).
+    slot_zap_all: bool | None = None
 
     @classmethod
-    def of(cls, consumer: MemslotConsumer) -> ConsumerReport:
+    def of(cls, consumer: MemslotConsumer, *, slot_zap_all: bool | None = None) -> ConsumerReport:
         """The consumer as it is now."""
         return cls(
             name=consumer.name,
@@ -132,6 +141,7 @@ class ConsumerReport:
             used_memslots=consumer.used_memslots,
             free_memslots=consumer.free_memslots,
             connected=consumer.connected,
+            slot_zap_all=slot_zap_all,
         )
 
 
@@ -173,8 +183,11 @@ def budget_report(machine: Machine) -> BudgetReport:
             reserved_memslots=dm.reserved_memslots,
             auto_decision_active=dm.auto_decision,
         )
-    consumers = [machine.kvm, *machine.budget.vhost_backends]
-    return BudgetReport([ConsumerReport.of(c) for c in consumers], device_memory)
+    consumers = [
+        ConsumerReport.of(machine.kvm, slot_zap_all=machine.vm.slot_zap_all),
+        *(ConsumerReport.of(b) for b in machine.budget.vhost_backends),
+    ]
+    return BudgetReport(consumers, device_memory)
 
 
 # -- the memslot map -------------------------------------------------------------------------------
@@ -243,6 +256,16 @@ class KernelMetadataPlan:
 
 
 @dataclass(frozen=True)
+class UnmapCostPlan:
+    """What deleting one memslot of a device costs the guest, per the model (milliseconds):
+    the delete, the re-fault of the guest's working set after it (with SLOT_ZAP_ALL), both."""
+
+    delete: float
+    refault: float
+    total: float
+
+
+@dataclass(frozen=True)
 class DevicePlan:
     """A memory device as decided: where it is and how it is exposed through memslots."""
 
@@ -256,6 +279,9 @@ class DevicePlan:
     memslot_size: int
     last_memslot_size: int
     kernel_metadata_bytes: KernelMetadataPlan
+    #: For one of its memslots (``memslot_size``), for the VM's slot-zap-all setting and the
+    #: guest working set of :class:`UnmapCostModel`.
+    unmap_cost_ms: UnmapCostPlan
 
 
 def device_plan(machine: Machine, dev: MemoryDevice) -> DevicePlan:
@@ -263,6 +289,7 @@ def device_plan(machine: Machine, dev: MemoryDevice) -> DevicePlan:
     mr = dev.get_memory_region()
     single, decided = machine.device_metadata_bytes(dev)
     plan = dev.memslot_plan()
+    unmap = machine.kvm.predicted_unmap_cost(plan.memslot_size)
     return DevicePlan(
         id=dev.id,
         type=dev.info_type,
@@ -274,7 +301,22 @@ def device_plan(machine: Machine, dev: MemoryDevice) -> DevicePlan:
         memslot_size=plan.memslot_size,
         last_memslot_size=plan.last_memslot_size,
         kernel_metadata_bytes=KernelMetadataPlan(single, decided),
+        unmap_cost_ms=UnmapCostPlan(unmap.delete_ms, unmap.refault_ms, unmap.total_ms),
     )
+
+
+@dataclass(frozen=True)
+class UnmapCostModel:
+    """What the unmap-cost figures assume: the guest working set (frames: 2 MiB guest pages,
+    one 4 KiB page used in each), and the host the model's constants were measured on."""
+
+    working_set_frames: int
+    constants_measured_on: str
+
+
+def unmap_cost_model(machine: Machine) -> UnmapCostModel:
+    """The assumptions behind the machine's unmap-cost figures."""
+    return UnmapCostModel(machine.kvm.working_set_frames, UNMAP_COST_MEASURED.host)
 
 
 # -- kernel metadata -------------------------------------------------------------------------------

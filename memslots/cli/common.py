@@ -1,4 +1,5 @@
-"""What the commands share: the QEMU-style machine options, size options, and the consoles."""
+"""What the commands share: the QEMU-style machine options, size options, the consoles and the
+format of durations."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import click
 from rich.console import Console
 
 from memslots.errors import MemslotsError
+from memslots.kvm.cost import DEFAULT_WORKING_SET_FRAMES
 from memslots.options import parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -60,11 +62,30 @@ def machine_options(f: F) -> F:
 accel_option = click.option(
     "-accel",
     "accel",
-    type=click.Choice(("auto", "kvm", "sim")),
     default="auto",
     show_default=True,
-    help="Real KVM, the model, or KVM when present.",
+    metavar="auto|kvm|sim[,slot-zap-all=on|off]",
+    help="Real KVM, the model, or KVM when present; slot-zap-all=on keeps KVM's quirk that "
+    "makes every memslot delete zap all shadow pages (default off: disabled where offered).",
 )
+
+working_set_option = click.option(
+    "--working-set",
+    "working_set",
+    type=click.IntRange(min=0),
+    default=DEFAULT_WORKING_SET_FRAMES,
+    show_default=True,
+    metavar="FRAMES",
+    help="Frames (2 MiB guest pages, one 4 KiB page used in each) the guest keeps using, for "
+    "the unmap-cost model: with slot-zap-all=on every memslot delete makes it re-fault them.",
+)
+
+
+def format_ms(ms: float) -> str:
+    """A duration given in milliseconds, for tables: ``0.42 ms``, ``53 ms``, ``1.86 s``."""
+    if ms >= 1000:
+        return f"{ms / 1000:.3g} s"
+    return f"{ms:.2g} ms" if ms < 10 else f"{ms:.0f} ms"
 
 
 def size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:

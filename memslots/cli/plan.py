@@ -9,14 +9,22 @@ from typing import Any
 import click
 from rich.table import Table
 
-from memslots.cli.common import accel_option, err, machine_options, size_option, table_console
+from memslots.cli.common import (
+    accel_option,
+    err,
+    format_ms,
+    machine_options,
+    size_option,
+    table_console,
+    working_set_option,
+)
 from memslots.errors import KvmUnavailableError, OptionError
 from memslots.kvm.host import host_info
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import kvm_available
 from memslots.machine.machine import Machine
 from memslots.options import parse_machine_config
-from memslots.reports import budget_report, device_plan, to_json
+from memslots.reports import budget_report, device_plan, to_json, unmap_cost_model
 from memslots.sizes import format_size
 from memslots.vhost.backend import VHOST_KINDS, VhostBackend, VhostModel
 
@@ -67,12 +75,16 @@ from memslots.vhost.backend import VHOST_KINDS, VhostBackend, VhostModel
     default=None,
     help="The vCPU's physical address bits [default: this host's].",
 )
+@accel_option
+@working_set_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan(
     memory: str,
     objects: Sequence[str],
     devices: Sequence[str],
     chardevs: Sequence[str],
+    accel: str,
+    working_set: int,
     kvm_max_memslots: int | None,
     kvm_free_memslots: int | None,
     vhost_max_memslots: int | None,
@@ -82,7 +94,10 @@ def plan(
     phys_bits: int | None,
     as_json: bool,
 ) -> None:
-    """Decide memslots as QEMU would, on the KVM model, without touching the kernel."""
+    """Decide memslots as QEMU would, on the KVM model, without touching the kernel.
+
+    ``-accel`` only contributes its properties (slot-zap-all): plan always uses the model.
+    """
     if vhost_free_memslots is not None and vhost_max_memslots is None:
         raise OptionError("--vhost-free-memslots needs --vhost-max-memslots")
     host = host_info().override(
@@ -100,16 +115,20 @@ def plan(
         if vhost and vhost_free_memslots is not None:
             m.set_free_memslots(vhost[0], vhost_free_memslots, "--vhost-free-memslots")
 
-    config = parse_machine_config(memory, objects, devices, accel="sim", chardevs=chardevs)
-    vm = KvmModel(max_memslots=host.kvm_max_memslots, mmu=host.mmu)
+    config = parse_machine_config(memory, objects, devices, accel=accel, chardevs=chardevs)
+    vm = KvmModel(
+        max_memslots=host.kvm_max_memslots, mmu=host.mmu, slot_zap_all=config.slot_zap_all
+    )
     machine = Machine(
         config, vm=vm, planned=True, vhost=vhost, before_devices=describe_host, host=host
     )
     with machine:
+        machine.kvm.working_set_frames = working_set
         result: dict[str, Any] = {
             "host": host.to_json(),
             "memory_devices": [to_json(device_plan(machine, d)) for d in machine.memory_devices],
             "budget": to_json(budget_report(machine)),
+            "unmap_cost_model": to_json(unmap_cost_model(machine)),
         }
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -131,6 +150,7 @@ def _print_plan(result: dict[str, Any]) -> None:
         "last",
         "metadata as 1 memslot",
         "as decided",
+        "unmap cost",
     ):
         table.add_column(col, justify="right" if col not in ("id", "type") else "left")
     for r in result["memory_devices"]:
@@ -146,6 +166,7 @@ def _print_plan(result: dict[str, Any]) -> None:
             format_size(r["last_memslot_size"]),
             format_size(md["single_memslot"]),
             format_size(md["decided_memslots"]),
+            format_ms(r["unmap_cost_ms"]["total"]),
         )
     out.print(table)
     host = result["host"]
@@ -158,6 +179,18 @@ def _print_plan(result: dict[str, Any]) -> None:
         f"{dm.get('used_memslots', 0)}, reserved {dm.get('reserved_memslots', 0)} memslots; "
         f"KVM: {kvm['used_memslots']} used, {kvm['free_memslots']} free of "
         f"{kvm['max_memslots']} ({host['mmu']})"
+    )
+    model = result["unmap_cost_model"]
+    out.print(
+        "KVM slot-zap-all: "
+        + (
+            "on (every memslot delete zaps all shadow pages: the guest re-faults its working set)"
+            if kvm["slot_zap_all"]
+            else "off (a memslot delete zaps only that memslot's mappings)"
+        )
+        + "; unmap cost = one memslot delete plus re-fault for a guest using "
+        f"{model['working_set_frames']} frames (constants measured on "
+        f"{model['constants_measured_on']})"
     )
     for v in vhost:
         out.print(

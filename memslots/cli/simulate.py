@@ -7,9 +7,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
+from rich.console import Console
 from rich.table import Table
 
-from memslots.cli.common import accel_option, err, machine_options, size_option, table_console
+from memslots.cli.common import (
+    accel_option,
+    err,
+    format_ms,
+    machine_options,
+    size_option,
+    table_console,
+    working_set_option,
+)
 from memslots.options import parse_machine_config
 from memslots.simulate.run import SCENARIOS
 from memslots.sizes import format_size
@@ -61,6 +70,7 @@ from memslots.sizes import format_size
     help="The guest's auto-online policy for hot-added memory.",
 )
 @click.option("--guest-force-bbm", is_flag=True, help="The guest's force_bbm=1.")
+@working_set_option
 @click.option(
     "--guest-pinned",
     default="",
@@ -91,6 +101,7 @@ def simulate(
     request_log: bool,
     guest_online: str,
     guest_force_bbm: bool,
+    working_set: int,
     guest_pinned: str,
     as_json: bool,
     csv_path: str | None,
@@ -149,6 +160,7 @@ def simulate(
                     request_log=request_log,
                     progress=advance,
                     guest_options=guest_opts,
+                    working_set_frames=working_set,
                 )
             )
     if csv_path:
@@ -193,6 +205,7 @@ def _print_simulation(results: Sequence[Any]) -> None:
             "creates/deletes",
             "KVM metadata",
             f"measured ({source_label(source)})",
+            "unmap cost",
             "outcome",
         ):
             table.add_column(col, justify="right")
@@ -208,6 +221,7 @@ def _print_simulation(results: Sequence[Any]) -> None:
                 format_size(s.kernel_metadata_measured)
                 if s.kernel_metadata_measured is not None
                 else "-",
+                format_ms(s.unmap_cost_ms) if s.memslot_deletes else "-",
                 s.outcome,
             )
         out.print(table)
@@ -225,3 +239,40 @@ def _print_simulation(results: Sequence[Any]) -> None:
             )
         if r.violations:
             out.print(f"[red]guest saw {len(r.violations)} violation(s):[/red] {r.violations[0]}")
+    _print_summary(out, results)
+
+
+def _print_summary(out: Console, results: Sequence[Any]) -> None:
+    """Metadata and unmap cost side by side, one row per strategy."""
+    first = results[0].summary()
+    table = Table(
+        title="Kernel metadata vs unmap cost (KVM slot-zap-all "
+        f"{'on' if first['slot_zap_all'] else 'off'}, guest working set "
+        f"{first['working_set_frames']} frames)",
+        title_justify="left",
+    )
+    for col in (
+        "strategy",
+        "creates",
+        "deletes",
+        "metadata peak",
+        "metadata x time",
+        "unmap cost (model)",
+        "per delete",
+        "delete CPU time (measured)",
+    ):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for r in results:
+        sm = r.summary()
+        measured = sm["delete_ms_measured"]
+        table.add_row(
+            r.strategy,
+            str(sm["memslot_creates"]),
+            str(sm["memslot_deletes"]),
+            format_size(sm["kernel_metadata_peak_bytes"]),
+            f"{sm['kernel_metadata_byte_seconds'] / (1 << 30):.3g} GiB*s",
+            format_ms(sm["unmap_cost_ms"]),
+            format_ms(sm["unmap_cost_ms_per_delete"]) if sm["memslot_deletes"] else "-",
+            format_ms(measured) if measured is not None else "-",
+        )
+    out.print(table)

@@ -55,6 +55,12 @@ KVM_SET_USER_MEMORY_REGION = _ioc(_IOC_WRITE, 0x46, REGION_STRUCT.size)
 KVM_SET_USER_MEMORY_REGION2 = _ioc(_IOC_WRITE, 0x49, REGION2_STRUCT.size)
 KVM_ENABLE_CAP = _ioc(_IOC_WRITE, 0xA3, ENABLE_CAP_SIZE)
 KVM_CLEAR_DIRTY_LOG = _ioc(_IOC_READ | _IOC_WRITE, 0xC0, CLEAR_DIRTY_LOG_SIZE)
+# Binary statistics (Linux 5.14+), on a VM or vCPU fd: returns a read-only stats fd.
+KVM_GET_STATS_FD = _ioc(_IOC_NONE, 0xCE, 0)
+# struct kvm_stats_header: flags, name_size, num_desc, id_offset, desc_offset, data_offset.
+STATS_HEADER = struct.Struct("=6I")
+# struct kvm_stats_desc (then char name[name_size]): flags, exponent, size, offset, bucket_size.
+STATS_DESC = struct.Struct("=IhHII")
 
 # vCPU ABI (x86-64), used by memslots.kvm.vcpu to run a probe guest.
 # struct kvm_regs: rax rbx rcx rdx rsi rdi rsp rbp r8-r15 rip rflags.
@@ -80,6 +86,8 @@ SREGS_SIZE = SREGS_CONTROL_OFFSET + 8 * len(SREGS_CONTROL) + 4 * 8
 # eax, ebx, ecx, edx, padding[3]).
 CPUID2_HEADER = struct.Struct("=II")
 CPUID_ENTRY2 = struct.Struct("=7I12x")
+# struct kvm_enable_cap: cap, flags, args[4], pad[64].
+ENABLE_CAP_STRUCT = struct.Struct("=II4Q64x")
 
 KVM_GET_VCPU_MMAP_SIZE = _ioc(_IOC_NONE, 0x04, 0)
 KVM_GET_SUPPORTED_CPUID = _ioc(_IOC_READ | _IOC_WRITE, 0x05, CPUID2_HEADER.size)
@@ -129,6 +137,14 @@ KVM_CAP_DIRTY_LOG_RING = 192
 KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP = 225
 KVM_CAP_USER_MEMORY2 = 231
 KVM_CAP_GUEST_MEMFD = 234
+# KVM_CHECK_EXTENSION returns the mask of quirks that can be disabled; KVM_ENABLE_CAP with
+# args[0] = mask disables them (on the VM fd, before any vCPU exists).
+KVM_CAP_DISABLE_QUIRKS2 = 213
+# Linux 6.12+: with this quirk (on by default), deleting or moving any memslot zaps every shadow
+# page of the VM, not just the slot's own mappings; every vCPU then re-faults its working set.
+KVM_X86_QUIRK_SLOT_ZAP_ALL = 1 << 7
+# What KVM_CAP_DISABLE_QUIRKS2 offers on this kind of host (Linux 6.18, x86): quirks 0-8 and 10.
+KVM_X86_QUIRKS2_MASK_6_18 = 0x5FF
 
 # Dirty bitmaps are indexed by unsigned int, hence the per-slot page limit.
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
@@ -321,6 +337,12 @@ class VmBackend(Protocol):
     @property
     def mmu(self) -> MmuConfig:
         """The MMU configuration that decides what each memslot costs the kernel."""
+        ...
+
+    @property
+    def slot_zap_all(self) -> bool:
+        """Whether deleting a memslot zaps every shadow page of the VM (KVM's SLOT_ZAP_ALL quirk
+        in effect), rather than only the slot's own mappings."""
         ...
 
     def set_memory_region(

@@ -3,7 +3,8 @@
 :class:`KvmAccel` owns the slot numbers (lowest free id first, freed ids reused, as
 Cloud Hypervisor's and crosvm's allocators do) and drives a VM backend, which is either the real
 kernel (:class:`memslots.kvm.vm.KvmVm`) or the model (:class:`memslots.kvm.model.KvmModel`). It
-also predicts what the kernel spends on metadata for the slots it holds.
+also predicts what the kernel spends on metadata for the slots it holds, and what each memslot
+delete costs the guest (:func:`memslots.kvm.cost.unmap_cost`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from dataclasses import dataclass
 
 from memslots.errors import KvmError
 from memslots.kvm.abi import VmBackend
-from memslots.kvm.cost import slot_memcg_bytes, slot_metadata_bytes
+from memslots.kvm.cost import (
+    DEFAULT_WORKING_SET_FRAMES,
+    UnmapCost,
+    slot_memcg_bytes,
+    slot_metadata_bytes,
+    unmap_cost,
+)
 from memslots.memory.address_space import Section
 from memslots.memory.consumer import MemslotConsumer
 
@@ -34,6 +41,13 @@ class KvmAccel(MemslotConsumer):
 
     QEMU's boot also spends slots on ROMs and BIOS; ``other_used`` lets a planner describe
     such a host ("N memslots free when the first memory device is plugged").
+
+    ``kernel_seconds`` is the time spent in memslot ioctls, ``delete_seconds`` the part of it
+    spent deleting and ``delete_cpu_seconds`` the CPU time of those deletes (which, unlike
+    wall-clock time, does not grow while other processes keep the host's CPUs busy).
+    ``unmap_cost_ms`` adds up what the model predicts the deletes cost the guest (delete plus
+    re-fault, :func:`~memslots.kvm.cost.unmap_cost`) for a guest that keeps using
+    ``working_set_frames`` frames and the VM's SLOT_ZAP_ALL setting.
     """
 
     name = "kvm"
@@ -47,6 +61,10 @@ class KvmAccel(MemslotConsumer):
         self.creates = 0
         self.deletes = 0
         self.kernel_seconds = 0.0
+        self.delete_seconds = 0.0
+        self.delete_cpu_seconds = 0.0
+        self.working_set_frames = DEFAULT_WORKING_SET_FRAMES
+        self.unmap_cost_ms = 0.0
 
     @property
     def is_real(self) -> bool:
@@ -95,13 +113,23 @@ class KvmAccel(MemslotConsumer):
 
     def region_del(self, section: Section) -> None:
         slot = self._slots.pop(section)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
             self.vm.delete_memory_region(slot)
         finally:
-            self.kernel_seconds += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            self.kernel_seconds += elapsed
+            self.delete_seconds += elapsed
+            self.delete_cpu_seconds += time.thread_time() - cpu0
         heapq.heappush(self._free_ids, slot)
         self.deletes += 1
+        self.unmap_cost_ms += self.predicted_unmap_cost(section.size).total_ms
+
+    def predicted_unmap_cost(self, size: int) -> UnmapCost:
+        """What deleting a memslot of ``size`` bytes costs the guest (kvm.cost.unmap_cost)."""
+        return unmap_cost(
+            size, slot_zap_all=self.vm.slot_zap_all, working_set_frames=self.working_set_frames
+        )
 
     def predicted_metadata_bytes(self, which: Callable[[Section], bool] | None = None) -> int:
         """Kernel vmalloc bytes our memslots (or those ``which`` selects) cost (kvm.cost)."""

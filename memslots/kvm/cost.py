@@ -9,9 +9,16 @@ for areas above 2 MiB, a vmalloc'ed ``struct page *`` array (recursively). The r
 that creates it (``GFP_KERNEL_ACCOUNT``): the data pages of each array, without the nested
 page-pointer arrays (vmalloc allocates those with the reclaim bits of the caller's flags only,
 so without ``__GFP_ACCOUNT``), plus the slab charge of the ``struct kvm_memory_slot``.
+
+:func:`unmap_cost` predicts what deleting a memslot costs the guest in time (the delete, and
+with KVM's SLOT_ZAP_ALL quirk the re-fault of its working set), from constants measured by
+``bench/unplug_cost.py``.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 from memslots.kvm.abi import PAGE_SHIFT, PAGE_SIZE
 from memslots.kvm.mmu import MmuConfig
@@ -122,3 +129,117 @@ def slot_memcg_bytes(gpa: int, size: int, mmu: MmuConfig, dirty_log: bool = Fals
     arrays = slot_arrays(gpa >> PAGE_SHIFT, size >> PAGE_SHIFT, mmu, dirty_log)
     per_space = sum(memcg_area_pages(n) for _, n in arrays) * PAGE_SIZE + SLOT_STRUCT_CHARGE
     return per_space * mmu.address_spaces
+
+
+# -- what unmapping a memslot costs the guest --------------------------------------------------
+#
+# Deleting a memslot stalls the guest twice: the delete itself (the kernel holds the MMU lock
+# while it zaps shadow pages and walks the slot) and, when KVM_X86_QUIRK_SLOT_ZAP_ALL is in
+# effect, the re-fault of everything the vCPUs use afterwards, because the quirk zaps *every*
+# shadow page of the VM, not just the slot's. The formula (shadow paging, Linux 6.12+), with S
+# the slot size in GiB and W the guest's working set in frames:
+#
+#   quirk on:  delete  = ZAP_ALL_BASE + ZAP_ALL_PER_FRAME * W + FREE_PER_GIB * S
+#              refault = REFAULT_PER_FRAME * W
+#   quirk off: delete  = ZAP_SLOT_BASE + S * (ZAP_SLOT_PER_GIB + ZAP_SLOT_PER_GIB_FRAME * W
+#                                             + ZAP_SLOT_PER_GIB_FRAME2 * W^2)
+#              refault = 0
+#
+# A frame is a 2 MiB guest page in which the vCPU keeps using one 4 KiB host page: one shadow
+# page and one SPTE, what bench/unplug_cost.py's probe vCPU touches (a guest using 4 KiB pages
+# has at least one shadow page per 2 MiB it touches). With the quirk on, the kernel zaps all W
+# shadow pages (fast zap), frees the slot's metadata (vfree, linear in S), and the vCPU then
+# faults every frame back in. With it off, the kernel visits every 4 KiB gfn of the slot: it
+# zaps the slot's rmaps and looks each gfn up in the shadow-page hash
+# (kvm_mmu_zap_memslot_pages_and_flush), whose 4096 buckets chain the VM's W shadow pages, so
+# the walk costs S * (a + b * W) visits; the cost of a visit itself grows with W once the
+# shadow pages no longer fit in the CPU caches, which the (empirical) W^2 term captures. It was
+# fitted on W in {0, 2048, 16384}; beyond that it is an extrapolation.
+
+
+@dataclass(frozen=True)
+class UnmapCostConstants:
+    """The measured constants of the unmap-cost formula (milliseconds; see above).
+
+    ``host`` and ``source`` say where they were measured: hosts differ (CPU, caches, nesting,
+    kernel, THP, TDP instead of shadow paging), so re-run ``bench/unplug_cost.py`` on the host
+    that matters and use its fit (``--json``'s ``"fit"``) rather than trusting these elsewhere.
+    """
+
+    host: str
+    source: str
+    zap_all_base_ms: float
+    zap_all_per_frame_ms: float
+    free_per_gib_ms: float
+    zap_slot_base_ms: float
+    zap_slot_per_gib_ms: float
+    zap_slot_per_gib_frame_ms: float
+    zap_slot_per_gib_frame2_ms: float
+    refault_per_frame_ms: float
+
+    def to_json(self) -> dict[str, object]:
+        """All fields, for ``--json`` outputs."""
+        return dataclasses.asdict(self)
+
+
+#: Measured by ``bench/unplug_cost.py`` (its default grid: quirk on/off x 1 GiB, 4 GiB, 1 TiB
+#: x 0, 2048, 16384 frames) in CPU time, which on an idle host is the stall and which, unlike
+#: wall-clock time, does not grow while other jobs keep this shared 2-CPU host busy: the "fit"
+#: of bench/results/unplug_cost_calibration.json (2026-12-07), rounded. A later run's rows, this
+#: model's predictions beside them and that run's own fit are in bench/results/unplug_cost.json.
+UNMAP_COST_MEASURED = UnmapCostConstants(
+    host=(
+        "Intel Xeon (nested, kvm_pvm: shadow paging, rmaps + write tracking eager), "
+        "Linux 6.18, 2 vCPUs"
+    ),
+    source="bench/unplug_cost.py, fit of its default grid (CPU time)",
+    zap_all_base_ms=0.0614,
+    zap_all_per_frame_ms=0.00182,
+    free_per_gib_ms=0.0599,
+    zap_slot_base_ms=0.0675,
+    zap_slot_per_gib_ms=0.665,
+    zap_slot_per_gib_frame_ms=0.000488,
+    zap_slot_per_gib_frame2_ms=1.48e-8,
+    refault_per_frame_ms=0.0265,
+)
+
+#: The guest working set assumed where none is given: 2048 frames (issue 12's case).
+DEFAULT_WORKING_SET_FRAMES = 2048
+
+
+@dataclass(frozen=True)
+class UnmapCost:
+    """What deleting one memslot costs the guest: the delete and the re-fault after it (ms)."""
+
+    delete_ms: float
+    refault_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        """The guest's whole stall for the delete."""
+        return self.delete_ms + self.refault_ms
+
+
+def unmap_cost(
+    slot_size: int,
+    *,
+    slot_zap_all: bool,
+    working_set_frames: int = DEFAULT_WORKING_SET_FRAMES,
+    constants: UnmapCostConstants = UNMAP_COST_MEASURED,
+) -> UnmapCost:
+    """The predicted cost to the guest of deleting one memslot of ``slot_size`` bytes.
+
+    ``slot_zap_all``: whether KVM_X86_QUIRK_SLOT_ZAP_ALL is in effect (the kernel's default);
+    ``working_set_frames``: how many frames the vCPUs keep using elsewhere (see above).
+    """
+    if slot_size < 0 or working_set_frames < 0:
+        raise ValueError(f"negative slot size {slot_size} or working set {working_set_frames}")
+    c = constants
+    gib = slot_size / (1 << 30)
+    w = working_set_frames
+    if slot_zap_all:
+        delete = c.zap_all_base_ms + c.zap_all_per_frame_ms * w + c.free_per_gib_ms * gib
+        return UnmapCost(delete, c.refault_per_frame_ms * w)
+    per_gib = c.zap_slot_per_gib_ms + c.zap_slot_per_gib_frame_ms * w
+    per_gib += c.zap_slot_per_gib_frame2_ms * w * w
+    return UnmapCost(c.zap_slot_base_ms + gib * per_gib, 0.0)

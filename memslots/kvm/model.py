@@ -21,6 +21,8 @@ from memslots.kvm.abi import (
     KVM_MEM_READONLY,
     KVM_MEM_SLOTS_NUM,
     KVM_MEM_V1_FLAGS,
+    KVM_X86_QUIRK_SLOT_ZAP_ALL,
+    KVM_X86_QUIRKS2_MASK_6_18,
     PAGE_SHIFT,
     PAGE_SIZE,
     SHADOW_MAX_GPA_BITS,
@@ -73,6 +75,11 @@ class KvmModel(Closing):
     MAXPHYADDR to model TDP). Slot id ``max_memslots - 1`` of address space 0 is reserved for
     :meth:`probe_mapped`, as on the real VM. ``creates`` and ``deletes`` count successful
     creations and deletions, however requested (probes excluded).
+
+    ``disableable_quirks`` is what KVM_CHECK_EXTENSION(KVM_CAP_DISABLE_QUIRKS2) reports (Linux
+    6.18's x86 mask by default; 0 models a kernel before 6.12, which always zaps everything on
+    a delete). ``slot_zap_all=False`` disables KVM_X86_QUIRK_SLOT_ZAP_ALL at creation where it
+    is offered, as :class:`~memslots.kvm.vm.KvmVm` does.
     """
 
     is_real = False
@@ -84,6 +91,8 @@ class KvmModel(Closing):
         nr_address_spaces: int = 1,
         *,
         max_gpa_bits: int = SHADOW_MAX_GPA_BITS,
+        slot_zap_all: bool = False,
+        disableable_quirks: int = KVM_X86_QUIRKS2_MASK_6_18,
     ) -> None:
         if not 1 <= max_memslots <= KVM_MEM_SLOTS_NUM:
             raise ValueError(f"max_memslots {max_memslots} is outside 1..{KVM_MEM_SLOTS_NUM}")
@@ -97,6 +106,27 @@ class KvmModel(Closing):
         self._closed = False
         self.creates = 0
         self.deletes = 0
+        self.disableable_quirks = disableable_quirks
+        self.disabled_quirks = 0
+        if not slot_zap_all and disableable_quirks & KVM_X86_QUIRK_SLOT_ZAP_ALL:
+            self.disable_quirks(KVM_X86_QUIRK_SLOT_ZAP_ALL)
+
+    def disable_quirks(self, mask: int) -> None:
+        """KVM_CAP_DISABLE_QUIRKS2: EINVAL for a quirk that is not offered, as the kernel."""
+        if self._closed:
+            raise KvmError("the model VM is closed", errno.EBADF)
+        if mask & ~self.disableable_quirks:
+            raise KvmError(
+                f"KVM_CAP_DISABLE_QUIRKS2: quirks {mask & ~self.disableable_quirks:#x} cannot be "
+                f"disabled here (offered: {self.disableable_quirks:#x})",
+                errno.EINVAL,
+            )
+        self.disabled_quirks |= mask
+
+    @property
+    def slot_zap_all(self) -> bool:
+        """Whether a memslot delete zaps every shadow page of the VM (see KvmVm)."""
+        return not self.disabled_quirks & KVM_X86_QUIRK_SLOT_ZAP_ALL
 
     def slots(self) -> dict[int, ModelSlot]:
         """A copy of the slot table, keyed and ordered by the full slot number."""

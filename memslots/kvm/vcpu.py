@@ -55,6 +55,7 @@ import fcntl
 import mmap
 import os
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -96,7 +97,7 @@ from memslots.kvm.abi import (
     CpuidEntry,
     pack_cpuid2,
 )
-from memslots.kvm.vm import KvmVm
+from memslots.kvm.vm import KvmVm, read_stats
 from memslots.memory.address_space import GuestMemory, RamBlock
 from memslots.sizes import MiB
 
@@ -178,11 +179,15 @@ def _stub(vector: int) -> bytes:
 
 @dataclass(frozen=True)
 class VcpuStats:
-    """Counters of a :class:`ProbeVcpu`: commands run, KVM_RUN calls, MMIO exits."""
+    """Counters of a :class:`ProbeVcpu`: commands run, KVM_RUN calls, MMIO exits, and the
+    seconds spent inside KVM_RUN (the guest's own time, without the host's Python), as wall
+    time and as the thread's CPU time (which does not count waiting for a busy host's CPU)."""
 
     commands: int = 0
     runs: int = 0
     mmio_exits: int = 0
+    run_seconds: float = 0.0
+    run_cpu_seconds: float = 0.0
 
 
 def pattern_words(gpa: int, length: int, seed: int) -> list[tuple[int, int]]:
@@ -291,6 +296,8 @@ class ProbeVcpu(Closing):
         self._fd = -1
         self._run: mmap.mmap | None = None
         self._commands = self._runs = self._mmio_exits = 0
+        self._run_seconds = 0.0
+        self._run_cpu_seconds = 0.0
         section = boot.address_space.find(0)
         if section is None or section.end < IMAGE_SIZE:
             raise VcpuError(
@@ -343,7 +350,9 @@ class ProbeVcpu(Closing):
     @property
     def stats(self) -> VcpuStats:
         """A snapshot of the counters."""
-        return VcpuStats(self._commands, self._runs, self._mmio_exits)
+        return VcpuStats(
+            self._commands, self._runs, self._mmio_exits, self._run_seconds, self._run_cpu_seconds
+        )
 
     def read8(self, gpa: int) -> int | None:
         """The byte at ``gpa`` as the guest reads it; None if it is not RAM (MMIO exit)."""
@@ -365,6 +374,25 @@ class ProbeVcpu(Closing):
             raise ValueError(f"write64 value {value:#x} does not fit in 64 bits")
         va = self._va(gpa, 8, True)
         return self._run_batch([(_OP_WRITE64, va, value)], [gpa])[0] is not None
+
+    def kvm_stats(self) -> dict[str, int]:
+        """The vCPU's KVM binary statistics (``pf_fixed``: page faults KVM fixed, ...)."""
+        if self._fd < 0:
+            raise VcpuError("the probe vCPU is closed", errno.EBADF)
+        return read_stats(self._fd)
+
+    def read64_many(self, gpas: Sequence[int]) -> list[int | None]:
+        """:meth:`read64` of every GPA, in order, in one KVM_RUN per :data:`MAX_BATCH`."""
+        ops = [(_OP_READ64, self._va(gpa, 8, False), 0) for gpa in gpas]
+        return self._run_batch(ops, gpas)
+
+    def write64_many(self, words: Sequence[tuple[int, int]]) -> bool:
+        """:meth:`write64` of every ``(gpa, value)``, batched; False if any hit MMIO."""
+        for _gpa, value in words:
+            if not 0 <= value <= _U64:
+                raise ValueError(f"write64 value {value:#x} does not fit in 64 bits")
+        ops = [(_OP_WRITE64, self._va(gpa, 8, True), value) for gpa, value in words]
+        return all(r is not None for r in self._run_batch(ops, [gpa for gpa, _ in words]))
 
     def is_ram(self, gpa: int) -> bool:
         """Whether a guest read of ``gpa`` reaches memory rather than exiting as MMIO.
@@ -502,6 +530,7 @@ class ProbeVcpu(Closing):
     def _enter(self, run: mmap.mmap) -> None:
         while True:
             self._runs += 1
+            t0, cpu0 = time.perf_counter(), time.thread_time()
             try:
                 fcntl.ioctl(self._fd, KVM_RUN, 0)
                 return
@@ -510,6 +539,9 @@ class ProbeVcpu(Closing):
                 continue
             except OSError as e:
                 raise VcpuError(f"KVM_RUN failed: {e.strerror}", _errno(e)) from e
+            finally:
+                self._run_seconds += time.perf_counter() - t0
+                self._run_cpu_seconds += time.thread_time() - cpu0
 
     def _current_command(self) -> int:
         va = struct.unpack("=Q", self._read(_CTRL + 8, 8))[0]

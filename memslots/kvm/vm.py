@@ -18,19 +18,26 @@ from memslots.closing import Closing
 from memslots.errors import KvmError, KvmUnavailableError
 from memslots.kvm.abi import (
     DEFAULT_NR_MEMSLOTS,
+    ENABLE_CAP_STRUCT,
     KVM_API_VERSION,
+    KVM_CAP_DISABLE_QUIRKS2,
     KVM_CAP_MULTI_ADDRESS_SPACE,
     KVM_CAP_NR_MEMSLOTS,
     KVM_CAP_USER_MEMORY2,
     KVM_CHECK_EXTENSION,
     KVM_CREATE_VCPU,
     KVM_CREATE_VM,
+    KVM_ENABLE_CAP,
     KVM_GET_API_VERSION,
+    KVM_GET_STATS_FD,
     KVM_GET_SUPPORTED_CPUID,
     KVM_GET_VCPU_MMAP_SIZE,
     KVM_SET_USER_MEMORY_REGION,
     KVM_SET_USER_MEMORY_REGION2,
+    KVM_X86_QUIRK_SLOT_ZAP_ALL,
     PAGE_SIZE,
+    STATS_DESC,
+    STATS_HEADER,
     CpuidEntry,
     UserspaceMemoryRegion,
     memslot_error,
@@ -111,14 +118,22 @@ class KvmVm(Closing):
     ``max_memslots - 1`` of address space 0 is reserved for :meth:`probe_mapped`. Errors raise
     :class:`KvmError` with the kernel's errno; a missing or unusable ``/dev/kvm`` raises
     :class:`KvmUnavailableError`.
+
+    ``slot_zap_all=False`` (the default, ``-accel kvm,slot-zap-all=off``) disables KVM's
+    SLOT_ZAP_ALL quirk at creation where KVM_CAP_DISABLE_QUIRKS2 offers it (Linux 6.12+), so a
+    memslot delete zaps only that slot's mappings instead of every shadow page of the VM;
+    ``True`` keeps the kernel's default. :attr:`slot_zap_all` says what is in effect.
     """
 
     is_real = True
 
-    def __init__(self, path: str = "/dev/kvm") -> None:
+    def __init__(self, path: str = "/dev/kvm", *, slot_zap_all: bool = False) -> None:
         self.path = path
         self._vm_fd = -1
         self._scratch: mmap.mmap | None = None
+        self._vcpus = 0
+        #: Quirks this VM has disabled through KVM_CAP_DISABLE_QUIRKS2.
+        self.disabled_quirks = 0
         sys_fd = _open_system(path)
         try:
             version = _ioctl(sys_fd, KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
@@ -138,6 +153,10 @@ class KvmVm(Closing):
             self.nr_address_spaces: int = max(1, self.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE))
             self.has_region2: bool = self.check_extension(KVM_CAP_USER_MEMORY2) > 0
             self.mmu: MmuConfig = read_host_mmu(smm=self.nr_address_spaces > 1)
+            #: KVM_CHECK_EXTENSION(KVM_CAP_DISABLE_QUIRKS2): the quirks that can be disabled.
+            self.disableable_quirks: int = self.check_extension(KVM_CAP_DISABLE_QUIRKS2)
+            if not slot_zap_all and self.disableable_quirks & KVM_X86_QUIRK_SLOT_ZAP_ALL:
+                self.disable_quirks(KVM_X86_QUIRK_SLOT_ZAP_ALL)
         except BaseException:
             self.close()
             raise
@@ -156,6 +175,48 @@ class KvmVm(Closing):
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd: 0 if unsupported, else a capability-specific value."""
         return _ioctl(self.vm_fd, KVM_CHECK_EXTENSION, cap, f"KVM_CHECK_EXTENSION({cap})")
+
+    def disable_quirks(self, mask: int) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_DISABLE_QUIRKS2, mask): disable these quirks for this VM.
+
+        Only before the first vCPU: KVM's documentation asks for it, and a quirk that changes
+        how shadow pages are zapped must not change under a running vCPU (this kernel would
+        accept it later; we refuse with EBUSY). A quirk the kernel does not offer is EINVAL,
+        as the kernel answers.
+        """
+        if self._vcpus:
+            raise KvmError(
+                "KVM_CAP_DISABLE_QUIRKS2: quirks must be disabled before any vCPU is created",
+                errno.EBUSY,
+            )
+        if mask & ~self.disableable_quirks:
+            raise KvmError(
+                f"KVM_CAP_DISABLE_QUIRKS2: quirks {mask & ~self.disableable_quirks:#x} cannot be "
+                f"disabled here (offered: {self.disableable_quirks:#x})",
+                errno.EINVAL,
+            )
+        buf = bytearray(ENABLE_CAP_STRUCT.pack(KVM_CAP_DISABLE_QUIRKS2, 0, mask, 0, 0, 0))
+        try:
+            fcntl.ioctl(self.vm_fd, KVM_ENABLE_CAP, buf, True)
+        except OSError as e:
+            raise KvmError(
+                f"KVM_ENABLE_CAP(KVM_CAP_DISABLE_QUIRKS2, {mask:#x}) failed: {e.strerror}",
+                _errno(e),
+            ) from e
+        self.disabled_quirks |= mask
+
+    @property
+    def slot_zap_all(self) -> bool:
+        """Whether a memslot delete zaps every shadow page of the VM (the quirk is in effect).
+
+        True unless this VM disabled KVM_X86_QUIRK_SLOT_ZAP_ALL; kernels before 6.12 have no
+        such quirk and always zap everything.
+        """
+        return not self.disabled_quirks & KVM_X86_QUIRK_SLOT_ZAP_ALL
+
+    def stats(self) -> dict[str, int]:
+        """The VM's KVM binary statistics (e.g. ``mmu_shadow_zapped``), see :func:`read_stats`."""
+        return read_stats(self.vm_fd)
 
     def set_memory_region(
         self, slot: int, gpa: int, size: int, userspace_addr: int, flags: int = 0
@@ -218,7 +279,9 @@ class KvmVm(Closing):
         The kernel keeps the vCPU until the VM is closed, even after its fd is closed, so an id
         can be created only once per VM (EEXIST otherwise).
         """
-        return _ioctl(self.vm_fd, KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU({vcpu_id})")
+        fd = _ioctl(self.vm_fd, KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU({vcpu_id})")
+        self._vcpus += 1
+        return fd
 
     def close(self) -> None:
         """Close the VM (the kernel frees all its memslots); safe to call more than once."""
@@ -256,6 +319,32 @@ class KvmVm(Closing):
             self._scratch = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         # The temporary ctypes view is dropped at once, so the mmap can still be closed later.
         return ctypes.addressof(ctypes.c_char.from_buffer(self._scratch))
+
+
+def read_stats(fd: int) -> dict[str, int]:
+    """KVM_GET_STATS_FD on a VM or vCPU fd: every single-value statistic by name.
+
+    Histograms (statistics of more than one value) are left out. :class:`KvmError` if the
+    kernel has no binary statistics (before Linux 5.14).
+    """
+    stats_fd = _ioctl(fd, KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")
+    try:
+        header = os.pread(stats_fd, STATS_HEADER.size, 0)
+        _flags, name_size, num_desc, _id, desc_offset, data_offset = STATS_HEADER.unpack(header)
+        stride = STATS_DESC.size + name_size
+        descs = os.pread(stats_fd, stride * num_desc, desc_offset)
+        wanted: list[tuple[str, int]] = []
+        end = 0
+        for i in range(num_desc):
+            _f, _exp, size, offset, _bucket = STATS_DESC.unpack_from(descs, i * stride)
+            raw = descs[i * stride + STATS_DESC.size : (i + 1) * stride]
+            if size == 1:
+                wanted.append((raw.split(b"\0", 1)[0].decode(), offset))
+            end = max(end, offset + 8 * size)
+        data = os.pread(stats_fd, end, data_offset)
+        return {name: int.from_bytes(data[o : o + 8], "little") for name, o in wanted}
+    finally:
+        os.close(stats_fd)
 
 
 def _errno(e: OSError) -> int:

@@ -48,14 +48,22 @@ def uses_real_kvm(accel: str) -> bool:
     return accel == "kvm" or (accel == "auto" and kvm_available())
 
 
-def create_vm(accel: str, *, max_memslots: int | None = None) -> VmBackend:
-    """A VM for ``-accel``: the real kernel (``kvm``), the model (``sim``), or either (auto)."""
+def create_vm(
+    accel: str, *, max_memslots: int | None = None, slot_zap_all: bool = False
+) -> VmBackend:
+    """A VM for ``-accel``: the real kernel (``kvm``), the model (``sim``), or either (auto).
+
+    ``slot_zap_all`` is ``-accel``'s property: keep KVM's SLOT_ZAP_ALL quirk (else disabled
+    where the kernel offers it).
+    """
     if uses_real_kvm(accel):
-        return KvmVm()
+        return KvmVm(slot_zap_all=slot_zap_all)
     if accel == "auto":
         log.warning("/dev/kvm is not available: using the KVM model instead of the kernel")
     return KvmModel(
-        max_memslots=max_memslots if max_memslots is not None else 32764, mmu=host_info().mmu
+        max_memslots=max_memslots if max_memslots is not None else 32764,
+        mmu=host_info().mmu,
+        slot_zap_all=slot_zap_all,
     )
 
 
@@ -83,7 +91,9 @@ class Machine(Closing):
         self.layout = pc_layout(
             config.memory, cpu_vendor=self.host.cpu_vendor, phys_bits=self.host.phys_bits
         )
-        self.vm = vm if vm is not None else create_vm(config.accel)
+        self.vm = (
+            vm if vm is not None else create_vm(config.accel, slot_zap_all=config.slot_zap_all)
+        )
         self.kvm = KvmAccel(self.vm)
         self.address_space = AddressSpace(
             "memory", MemoryRegion.container("system", PHYS_ADDR_SPACE)

@@ -323,6 +323,12 @@ def _budget_tables(data: Any) -> list[Table]:
         consumers.add_column(name, justify="right")
     for c in budget.consumers:
         consumers.add_row(c.name, str(c.max_memslots), str(c.used_memslots), str(c.free_memslots))
+        if c.slot_zap_all is not None:  # KVM's
+            consumers.caption = "KVM slot-zap-all: " + (
+                "on (a memslot delete zaps all shadow pages)"
+                if c.slot_zap_all
+                else "off (a memslot delete zaps only its own mappings)"
+            )
     tables = [consumers]
     dm = budget.device_memory
     if dm is not None:

@@ -124,7 +124,11 @@ async def _serve(
 ) -> None:
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
-    vm = vm_factory() if vm_factory is not None else create_vm(config.accel)
+    vm = (
+        vm_factory()
+        if vm_factory is not None
+        else create_vm(config.accel, slot_zap_all=config.slot_zap_all)
+    )
     machine = Machine(config, vm=vm)
     runtime = MachineRuntime(machine, stopped)
     server = QMPServer()

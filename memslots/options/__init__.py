@@ -4,7 +4,7 @@ Every parser of user text lives in this package, and nothing else turns text int
 
 * :mod:`~memslots.options.grammar`: QEMU's ``key=value`` grammar and its typed values;
 * :mod:`~memslots.options.machine`: ``-m``, ``-object memory-backend-*``, ``-device`` (memory
-  devices) and the whole :class:`MachineConfig`;
+  devices), ``-accel`` and the whole :class:`MachineConfig`;
 * :mod:`~memslots.options.vhost_user`: ``-chardev socket`` and vhost-user ``-device``;
 * :mod:`~memslots.options.monitor`: ``-qmp``, and the client's QMP address and arguments;
 * :mod:`~memslots.options.simulate`: resize traces, exposure strategies, pinned offsets.
@@ -24,6 +24,7 @@ from memslots.options.machine import (
     DIMM_DRIVERS,
     SUPPORTED_DEVICES,
     VIRTIO_MEM_DRIVERS,
+    AccelOptions,
     BackendOptions,
     DeviceOptions,
     DimmOptions,
@@ -32,6 +33,7 @@ from memslots.options.machine import (
     VirtioMemOptions,
     backend_from_args,
     device_from_args,
+    parse_accel,
     parse_any_device,
     parse_backend,
     parse_device,
@@ -80,6 +82,7 @@ __all__ = [
     "VHOST_USER_DRIVERS",
     "VHOST_USER_FS_DRIVERS",
     "VIRTIO_MEM_DRIVERS",
+    "AccelOptions",
     "Address",
     "BackendOptions",
     "ChardevOptions",
@@ -96,6 +99,7 @@ __all__ = [
     "device_from_args",
     "first_virtio_mem",
     "id_wellformed",
+    "parse_accel",
     "parse_address",
     "parse_any_device",
     "parse_arguments",

@@ -1,5 +1,5 @@
-"""The machine's options: ``-m``, ``-object memory-backend-*``, ``-device`` and the whole
-command line as a :class:`MachineConfig`.
+"""The machine's options: ``-m``, ``-object memory-backend-*``, ``-device``, ``-accel`` and the
+whole command line as a :class:`MachineConfig`.
 
 ``-m 4G,slots=N,maxmem=1028G``, ``-object memory-backend-ram,id=mem0,size=1T,reserve=off`` and
 ``-device virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on`` become frozen dataclasses. Every
@@ -281,15 +281,50 @@ def _device(props: Props) -> DeviceOptions:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# -accel
+
+ACCELS = ("auto", "kvm", "sim")
+
+
+@dataclass(frozen=True)
+class AccelOptions:
+    """``-accel NAME[,slot-zap-all=on|off]``: the real kernel (``kvm``), the model (``sim``) or
+    whichever is there (``auto``).
+
+    ``slot_zap_all`` keeps KVM's KVM_X86_QUIRK_SLOT_ZAP_ALL (every memslot delete zaps all of
+    the VM's shadow pages). Off by default: the quirk is disabled where the kernel offers that,
+    so a delete only zaps the slot's own mappings. The model honours it the same way.
+    """
+
+    name: str = "auto"
+    slot_zap_all: bool = False
+
+
+def parse_accel(text: str) -> AccelOptions:
+    """Parse ``-accel``: a name, then its properties."""
+    props = Props("-accel", text, split_option_string(text, "accel"))
+    name = props.require_str("accel")
+    if name not in ACCELS:
+        raise OptionError(f"-accel {text}: expects one of {', '.join(ACCELS)}")
+    slot_zap_all = props.pop_bool("slot-zap-all", False)
+    props.finish(("slot-zap-all",))
+    return AccelOptions(name=name, slot_zap_all=slot_zap_all)
+
+
 @dataclass(frozen=True)
 class MachineConfig:
-    """Everything the command line describes: memory, backends, devices in plug order."""
+    """Everything the command line describes: memory, backends, devices in plug order.
+
+    ``accel`` is the accelerator's name; ``slot_zap_all`` its property (see AccelOptions).
+    """
 
     memory: MachineMemory
     backends: tuple[BackendOptions, ...] = ()
     devices: tuple[DeviceOptions | VhostUserDeviceOptions, ...] = ()
     accel: str = "auto"
     chardevs: tuple[ChardevOptions, ...] = ()
+    slot_zap_all: bool = False
 
     def virtio_mem_options(self, dev_id: str) -> VirtioMemOptions:
         """The ``-device virtio-mem`` with this id."""
@@ -299,9 +334,6 @@ class MachineConfig:
         raise OptionError(f"no virtio-mem device with id '{dev_id}'")
 
 
-ACCELS = ("auto", "kvm", "sim")
-
-
 def parse_machine_config(
     memory: str | None,
     objects: Sequence[str] = (),
@@ -309,9 +341,11 @@ def parse_machine_config(
     accel: str = "auto",
     chardevs: Sequence[str] = (),
 ) -> MachineConfig:
-    """Parse a whole command line's memory options; ids must be unique across the machine."""
-    if accel not in ACCELS:
-        raise OptionError(f"-accel {accel}: expects one of {', '.join(ACCELS)}")
+    """Parse a whole command line's memory options; ids must be unique across the machine.
+
+    ``accel`` is ``-accel``'s text (``kvm``, ``sim,slot-zap-all=on``, ...).
+    """
+    accel_opts = parse_accel(accel)
     mem = parse_machine_memory(memory if memory is not None else "128M")
     backends = tuple(parse_backend(o) for o in objects)
     devs = tuple(parse_any_device(d) for d in devices)
@@ -332,4 +366,11 @@ def parse_machine_config(
             if dev.id in dev_ids:
                 raise OptionError(f"-device {dev.driver}: duplicate ID '{dev.id}' for device")
             dev_ids.add(dev.id)
-    return MachineConfig(memory=mem, backends=backends, devices=devs, accel=accel, chardevs=chars)
+    return MachineConfig(
+        memory=mem,
+        backends=backends,
+        devices=devs,
+        accel=accel_opts.name,
+        chardevs=chars,
+        slot_zap_all=accel_opts.slot_zap_all,
+    )

@@ -6,9 +6,12 @@ guest (the Linux driver model, talking to the device through the virtqueue) runs
 step. Every step records the requested and plugged sizes, the memslots mapped, the requests by type
 (and, if asked, each request), memslot operations, the kernel metadata the model predicts and,
 on the real kernel, what the per-VM kernel-memory meter says (:mod:`memslots.host.kmem`: a
-memory cgroup of our own, else the system-wide VmallocUsed), with its source. ``compare`` runs
-the same trace once per exposure strategy: one memslot, QEMU's dynamic memslots, or fixed-size
-memslots.
+memory cgroup of our own, else the system-wide VmallocUsed), with its source, and what the
+memslot deletes cost the guest (:func:`memslots.kvm.cost.unmap_cost`: the delete plus, with
+KVM's SLOT_ZAP_ALL quirk, the re-fault of the guest's working set; on the real kernel also the
+deletes' measured CPU time). ``compare`` runs the same trace once per exposure strategy: one
+memslot, QEMU's dynamic memslots, or fixed-size memslots; :meth:`SimResult.summary` puts
+metadata and unmap cost side by side, since the memslot size trades one against the other.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from memslots.guest.linux import GuestOptions, LinuxGuest
 from memslots.guest.sched import Scheduler
 from memslots.host.kmem import KmemMeter, SystemMeter, current_meter
 from memslots.kvm.abi import VmBackend
-from memslots.kvm.cost import slot_metadata_bytes
+from memslots.kvm.cost import DEFAULT_WORKING_SET_FRAMES, slot_metadata_bytes
 from memslots.kvm.host import open_vm_meter
-from memslots.machine.machine import Machine, create_vm, uses_real_kvm
+from memslots.machine.machine import Machine, uses_real_kvm
 from memslots.machine.resize import ResizeJob
 from memslots.machine.vm import GuestVm, ObservedChannel
 from memslots.memory.address_space import Section
@@ -91,6 +94,12 @@ class StepRecord:
     kernel_metadata_source: str | None = None
     #: The model's figure for that source (memcg-charged or VmallocUsed bytes).
     kernel_metadata_source_model: int | None = None
+    #: What this step's memslot deletes cost the guest, per the model (delete + re-fault).
+    unmap_cost_ms: float = 0.0
+    #: On the real kernel: the measured CPU time of this step's delete ioctls (the model's
+    #: unit: the delete part of the unmap cost; wall-clock time also counts a busy host's
+    #: waiting for a CPU).
+    delete_ms_measured: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         """The JSON shape of a step."""
@@ -110,6 +119,32 @@ class SimResult:
     steps: list[StepRecord] = field(default_factory=list)
     latencies_us: dict[str, list[float]] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
+    #: KVM's SLOT_ZAP_ALL setting and the guest working set the unmap-cost model assumed.
+    slot_zap_all: bool = False
+    working_set_frames: int = DEFAULT_WORKING_SET_FRAMES
+    #: The device's kernel metadata (model) integrated over scheduler time, from the first
+    #: step's start to the last step's start, at every change of the memory map.
+    metadata_byte_seconds: float = 0.0
+
+    def summary(self) -> dict[str, object]:
+        """Totals over the run: memslot creates and deletes, kernel metadata (peak, and
+        byte-seconds from the first step to the last one) and the unmap cost."""
+        measured = [s.delete_ms_measured for s in self.steps if s.delete_ms_measured is not None]
+        deletes = sum(s.memslot_deletes for s in self.steps)
+        unmap = sum(s.unmap_cost_ms for s in self.steps)
+        return {
+            "memslot_creates": sum(s.memslot_creates for s in self.steps),
+            "memslot_deletes": deletes,
+            "kernel_metadata_peak_bytes": max(
+                (s.kernel_metadata_bytes for s in self.steps), default=0
+            ),
+            "kernel_metadata_byte_seconds": self.metadata_byte_seconds,
+            "unmap_cost_ms": unmap,
+            "unmap_cost_ms_per_delete": unmap / deletes if deletes else 0.0,
+            "delete_ms_measured": sum(measured) if measured else None,
+            "slot_zap_all": self.slot_zap_all,
+            "working_set_frames": self.working_set_frames,
+        }
 
     def latency_summary(self) -> dict[str, dict[str, float]]:
         """p50/p99 (µs) of request round trips through the virtqueue, per request type."""
@@ -132,6 +167,7 @@ class SimResult:
             "steps": [s.as_dict() for s in self.steps],
             "latency_us": self.latency_summary(),
             "violations": self.violations,
+            "summary": self.summary(),
         }
 
     def write_csv(self, path: Path) -> None:
@@ -148,6 +184,8 @@ class SimResult:
             "kernel_metadata_source",
             "ideal_metadata_bytes",
             "single_metadata_bytes",
+            "unmap_cost_ms",
+            "delete_ms_measured",
             "outcome",
         ]
         with path.open("w", newline="") as f:
@@ -177,6 +215,41 @@ def _ideal_metadata(dev: VirtioMem, machine: Machine) -> int:
         total += slot_metadata_bytes(dev.addr + i * bs, (j - i) * bs, machine.mmu)
         i = bitmap.find(1, j) if j < len(bitmap) else -1
     return total
+
+
+class _MetadataIntegral:
+    """A passive address-space listener that integrates kernel metadata over scheduler time.
+
+    It is registered after KVM, so at each commit KVM already holds the new memslots.
+    """
+
+    def __init__(self, sched: Scheduler, current: Callable[[], int]) -> None:
+        self.sched = sched
+        self.current = current
+        self.total = 0.0
+        self._since = sched.now()
+        self._bytes = current()
+
+    def advance(self) -> float:
+        """Account for the time since the last change; the integral so far (byte-seconds)."""
+        now = self.sched.now()
+        self.total += self._bytes * (now - self._since)
+        self._since = now
+        return self.total
+
+    def begin(self) -> None:
+        """Nothing to do before a batch."""
+
+    def region_del(self, section: Section) -> None:
+        """Nothing to hold."""
+
+    def region_add(self, section: Section) -> None:
+        """Nothing to hold."""
+
+    def commit(self) -> None:
+        """The map changed now: close the interval at the old metadata."""
+        self.advance()
+        self._bytes = self.current()
 
 
 def run_trace(
@@ -238,6 +311,8 @@ def _run_trace(
         real_kvm=real,
         device={k: plan[k] for k in DEVICE_FIELDS},
         latencies_us=latencies,
+        slot_zap_all=machine.vm.slot_zap_all,
+        working_set_frames=machine.kvm.working_set_frames,
     )
 
     def in_dev(s: Section) -> bool:
@@ -252,10 +327,15 @@ def _run_trace(
     # The device's memslots so far were created inside the meter too; count them as the model
     # does, so the figure is the device's own (boot RAM and the VM itself are not in it).
     baseline = meter.read() - (source_model() or 0) if meter is not None else 0
+    integral = _MetadataIntegral(sched, lambda: machine.kvm.predicted_metadata_bytes(in_dev))
+    machine.address_space.register(integral)
+    # Memslot operations between two steps (a delayed unmap, a guest retry) count for the later.
+    creates, deletes = machine.kvm.creates, machine.kvm.deletes
+    unmap_ms, delete_s = machine.kvm.unmap_cost_ms, machine.kvm.delete_cpu_seconds
     for i, step in enumerate(trace):
         sched.run_until(lambda: False, step.time)
+        result.metadata_byte_seconds = integral.advance()
         log_start = len(guest.log)
-        creates, deletes = machine.kvm.creates, machine.kvm.deletes
         job = ResizeJob(dev, step.requested, sched, guest)
         horizon = trace[i + 1].time if i + 1 < len(trace) else step.time + 3600
         res = job.wait(max(0.0, horizon - sched.now()))
@@ -278,11 +358,16 @@ def _run_trace(
             request_log=[r.as_dict() for r in new] if request_log else None,
             kernel_metadata_source=source,
             kernel_metadata_source_model=source_model(),
+            unmap_cost_ms=machine.kvm.unmap_cost_ms - unmap_ms,
+            delete_ms_measured=(machine.kvm.delete_cpu_seconds - delete_s) * 1e3 if real else None,
         )
         result.steps.append(record)
+        creates, deletes = machine.kvm.creates, machine.kvm.deletes
+        unmap_ms, delete_s = machine.kvm.unmap_cost_ms, machine.kvm.delete_cpu_seconds
         guest.verify()
         if progress:
             progress(i + 1)
+    machine.address_space.unregister(integral)
     result.violations = list(guest.violations)
     return result
 
@@ -296,18 +381,21 @@ def run_simulation(
     progress: Callable[[int], None] | None = None,
     vm_factory: Callable[[], VmBackend] | None = None,
     guest_options: GuestOptions | None = None,
+    working_set_frames: int = DEFAULT_WORKING_SET_FRAMES,
 ) -> SimResult:
-    """Build the machine for ``strategy``, boot the guest, run ``trace``, tear it all down."""
+    """Build the machine for ``strategy``, boot the guest, run ``trace``, tear it all down.
+
+    ``working_set_frames`` is the guest working set the unmap-cost model assumes.
+    """
     dev_id = first_virtio_mem(config)
     config = with_strategy(config, dev_id, strategy)
     real = vm_factory is not None or uses_real_kvm(config.accel)
     # The meter is opened before the VM exists, so that everything the VM costs is in it.
     with (
         open_vm_meter() if real else contextlib.nullcontext() as meter,
-        Machine(
-            config, vm=vm_factory() if vm_factory is not None else create_vm(config.accel)
-        ) as machine,
+        Machine(config, vm=vm_factory() if vm_factory is not None else None) as machine,
     ):
+        machine.kvm.working_set_frames = working_set_frames
         latencies: dict[str, list[float]] = {}
         sched = Scheduler()
         with GuestVm(machine, sched, guest_options=guest_options) as gvm:

@@ -20,6 +20,7 @@ from memslots.errors import (
     KvmUnavailableError,
 )
 from memslots.kvm.abi import VmBackend
+from memslots.kvm.cost import unmap_cost
 from memslots.sizes import GiB, TiB
 
 ACCEPTANCE = [
@@ -72,6 +73,27 @@ def test_plan_table_and_vhost_flags() -> None:
     assert json.loads(out)["memory_devices"][0]["memslots"] == 1  # max 64 < 509
 
 
+@pytest.mark.parametrize("accel,quirk", [([], False), (["-accel", "kvm,slot-zap-all=on"], True)])
+def test_plan_reports_slot_zap_all_and_unmap_cost(accel: list[str], quirk: bool) -> None:
+    code, out, _ = run(["plan", *ACCEPTANCE, *accel, "--working-set", "16384", "--json"])
+    assert code == 0
+    data = json.loads(out)
+    kvm, *vhost = data["budget"]["consumers"]
+    assert kvm["name"] == "kvm" and kvm["slot_zap_all"] is quirk
+    assert all(v["slot_zap_all"] is None for v in vhost)
+    assert data["unmap_cost_model"]["working_set_frames"] == 16384
+    (dev,) = data["memory_devices"]
+    expected = unmap_cost(4 * GiB, slot_zap_all=quirk, working_set_frames=16384)
+    assert dev["unmap_cost_ms"] == {
+        "delete": expected.delete_ms,
+        "refault": expected.refault_ms,
+        "total": expected.total_ms,
+    }
+    code, out, _ = run(["plan", *ACCEPTANCE, *accel])
+    assert code == 0
+    assert "unmap cost" in out and f"KVM slot-zap-all: {'on' if quirk else 'off'}" in out
+
+
 def test_plan_refusal_exits_1_with_message() -> None:
     code, _, err = run(
         [
@@ -110,6 +132,8 @@ def test_plan_refusal_exits_1_with_message() -> None:
         (["-device", "virtio-mem,dynamic-memslots=perhaps"], "expects 'on' or 'off'"),
         (["--kvm-free-memslots", "40000"], "can have at most"),
         (["--vhost-free-memslots", "3"], "needs --vhost-max-memslots"),
+        (["-accel", "kvm,slot-zap-all=sometimes"], "'slot-zap-all' expects 'on' or 'off'"),
+        (["-accel", "hvf"], "-accel hvf: expects one of auto, kvm, sim"),
     ],
 )
 def test_plan_bad_options(args: list[str], needle: str) -> None:

@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from conftest import requires_kvm, requires_memcg
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from machines import check_invariants
 
 from memslots.cli import main as cli
 from memslots.devices.virtio_mem.wire import Request, Response
+from memslots.kvm.cost import unmap_cost
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import KvmVm
 from memslots.machine.machine import Machine
@@ -206,3 +208,50 @@ def test_random_traces_keep_the_invariants_after_every_request(
             assert dev.size == t * 256 * MiB
         assert vm.guests["vmem0"].violations == []
         assert len(checked) == len(vm.guests["vmem0"].log)
+
+
+@pytest.mark.parametrize("quirk", ["off", "on"])
+def test_simulate_compare_shows_metadata_and_unmap_cost(quirk: str) -> None:
+    """The memslot size trades kernel metadata against the cost of unmapping: both are shown."""
+    args = [
+        "simulate",
+        *SIM_MACHINE[3:],
+        "-accel",
+        f"sim,slot-zap-all={quirk}",
+        "-device",
+        "virtio-mem,id=vmem0,memdev=mem0",
+        "--scenario",
+        "sawtooth",
+        "--steps",
+        "4",
+        "--max-size",
+        "8G",
+        "--working-set",
+        "4096",
+        "--compare",
+        "single,dynamic,fixed:512M",
+    ]
+    result = CliRunner().invoke(cli.main, [*args, "--json"])
+    assert result.exit_code == 0, result.stderr
+    by = {r["strategy"]: r["summary"] for r in json.loads(result.stdout)["strategies"]}
+    assert all(s["slot_zap_all"] is (quirk == "on") for s in by.values())
+    assert all(s["working_set_frames"] == 4096 for s in by.values())
+    single, dynamic, fixed = by["single"], by["dynamic"], by["fixed:512M"]
+    # One memslot: never deleted, most metadata; smaller memslots: more deletes, less metadata
+    # (here the trace's sizes are whole GiB, so 512 MiB memslots save nothing over 1 GiB ones).
+    assert single["memslot_deletes"] == 0 and single["unmap_cost_ms"] == 0
+    assert fixed["memslot_deletes"] > dynamic["memslot_deletes"] > 0
+    meta = "kernel_metadata_byte_seconds"
+    assert max(fixed[meta], dynamic[meta]) < single[meta] / 2
+    per_delete = {
+        k: unmap_cost(size, slot_zap_all=quirk == "on", working_set_frames=4096).total_ms
+        for k, size in (("dynamic", GiB), ("fixed:512M", 512 * MiB))
+    }
+    for k in per_delete:
+        assert by[k]["unmap_cost_ms"] == pytest.approx(by[k]["memslot_deletes"] * per_delete[k])
+    if quirk == "on":  # every delete re-faults the guest: more memslots, more stall
+        assert fixed["unmap_cost_ms"] > dynamic["unmap_cost_ms"]
+    table = CliRunner().invoke(cli.main, args)
+    assert table.exit_code == 0, table.stderr
+    assert "metadata x time" in table.stdout and "unmap cost (model)" in table.stdout
+    assert f"slot-zap-all {quirk}" in table.stdout

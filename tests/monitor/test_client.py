@@ -95,6 +95,7 @@ def test_run_info_tables_and_json(machine: Machine, sock: str) -> None:
         c = Captured()
         assert status(lambda: run_info(sock, "budget", out=c.out), c) == EXIT_OK
         assert "kvm" in c.stdout and "Device memory" in c.stdout
+        assert "KVM slot-zap-all: off" in c.stdout  # the model disables the quirk, as KVM
         c = Captured()
         assert status(lambda: run_info(sock, "memslots", json_output=True, out=c.out), c) == EXIT_OK
         slots = json.loads(c.stdout)

@@ -133,6 +133,8 @@ def test_resize_events_rate_limit_and_memslot_map() -> None:
         assert kvm["name"] == "kvm" and kvm["used-memslots"] == m.kvm.used_memslots
         assert kvm["used-memslots"] + kvm["free-memslots"] == kvm["max-memslots"]
         assert kvm["connected"] is True
+        assert kvm["slot-zap-all"] is False  # -accel's default: the quirk is disabled
+        assert all("slot-zap-all" not in c for c in budget["consumers"][1:])
         assert m.device_memory is not None
         assert budget["device-memory"] == {
             "base": m.device_memory.base,
