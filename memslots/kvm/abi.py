@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
 
 from memslots.errors import KvmError
+from memslots.kvm.dirty import DirtyLogBackend
 from memslots.sizes import format_size
 
 if TYPE_CHECKING:
@@ -296,8 +297,10 @@ _ERRNO_HINTS = {
 }
 
 
-class VmBackend(Protocol):
+class VmBackend(DirtyLogBackend, Protocol):
     """What memslot code needs from a VM: the real :class:`~memslots.kvm.vm.KvmVm` or the model.
+
+    Dirty logging (:class:`~memslots.kvm.dirty.DirtyLogBackend`) is part of it.
 
     Both raise :class:`~memslots.errors.KvmError` carrying the kernel's errno, so callers and
     tests can treat them alike.
