@@ -142,9 +142,13 @@ class Machine(Closing):
         vhost: list[MemslotConsumer] | None = None,
         before_devices: Callable[[Machine], None] | None = None,
         host: HostInfo | None = None,
+        incoming: bool = False,
     ) -> None:
         self.config = config
         self.planned = planned
+        #: The destination of an incoming migration (QEMU's ``-incoming``): virtio-mem devices
+        #: skip their initial discard at realize. Clear it once the migration is done.
+        self.incoming = incoming
         #: The host the machine runs on (or, for ``plan``, is planned for).
         self.host = host if host is not None else host_info()
         self.layout = pc_layout(
@@ -279,6 +283,7 @@ class Machine(Closing):
         dev: VirtioMem | PcDimm
         if isinstance(opts, VirtioMemOptions):
             dev = VirtioMem(opts, memdev, self.address_space)
+            dev.incoming = self.incoming
         else:
             dev = PcDimm(opts, memdev)
             self._assign_dimm_slot(dev)
