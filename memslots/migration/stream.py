@@ -61,8 +61,9 @@ _RECORD = struct.Struct("<BBHIQ")
 RECORD_SIZE = _RECORD.size
 _CHECKSUM = struct.Struct("<Q")
 
-#: Default pages per data record (4 MiB): one sendmsg, one checksum call per run.
-RECORD_PAGES = 1024
+#: Default pages per data record (8 MiB): one sendmsg, one checksum call per run. Measured
+#: here, CPU per byte falls up to 2048 pages and is flat beyond.
+RECORD_PAGES = 2048
 #: Most pages a DATA or mixed record may carry (the reader refuses more).
 MAX_RECORD_PAGES = 1 << 16
 #: Most pages one ZERO record may describe (its ``b`` field).
@@ -434,39 +435,50 @@ class StreamWriter:
         if page_map:
             value = h.buf(value, page_map)
             self._emit(page_map)
-        for first, count in data_runs(npages, zeros):
-            lo, hi = first << PAGE_SHIFT, (first + count) << PAGE_SHIFT
-            part = view[lo:hi]
-            value = h.mem(value, addr + lo, part)
-            self._emit(part)
+        runs = [(f << PAGE_SHIFT, (f + n) << PAGE_SHIFT) for f, n in data_runs(npages, zeros)]
+        for lo, hi in runs:
+            self._emit(view[lo:hi])
+        # Send the pages first, then checksum them while the copy has them in the cache (the
+        # checksum trails them; they cannot change meanwhile: stable memory or the bounce
+        # buffer). The checksum leaves with the next record's header.
+        self.flush()
+        for lo, hi in runs:
+            value = h.mem(value, addr + lo, view[lo:hi])
         self._emit(_CHECKSUM.pack(value))
         self.stats.records += 1
         self.stats.ram_records += 1
         self.stats.normal_pages += npages - len(zeros)
         self.stats.zero_pages += len(zeros)
-        self.flush()
 
 
 def zero_pages(view: memoryview, addr: int) -> list[int]:
     """Indices of the all-zero 4 KiB pages of ``view`` (the memory at ``addr``).
 
     The first 64-bit word of every page is read in one C-level pass; only pages whose first
-    word is zero are compared in full (``memcmp`` against zeros).
+    word is zero are compared in full (``memcmp`` against zeros), a run of such candidates at a
+    time (zero pages come in runs), page by page only inside a run that is not all zero.
     """
     npages = view.nbytes >> PAGE_SHIFT
     firsts = view.cast("Q")[:: PAGE_SIZE // 8].tolist()
     candidates = firsts.count(0)
     if not candidates:
         return []
-    if candidates == npages and _ZERO_PAGES.is_zero(addr, view.nbytes):
-        return list(range(npages))
-    out = []
-    i = -1
-    for _ in range(candidates):
-        i = firsts.index(0, i + 1)
-        if _ZERO_PAGES.is_zero(addr + (i << PAGE_SHIFT), PAGE_SIZE):
-            out.append(i)
-    return out
+    out: list[int] = []
+    i = firsts.index(0)
+    while True:
+        end = i + 1
+        while end < npages and firsts[end] == 0:
+            end += 1
+        if _ZERO_PAGES.is_zero(addr + (i << PAGE_SHIFT), (end - i) << PAGE_SHIFT):
+            out.extend(range(i, end))
+        else:
+            out.extend(
+                p for p in range(i, end) if _ZERO_PAGES.is_zero(addr + (p << PAGE_SHIFT), PAGE_SIZE)
+            )
+        candidates -= end - i
+        if not candidates:
+            return out
+        i = firsts.index(0, end)
 
 
 def data_runs(npages: int, zeros: list[int]) -> Iterator[tuple[int, int]]:
