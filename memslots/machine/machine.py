@@ -83,9 +83,13 @@ class Machine(Closing):
         vhost: list[VhostBackend] | None = None,
         before_devices: Callable[[Machine], None] | None = None,
         host: HostInfo | None = None,
+        incoming: bool = False,
     ) -> None:
         self.config = config
         self.planned = planned
+        #: The destination of an incoming migration (QEMU's ``-incoming``): virtio-mem devices
+        #: skip their initial discard at realize. Clear it once the migration is done.
+        self.incoming = incoming
         #: The host the machine runs on (or, for ``plan``, is planned for).
         self.host = host if host is not None else host_info()
         self.layout = pc_layout(
@@ -240,6 +244,7 @@ class Machine(Closing):
         virtio_mem = None
         if isinstance(opts, VirtioMemOptions):
             dev = virtio_mem = VirtioMem(opts, memdev, self.address_space)
+            virtio_mem.incoming = self.incoming
         else:
             dimm = PcDimm(opts, memdev)
             self._assign_dimm_slot(dimm)
