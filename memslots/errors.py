@@ -9,6 +9,7 @@ exits with it (see :mod:`memslots.cli.main`).
 
 from __future__ import annotations
 
+from errno import EFAULT
 from typing import ClassVar
 
 EXIT_OK = 0
@@ -107,8 +108,39 @@ class VcpuError(KvmError):
         self.cr2 = cr2
 
 
+class GuestMemoryFault(VcpuError):
+    """A guest access that KVM could not complete because the host memory behind a mapped
+    memslot is out of reach (``PROT_NONE``: a virtio-mem device's unplugged block).
+
+    ``gpa`` and ``size`` are the access (or the page KVM names), ``access`` is "read",
+    "write" or None if the kernel does not say, and ``detected_by`` says how it was seen:
+    "efault" (KVM_RUN failed with EFAULT), "memory-fault-exit" (KVM_EXIT_MEMORY_FAULT),
+    "mmio-exit" (KVM's instruction emulator reported the unreadable memory as MMIO) or
+    "model" (the KVM model's guest reached it through the address space).
+    """
+
+    def __init__(
+        self, message: str, *, gpa: int, size: int, access: str | None, detected_by: str
+    ) -> None:
+        super().__init__(message, EFAULT)  # whichever way it was detected
+        self.gpa = gpa
+        self.size = size
+        self.access = access
+        self.detected_by = detected_by
+
+
 class AddressSpaceError(MemslotsError):
     """A region could not be added to or removed from an address space."""
+
+
+class InaccessibleMemoryError(HostMemoryError, AddressSpaceError):
+    """The VMM itself was about to read or write host memory that is out of reach
+    (``PROT_NONE``, a virtio-mem device's unplugged block); nothing was copied.
+
+    Refused before any byte moves: copying into such a page would kill the process with
+    SIGSEGV. It is an :class:`AddressSpaceError` too, so a device's DMA into unplugged memory
+    fails like DMA into a gap.
+    """
 
 
 class MemoryDeviceError(MemslotsError):

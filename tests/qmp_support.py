@@ -16,6 +16,7 @@ from qemu.qmp import EventListener, QMPClient
 
 from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.devices.virtio_mem.wire import ReqType, Request, Resp, Response
+from memslots.errors import ConfigError
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
 from memslots.monitor.commands import Monitor
@@ -42,12 +43,14 @@ def make_machine() -> Machine:
 
 
 class FakeRuntime:
-    """The runtime the monitor talks to: a status and a quit counter."""
+    """The runtime the monitor talks to: a status, a quit counter, resets done on the machine,
+    and no guest (``x-guest-memory-access`` is refused)."""
 
     def __init__(self, machine: Machine) -> None:
         self._machine = machine
         self.state = "running"
         self.quits = 0
+        self.resets = 0
 
     @property
     def machine(self) -> Machine:
@@ -58,6 +61,18 @@ class FakeRuntime:
 
     def quit(self) -> None:
         self.quits += 1
+
+    def cont(self) -> None:
+        self.state = "running"
+
+    def system_reset(self) -> None:
+        self.resets += 1
+        self._machine.system_reset()
+        if self.state == "internal-error":
+            self.state = "prelaunch"
+
+    def guest_memory_access(self, address: int, *, write: bool, value: int) -> int | None:
+        raise ConfigError("the machine runs without a guest (-guest none)")
 
 
 @contextlib.contextmanager

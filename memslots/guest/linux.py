@@ -180,6 +180,8 @@ class LinuxGuest:
         self.listeners: list[Callable[[LinuxGuest], None]] = []
         self.broken = False
         self.hung = False
+        #: Set by :meth:`stop`: the guest went away (the VM stopped, or a reset reboots it).
+        self.stopped = False
         self.stopped_no_space = False
         self.retry_period = RETRY_START
         self._timer: Timer | None = None
@@ -251,8 +253,17 @@ class LinuxGuest:
         self.stopped_no_space = False
         self._queue()
 
+    def stop(self) -> None:
+        """The guest goes away (its VM stopped, or a system reset reboots it): the retry timer
+        is cancelled and a queued run does nothing; the next guest is a new driver that probes
+        the device."""
+        self.stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _queue(self) -> None:
-        if self.broken or self.hung or self._queued:
+        if self.broken or self.hung or self.stopped or self._queued:
             return
         self._queued = True
         self.sched.call_soon(self._run_queued)
@@ -278,7 +289,7 @@ class LinuxGuest:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.broken or self.hung:
+        if self.broken or self.hung or self.stopped:
             return
         for _ in range(MAX_IMMEDIATE_RETRIES):
             rc = self._run_once()
@@ -351,7 +362,8 @@ class LinuxGuest:
 
     def _send(self, kind: ReqType, gpa: int, nb_blocks: int) -> Resp | int | None:
         """Send a request; its response type (an int if unknown), or None if none came."""
-        resp = self.channel.send(Request(kind, gpa, nb_blocks))
+        # A guest stopped in the middle of a pass (its vCPU faulted) sends nothing more.
+        resp = None if self.stopped else self.channel.send(Request(kind, gpa, nb_blocks))
         answer: Resp | int | None = None
         if resp is not None:
             known = resp.type in Resp._value2member_map_
@@ -401,7 +413,7 @@ class LinuxGuest:
 
     def _use(self, gpa: int) -> None:
         """A sub-block became usable by the kernel: the guest writes into it."""
-        if self.memory is None or (gpa // self.unit) % self.opts.use_stride:
+        if self.memory is None or self.stopped or (gpa // self.unit) % self.opts.use_stride:
             return
         self._seq += 1
         self._seeds[gpa] = self._seq

@@ -1,5 +1,5 @@
-"""The libc calls behind host memory, through ctypes: mmap, munmap, madvise, mincore, fallocate,
-statfs, and memcmp/memset on raw addresses.
+"""The libc calls behind host memory, through ctypes: mmap, munmap, mprotect, madvise, mincore,
+fallocate, statfs, and memcmp/memset on raw addresses.
 
 Python's :mod:`mmap` module hides the raw address that KVM_SET_USER_MEMORY_REGION and
 vhost-user need and cannot map with ``MAP_NORESERVE``, so host memory is mapped with libc's own
@@ -29,6 +29,7 @@ __all__ = [
     "memset",
     "mincore",
     "mmap_raw",
+    "mprotect",
     "munmap",
     "punch_hole",
     "statfs",
@@ -66,6 +67,8 @@ _libc.mmap.argtypes = [
 ]
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mprotect.restype = ctypes.c_int
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.mincore.restype = ctypes.c_int
@@ -112,6 +115,13 @@ def munmap(addr: int, length: int) -> None:
     """libc ``munmap``."""
     if _libc.munmap(addr, length) != 0:
         raise errno_error("munmap()")
+
+
+def mprotect(addr: int, length: int, prot: int) -> None:
+    """libc ``mprotect`` (ENOMEM also when the change would split the mapping into more
+    areas than ``vm.max_map_count`` allows)."""
+    if _libc.mprotect(addr, length, prot) != 0:
+        raise errno_error("mprotect()")
 
 
 def madvise(addr: int, length: int, advice: int, name: str) -> None:

@@ -4,12 +4,15 @@ Every backend maps its memory once through libc's ``mmap`` (:mod:`memslots.host.
 than Python's :mod:`mmap` module, because KVM_SET_USER_MEMORY_REGION and vhost-user need the raw
 host address and because sparse multi-TiB guest memory needs ``MAP_NORESERVE``.
 :meth:`HostMemory.discard` returns the memory of a range to the host the way QEMU's
-``ram_block_discard_range`` does.
+``ram_block_discard_range`` does. :meth:`HostMemory.protect` takes ranges out of reach
+(``PROT_NONE``: virtio-mem's unplugged blocks); :meth:`HostMemory.read`, :meth:`HostMemory.write`
+and :meth:`HostMemory.populate` refuse them instead of faulting.
 """
 
 from __future__ import annotations
 
 import abc
+import bisect
 import contextlib
 import ctypes
 import errno
@@ -20,7 +23,7 @@ import tempfile
 from collections.abc import Callable
 
 from memslots.closing import Closing
-from memslots.errors import HostMemoryError
+from memslots.errors import HostMemoryError, InaccessibleMemoryError
 from memslots.host import libc
 from memslots.host.pages import fd_page_size, host_page_size, thp_size
 from memslots.sizes import format_size, is_power_of_two
@@ -42,6 +45,59 @@ def _check_size(id: str, size: int, page_size: int) -> None:
             f"{_describe(id, size)}: size 0x{size:x} must be a positive multiple of the "
             f"backend page size 0x{page_size:x}"
         )
+
+
+class _Ranges:
+    """Disjoint, sorted half-open ranges ``[start, end)``; touching ranges are merged."""
+
+    __slots__ = ("ends", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def add(self, lo: int, hi: int) -> None:
+        """Include ``[lo, hi)``."""
+        i = bisect.bisect_left(self.ends, lo)  # first range that ends at or after lo
+        j = bisect.bisect_right(self.starts, hi)  # ranges from i to j touch [lo, hi)
+        if i < j:
+            lo, hi = min(lo, self.starts[i]), max(hi, self.ends[j - 1])
+        self.starts[i:j] = [lo]
+        self.ends[i:j] = [hi]
+
+    def remove(self, lo: int, hi: int) -> None:
+        """Exclude ``[lo, hi)``."""
+        i = bisect.bisect_right(self.ends, lo)  # first range that ends after lo
+        j = bisect.bisect_left(self.starts, hi)  # ranges from i to j overlap [lo, hi)
+        if i >= j:
+            return
+        starts, ends = [], []
+        if self.starts[i] < lo:
+            starts.append(self.starts[i])
+            ends.append(lo)
+        if self.ends[j - 1] > hi:
+            starts.append(hi)
+            ends.append(self.ends[j - 1])
+        self.starts[i:j] = starts
+        self.ends[i:j] = ends
+
+    def overlaps(self, lo: int, hi: int) -> bool:
+        """Whether any byte of ``[lo, hi)`` is included."""
+        i = bisect.bisect_right(self.ends, lo)
+        return i < len(self.starts) and self.starts[i] < hi
+
+    def pieces(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The included parts of ``[lo, hi)`` as ``(start, end)``."""
+        i = bisect.bisect_right(self.ends, lo)
+        out = []
+        while i < len(self.starts) and self.starts[i] < hi:
+            out.append((max(lo, self.starts[i]), min(hi, self.ends[i])))
+            i += 1
+        return out
+
+    def total(self) -> int:
+        """Bytes included."""
+        return sum(self.ends) - sum(self.starts)
 
 
 class HostMemory(abc.ABC, Closing):
@@ -79,6 +135,9 @@ class HostMemory(abc.ABC, Closing):
         self._fd = fd
         self._exclusive_fd = exclusive_fd
         self._closed = False
+        #: A superset of what is PROT_NONE now (see :meth:`protect`).
+        self._protected = _Ranges()
+        self._access_generation = 0
         flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
         if fd is None:
             flags |= mmap.MAP_ANONYMOUS
@@ -155,7 +214,7 @@ class HostMemory(abc.ABC, Closing):
         try:
             if self._fd is None and self.shared:
                 # DONTNEED would only drop this process' page table entries of the shmem pages.
-                libc.madvise(addr, length, mmap.MADV_REMOVE, "MADV_REMOVE")
+                self._madvise_remove(offset, length)
             elif not self.shared:
                 libc.madvise(addr, length, mmap.MADV_DONTNEED, "MADV_DONTNEED")
             if self._fd is not None and (self.shared or self._exclusive_fd):
@@ -166,14 +225,102 @@ class HostMemory(abc.ABC, Closing):
                 f"[0x{offset:x}, 0x{offset + length:x}): {exc}"
             ) from exc
 
+    def _madvise_remove(self, offset: int, length: int) -> None:
+        addr = self._addr + offset
+        try:
+            libc.madvise(addr, length, mmap.MADV_REMOVE, "MADV_REMOVE")
+        except OSError as exc:
+            protected = self._protected.pieces(offset, offset + length)
+            if exc.errno != errno.EACCES or not protected:
+                raise
+            # Older kernels want a writable mapping for MADV_REMOVE (this one only a shared
+            # mapping that may become writable): open the protected parts for the call alone.
+            for lo, hi in protected:
+                libc.mprotect(self._addr + lo, hi - lo, mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                libc.madvise(addr, length, mmap.MADV_REMOVE, "MADV_REMOVE")
+            finally:
+                for lo, hi in protected:
+                    libc.mprotect(self._addr + lo, hi - lo, libc.PROT_NONE)
+
+    def protect(self, offset: int, length: int) -> None:
+        """Take ``[offset, offset + length)`` out of reach: ``mprotect(PROT_NONE)``.
+
+        Everyone who reaches the memory through this mapping is refused: KVM then fails a
+        vCPU's access to it instead of allocating host memory (see ``docs/DESIGN.md``), and
+        :meth:`read`, :meth:`write` and :meth:`populate` raise
+        :class:`InaccessibleMemoryError` rather than fault. Other mappings of the fd (a
+        vhost-user back-end's) are not affected. :meth:`discard` still works. Both bounds must
+        be multiples of :attr:`page_size`.
+
+        The range counts as protected even if mprotect fails (it may have changed part of it),
+        so that nothing of ours ever copies into a page that might be PROT_NONE.
+        """
+        addr = self._range_addr("protect", offset, length, self.page_size)
+        if length == 0:
+            return
+        self._protected.add(offset, offset + length)
+        self._access_generation += 1
+        try:
+            libc.mprotect(addr, length, libc.PROT_NONE)
+        except OSError as exc:
+            raise HostMemoryError(
+                f"{_describe(self.id, self.size)}: cannot make "
+                f"[0x{offset:x}, 0x{offset + length:x}) inaccessible: {exc}"
+            ) from exc
+
+    def unprotect(self, offset: int, length: int) -> None:
+        """Bring ``[offset, offset + length)`` back into reach (read/write).
+
+        If mprotect fails the range still counts as protected. Both bounds must be multiples
+        of :attr:`page_size`.
+        """
+        addr = self._range_addr("unprotect", offset, length, self.page_size)
+        if length == 0:
+            return
+        try:
+            libc.mprotect(addr, length, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise HostMemoryError(
+                f"{_describe(self.id, self.size)}: cannot make "
+                f"[0x{offset:x}, 0x{offset + length:x}) accessible again: {exc}"
+            ) from exc
+        self._protected.remove(offset, offset + length)
+        self._access_generation += 1
+
+    def inaccessible(self, offset: int, length: int) -> bool:
+        """Whether any byte of ``[offset, offset + length)`` is protected."""
+        return self._protected.overlaps(offset, offset + length)
+
+    def check_access(self, offset: int, length: int) -> None:
+        """Raise :class:`InaccessibleMemoryError` if any byte of the range is protected."""
+        if self._protected.starts and self._protected.overlaps(offset, offset + length):
+            lo = self._protected.pieces(offset, offset + length)[0][0]
+            raise InaccessibleMemoryError(
+                f"{_describe(self.id, self.size)}: [0x{offset:x}, 0x{offset + length:x}) "
+                f"is inaccessible at 0x{lo:x} (unplugged memory is out of reach)"
+            )
+
+    @property
+    def protected_bytes(self) -> int:
+        """Bytes that are protected now."""
+        return self._protected.total()
+
+    @property
+    def access_generation(self) -> int:
+        """Changes whenever a range is protected or unprotected, and on close: whoever keeps
+        a view of the memory checks again when it moved."""
+        return self._access_generation
+
     def populate(self, offset: int, length: int) -> None:
         """Preallocate the host memory of ``[offset, offset + length)`` (QEMU's prealloc).
 
         MADV_POPULATE_WRITE makes a shortage (e.g. an empty huge page pool) a
         :class:`HostMemoryError` now instead of a SIGBUS on first touch. Both bounds must be
-        multiples of :attr:`page_size`.
+        multiples of :attr:`page_size`; a protected range is refused.
         """
         addr = self._range_addr("populate", offset, length, self.page_size)
+        self.check_access(offset, length)
         try:
             libc.madvise(addr, length, libc.MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE")
         except OSError as exc:
@@ -189,12 +336,17 @@ class HostMemory(abc.ABC, Closing):
             ) from exc
 
     def read(self, offset: int, length: int) -> bytes:
-        """Copy ``length`` bytes starting at ``offset`` out of the backend."""
-        return ctypes.string_at(self._range_addr("read", offset, length), length)
+        """Copy ``length`` bytes starting at ``offset`` out of the backend (refused for a
+        protected range)."""
+        addr = self._range_addr("read", offset, length)
+        self.check_access(offset, length)
+        return ctypes.string_at(addr, length)
 
     def write(self, offset: int, data: bytes) -> None:
-        """Copy ``data`` into the backend at ``offset``."""
-        ctypes.memmove(self._range_addr("write", offset, len(data)), data, len(data))
+        """Copy ``data`` into the backend at ``offset`` (refused for a protected range)."""
+        addr = self._range_addr("write", offset, len(data))
+        self.check_access(offset, len(data))
+        ctypes.memmove(addr, data, len(data))
         if self.write_hook is not None:
             self.write_hook(offset, len(data))
 
@@ -235,6 +387,7 @@ class HostMemory(abc.ABC, Closing):
         if self._closed:
             return
         self._closed = True
+        self._access_generation += 1
         try:
             libc.munmap(self._addr, self.size)
         except OSError as exc:

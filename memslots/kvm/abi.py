@@ -108,6 +108,8 @@ RUN_MMIO = struct.Struct("=Q8sIB")
 RUN_MMIO_DATA_OFFSET = RUN_EXIT_OFFSET + 8
 # The internal member: suberror, ndata.
 RUN_INTERNAL = struct.Struct("=II")
+# The memory_fault member (KVM_CAP_MEMORY_FAULT_INFO): flags, gpa, size.
+RUN_MEMORY_FAULT = struct.Struct("=QQQ")
 
 KVM_EXIT_IO = 2
 KVM_EXIT_HLT = 5
@@ -116,6 +118,7 @@ KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_FAIL_ENTRY = 9
 KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_MEMORY_FAULT = 39
 KVM_EXIT_IO_OUT = 1
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0

@@ -9,6 +9,16 @@ tell MMIO from RAM, so the host records the exit, answers a read with all-ones (
 of nothing on a bus returns) and re-enters. A guest exception reports its vector on port 0x11
 and becomes a :class:`~memslots.errors.VcpuError`.
 
+An access to a mapped memslot whose host memory is out of reach (``PROT_NONE``: an unplugged
+virtio-mem block) becomes a :class:`~memslots.errors.GuestMemoryFault`, and the vCPU stops
+until :meth:`ProbeVcpu.reset`. Measured on this host (kernel 6.18, kvm_pvm): at CPL3 KVM_RUN
+fails with EFAULT, the exit reason stays 0 and the ``memory_fault`` fields stay empty although
+KVM_CAP_MEMORY_FAULT_INFO is offered, and entering again faults again (RIP stays on the
+instruction); so the address is the probe's current command's. A kernel that fills
+KVM_EXIT_MEMORY_FAULT gives the page instead. At CPL0 KVM's instruction emulator reports the
+unreadable memory as an MMIO exit at the exact address, which is told from real MMIO by the
+address space: a mapped RAM section there. Neither path allocates host memory.
+
 Facts this relies on (measured on this kind of host, ``shared/reference/kvm-vcpu.md``):
 
 * KVM_SET_SREGS can put a vCPU straight into long mode. KVM_SET_CPUID2 with KVM's full
@@ -61,7 +71,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from memslots.closing import Closing
-from memslots.errors import KvmError, VcpuError
+from memslots.errors import GuestMemoryFault, KvmError, VcpuError
 from memslots.kvm.abi import (
     DTABLE_STRUCT,
     KVM_EXIT_FAIL_ENTRY,
@@ -70,6 +80,7 @@ from memslots.kvm.abi import (
     KVM_EXIT_INTR,
     KVM_EXIT_IO,
     KVM_EXIT_IO_OUT,
+    KVM_EXIT_MEMORY_FAULT,
     KVM_EXIT_MMIO,
     KVM_EXIT_SHUTDOWN,
     KVM_GET_REGS,
@@ -85,6 +96,7 @@ from memslots.kvm.abi import (
     RUN_EXIT_REASON_OFFSET,
     RUN_INTERNAL,
     RUN_IO,
+    RUN_MEMORY_FAULT,
     RUN_MMIO,
     RUN_MMIO_DATA_OFFSET,
     SEGMENT_STRUCT,
@@ -306,6 +318,8 @@ class ProbeVcpu(Closing):
             )
         self._mem: RamBlock = section.backend
         self._mem_offset = section.offset
+        self._space = boot.address_space
+        self._fault: GuestMemoryFault | None = None
         #: 2 MiB frame number -> virtual address of its window mapping.
         self._frames: dict[int, int] = {}
         cpuid = vm.supported_cpuid()
@@ -346,6 +360,18 @@ class ProbeVcpu(Closing):
     def phys_bits(self) -> int:
         """The guest's MAXPHYADDR: GPAs must be below ``2**phys_bits``."""
         return self._phys_bits
+
+    @property
+    def fault(self) -> GuestMemoryFault | None:
+        """The guest memory fault the vCPU stopped on; None while it can run."""
+        return self._fault
+
+    def reset(self) -> None:
+        """Put the vCPU back at the start of its command loop, as a reset does; clears
+        :attr:`fault`. Memory and the window mappings stay."""
+        self._finish_exit()
+        self._set_state()
+        self._fault = None
 
     @property
     def stats(self) -> VcpuStats:
@@ -493,6 +519,12 @@ class ProbeVcpu(Closing):
     def _run_chunk(
         self, ops: Sequence[tuple[int, int, int]], gpas: Sequence[int]
     ) -> list[int | None]:
+        if self._fault is not None:
+            raise VcpuError(
+                f"the probe vCPU stopped on a guest memory fault at gpa {self._fault.gpa:#x}; "
+                "reset it first",
+                errno.EFAULT,
+            )
         run = self._kvm_run()
         n = len(ops)
         buf = bytearray((n + 1) * _ENTRY.size)  # zero-filled: the last entry is the end marker
@@ -501,11 +533,23 @@ class ProbeVcpu(Closing):
         self._write(_ENTRIES, buf)
         mmio: set[int] = set()
         while True:
-            self._enter(run)
+            try:
+                self._enter(run)
+            except VcpuError as e:
+                if e.errno != errno.EFAULT:
+                    raise
+                raise self._stop(self._efault(run, ops, gpas)) from e
             reason = RUN_EXIT_REASON.unpack_from(run, RUN_EXIT_REASON_OFFSET)[0]
             if reason == KVM_EXIT_MMIO:
                 index = self._current_command()
-                phys, _data, _len, is_write = RUN_MMIO.unpack_from(run, RUN_EXIT_OFFSET)
+                phys, _data, size, is_write = RUN_MMIO.unpack_from(run, RUN_EXIT_OFFSET)
+                if self._space.find(phys) is not None:
+                    # RAM that KVM's emulator could not read: out of reach, not MMIO.
+                    if not is_write:
+                        run[RUN_MMIO_DATA_OFFSET : RUN_MMIO_DATA_OFFSET + 8] = b"\xff" * 8
+                    self._finish_exit()
+                    access = "write" if is_write else "read"
+                    raise self._stop(self._memory_fault(phys, size, access, "mmio-exit"))
                 if not 0 <= index < n or phys != gpas[index]:
                     self._fail(f"MMIO exit at gpa {phys:#x} that no probe command asked for")
                 mmio.add(index)
@@ -542,6 +586,46 @@ class ProbeVcpu(Closing):
             finally:
                 self._run_seconds += time.perf_counter() - t0
                 self._run_cpu_seconds += time.thread_time() - cpu0
+
+    def _efault(
+        self, run: mmap.mmap, ops: Sequence[tuple[int, int, int]], gpas: Sequence[int]
+    ) -> GuestMemoryFault:
+        """What KVM_RUN's EFAULT was about: KVM_EXIT_MEMORY_FAULT's page where the kernel
+        fills it, else the command the guest was running (see the module docstring)."""
+        index = self._current_command()
+        command: tuple[int, int, str] | None = None
+        if 0 <= index < len(ops):
+            op = ops[index][0]
+            size = 8 if op in (_OP_READ64, _OP_WRITE64) else 1
+            command = (gpas[index], size, "write" if op in (_OP_WRITE8, _OP_WRITE64) else "read")
+        reason = RUN_EXIT_REASON.unpack_from(run, RUN_EXIT_REASON_OFFSET)[0]
+        if reason == KVM_EXIT_MEMORY_FAULT:
+            _flags, gpa, size = RUN_MEMORY_FAULT.unpack_from(run, RUN_EXIT_OFFSET)
+            inside = command is not None and gpa <= command[0] < gpa + size
+            access = command[2] if command is not None and inside else None
+            return self._memory_fault(gpa, size, access, "memory-fault-exit")
+        if command is None:
+            self._set_state()
+            raise VcpuError("KVM_RUN failed: Bad address, outside any probe command", errno.EFAULT)
+        return self._memory_fault(*command, "efault")
+
+    def _memory_fault(
+        self, gpa: int, size: int, access: str | None, detected_by: str
+    ) -> GuestMemoryFault:
+        what = f"a {access}" if access is not None else "an access"
+        return GuestMemoryFault(
+            f"guest memory fault: {what} of {size} byte(s) at gpa {gpa:#x} reached host memory "
+            f"that is out of reach (detected by {detected_by}); the vCPU stops",
+            gpa=gpa,
+            size=size,
+            access=access,
+            detected_by=detected_by,
+        )
+
+    def _stop(self, fault: GuestMemoryFault) -> GuestMemoryFault:
+        # The vCPU stays where it faulted (as QEMU keeps it for a dump) until reset().
+        self._fault = fault
+        return fault
 
     def _current_command(self) -> int:
         va = struct.unpack("=Q", self._read(_CTRL + 8, 8))[0]

@@ -322,6 +322,17 @@ class Machine(Closing):
             self._anon_devices.remove(dev)
         self._virtio_mem = [v for v in self._virtio_mem if v is not dev]
 
+    # -- reset -------------------------------------------------------------------------------
+
+    def system_reset(self) -> None:
+        """A system reset as QEMU 8.2 does it to memory devices: every virtio-mem device
+        unplugs all its memory (memslots unmapped, memory discarded and out of reach, usable
+        region shrunk; while the device is busy, as during migration, nothing changes, as in
+        QEMU). DIMMs, backends and vhost back-ends stay. The guest side (transports, drivers,
+        the vCPU) is the caller's: :meth:`memslots.machine.vm.GuestVm.system_reset`."""
+        for dev in self._virtio_mem:
+            dev.system_reset()
+
     # -- queries -------------------------------------------------------------------------------
 
     @property

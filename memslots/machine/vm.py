@@ -6,6 +6,14 @@ the device side of the virtio transport, a split virtqueue laid out in boot RAM,
 config space. The guest uses the memory it plugs — from a real vCPU where the machine runs on
 the real kernel, otherwise through guest RAM — so memory that vanishes while plugged is caught.
 
+A guest access to memory out of its reach (an unplugged block of a mapped memslot with
+``unplugged-inaccessible=on``: KVM fails it, see :mod:`memslots.kvm.vcpu`; on the KVM model the
+address space refuses it) stops the VM, as QEMU stops on an internal error: the fault is
+identified (device, block), logged and counted, every guest driver stops, the vCPU stays where
+it faulted, and :attr:`GuestVm.fault_listeners` are told (``memslots run`` turns that into the
+runstate ``internal-error`` and the QMP event ``X_GUEST_MEMORY_FAULT``). Only
+:meth:`GuestVm.system_reset` lets it run again.
+
 Boot RAM layout used here: ``[0, 2 MiB)`` the probe vCPU's image, then per device a 64 KiB
 queue area and a 4 KiB page with the request and response buffers.
 """
@@ -16,6 +24,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from memslots.closing import Closing
 from memslots.devices.virtio_mem.device import VirtioMem
@@ -29,7 +38,12 @@ from memslots.devices.virtio_mem.wire import (
     Request,
     Response,
 )
-from memslots.errors import ConfigError
+from memslots.errors import (
+    ConfigError,
+    DeviceError,
+    GuestMemoryFault,
+    InaccessibleMemoryError,
+)
 from memslots.guest.linux import Channel, GuestOptions, LinuxGuest, MemoryUser, RamUser
 from memslots.guest.sched import Scheduler
 from memslots.kvm.vcpu import ProbeVcpu
@@ -120,6 +134,77 @@ class ObservedChannel:
         return resp
 
 
+@dataclass(frozen=True)
+class GuestFault:
+    """A guest access to memory out of its reach, identified: what the VM stopped on.
+
+    ``address`` and ``size`` are the access (or the page the kernel named), ``access`` is
+    "read", "write" or None if unknown, ``detected_by`` as in
+    :class:`~memslots.errors.GuestMemoryFault`; ``device`` and ``block`` (its index) are the
+    virtio-mem device and block that hold the address, None outside every device.
+    """
+
+    address: int
+    size: int
+    access: str | None
+    detected_by: str
+    device: VirtioMem | None = None
+    block: int | None = None
+
+    @property
+    def block_address(self) -> int | None:
+        """Guest-physical address of the block, if the fault is inside a device."""
+        if self.device is None or self.block is None:
+            return None
+        return self.device.addr + self.block * self.device.block_size
+
+
+def _model_fault(
+    exc: InaccessibleMemoryError, gpa: int, size: int, access: str
+) -> GuestMemoryFault:
+    """The fault a guest CPU on the KVM model takes where the address space refused it."""
+    return GuestMemoryFault(
+        f"guest memory fault: a {access} at gpa {gpa:#x} reached memory out of reach: {exc}",
+        gpa=gpa,
+        size=size,
+        access=access,
+        detected_by="model",
+    )
+
+
+class FaultWatch:
+    """A :class:`MemoryUser` that reports the guest's memory faults to its VM (which stops)
+    before the guest sees them."""
+
+    def __init__(self, inner: MemoryUser, on_fault: Callable[[GuestMemoryFault], object]) -> None:
+        self.inner = inner
+        self.on_fault = on_fault
+
+    def write_pattern(self, gpa: int, length: int, seed: int) -> None:
+        """Pass through; a fault stops the VM and is raised."""
+        try:
+            self.inner.write_pattern(gpa, length, seed)
+        except GuestMemoryFault as exc:
+            self.on_fault(exc)
+            raise
+        except InaccessibleMemoryError as exc:
+            fault = _model_fault(exc, gpa, length, "write")
+            self.on_fault(fault)
+            raise fault from exc
+
+    def check_pattern(self, gpa: int, length: int, seed: int) -> bool:
+        """Pass through; a fault stops the VM and is raised."""
+        try:
+            return self.inner.check_pattern(gpa, length, seed)
+        except GuestMemoryFault as exc:
+            self.on_fault(exc)
+            raise
+        except InaccessibleMemoryError as exc:
+            fault = _model_fault(exc, gpa, length, "read")
+            self.on_fault(fault)
+            raise fault from exc
+
+
 class VcpuUser:
     """The guest touches its memory from a real vCPU (a :class:`MemoryUser`)."""
 
@@ -170,16 +255,122 @@ class GuestVm(Closing):
         self.transports: dict[str, VirtioMemTransport] = {}
         self.channels: dict[str, VirtqueueChannel] = {}
         self._areas: dict[str, int] = {}
+        #: False once the VM stopped (a guest memory fault), until :meth:`start`.
+        self.running = True
+        #: The fault the VM stopped on, until :meth:`system_reset`.
+        self.fault: GuestFault | None = None
+        #: Told every fault, after the VM stopped.
+        self.fault_listeners: list[Callable[[GuestFault], None]] = []
         for dev in machine.virtio_mem_devices:
             self.attach(dev)
 
     def _user(self) -> MemoryUser | None:
         if not self.use_memory:
             return None
-        return VcpuUser(self.vcpu) if self.vcpu is not None else RamUser(self.memory)
+        inner = VcpuUser(self.vcpu) if self.vcpu is not None else RamUser(self.memory)
+        return FaultWatch(inner, self.guest_fault)
 
-    def attach(self, dev: VirtioMem) -> LinuxGuest:
-        """Give ``dev`` a transport, a queue in boot RAM and a guest driver; probe it."""
+    # -- the guest's own accesses ----------------------------------------------------------------
+
+    def guest_access(self, gpa: int, *, write: bool, value: int = 0) -> int | None:
+        """The guest's CPU reads (or writes ``value`` to) the byte at ``gpa``, as a guest that
+        ignores the protocol might: from the vCPU on the real kernel, else through the
+        address space. Returns the byte read (0 for a write), or None if nothing is there
+        (MMIO). Memory out of reach stops the VM (:meth:`guest_fault`) and raises
+        :class:`~memslots.errors.GuestMemoryFault`; a stopped VM refuses with
+        :class:`~memslots.errors.DeviceError`."""
+        if not self.running:
+            raise DeviceError("the guest is not running: its VM stopped")
+        if not 0 <= value <= 0xFF:
+            raise ValueError(f"value {value:#x} does not fit in a byte")
+        try:
+            if self.vcpu is not None:
+                if write:
+                    return 0 if self.vcpu.write8(gpa, value) else None
+                return self.vcpu.read8(gpa)
+            if self.memory.address_space.find(gpa) is None:
+                return None
+            if write:
+                self.memory.write(gpa, bytes((value,)))
+                return 0
+            return self.memory.read(gpa, 1)[0]
+        except GuestMemoryFault as exc:
+            self.guest_fault(exc)
+            raise
+        except InaccessibleMemoryError as exc:
+            fault = _model_fault(exc, gpa, 1, "write" if write else "read")
+            self.guest_fault(fault)
+            raise fault from exc
+
+    def guest_fault(self, exc: GuestMemoryFault) -> GuestFault:
+        """Stop the VM on a guest memory fault: identify the device and block, log and count
+        it, stop every guest driver (the vCPU stays where it faulted), tell the listeners."""
+        device = block = None
+        for dev in self.machine.virtio_mem_devices:
+            block = dev.block_at(exc.gpa)
+            if block is not None:
+                device = dev
+                dev.guest_faults += 1
+                break
+        fault = GuestFault(exc.gpa, exc.size, exc.access, exc.detected_by, device, block)
+        where = "no memory device"
+        if device is not None and block is not None:
+            state = "plugged" if device.bitmap[block] else "unplugged"
+            where = f"{state} block 0x{fault.block_address:x} of virtio-mem '{device.label}'"
+        log.error(
+            "guest %s of %d byte(s) at 0x%x hit memory out of its reach in %s (detected by %s): "
+            "the VM stops until a system reset",
+            exc.access or "access",
+            exc.size,
+            exc.gpa,
+            where,
+            exc.detected_by,
+        )
+        self.stop()
+        self.fault = fault
+        for cb in list(self.fault_listeners):
+            cb(fault)
+        return fault
+
+    # -- run state -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop the VM: every guest driver stops (a later :meth:`start` boots new ones)."""
+        self.running = False
+        for guest in self.guests.values():
+            guest.stop()
+
+    def start(self) -> None:
+        """Run the VM again (QMP ``cont``): each device gets a fresh driver, as after a boot.
+        Refused with :class:`~memslots.errors.DeviceError` while a fault needs a reset."""
+        if self.fault is not None:
+            raise DeviceError("Resetting the Virtual Machine is required")
+        if self.running:
+            return
+        self.running = True
+        for dev_id in list(self.transports):
+            self._start_driver(dev_id)
+
+    def system_reset(self) -> None:
+        """A system reset: the drivers go away, the machine unplugs all virtio-mem memory
+        (:meth:`Machine.system_reset`), the vCPU starts over, every transport is reset as
+        the bus resets its devices, and a running VM's devices get fresh drivers (a stopped
+        VM's get them at :meth:`start`). Clears the fault."""
+        for guest in self.guests.values():
+            guest.stop()
+        self.machine.system_reset()
+        if self.vcpu is not None:
+            self.vcpu.reset()
+        self.fault = None
+        for transport in self.transports.values():
+            transport.reset()
+        if self.running:
+            for dev_id in list(self.transports):
+                self._start_driver(dev_id)
+
+    def attach(self, dev: VirtioMem) -> LinuxGuest | None:
+        """Give ``dev`` a transport, a queue in boot RAM and a guest driver that probes it
+        (None in a stopped VM: the driver comes with :meth:`start`)."""
         if dev.id is None:
             raise ConfigError("a virtio-mem device needs an id to get a guest driver")
         # Queue areas are never shared: a detached device's area is reused only once freed.
@@ -195,15 +386,25 @@ class GuestVm(Closing):
                 f"(boot RAM must reach 0x{area + QUEUE_AREA_SIZE:x})"
             )
         transport = VirtioMemTransport(dev, self.memory)
-        channel = VirtqueueChannel(transport, self.memory, area)
+        self.transports[dev.id] = transport
+        self._areas[dev.id] = area
+        try:
+            return self._start_driver(dev.id) if self.running else None
+        except BaseException:
+            self.detach(dev.id)
+            raise
+
+    def _start_driver(self, dev_id: str) -> LinuxGuest:
+        """A fresh driver on ``dev_id``'s transport: it negotiates, sets up its queue, probes."""
+        transport = self.transports[dev_id]
+        dev = transport.dev
+        channel = VirtqueueChannel(transport, self.memory, self._areas[dev_id])
         stride = max(1, dev.region_size // (2 * MiB) // USE_BUDGET_BLOCKS)
         opts = dataclasses.replace(self.guest_options, use_stride=stride)
         guest = LinuxGuest(channel, self.sched, opts, memory=self._user())
         transport.config_interrupt = guest.config_interrupt
-        self.transports[dev.id] = transport
-        self.channels[dev.id] = channel
-        self.guests[dev.id] = guest
-        self._areas[dev.id] = area
+        self.channels[dev_id] = channel
+        self.guests[dev_id] = guest
         guest.probe()
         return guest
 
@@ -236,7 +437,9 @@ class GuestVm(Closing):
         transport = self.transports.pop(dev_id, None)
         if transport is not None:
             transport.close()
-        self.guests.pop(dev_id, None)
+        guest = self.guests.pop(dev_id, None)
+        if guest is not None:
+            guest.stop()
         self.channels.pop(dev_id, None)
         self._areas.pop(dev_id, None)
 

@@ -81,6 +81,24 @@ class RamBlock(Protocol):
         """Copy bytes into the memory."""
         ...
 
+    def protect(self, offset: int, length: int) -> None:
+        """Take a range out of everyone's reach through this mapping (PROT_NONE)."""
+        ...
+
+    def unprotect(self, offset: int, length: int) -> None:
+        """Bring a protected range back into reach."""
+        ...
+
+    def check_access(self, offset: int, length: int) -> None:
+        """Raise :class:`~memslots.errors.InaccessibleMemoryError` if any byte of the range
+        is protected."""
+        ...
+
+    @property
+    def access_generation(self) -> int:
+        """Changes whenever a range is protected or unprotected (and when the memory goes)."""
+        ...
+
 
 class Section(NamedTuple):
     """A contiguous guest-physical range backed by one host memory backend.
@@ -586,7 +604,9 @@ class GuestMemory:
     """Reads and writes guest-physical memory through an address space's committed view.
 
     Only mapped RAM is reachable: an access that touches a gap (an unmapped memslot, MMIO)
-    raises :class:`AddressSpaceError`, just as a device's DMA would fail there.
+    raises :class:`AddressSpaceError`, just as a device's DMA would fail there; one that
+    touches protected memory inside a mapped memslot (a virtio-mem device's unplugged block)
+    raises :class:`~memslots.errors.InaccessibleMemoryError`, which is one too.
     """
 
     def __init__(self, address_space: AddressSpace) -> None:
@@ -596,13 +616,18 @@ class GuestMemory:
         """The RAM behind ``[gpa, gpa+length)``: ``(section, backend offset, bytes)`` in order.
 
         This is what a device maps for DMA (QEMU's ``address_space_map``); raises
-        :class:`AddressSpaceError` if any byte is not mapped RAM.
+        :class:`AddressSpaceError` if any byte is not mapped RAM or is out of reach.
         """
         # Fast path for the common access inside one section: no generator, one bisect.
         section = self.address_space.find(gpa)
         if section is not None and 0 < length <= section.gpa + section.size - gpa:
-            return [(section, section.offset + gpa - section.gpa, length)]
-        return list(self._pieces(gpa, length))
+            offset = section.offset + gpa - section.gpa
+            section.backend.check_access(offset, length)
+            return [(section, offset, length)]
+        pieces = list(self._pieces(gpa, length))
+        for section, offset, n in pieces:
+            section.backend.check_access(offset, n)
+        return pieces
 
     def _pieces(self, gpa: int, length: int) -> Iterator[tuple[Section, int, int]]:
         if gpa < 0 or length < 0:
@@ -619,7 +644,7 @@ class GuestMemory:
             pos += n
 
     def is_ram(self, gpa: int, length: int = 1) -> bool:
-        """True if every byte of ``[gpa, gpa+length)`` is mapped RAM."""
+        """True if every byte of ``[gpa, gpa+length)`` is mapped RAM within reach."""
         try:
             self.ranges(gpa, length)
         except AddressSpaceError:
@@ -632,8 +657,9 @@ class GuestMemory:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, gpa: int, data: bytes) -> None:
-        """Copy ``data`` into guest memory at ``gpa``."""
+        """Copy ``data`` into guest memory at ``gpa`` (all of it is checked before a byte is
+        copied)."""
         done = 0
-        for section, offset, n in self._pieces(gpa, len(data)):
+        for section, offset, n in self.ranges(gpa, len(data)):
             section.backend.write(offset, data[done : done + n])
             done += n

@@ -55,6 +55,20 @@ class PlannedMemory:
     def populate(self, offset: int, length: int) -> None:
         """Nothing is mapped, so nothing is allocated."""
 
+    def protect(self, offset: int, length: int) -> None:
+        """Nothing is mapped, so nothing is protected."""
+
+    def unprotect(self, offset: int, length: int) -> None:
+        """Nothing is mapped, so nothing is protected."""
+
+    def check_access(self, offset: int, length: int) -> None:
+        """Nothing is protected (there is nothing to reach either)."""
+
+    @property
+    def access_generation(self) -> int:
+        """Always 0: nothing is ever protected."""
+        return 0
+
     def read(self, offset: int, length: int) -> bytes:
         """Planned memory has no contents."""
         raise HostMemoryError(f"memory backend '{self.id}' is only planned: it has no contents")

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from memslots.errors import MigrationError
+from memslots.errors import MemslotsError, MigrationError
 from memslots.host.libc import memcmp, memset
 from memslots.host.memory import HostMemory
 from memslots.migration.channel import Buffer, Sink, Source
@@ -160,6 +160,8 @@ class RamSource:
     holes: Callable[[int, int], Iterator[tuple[int, int, bool]]] | None = None
     #: Keeps whatever owns the memory alive.
     owner: object = None
+    #: Raises if a range is out of reach (protected host memory), before a byte is read.
+    check_access: Callable[[int, int], None] | None = None
 
     @property
     def size(self) -> int:
@@ -179,7 +181,12 @@ class RamSource:
                 return _fd_extents(fd, base, offset, length)
 
             holes = fd_holes
-        return cls(_memory_view(memory.host_addr, memory.size), memory.host_addr, holes)
+        return cls(
+            _memory_view(memory.host_addr, memory.size),
+            memory.host_addr,
+            holes,
+            check_access=memory.check_access,
+        )
 
     @classmethod
     def of_buffer(cls, buf: bytearray) -> RamSource:
@@ -223,6 +230,8 @@ class RamTarget:
     zero: Callable[[int, int], None]
     #: Keeps whatever owns the memory alive.
     owner: object = None
+    #: Raises if a range is out of reach (protected host memory), before a byte is written.
+    check_access: Callable[[int, int], None] | None = None
 
     @property
     def size(self) -> int:
@@ -247,7 +256,7 @@ class RamTarget:
             elif not _ZERO_PAGES.is_zero(addr + offset, length):
                 memset(addr + offset, 0, length)
 
-        return cls(view, addr, zero)
+        return cls(view, addr, zero, check_access=memory.check_access)
 
     @classmethod
     def of_buffer(cls, buf: bytearray) -> RamTarget:
@@ -386,6 +395,11 @@ class StreamWriter:
                 f"RAM range [{offset:#x}, +{length:#x}) is not page aligned inside the block "
                 f"of {source.size:#x} bytes"
             )
+        if source.check_access is not None:
+            try:
+                source.check_access(offset, length)
+            except MemslotsError as exc:
+                raise MigrationError(f"RAM block {block}: cannot send {exc}") from exc
         extents = (
             source.holes(offset, length) if source.holes is not None else [(offset, length, False)]
         )
@@ -776,6 +790,12 @@ class StreamReader:
             raise self._fail(f"{what}: not a page range of the block's {target.size:#x} bytes", at)
         if flags != RAM_ZERO and pages > MAX_RECORD_PAGES:
             raise self._fail(f"{what}: more than {MAX_RECORD_PAGES} pages of data", at)
+        if target.check_access is not None:
+            # Pages for unplugged memory: the early state says no one may touch them.
+            try:
+                target.check_access(offset, length)
+            except MemslotsError as exc:
+                raise self._fail(f"{what}: {exc}", at) from exc
         value = _chain(0, raw)
         if flags == RAM_ZERO:
             self._check(value, what, at)

@@ -1,16 +1,20 @@
 """The QMP commands of a running machine: QEMU's monitor over a :class:`Machine`.
 
 Commands, arguments, result fields and error texts are QEMU 8.2's (``qemu-behaviour.md`` §6):
-``query-status``, ``quit``, ``query-memory-devices``, ``query-memory-size-summary``,
+``query-status``, ``quit``, ``cont``, ``system_reset``, ``query-memory-devices``,
+``query-memory-size-summary``,
 ``qom-get``/``qom-set`` (virtio-mem, pc-dimm and memory-backend properties),
 ``object-add``/``object-del`` for memory backends and ``device_add``/``device_del`` for
 ``virtio-mem`` and ``pc-dimm``. Our extensions follow QEMU's ``x-`` convention:
 ``x-query-memslots`` (every memslot of every memory device and who maps it),
-``x-query-memslot-budget`` and ``x-query-kernel-metadata``.
+``x-query-memslot-budget``, ``x-query-kernel-metadata`` and ``x-guest-memory-access`` (the
+guest's CPU touches a byte, as a guest that ignores the protocol might).
 
 Events: ``MEMORY_DEVICE_SIZE_CHANGE`` on every change of a virtio-mem device's ``size``
 (rate-limited per ``qom-path`` by the server, as QEMU's monitor does), ``DEVICE_DELETED``
-after ``device_del`` and ``SHUTDOWN`` on ``quit``.
+after ``device_del``, ``SHUTDOWN`` on ``quit``, ``RESET`` after ``system_reset``, ``RESUME``
+after ``cont``, and ``X_GUEST_MEMORY_FAULT`` then ``STOP`` when a guest access to memory out of
+its reach stopped the VM (runstate ``internal-error``: ``cont`` is refused until a reset).
 
 QOM paths are QEMU's: a device with an id is ``/machine/peripheral/<id>`` (the virtio-mem-pci
 proxy; its virtio device is the child ``virtio-backend``), one without is
@@ -26,8 +30,10 @@ from typing import Any, Protocol
 
 from memslots.devices.memory_device import MemoryDevice
 from memslots.devices.qom import QomObject, QomProperty, refuse
+from memslots.errors import GuestMemoryFault
 from memslots.host.kmem import KmemMeter, current_or_system_meter
 from memslots.machine.machine import Machine
+from memslots.machine.vm import GuestFault
 from memslots.memory.backends import MemoryBackend
 from memslots.monitor.qmp_server import Command, Param, QMPCommandError, QMPServer, check_value
 from memslots.options import backend_from_args, device_from_args, id_wellformed
@@ -36,6 +42,8 @@ from memslots.vhost.user.consumer import VhostUserConsumer
 
 #: QEMU's RunState values that count as running for ``query-status``.
 RUNNING = "running"
+#: QEMU's RunStates after which only a reset lets the VM run (``runstate_needs_reset``).
+NEEDS_RESET = ("internal-error", "shutdown")
 PERIPHERAL = "/machine/peripheral/"
 
 
@@ -57,6 +65,21 @@ class Runtime(Protocol):
         It must not block: the runtime stops its guests, awaits ``QMPServer.close()`` and
         closes the machine from its own task.
         """
+        ...
+
+    def cont(self) -> None:
+        """Run the VM (QMP ``cont``); the monitor refused it already if it needs a reset."""
+        ...
+
+    def system_reset(self) -> None:
+        """Reset the machine as QEMU's ``system_reset`` does (virtio-mem memory unplugged, the
+        guests' drivers and vCPU start over; ``internal-error`` becomes ``prelaunch``)."""
+        ...
+
+    def guest_memory_access(self, address: int, *, write: bool, value: int) -> int | None:
+        """The guest's CPU reads (or writes) the byte at ``address``: the byte (0 for a
+        write), None for MMIO; raises :class:`~memslots.errors.GuestMemoryFault` after
+        stopping the VM if the memory is out of the guest's reach."""
         ...
 
 
@@ -233,6 +256,8 @@ class Monitor:
             Command("query-version", self._query_version),
             Command("query-commands", self._query_commands),
             Command("quit", self._quit),
+            Command("cont", self._cont),
+            Command("system_reset", self._system_reset),
             Command("query-memory-devices", self._query_memory_devices),
             Command("query-memory-size-summary", self._query_memory_size_summary),
             Command("qom-get", self._qom_get, (Param("path", "str"), Param("property", "str"))),
@@ -269,6 +294,15 @@ class Monitor:
             Command("x-query-memslot-budget", self._query_budget),
             Command("x-query-kernel-metadata", self._query_kernel_metadata),
             Command("x-vhost-user-reconnect", self._vhost_reconnect, (Param("id", "str"),)),
+            Command(
+                "x-guest-memory-access",
+                self._guest_memory_access,
+                (
+                    Param("address", "uint64"),
+                    Param("write", "bool", True),
+                    Param("value", "int", True),
+                ),
+            ),
         ]
 
     # -- general ---------------------------------------------------------------------------------
@@ -288,6 +322,51 @@ class Monitor:
         # After this handler returns its reply is queued; only then may the runtime stop.
         asyncio.get_running_loop().call_soon(self.runtime.quit)
         return {}
+
+    def _cont(self, args: dict[str, Any]) -> object:
+        if self.runtime.status() in NEEDS_RESET:
+            raise QMPCommandError("Resetting the Virtual Machine is required")
+        if self.runtime.status() != RUNNING:
+            self.runtime.cont()
+            self.server.emit_event("RESUME", {})
+        return {}
+
+    def _system_reset(self, args: dict[str, Any]) -> object:
+        # QEMU resets in its main loop and then sends the event; commands run one at a time
+        # here, so the reset is done before anyone sees the reply or the event.
+        self.runtime.system_reset()
+        self.server.emit_event("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+        return {}
+
+    def guest_memory_fault(self, fault: GuestFault) -> None:
+        """Tell clients that a guest access to memory out of its reach stopped the VM:
+        ``X_GUEST_MEMORY_FAULT`` (our extension), then QEMU's ``STOP``."""
+        data: dict[str, Any] = {}
+        if fault.device is not None:
+            if fault.device.id is not None:
+                data["id"] = fault.device.id
+            data["qom-path"] = self.qom_path(fault.device)
+        data.update(address=fault.address, size=fault.size)
+        if fault.access is not None:
+            data["access"] = fault.access
+        if fault.block_address is not None:
+            data["block-address"] = fault.block_address
+        data["detected-by"] = fault.detected_by
+        self.server.emit_event("X_GUEST_MEMORY_FAULT", data)
+        self.server.emit_event("STOP", {})
+
+    def _guest_memory_access(self, args: dict[str, Any]) -> object:
+        write = bool(args.get("write", False))
+        value = int(args.get("value", 0))
+        if not 0 <= value <= 0xFF:
+            raise QMPCommandError("Parameter 'value' expects a byte (0 to 255)")
+        try:
+            result = self.runtime.guest_memory_access(args["address"], write=write, value=value)
+        except GuestMemoryFault:
+            return {"outcome": "fault"}
+        if result is None:
+            return {"outcome": "mmio"}
+        return {"outcome": "ram"} if write else {"outcome": "ram", "value": result}
 
     # -- memory devices --------------------------------------------------------------------------
 

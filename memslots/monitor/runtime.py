@@ -4,6 +4,12 @@ One asyncio loop runs everything: the QMP server, the optional metrics endpoint,
 drivers (on a :class:`~memslots.guest.sched.LoopScheduler`, so they never run in the middle of a
 monitor command). SIGTERM, SIGINT and QMP ``quit`` shut down the same way: stop serving, detach
 the guests, close the VM (the kernel frees every memslot with it) and release host memory.
+
+The run state (QEMU's RunState, for ``query-status``) lives in :class:`MachineRuntime` alone:
+``running``; ``internal-error`` once a guest access to memory out of its reach stopped the VM
+(:class:`~memslots.machine.vm.GuestVm` stops its guests and vCPU; ``cont`` is refused); after a
+``system_reset`` from there ``prelaunch`` (as QEMU), which ``cont`` turns into ``running``
+again; ``shutdown`` on the way out.
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from memslots.devices.memory_device import MemoryDevice
+from memslots.errors import ConfigError
 from memslots.guest.sched import LoopScheduler
 from memslots.host.kmem import KmemMeter
 from memslots.kvm.abi import VmBackend
 from memslots.kvm.host import open_vm_meter
 from memslots.machine.machine import Machine, create_vm, uses_real_kvm
-from memslots.machine.vm import GuestVm, ObservedChannel
+from memslots.machine.vm import GuestFault, GuestVm, ObservedChannel
 from memslots.monitor.commands import Monitor
 from memslots.monitor.metrics import Metrics
 from memslots.monitor.qmp_server import QMPServer
@@ -61,10 +68,15 @@ class VhostUserProvider:
 class MachineRuntime:
     """The running machine as the monitor sees it (:class:`memslots.monitor.commands.Runtime`)."""
 
-    def __init__(self, machine: Machine, stopped: asyncio.Event) -> None:
+    def __init__(
+        self, machine: Machine, stopped: asyncio.Event, guests: GuestVm | None = None
+    ) -> None:
         self._machine = machine
         self._stopped = stopped
+        self._guests = guests
         self._state = "running"
+        #: Called after every system reset (the runtime re-wraps the new drivers' channels).
+        self.reset_listeners: list[Callable[[], None]] = []
 
     @property
     def machine(self) -> Machine:
@@ -79,6 +91,40 @@ class MachineRuntime:
         """Ask the process to shut down (the loop's main task does the work)."""
         self._state = "shutdown"
         self._stopped.set()
+
+    @property
+    def guests(self) -> GuestVm | None:
+        """The guest side (None with ``-guest none``)."""
+        return self._guests
+
+    def guest_fault(self, fault: GuestFault) -> None:
+        """The guests stopped on a memory fault: QEMU's ``internal-error``."""
+        self._state = "internal-error"
+
+    def cont(self) -> None:
+        """Run the VM again (the monitor refuses ``cont`` while it needs a reset)."""
+        if self._guests is not None:
+            self._guests.start()
+        self._state = "running"
+
+    def system_reset(self) -> None:
+        """The one entry point of a system reset: virtio-mem memory is unplugged and, with
+        guests, every driver and the vCPU start over (:meth:`GuestVm.system_reset`). A VM
+        stopped on an internal error is then in ``prelaunch`` until ``cont``."""
+        if self._guests is not None:
+            self._guests.system_reset()
+        else:
+            self._machine.system_reset()
+        if self._state == "internal-error":
+            self._state = "prelaunch"
+        for cb in list(self.reset_listeners):
+            cb()
+
+    def guest_memory_access(self, address: int, *, write: bool, value: int) -> int | None:
+        """The guest's CPU touches a byte (:meth:`GuestVm.guest_access`)."""
+        if self._guests is None:
+            raise ConfigError("the machine runs without a guest (-guest none)")
+        return self._guests.guest_access(address, write=write, value=value)
 
 
 async def serve(
@@ -130,12 +176,12 @@ async def _serve(
         else create_vm(config.accel, slot_zap_all=config.slot_zap_all)
     )
     machine = Machine(config, vm=vm)
-    runtime = MachineRuntime(machine, stopped)
+    gvm = GuestVm(machine, LoopScheduler(loop)) if guest else None
+    runtime = MachineRuntime(machine, stopped, gvm)
     server = QMPServer()
     monitor = Monitor(runtime, server, kmem=kmem)
     monitor.add_device_provider(VhostUserProvider(machine))
     metrics = Metrics(machine, kmem) if metrics_port is not None else None
-    gvm = GuestVm(machine, LoopScheduler(loop)) if guest else None
 
     def observe_guest(dev_id: str) -> None:
         if gvm is not None and metrics is not None and dev_id in gvm.guests:
@@ -153,6 +199,18 @@ async def _serve(
 
         monitor.device_added.append(added)
         monitor.device_removed.append(gvm.detach)
+
+        def restarted() -> None:
+            # A reset gave every device a new driver, on a new channel.
+            for dev_id in gvm.guests:
+                observe_guest(dev_id)
+
+        def faulted(fault: GuestFault) -> None:
+            runtime.guest_fault(fault)
+            monitor.guest_memory_fault(fault)
+
+        runtime.reset_listeners.append(restarted)
+        gvm.fault_listeners.append(faulted)
     try:
         for ep in endpoints:
             if ep.path is not None:

@@ -217,6 +217,7 @@ class VirtioMemTransport:
         try:
             while (chain := vq.pop()) is not None:
                 req = self._request(chain)
+                self._check_reach(vq, chain, req)
                 resp = dev.execute(req)
                 chain.write_in(resp.pack())
                 vq.push(chain.head, RESPONSE_SIZE)
@@ -240,6 +241,20 @@ class VirtioMemTransport:
         if req.type not in _REQUEST_TYPES:
             dev.protocol_violation(f"unknown request type: {req.type}")
         return req
+
+    def _check_reach(self, vq: VirtQueue, chain: Chain, req: Request) -> None:
+        """A request that would take its own response buffer or the queue out of reach is a
+        protocol violation, refused before it runs (nothing changes)."""
+        gone = self.dev.out_of_reach_after(req)
+        if not gone or self.dev.memdev is None:
+            return
+        memory = self.dev.memdev.memory
+        places = [*(("response buffer", p) for p in chain.in_places), *vq.ring_places]
+        for what, (mem, offset, n) in places:
+            if mem is memory and any(lo < offset + n and offset < hi for lo, hi in gone):
+                self.dev.protocol_violation(
+                    f"the request would take its own {what} out of reach (unplugged memory)"
+                )
 
     def _violation(self, exc: MemslotsError) -> None:
         """QEMU's virtio_error: the device needs a reset and tells the driver so."""

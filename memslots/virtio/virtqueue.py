@@ -19,10 +19,13 @@ and then read and written with :mod:`struct` on a memoryview, because a ctypes c
 would cost more than the device's whole request. As in QEMU, each ring and each indirect table
 must lie in one RAM section (QEMU's "Cannot map desc"); buffers may span sections. Rings are
 resolved again whenever the memory map changes (the view tuple is replaced on every commit that
-changes it), buffers once per chain. What :meth:`VirtQueue.pop` resolved stays valid until the
-chain is pushed even if the request unmaps that memory, like QEMU's mapped iovecs: a request
-that unplugs the memory holding its own response or the used ring still completes, and the
-next pop refuses the ring.
+changes it, or when host memory behind them is protected or unprotected), buffers once per
+chain. What :meth:`VirtQueue.pop` resolved stays valid until the chain is pushed even if the
+request unmaps that memory, like QEMU's mapped iovecs: a request that unplugs the memory holding
+its own response or the used ring still completes, and the next pop refuses the ring. Memory
+that the request took *out of reach* (a virtio-mem device's unplugged block, ``PROT_NONE``) is
+checked before the response or the used entry is written, and refused: a copy into it would
+kill the process.
 """
 
 from __future__ import annotations
@@ -126,9 +129,10 @@ class _Span:
 
     ``buf[off:off+size]`` is the buffer when it is contiguous in host memory (the common case);
     otherwise ``buf`` is None and ``pieces`` lists ``(buffer, offset, bytes)`` in order.
+    ``places`` are its ``(memory, offset, bytes)``, for checking that they are still in reach.
     """
 
-    __slots__ = ("buf", "gpa", "off", "pieces", "size")
+    __slots__ = ("buf", "gpa", "off", "pieces", "places", "size")
 
     def __init__(
         self,
@@ -137,12 +141,19 @@ class _Span:
         buf: memoryview | None,
         off: int,
         pieces: Sequence[tuple[memoryview, int, int]],
+        places: Sequence[tuple[RamBlock, int, int]],
     ) -> None:
         self.gpa = gpa
         self.size = size
         self.buf = buf
         self.off = off
         self.pieces = pieces
+        self.places = places
+
+    def check_access(self) -> None:
+        """Raise InaccessibleMemoryError if any of it is out of reach now."""
+        for memory, offset, n in self.places:
+            memory.check_access(offset, n)
 
     def read(self, n: int) -> bytes:
         """The first ``n`` bytes (``n`` is at most ``size``)."""
@@ -178,7 +189,7 @@ class _Dma:
     :meth:`sync` must be called before each batch of lookups (each pop).
     """
 
-    __slots__ = ("_backends", "_buffers", "_cache", "_space", "_view", "memory")
+    __slots__ = ("_backends", "_buffers", "_cache", "_gens", "_space", "_view", "memory")
 
     #: Bound on remembered buffers, so that a guest cycling through addresses costs no memory.
     CACHE_SIZE = 256
@@ -188,22 +199,29 @@ class _Dma:
         self._space = memory.address_space
         self._buffers: dict[RamBlock, tuple[memoryview, HostMemory]] = {}
         self._backends: tuple[HostMemory, ...] = ()
+        #: The backends' access generations when their buffers were last checked.
+        self._gens: tuple[int, ...] = ()
         self._cache: dict[tuple[int, int], _Span] = {}
         self._view: object = None
 
-    def sync(self) -> bool:
-        """Forget what was resolved if the memory map changed or a backend was closed (its
-        memory is gone); True if nothing changed."""
-        view = self._space.sections
-        for backend in self._backends:
-            if backend.closed:
-                break
-        else:
-            if view is self._view:
+    def moved(self) -> bool:
+        """Whether a backend was protected, unprotected or closed since the last sync."""
+        for backend, gen in zip(self._backends, self._gens, strict=True):
+            if backend.access_generation != gen:
                 return True
+        return False
+
+    def sync(self) -> bool:
+        """Forget what was resolved if the memory map changed, or a backend was closed (its
+        memory is gone) or protected (resolved buffers may be out of reach now); True if
+        nothing changed."""
+        view = self._space.sections
+        if view is self._view and not self.moved():
+            return True
         self._cache.clear()
         self._buffers = {k: v for k, v in self._buffers.items() if not v[1].closed}
         self._backends = tuple(v[1] for v in self._buffers.values())
+        self._gens = tuple(b.access_generation for b in self._backends)
         self._view = view
         return False
 
@@ -218,6 +236,11 @@ class _Dma:
         section, offset, _ = ranges[0]
         return self._buffer(section.backend), offset
 
+    def place(self, gpa: int, length: int) -> tuple[RamBlock, int, int]:
+        """``(memory, offset, bytes)`` of a range inside one RAM section."""
+        section, offset, n = self.memory.ranges(gpa, length)[0]
+        return section.backend, offset, n
+
     def span(self, gpa: int, length: int) -> _Span:
         """The host memory of ``[gpa, gpa+length)``; AddressSpaceError unless all of it is RAM."""
         cache = self._cache
@@ -231,9 +254,10 @@ class _Dma:
 
     def _resolve(self, gpa: int, length: int) -> _Span:
         ranges = self.memory.ranges(gpa, length)
+        places = [(section.backend, offset, n) for section, offset, n in ranges]
         if len(ranges) == 1:
             section, offset, _ = ranges[0]
-            return _Span(gpa, length, self._buffer(section.backend), offset, ())
+            return _Span(gpa, length, self._buffer(section.backend), offset, (), places)
         pieces: list[tuple[memoryview, int, int]] = []
         for section, offset, n in ranges:
             buf = self._buffer(section.backend)
@@ -244,14 +268,15 @@ class _Dma:
             else:
                 pieces.append((buf, offset, n))
         if len(pieces) == 1:
-            return _Span(gpa, length, pieces[0][0], pieces[0][1], ())
-        return _Span(gpa, length, None, 0, pieces)
+            return _Span(gpa, length, pieces[0][0], pieces[0][1], (), places)
+        return _Span(gpa, length, None, 0, pieces, places)
 
     def _buffer(self, backend: RamBlock) -> memoryview:
         entry = self._buffers.get(backend)
         if entry is None:
             entry = self._buffers[backend] = _host_buffer(backend)
             self._backends += (entry[1],)
+            self._gens += (entry[1].access_generation,)
         return entry[0]
 
 
@@ -289,6 +314,7 @@ class _Rings:
         "dma",
         "places",
         "resolved",
+        "ring_places",
         "used_buf",
         "used_off",
     )
@@ -303,6 +329,8 @@ class _Rings:
         self.resolved = False
         self.desc_buf = self.avail_buf = self.used_buf = _NO_MEMORY
         self.desc_off = self.avail_off = self.used_off = 0
+        #: Each ring's ``(what, (memory, offset, bytes))``, from the last :meth:`refresh`.
+        self.ring_places: list[tuple[str, tuple[RamBlock, int, int]]] = []
 
     def refresh(self) -> None:
         """Resolve the rings (and forget resolved buffers) if the memory map changed;
@@ -318,7 +346,18 @@ class _Rings:
                 raise RingAccessError(f"cannot access the {what} at 0x{gpa:x}: {exc}") from exc
         (self.desc_buf, self.desc_off), (self.avail_buf, self.avail_off) = windows[:2]
         self.used_buf, self.used_off = windows[2]
+        self.ring_places = [(what, self.dma.place(gpa, size)) for what, gpa, size in self.places]
         self.resolved = True
+
+    def check_reach(self) -> None:
+        """RingAccessError if a ring went out of reach since :meth:`refresh`."""
+        if not self.dma.moved():
+            return
+        for what, (memory, offset, n) in self.ring_places:
+            try:
+                memory.check_access(offset, n)
+            except AddressSpaceError as exc:
+                raise RingAccessError(f"cannot access the {what}: {exc}") from exc
 
 
 class Chain:
@@ -329,9 +368,10 @@ class Chain:
     host memory when the chain was popped (see the module doc).
     """
 
-    __slots__ = ("_in", "_out", "head", "in_len", "out_len")
+    __slots__ = ("_dma", "_in", "_out", "head", "in_len", "out_len")
 
-    def __init__(self, head: int) -> None:
+    def __init__(self, head: int, dma: _Dma) -> None:
+        self._dma = dma
         self.head = head
         self.out_len = 0
         self.in_len = 0
@@ -348,6 +388,11 @@ class Chain:
         """The device-writable buffers as ``(gpa, len)``."""
         return [(s.gpa, s.size) for s in self._in]
 
+    @property
+    def in_places(self) -> list[tuple[RamBlock, int, int]]:
+        """The device-writable buffers as ``(memory, offset, bytes)`` pieces of host memory."""
+        return [place for span in self._in for place in span.places]
+
     def read_out(self, n: int) -> bytes:
         """The first ``n`` bytes of the device-readable buffers (fewer if they hold fewer)."""
         spans = self._out
@@ -363,8 +408,20 @@ class Chain:
         return b"".join(parts)
 
     def write_in(self, data: bytes) -> int:
-        """Scatter ``data`` over the device-writable buffers; returns the bytes written."""
+        """Scatter ``data`` over the device-writable buffers; returns the bytes written.
+
+        BufferAddressError (nothing written) if the request took one of them out of reach.
+        """
         spans = self._in
+        if self._dma.moved():
+            for span in spans:
+                try:
+                    span.check_access()
+                except AddressSpaceError as exc:
+                    raise BufferAddressError(
+                        f"buffer [0x{span.gpa:x}, +0x{span.size:x}) of the chain at head "
+                        f"{self.head} went out of reach: {exc}"
+                    ) from exc
         if len(spans) == 1 and spans[0].size >= len(data):
             spans[0].write(data)
             return len(data)
@@ -418,6 +475,11 @@ class VirtQueue:
         self._rings = _Rings(memory, num, desc, avail, used)
         self._max_buffers = max(num, MAX_CHAIN_BUFFERS)
 
+    @property
+    def ring_places(self) -> list[tuple[str, tuple[RamBlock, int, int]]]:
+        """Each ring's ``(what, (memory, offset, bytes))`` as of the last :meth:`pop`."""
+        return self._rings.ring_places
+
     def pop(self) -> Chain | None:
         """The next available chain, validated and resolved; None if the ring is empty."""
         rings = self._rings
@@ -451,7 +513,7 @@ class VirtQueue:
         visited = 0
         buffers = 0
         nested = False
-        chain = Chain(head)
+        chain = Chain(head, dma)
         while True:
             visited += 1
             if visited > limit:
@@ -522,6 +584,7 @@ class VirtQueue:
         if not 0 <= head < self.num or not 0 <= written <= 0xFFFF_FFFF:
             raise ValueError(f"push of head {head} with {written} bytes written")
         rings = self._rings
+        rings.check_reach()  # the request may have taken the rings out of reach
         i = self.used_idx
         _USED_ELEM.pack_into(
             rings.used_buf, rings.used_off + 4 + 8 * (i & (self.num - 1)), head, written

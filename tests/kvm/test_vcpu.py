@@ -10,7 +10,7 @@ import pytest
 from conftest import requires_kvm
 
 from memslots.devices.virtio_mem.device import VirtioMem
-from memslots.errors import VcpuError
+from memslots.errors import GuestMemoryFault, VcpuError
 from memslots.guest.inorder import drive_to
 from memslots.host.memory import HostMemory
 from memslots.kvm.vcpu import IMAGE_SIZE, ProbeVcpu, pattern_words
@@ -112,10 +112,12 @@ def test_anonymous_device_memslots_seen_from_the_guest(
     s0, s1, s2 = dev.memslot_map()[:3]
     assert (s0.mapped, s1.mapped, s2.mapped) == (True, True, False)
 
-    # Memslot boundaries, byte-exact. A mapped memslot is RAM even where blocks are unplugged.
+    # Memslot boundaries, byte-exact (unplugged blocks of a mapped memslot are out of reach:
+    # test_unplugged_block_of_a_mapped_memslot_faults).
     assert dev.addr == s0.gpa == m.layout.device_memory_base  # above 1 TiB on AMD hosts
     assert not probe.is_ram(s0.gpa - 1) and probe.is_ram(s0.gpa)
-    assert probe.is_ram(s1.gpa + s1.size - 1) and not probe.is_ram(s2.gpa)
+    assert probe.is_ram(s0.gpa + s0.size - 1) and probe.is_ram(s1.gpa + 2 * bs - 1)
+    assert not probe.is_ram(s2.gpa)
     assert not probe.is_ram(s2.gpa + 5 * bs + 8)  # an unplugged block of an unmapped memslot
 
     # A few plugged blocks: the first write of each populates a 2 MiB THP, so keep it short.
@@ -152,13 +154,6 @@ def test_memfd_device_every_block_in_one_run(
     assert isinstance(mem, HostMemory) and mem.fd is not None
     bs = dev.block_size
     s0, s1 = dev.memslot_map()[:2]
-    drive_to(dev, s0.size - bs)  # memslot 0 mapped, its last block unplugged
-
-    # Pitfall: a guest read of an unplugged block in a mapped memfd memslot allocates shmem.
-    allocated = mem.allocated_bytes()
-    assert probe.is_ram(s0.gpa + s0.size - bs)
-    assert mem.allocated_bytes() > allocated
-
     drive_to(dev, s0.size)
     assert (s0.size // bs, dev.nb_plugged_blocks) == (512, 512)
     runs = probe.stats.runs
@@ -177,3 +172,63 @@ def test_memfd_device_every_block_in_one_run(
     drive_to(dev, bs)
     assert probe.read64(s0.gpa) == 0  # discarded, not the old pattern
     assert not probe.check_pattern(s0.gpa, bs, seed=7)
+
+
+UNPLUGGED_MACHINE = ("1G,maxmem=3G", ["memory-backend-memfd,id=m,size=2G"])
+
+
+@pytest.mark.parametrize(
+    ("cpl3", "detected_by"), [(True, "efault"), (False, "mmio-exit")], ids=["cpl3", "cpl0"]
+)
+def test_unplugged_block_of_a_mapped_memslot_faults(cpl3: bool, detected_by: str) -> None:
+    """``unplugged-inaccessible=on``: the guest's read and write of an unplugged block whose
+    memslot is mapped (a neighbour is plugged) fail without allocating host memory (memfd: a
+    read would allocate); the vCPU stops until reset; the neighbour keeps its data. CPL3 runs
+    the access natively (KVM_RUN fails with EFAULT here), CPL0 through KVM's emulator (an
+    MMIO exit inside a memslot)."""
+    memory, objects = UNPLUGGED_MACHINE
+    devices = ["virtio-mem,id=v,memdev=m,memslot-size=1G,requested-size=8M"]
+    vm = KvmVm()
+    config = parse_machine_config(memory, objects, devices, accel="kvm")
+    with Machine(config, vm=vm) as m, ProbeVcpu(vm, GuestMemory(m.address_space), cpl3=cpl3) as p:
+        dev = m.virtio_mem("v")
+        mem = m.backends["m"].memory
+        assert isinstance(mem, HostMemory)
+        bs = dev.block_size
+        drive_to(dev, bs)
+        assert dev.memslot_map()[0].mapped
+        assert p.write64(dev.addr + 8, 0x1234)
+        allocated = mem.allocated_bytes()
+        for access, gpa in (("read", dev.addr + 2 * bs + 8), ("write", dev.addr + 3 * bs + 3)):
+            with pytest.raises(GuestMemoryFault) as info:
+                if access == "read":
+                    p.read64(gpa)
+                else:
+                    p.write8(gpa, 7)
+            fault = info.value
+            assert (fault.gpa, fault.access, fault.detected_by) == (gpa, access, detected_by)
+            assert p.fault is fault
+            with pytest.raises(VcpuError, match="reset it first"):
+                p.read64(dev.addr + 8)
+            p.reset()
+            assert p.fault is None and p.read64(dev.addr + 8) == 0x1234
+        assert mem.allocated_bytes() == allocated
+
+
+def test_without_protection_the_guest_reaches_unplugged_memory() -> None:
+    """``unplugged-inaccessible=off`` (QEMU's old behaviour, one memslot): the guest reads and
+    writes unplugged blocks, and each touch makes the host allocate (memfd)."""
+    memory, objects = UNPLUGGED_MACHINE
+    devices = ["virtio-mem,id=v,memdev=m,unplugged-inaccessible=off,requested-size=8M"]
+    vm = KvmVm()
+    config = parse_machine_config(memory, objects, devices, accel="kvm")
+    with Machine(config, vm=vm) as m, ProbeVcpu(vm, GuestMemory(m.address_space)) as p:
+        dev = m.virtio_mem("v")
+        mem = m.backends["m"].memory
+        assert isinstance(mem, HostMemory)
+        drive_to(dev, dev.block_size)
+        allocated = mem.allocated_bytes()
+        assert p.read64(dev.addr + 2 * dev.block_size) == 0
+        assert p.write8(dev.addr + 3 * dev.block_size, 7)
+        assert mem.allocated_bytes() > allocated
+        assert mem.read(3 * dev.block_size, 1) == b"\x07"

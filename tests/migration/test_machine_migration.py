@@ -20,7 +20,8 @@ from machines import check_invariants
 
 from memslots.devices.virtio_mem.device import VirtioMem, VirtioMemEarlyState, VirtioMemLateState
 from memslots.devices.virtio_mem.wire import ReqType, Request, Resp, Response
-from memslots.errors import EXIT_BAD_INPUT, KvmError, MigrationError
+from memslots.errors import EXIT_BAD_INPUT, InaccessibleMemoryError, KvmError, MigrationError
+from memslots.host.memory import HostMemory
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
 from memslots.memory.address_space import GuestMemory, Section
@@ -207,18 +208,28 @@ def test_late_state_travels_and_unplugged_memory_is_discarded(machines: list[Mac
     dev = src.virtio_mem("vmem0")
     plug(dev, dev.addr + BS, 1)
     dev.set_requested_size(40 * BS)  # the guest has not caught up yet
-    dst = machine(incoming=True)
+    dst = Machine(config(), vm=KvmModel(), incoming=True, before_devices=stale)
     machines.append(dst)
     ddev = dst.virtio_mem("vmem0")
     assert ddev.memdev is not None
-    ddev.memdev.memory.write(0, b"stale")  # in an unplugged block
+    memory = ddev.memdev.memory
+    assert isinstance(memory, HostMemory)
+    with pytest.raises(InaccessibleMemoryError):
+        memory.read(0, 5)  # unplugged: out of reach from realize on
     sizes: list[int] = []
     ddev.size_change_listeners.append(lambda d, size: sizes.append(size))
     loaded = migrate(src, dst, virtio={"virtio-mem/vmem0": b"queue state"})
     assert (ddev.requested_size, ddev.usable_region_size) == (40 * BS, dev.usable_region_size)
     assert ddev.size == BS and sizes == []  # QEMU emits no size change for the loaded size
-    assert ddev.memdev.memory.read(0, 5) == bytes(5)
+    assert memory.inaccessible(0, BS) and not memory.inaccessible(BS, BS)
+    plug(ddev, ddev.addr, 1)  # the guest plugs it later: discarded, not the stale bytes
+    assert memory.read(0, 5) == bytes(5)
     assert loaded.virtio == {"virtio-mem/vmem0": b"queue state"}
+
+
+def stale(m: Machine) -> None:
+    """Old contents in the first block of an incoming destination's backend."""
+    m.backends["mem0"].memory.write(0, b"stale")
 
 
 def test_guest_and_vcpu_state_sections_round_trip(machines: list[Machine]) -> None:
@@ -235,6 +246,8 @@ def test_incoming_realize_skips_the_initial_discard(machines: list[Machine]) -> 
     for incoming, expect in ((False, bytes(4)), (True, b"kept")):
         m = Machine(config(), vm=KvmModel(), incoming=incoming, before_devices=prefill)
         machines.append(m)
+        dev = m.virtio_mem("vmem0")
+        plug(dev, dev.addr, 1)  # out of reach until plugged, either way
         assert m.backends["mem0"].memory.read(4096, 4) == expect
 
 

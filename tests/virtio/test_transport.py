@@ -507,30 +507,61 @@ def test_device_reset_keeps_blocks_and_forgets_the_queue(guest: Guest) -> None:
     assert guest.request(ReqType.STATE, 1) == Response(Resp.ACK, BlockState.PLUGGED)
 
 
-def test_request_that_unplugs_its_own_used_ring(guest: Guest) -> None:
-    """The request completes (QEMU's mapped elements); the next pop finds the ring gone."""
-    dev, mem, t = guest.dev, guest.memory, guest.t
-    assert guest.request(ReqType.PLUG, 12) == Response(Resp.ACK)
-    ring = dev.addr + 12 * BS
+def _queue_in_device_memory(guest: Guest, block: int) -> DriverQueue:
+    """The driver's queue moved into the device's plugged ``block``."""
+    t = guest.t
+    assert guest.request(ReqType.PLUG, block) == Response(Resp.ACK)
     t.write_status(0)
     t.write_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER)
     t.write_driver_features(t.device_features)
     t.write_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
-    q = DriverQueue(mem, ring, 0x8000, notify=t.notify)
+    q = DriverQueue(guest.memory, guest.dev.addr + block * BS, 0x8000, notify=t.notify)
     t.setup_queue(q.num, q.desc_gpa, q.avail_gpa, q.used_gpa)
     t.write_status(ALL_OK)
-    mem.write(REQ, Request(ReqType.UNPLUG, ring, 1).pack())
-    head = q.add([(REQ, 24)], [(RESP, 10)])
+    return q
+
+
+def test_request_that_would_unplug_its_own_used_ring_is_refused(guest: Guest) -> None:
+    """Its answer would go into memory the request makes PROT_NONE: a protocol violation,
+    refused before the request runs, so nothing changes."""
+    dev, mem, t = guest.dev, guest.memory, guest.t
+    q = _queue_in_device_memory(guest, 12)
+    before = guest.state()
+    mem.write(REQ, Request(ReqType.UNPLUG, dev.addr + 12 * BS, 1).pack())
+    q.add([(REQ, 24)], [(RESP, 10)])
     q.kick()
-    assert not mem.is_ram(ring) and dev.size == 0
-    assert Response.unpack(mem.read(RESP, 10)) == Response(Resp.ACK)
-    assert t.queue is not None and t.queue.used_idx == 1
-    # The used ring was written where it was when the chain was popped: in the backend.
-    assert dev.memdev is not None
-    used = dev.memdev.memory.read(q.used_gpa - dev.addr, 12)
-    assert used == struct.pack("<HHII", 0, 1, head, 10)
-    assert isinstance(t.error, RingAccessError) and t.status & STATUS_DEVICE_NEEDS_RESET
-    assert "descriptor table" in str(t.error)
+    assert guest.state() == before and dev.size == BS
+    assert t.queue is not None and t.queue.used_idx == 0
+    assert isinstance(t.error, DeviceError) and "descriptor table out of reach" in str(t.error)
+    assert t.status & STATUS_DEVICE_NEEDS_RESET
+
+
+def test_unplug_all_that_would_unplug_its_own_response_is_refused(guest: Guest) -> None:
+    dev, mem, t = guest.dev, guest.memory, guest.t
+    assert guest.request(ReqType.PLUG, 3) == Response(Resp.ACK)
+    resp = dev.addr + 3 * BS + 0x100
+    mem.write(REQ, Request(ReqType.UNPLUG_ALL, 0, 0).pack())
+    guest.q.add([(REQ, 24)], [(resp, 10)])
+    guest.q.kick()
+    assert dev.size == BS and dev.bitmap[3] == 1
+    assert "response buffer out of reach" in str(t.error)
+
+
+def test_request_that_unplugs_its_own_used_ring_without_protection() -> None:
+    """``unplugged-inaccessible=off`` (one memslot, always mapped): the request completes as
+    in QEMU and the answer lands in the unplugged block; the ring was discarded with it, so
+    the device then finds its index gone back to 0."""
+    with config(",block-size=2M,unplugged-inaccessible=off") as m:
+        guest = Guest(m)
+        dev, mem, t = guest.dev, guest.memory, guest.t
+        q = _queue_in_device_memory(guest, 12)
+        mem.write(REQ, Request(ReqType.UNPLUG, dev.addr + 12 * BS, 1).pack())
+        head = q.add([(REQ, 24)], [(RESP, 10)])
+        q.kick()
+        assert dev.size == 0
+        assert Response.unpack(mem.read(RESP, 10)) == Response(Resp.ACK)
+        assert mem.read(q.used_gpa, 8) == struct.pack("<HHI", 0, 1, head)
+        assert isinstance(t.error, AvailIndexError)
 
 
 def test_close_stops_config_notifications(guest: Guest) -> None:

@@ -400,12 +400,35 @@ def test_guest_memory_ranges(machine: Machine, memory: GuestMemory) -> None:
     assert memory.is_ram(RAM_END - 1) and not memory.is_ram(RAM_END)
 
 
-def test_popped_buffers_stay_valid_when_the_request_unmaps_them(
+def test_popped_buffers_stay_valid_when_the_memory_is_unmapped(
     machine: Machine, memory: GuestMemory
 ) -> None:
     """Like QEMU's mapped iovecs: the response still lands, the next pop refuses the ring."""
+    used = DIMM + 0x1000
+    q = DriverQueue(memory, DESC, 0x4000, num=NUM)
+    vq = VirtQueue(memory, NUM, q.desc_gpa, q.avail_gpa, used)
+    resp = DIMM + 0x2000
+    q.add([(BUF, 4)], [(resp, 4)])
+    chain = vq.pop()
+    assert chain is not None
+    machine.remove_device("dimm0")  # unmapped; its backend stays mapped in the host
+    assert not memory.is_ram(resp)
+    chain.write_in(b"done")
+    vq.push(chain.head, 4)
+    assert vq.used_idx == 1
+    assert machine.backends["d0"].memory.read(0x2000, 4) == b"done"
+    with pytest.raises(RingAccessError, match="used ring"):
+        vq.pop()
+
+
+def test_buffers_taken_out_of_reach_are_refused_not_touched(
+    machine: Machine, memory: GuestMemory
+) -> None:
+    """A request that makes its own buffers PROT_NONE: nothing is copied into them (that would
+    be a SIGSEGV), the response and the used entry are refused instead."""
     dev = vmem(machine)
-    plug(dev, 9)  # memslot 1
+    plug(dev, 9)
+    plug(dev, 10)
     used = dev.addr + 9 * dev.block_size
     q = DriverQueue(memory, DESC, 0x4000, num=NUM)
     vq = VirtQueue(memory, NUM, q.desc_gpa, q.avail_gpa, used)
@@ -414,12 +437,14 @@ def test_popped_buffers_stay_valid_when_the_request_unmaps_them(
     chain = vq.pop()
     assert chain is not None
     assert dev.execute(Request(ReqType.UNPLUG, used, 1)).type == 0
-    assert not memory.is_ram(resp)
-    chain.write_in(b"done")
-    vq.push(chain.head, 4)
-    assert vq.used_idx == 1
-    with pytest.raises(RingAccessError, match="used ring"):
-        vq.pop()
+    assert memory.address_space.find(resp) is not None  # block 10 keeps the memslot mapped
+    with pytest.raises(BufferAddressError, match="out of reach"):
+        chain.write_in(b"done")
+    with pytest.raises(RingAccessError, match=r"used ring.*out of reach"):
+        vq.push(chain.head, 4)
+    assert vq.used_idx == 0
+    plug(dev, 9)  # back in reach (and discarded meanwhile): nothing was written there
+    assert memory.read(resp, 4) == bytes(4)
 
 
 def test_closed_memory_is_refused_not_touched(machine: Machine, memory: GuestMemory) -> None:

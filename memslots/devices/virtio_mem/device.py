@@ -20,10 +20,21 @@ Order of operations (see docs/DESIGN.md): on plug, the memslots are mapped befor
 are marked plugged, so the guest never sees a plugged block without RAM behind it; on unplug,
 the blocks are marked unplugged, empty memslots are unmapped, and only then is the memory
 discarded, so no consumer (KVM, a vhost back-end) still maps memory that is being freed.
+
+Unplugged memory out of reach (``unplugged-inaccessible=on``, the default): our mapping of every
+unplugged block is ``PROT_NONE`` from realize on; a plug makes its blocks read/write before
+anything else (prealloc, mapping, the ACK), an unplug takes them out of reach again after the
+discard. With dynamic memslots a memslot stays mapped while any of its blocks is plugged, so
+this is what keeps a guest from the unplugged blocks of a partly plugged memslot: KVM fails
+such an access (the VMM stops the VM, :mod:`memslots.machine.vm`) instead of allocating host
+memory, and our own copies into them are refused. A vhost-user back-end maps the memfd itself,
+so our protection does not reach its mapping. With ``off`` every block stays read/write, as in
+QEMU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections import Counter
@@ -167,6 +178,12 @@ class VirtioMem(MemoryDevice):
         self.incoming = False
         self.requests: Counter[tuple[str, str]] = Counter()
         self.discard_failures = 0
+        #: Unplugged ranges that could not be taken out of reach (or plugged ones back into it).
+        self.protect_failures = 0
+        #: Guest accesses to its unplugged memory that KVM failed (counted by the guest VM).
+        self.guest_faults = 0
+        #: Whether unplugged blocks are PROT_NONE (``unplugged-inaccessible=on``, from realize).
+        self.protects = False
         self.size_change_listeners: list[SizeListener] = []
         self.config_change_listeners: list[Callable[[VirtioMem], None]] = []
 
@@ -389,6 +406,18 @@ class VirtioMem(MemoryDevice):
                 raise ConfigError(
                     f"virtio-mem '{label}': Unexpected error discarding RAM: {exc}"
                 ) from exc
+        # Nothing is plugged yet, so all of it goes out of reach (an incoming migration's
+        # early state brings its plugged blocks back before any RAM arrives).
+        self.protects = self.unplugged_inaccessible == "on"
+        if self.protects:
+            try:
+                memdev.memory.protect(0, memdev.size)
+            except MemslotsError as exc:
+                self._unprotect_all()
+                self.protects = False
+                raise ConfigError(
+                    f"virtio-mem '{label}': cannot make unplugged memory inaccessible: {exc}"
+                ) from exc
         self._resize_usable_region(self.requested_size, can_shrink=True)
         self.bitmap = bytearray(memdev.size // bs)
         if self.dynamic:
@@ -420,10 +449,22 @@ class VirtioMem(MemoryDevice):
         )
 
     def unrealize(self) -> None:
-        """Give the backend back (the device must have been unplugged from the machine)."""
+        """Give the backend back, all of it within reach again (the device must have been
+        unplugged from the machine)."""
         if self.memdev is not None and self.memdev.used_by == self.label:
+            if self.protects:
+                self._unprotect_all()
             self.memdev.used_by = None
         self.realized = False
+        self.protects = False
+
+    def _unprotect_all(self) -> None:
+        assert self.memdev is not None
+        try:
+            self.memdev.memory.unprotect(0, self.memdev.size)
+        except MemslotsError as exc:
+            self.protect_failures += 1
+            log.warning("virtio-mem '%s': %s", self.label, exc)
 
     def check_unplug(self) -> None:
         """QEMU's refusals of ``device_del`` for a virtio-mem device."""
@@ -483,6 +524,26 @@ class VirtioMem(MemoryDevice):
         self.requests[(kind.name.lower(), Resp(resp.type).name.lower())] += 1
         return resp
 
+    def out_of_reach_after(self, req: Request) -> list[tuple[int, int]]:
+        """Backend byte ranges ``(start, end)`` that executing ``req`` would take out of reach:
+        an UNPLUG's blocks, or every plugged block for UNPLUG_ALL; none without protection or
+        for a request that will change nothing (invalid, or the device busy).
+
+        The transport refuses a request whose own response or queue lies there: writing the
+        answer into memory the request made PROT_NONE would kill the process.
+        """
+        if not self.protects or self.busy:
+            return []
+        bs = self.block_size
+        if req.type == ReqType.UNPLUG:
+            rng = self._block_range(req.addr, req.nb_blocks)
+            if rng is None or self.bitmap.count(1, rng[0], rng[0] + rng[1]) != rng[1]:
+                return []
+            return [(rng[0] * bs, (rng[0] + rng[1]) * bs)]
+        if req.type == ReqType.UNPLUG_ALL:
+            return [(f * bs, (f + n) * bs) for f, n in self.plugged_ranges()]
+        return []
+
     def _block_range(self, gpa: int, nb_blocks: int) -> tuple[int, int] | None:
         """``(first block, count)`` if the range is valid for the usable region, else None."""
         bs = self.block_size
@@ -535,11 +596,18 @@ class VirtioMem(MemoryDevice):
         return max(0, min(hi, first + count) - max(lo, first))
 
     def _plug(self, first: int, count: int) -> bool:
+        # Within reach first: prealloc populates the blocks, the guest uses them after the ACK.
+        if not self._set_accessible(first, count, True):
+            return False
         if self.opts.prealloc and not self._preallocate(first, count):
+            self._set_accessible(first, count, False)
             return False
         slots = self._slots_of(first, count) if self.dynamic else range(0)
         # Map first: the guest may touch the blocks as soon as it sees the ACK.
         if not self._set_mapped([i for i in slots if not self.memslots[i].mapped], True):
+            if self.opts.prealloc:
+                self._discard(first * self.block_size, count * self.block_size)
+            self._set_accessible(first, count, False)
             return False
         for i in slots:
             self._slot_plugged[i] += self._blocks_in_slot(i, first, count)
@@ -561,6 +629,8 @@ class VirtioMem(MemoryDevice):
         for i in slots:
             self._slot_plugged[i] -= self._blocks_in_slot(i, first, count)
         self.bitmap[first : first + count] = bytes(count)
+        # Out of reach only now: the discard needs no access, but a failed one maps back.
+        self._set_accessible(first, count, False)
         self._size_changed(self.size - count * bs)
         return True
 
@@ -576,6 +646,7 @@ class VirtioMem(MemoryDevice):
                 return Resp.BUSY
             self._slot_plugged = [0] * self.nb_memslots
             self.bitmap[:] = bytes(len(self.bitmap))
+            self._set_accessible(0, self.nb_blocks, False)
             self._size_changed(0)
         self._resize_usable_region(self.requested_size, can_shrink=True)
         return Resp.ACK
@@ -609,6 +680,33 @@ class VirtioMem(MemoryDevice):
         except MemslotsError as exc:
             what = "map" if mapped else "unmap"
             log.warning("virtio-mem '%s': cannot %s memslots: %s", self.label, what, exc)
+            return False
+        return True
+
+    def _set_accessible(self, first: int, count: int, accessible: bool) -> bool:
+        """Bring blocks into reach or take them out of it (with ``unplugged-inaccessible=on``);
+        False (logged, counted) if the kernel refused (e.g. ``vm.max_map_count``).
+
+        A block that could not be taken out of reach stays counted as protected, so our own
+        copies still refuse it; only the guest might then reach it, as with ``off``.
+        """
+        if not self.protects:
+            return True
+        assert self.memdev is not None
+        bs = self.block_size
+        memory = self.memdev.memory
+        try:
+            if accessible:
+                memory.unprotect(first * bs, count * bs)
+            else:
+                memory.protect(first * bs, count * bs)
+        except MemslotsError as exc:
+            self.protect_failures += 1
+            log.warning("virtio-mem '%s': %s", self.label, exc)
+            if accessible:
+                # Part of the range may be open now: close it again (best effort).
+                with contextlib.suppress(MemslotsError):
+                    memory.protect(first * bs, count * bs)
             return False
         return True
 
@@ -726,6 +824,10 @@ class VirtioMem(MemoryDevice):
                 for i in range(self.nb_memslots)
             ]
         try:
+            if self.protects:
+                # Before any page arrives (and before prealloc populates them).
+                for first, count in ranges:
+                    self.memdev.memory.unprotect(first * bs, count * bs)
             if self.opts.prealloc:
                 for first, count in ranges:
                     self.memdev.memory.populate(first * bs, count * bs)
@@ -786,6 +888,7 @@ class VirtioMem(MemoryDevice):
         self.size = 0
         if self.memdev is not None:
             self._discard(0, self.region_size)
+            self._set_accessible(0, self.nb_blocks, False)
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -874,6 +977,12 @@ class VirtioMem(MemoryDevice):
             MemslotInfo(i, self.addr + i * self.memslot_size, r.size, r.mapped, plugged)
             for i, (r, plugged) in enumerate(zip(self.memslots, self._slot_plugged, strict=True))
         ]
+
+    def block_at(self, gpa: int) -> int | None:
+        """The index of the block that holds guest-physical ``gpa``; None outside the region."""
+        if not self.realized or not self.addr <= gpa < self.addr + self.region_size:
+            return None
+        return (gpa - self.addr) // self.block_size
 
     @property
     def nb_plugged_blocks(self) -> int:
