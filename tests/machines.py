@@ -10,6 +10,7 @@ from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.devices.virtio_mem.wire import Config, Request, Response
 from memslots.guest.linux import GuestOptions, LinuxGuest
 from memslots.guest.sched import Scheduler
+from memslots.host.memory import HostMemory
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
 from memslots.options import parse_device, parse_machine_config
@@ -19,8 +20,15 @@ from memslots.vhost.user.wire import MemRegion
 
 def check_invariants(m: Machine, dev: VirtioMem) -> None:
     """The device's bitmap, sizes and memslot map agree with each other and with the machine
-    (and, on the real kernel, with the kernel's own slot table)."""
+    (and, on the real kernel, with the kernel's own slot table); with
+    ``unplugged-inaccessible=on`` exactly the unplugged blocks are out of reach."""
     assert dev.size == dev.nb_plugged_blocks * dev.block_size
+    memory = dev.memdev.memory if dev.memdev is not None else None
+    if isinstance(memory, HostMemory):
+        bs = dev.block_size
+        assert not any(memory.inaccessible(f * bs, n * bs) for f, n in dev.plugged_ranges())
+        # Nothing plugged is protected, so this many protected bytes are the unplugged ones.
+        assert memory.protected_bytes == (dev.region_size - dev.size if dev.protects else 0)
     assert dev.usable_region_size >= dev.requested_size or dev.requested_size == 0
     assert dev.size <= dev.region_size
     mapped_gpas = {s.gpa for s in m.address_space.sections}

@@ -86,8 +86,11 @@ class BlkQueue:
     def read(self, sector: int, gpa: int, length: int, timeout: float) -> int:
         """READ ``length`` bytes from ``sector`` into guest memory at ``gpa``; returns the
         used length the back-end reports (data + status byte)."""
-        # A buffer outside the back-end's table would make it drop the connection.
+        # A buffer outside the back-end's table would make it drop the connection; one in
+        # memory out of the guest's reach (unplugged) the back-end would fill through its own
+        # mapping, which our protection does not cover: refused here.
         self.frontend.translate(gpa, length)
+        self.memory.ranges(gpa, length)
         ring, mem = self.ring_gpa, self.memory
         mem.write(ring + self.HEADER, _BLK_OUTHDR.pack(_BLK_T_IN, 0, sector))
         mem.write(ring + self.STATUS, b"\xff")

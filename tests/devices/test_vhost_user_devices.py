@@ -3,6 +3,7 @@ and a virtio-blk READ into plugged virtio-mem memory."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from machines import NEGOTIATION, add_virtio_mem, assert_maps, check_invariants,
 from memslots.devices.vhost_user import VhostUserDevice
 from memslots.errors import (
     ConfigError,
+    InaccessibleMemoryError,
     NotEnoughMemslotsError,
     VhostError,
     VhostLimitError,
@@ -231,6 +233,15 @@ def test_blk_read_lands_in_plugged_virtio_mem_memory(qsd: QemuStorageDaemon) -> 
             blk.blk_read(8, buf, 512, ring_gpa=ring)
         with pytest.raises(VhostError, match="outside the 2048-sector disk"):
             blk.blk_read(2047, ring + 4096, 1024, ring_gpa=ring)
+        assert blk.check() is ConnectionState.CONNECTED
+        # Memslot 2 back with its first block only: the back-end maps all of it, but a READ
+        # into its unplugged second block is refused before the back-end hears of it.
+        drive_to(dev, 2 * GiB + dev.block_size)
+        fd = dev.memdev.memory.fd
+        assert fd is not None
+        with pytest.raises(InaccessibleMemoryError):
+            blk.blk_read(8, buf + dev.block_size, 512, ring_gpa=ring)
+        assert os.pread(fd, 512, 2 * GiB + 4096 + dev.block_size) == bytes(512)
         assert blk.check() is ConnectionState.CONNECTED
         drive_to(dev, 3 * GiB)
         assert blk.blk_read(100, buf, 512, ring_gpa=ring) == 513

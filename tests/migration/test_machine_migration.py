@@ -30,8 +30,11 @@ from memslots.migration.machine import (
     LoadedMachine,
     describe_machine,
     load_machine,
+    ram_blocks,
     ram_ranges,
     save_machine,
+    write_completion,
+    write_setup,
 )
 from memslots.migration.sections import (
     decode_early,
@@ -41,7 +44,7 @@ from memslots.migration.sections import (
     pack_bits,
     unpack_bits,
 )
-from memslots.migration.stream import StreamReader, StreamWriter
+from memslots.migration.stream import RamSource, StreamReader, StreamWriter
 from memslots.options import MachineConfig, parse_machine_config
 from memslots.sizes import GiB, MiB
 from memslots.vhost.backend import VhostModel
@@ -514,3 +517,59 @@ def test_section_codecs_check_their_input() -> None:
         decode_late(encode_late(late) + b"!", "x")
     with pytest.raises(MigrationError, match="too short"):
         decode_late(b"", "x")
+
+
+# -- unplugged memory out of reach -------------------------------------------------------------
+
+
+def test_destination_opens_plugged_blocks_before_pages_and_prealloc(
+    machines: list[Machine],
+) -> None:
+    """The destination realizes everything out of reach; the early state brings the plugged
+    blocks back before prealloc populates them and before their pages arrive."""
+    src = machine(size="8G", memory="1G,maxmem=9G", extra=",prealloc=on")
+    machines.append(src)
+    dev = src.virtio_mem("vmem0")
+    plug(dev, dev.addr + 3 * BS, 2)
+    GuestMemory(src.address_space).write(dev.addr + 4 * BS + 8, b"travels")
+    dst = machine(size="8G", memory="1G,maxmem=9G", extra=",prealloc=on", incoming=True)
+    machines.append(dst)
+    migrate(src, dst)
+    ddev = dst.virtio_mem("vmem0")
+    memory = GuestMemory(dst.address_space)
+    assert memory.read(ddev.addr + 4 * BS + 8, 7) == b"travels"
+    assert not memory.is_ram(ddev.addr + 2 * BS) and not memory.is_ram(ddev.addr + 5 * BS)
+    check_invariants(dst, ddev)
+
+
+def test_pages_for_unplugged_memory_are_refused(machines: list[Machine]) -> None:
+    """A stream that sends a page into a block its early state calls unplugged is corrupt:
+    refused before anything is copied (the block is PROT_NONE), and the load is undone."""
+    src = machine(size="8G", memory="1G,maxmem=9G")
+    machines.append(src)
+    dev = src.virtio_mem("vmem0")
+    plug(dev, dev.addr, 1)
+    sink = MemorySink()
+    writer = StreamWriter(sink)
+    write_setup(src, writer)
+    block = [name for name, _ in ram_blocks(src)].index("mem0")
+    writer.write_ram(block, RamSource.of_buffer(bytearray(b"\xab" * 6 * BS)), 5 * BS, 4096)
+    write_completion(src, writer)
+    dst = machine(size="8G", memory="1G,maxmem=9G", incoming=True)
+    machines.append(dst)
+    with pytest.raises(MigrationError, match=r"corrupt .* inaccessible"):
+        load_machine(dst, StreamReader(BytesSource(bytes(sink.data))))
+    ddev = dst.virtio_mem("vmem0")
+    assert ddev.size == 0 and ddev.mapped_memslots == 0
+    check_invariants(dst, ddev)
+
+
+def test_the_source_refuses_to_read_memory_out_of_reach(machines: list[Machine]) -> None:
+    src = machine(size="8G", memory="1G,maxmem=9G")
+    machines.append(src)
+    memory = src.backends["mem0"].memory
+    assert isinstance(memory, HostMemory)
+    writer = StreamWriter(MemorySink())
+    writer.write_header()
+    with pytest.raises(MigrationError, match=r"RAM block 1: cannot send .* inaccessible"):
+        writer.write_ram(1, RamSource.of_memory(memory), 0, 4096)

@@ -598,3 +598,39 @@ def test_memslots_held_by_vhost_back_ends() -> None:
         assert (fs0["max-memslots"], fs0["used-memslots"], fs0["free-memslots"]) == (600, 1, 599)
 
     run(main())
+
+
+def test_cont_system_reset_and_guest_access_without_a_guest() -> None:
+    async def main() -> None:
+        with make_machine() as m:
+            dev = m.virtio_mem("vmem0")
+            drive_to(dev, GiB)
+            runtime = FakeRuntime(m)
+            async with serving(m, runtime=runtime) as (_, path), qmp_client(path) as qmp:
+                with qmp.listener("RESUME") as events:
+                    assert await qmp.execute("cont") == {}  # running: nothing to do
+                    with pytest.raises(asyncio.TimeoutError):
+                        await next_event(events, 0.2)
+                runtime.state = "internal-error"
+                assert await error_of(qmp, "cont") == (
+                    "GenericError",
+                    "Resetting the Virtual Machine is required",
+                )
+                with qmp.listener("RESET") as events:
+                    assert await qmp.execute("system_reset") == {}
+                    ev = await next_event(events, 2)
+                assert ev["data"] == {"guest": False, "reason": "host-qmp-system-reset"}
+                assert runtime.resets == 1 and dev.size == 0
+                assert (await qmp.execute("query-status"))["status"] == "prelaunch"
+                with qmp.listener("RESUME") as events:
+                    assert await qmp.execute("cont") == {}
+                    await next_event(events, 2)
+                assert (await qmp.execute("query-status"))["running"] is True
+                args = {"address": dev.addr, "value": 256}
+                assert (await error_of(qmp, "x-guest-memory-access", args))[1].startswith(
+                    "Parameter 'value' expects a byte"
+                )
+                got = await error_of(qmp, "x-guest-memory-access", {"address": dev.addr})
+                assert got == ("GenericError", "the machine runs without a guest (-guest none)")
+
+    run(main())

@@ -42,6 +42,10 @@ def test_collector_reads_the_machine_at_scrape_time() -> None:
         assert got[("memslots_virtio_mem_memslots", vmem)] == 8
         assert got[("memslots_virtio_mem_mapped_memslots", vmem)] == 3
         assert got[("memslots_virtio_mem_discard_failures_total", vmem)] == 0
+        assert got[("memslots_virtio_mem_protect_failures_total", vmem)] == 0
+        dev.guest_faults = 2  # as GuestVm counts them
+        got = samples(metrics)
+        assert got[("memslots_virtio_mem_guest_memory_faults_total", vmem)] == 2
 
         def requests(kind: str, response: str) -> float:
             labels = (("device", "vmem0"), ("response", response), ("type", kind))

@@ -302,3 +302,80 @@ def test_vhost_user_loss_is_an_event_and_reconnect_replays(tmp_path: Path) -> No
         with running("-accel", "sim", machine=machine) as (proc, sock):
             asyncio.run(go(sock))
             assert proc.wait(timeout=20) == 0
+
+
+FAULT_MACHINE = [
+    "-m",
+    "1G,maxmem=3G",
+    "-object",
+    "memory-backend-memfd,id=mem0,size=2G",
+    "-device",
+    "virtio-mem,id=vmem0,memdev=mem0,memslot-size=1G",
+]
+
+
+async def _plugged(qmp: Client, size: int) -> None:
+    """Ask for ``size`` and wait until the guest plugged it."""
+    with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as listener:
+        await qmp.execute("qom-set", {"path": "vmem0", "property": "requested-size", "value": size})
+        while (await next_event(listener, 20))["data"]["size"] != size:
+            pass
+
+
+async def guest_faults(sock: str, detected_by: str) -> None:
+    qmp = Client("test")
+    await qmp.connect(sock)
+    try:
+        [dev] = await qmp.execute("query-memory-devices")
+        addr, bs = dev["data"]["memaddr"], dev["data"]["block-size"]
+        for access in ("write", "read"):
+            await _plugged(qmp, 2 * bs)
+            args = {"address": addr + 8, "write": True, "value": 0x5A}
+            assert await qmp.execute("x-guest-memory-access", args) == {"outcome": "ram"}
+            # Block 3 is unplugged, but memslot 0 is mapped for blocks 0 and 1.
+            target = addr + 3 * bs + 5
+            with qmp.listener(("X_GUEST_MEMORY_FAULT", "STOP")) as listener:
+                args = {"address": target, "write": access == "write"}
+                assert await qmp.execute("x-guest-memory-access", args) == {"outcome": "fault"}
+                fault, stop = await next_event(listener, 10), await next_event(listener, 10)
+            assert fault["event"] == "X_GUEST_MEMORY_FAULT" and stop["event"] == "STOP"
+            assert fault["data"] == {
+                "id": "vmem0",
+                "qom-path": "/machine/peripheral/vmem0",
+                "address": target,
+                "size": 1,
+                "access": access,
+                "block-address": addr + 3 * bs,
+                "detected-by": detected_by,
+            }
+            status = await qmp.execute("query-status")
+            assert status == {"status": "internal-error", "singlestep": False, "running": False}
+            with pytest.raises(ExecuteError, match="Resetting the Virtual Machine is required"):
+                await qmp.execute("cont")
+            with pytest.raises(ExecuteError, match="not running"):
+                await qmp.execute("x-guest-memory-access", {"address": addr + 8})
+            with qmp.listener("RESET") as listener:
+                await qmp.execute("system_reset")
+                await next_event(listener, 10)
+            assert (await qmp.execute("query-status"))["status"] == "prelaunch"
+            with qmp.listener("RESUME") as listener:
+                await qmp.execute("cont")
+                await next_event(listener, 10)
+            assert (await qmp.execute("query-status"))["status"] == "running"
+        await qmp.execute("quit")
+    finally:
+        with contextlib.suppress(EOFError):
+            await qmp.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("accel", "detected_by"), [("sim", "model"), pytest.param("kvm", "efault", marks=requires_kvm)]
+)
+def test_guest_memory_fault_stops_the_vm_until_a_reset(accel: str, detected_by: str) -> None:
+    """``memslots run`` with the real qemu.qmp client: a guest write, then a read, of an
+    unplugged block in a mapped memslot each give ``X_GUEST_MEMORY_FAULT`` and ``STOP`` and
+    leave the VM in ``internal-error`` (on the kernel: from the real vCPU, at CPL3); ``cont``
+    is refused until ``system_reset`` (then ``prelaunch``, and ``cont`` runs it again)."""
+    with running("-accel", accel, machine=FAULT_MACHINE) as (proc, sock):
+        asyncio.run(guest_faults(sock, detected_by))
+        assert proc.wait(timeout=20) == 0
