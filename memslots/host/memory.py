@@ -28,11 +28,27 @@ from memslots.host import libc
 from memslots.host.pages import fd_page_size, host_page_size, thp_size
 from memslots.sizes import format_size, is_power_of_two
 
-__all__ = ["FileBackend", "HostMemory", "MemfdBackend", "RamBackend"]
+__all__ = ["FileBackend", "HostMemory", "MemfdBackend", "RamBackend", "last_access_change"]
 
 # mincore() only defines bit 0 of each vector byte ("resident"); this table keeps just that bit.
 _RESIDENT_BIT = bytes(b & 1 for b in range(256))
 _MINCORE_CHUNK = 1 << 30
+
+
+_last_access_change = 0
+
+
+def _access_changed() -> int:
+    """The next number of the process-wide sequence of access changes."""
+    global _last_access_change
+    _last_access_change += 1
+    return _last_access_change
+
+
+def last_access_change() -> int:
+    """The :attr:`HostMemory.access_generation` most recently given to any memory: whoever
+    keeps views of several memories checks them one by one only when this moved."""
+    return _last_access_change
 
 
 def _describe(id: str, size: int) -> str:
@@ -260,7 +276,7 @@ class HostMemory(abc.ABC, Closing):
         if length == 0:
             return
         self._protected.add(offset, offset + length)
-        self._access_generation += 1
+        self._access_generation = _access_changed()
         try:
             libc.mprotect(addr, length, libc.PROT_NONE)
         except OSError as exc:
@@ -286,7 +302,7 @@ class HostMemory(abc.ABC, Closing):
                 f"[0x{offset:x}, 0x{offset + length:x}) accessible again: {exc}"
             ) from exc
         self._protected.remove(offset, offset + length)
-        self._access_generation += 1
+        self._access_generation = _access_changed()
 
     def inaccessible(self, offset: int, length: int) -> bool:
         """Whether any byte of ``[offset, offset + length)`` is protected."""
@@ -387,7 +403,7 @@ class HostMemory(abc.ABC, Closing):
         if self._closed:
             return
         self._closed = True
-        self._access_generation += 1
+        self._access_generation = _access_changed()
         try:
             libc.munmap(self._addr, self.size)
         except OSError as exc:

@@ -45,6 +45,8 @@ F_INDIRECT_DESC = 28
 F_VERSION_1 = 32
 
 _REQUEST_TYPES = frozenset(int(t) for t in ReqType)
+#: The requests that can take memory out of reach.
+_TAKES_OUT_OF_REACH = frozenset((ReqType.UNPLUG, ReqType.UNPLUG_ALL))
 
 
 def _noop() -> None:
@@ -245,14 +247,25 @@ class VirtioMemTransport:
     def _check_reach(self, vq: VirtQueue, chain: Chain, req: Request) -> None:
         """A request that would take its own response buffer or the queue out of reach is a
         protocol violation, refused before it runs (nothing changes)."""
-        gone = self.dev.out_of_reach_after(req)
-        if not gone or self.dev.memdev is None:
+        dev = self.dev
+        if req.type not in _TAKES_OUT_OF_REACH or not dev.protects or dev.memdev is None:
             return
-        memory = self.dev.memdev.memory
-        places = [*(("response buffer", p) for p in chain.in_places), *vq.ring_places]
-        for what, (mem, offset, n) in places:
-            if mem is memory and any(lo < offset + n and offset < hi for lo, hi in gone):
-                self.dev.protocol_violation(
+        memory = dev.memdev.memory
+        # Drivers keep their queue and buffers elsewhere: then there is nothing to work out.
+        places = [
+            (what, place)
+            for what, place in (
+                *(("response buffer", p) for p in chain.in_places),
+                *vq.ring_places,
+            )
+            if place[0] is memory
+        ]
+        if not places:
+            return
+        gone = dev.out_of_reach_after(req)
+        for what, (_mem, offset, n) in places:
+            if any(lo < offset + n and offset < hi for lo, hi in gone):
+                dev.protocol_violation(
                     f"the request would take its own {what} out of reach (unplugged memory)"
                 )
 

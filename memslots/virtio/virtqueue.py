@@ -35,7 +35,7 @@ import struct
 from collections.abc import Callable, Sequence
 
 from memslots.errors import AddressSpaceError, DeviceError
-from memslots.host.memory import HostMemory
+from memslots.host.memory import HostMemory, last_access_change
 from memslots.memory.address_space import GuestMemory, RamBlock
 from memslots.sizes import align_up
 
@@ -155,6 +155,14 @@ class _Span:
         for memory, offset, n in self.places:
             memory.check_access(offset, n)
 
+    def reachable(self) -> bool:
+        """Whether all of it is in reach now."""
+        try:
+            self.check_access()
+        except AddressSpaceError:
+            return False
+        return True
+
     def read(self, n: int) -> bytes:
         """The first ``n`` bytes (``n`` is at most ``size``)."""
         if self.buf is not None:
@@ -181,15 +189,21 @@ class _Span:
                 break
 
 
+#: What :meth:`_Dma.sync` found: nothing changed, only protection changed, or the memory map
+#: changed (or a backend went away).
+_SAME, _REACH, _MAP = 0, 1, 2
+
+
 class _Dma:
     """Resolves guest-physical ranges through a :class:`GuestMemory` to host memory.
 
-    Resolved buffers are remembered until the memory map changes: drivers reuse their request
-    and response buffers (Linux's virtio_mem has one of each), so most lookups are one dict hit.
+    Resolved buffers are remembered until the memory map changes (or they go out of reach,
+    ``PROT_NONE``): drivers reuse their request and response buffers (Linux's virtio_mem has
+    one of each), so most lookups are one dict hit.
     :meth:`sync` must be called before each batch of lookups (each pop).
     """
 
-    __slots__ = ("_backends", "_buffers", "_cache", "_gens", "_space", "_view", "memory")
+    __slots__ = ("_backends", "_buffers", "_cache", "_gens", "_seen", "_space", "_view", "memory")
 
     #: Bound on remembered buffers, so that a guest cycling through addresses costs no memory.
     CACHE_SIZE = 256
@@ -201,45 +215,59 @@ class _Dma:
         self._backends: tuple[HostMemory, ...] = ()
         #: The backends' access generations when their buffers were last checked.
         self._gens: tuple[int, ...] = ()
+        #: :func:`last_access_change` when ``_gens`` were last found current.
+        self._seen = 0
         self._cache: dict[tuple[int, int], _Span] = {}
         self._view: object = None
 
     def moved(self) -> bool:
         """Whether a backend was protected, unprotected or closed since the last sync."""
+        latest = last_access_change()
+        if latest == self._seen:
+            return False  # no memory at all changed: the common case, one comparison
         for backend, gen in zip(self._backends, self._gens, strict=True):
             if backend.access_generation != gen:
                 return True
+        self._seen = latest
         return False
 
-    def sync(self) -> bool:
-        """Forget what was resolved if the memory map changed, or a backend was closed (its
-        memory is gone) or protected (resolved buffers may be out of reach now); True if
-        nothing changed."""
+    def sync(self) -> int:
+        """Bring what was resolved up to date. A new memory map, or a backend that was closed
+        (its memory is gone), forgets everything (``_MAP``); if only protection changed
+        (``_REACH``), resolved buffers now out of reach are forgotten and the rest kept (the
+        caller checks its rings); else ``_SAME``."""
         view = self._space.sections
-        if view is self._view and not self.moved():
-            return True
+        moved = self.moved()
+        if view is self._view and not moved:
+            return _SAME
+        self._seen = last_access_change()
+        self._gens = tuple(b.access_generation for b in self._backends)
+        if view is self._view and not any(b.closed for b in self._backends):
+            self._cache = {k: span for k, span in self._cache.items() if span.reachable()}
+            return _REACH
         self._cache.clear()
         self._buffers = {k: v for k, v in self._buffers.items() if not v[1].closed}
         self._backends = tuple(v[1] for v in self._buffers.values())
         self._gens = tuple(b.access_generation for b in self._backends)
+        self._seen = last_access_change()
         self._view = view
-        return False
+        return _MAP
 
     def window(self, gpa: int, length: int) -> tuple[memoryview, int]:
         """``(buffer, offset)`` of a range inside one RAM section; else AddressSpaceError (for
         rings and indirect tables, which QEMU maps as one piece)."""
+        buf, place = self.placed_window(gpa, length)
+        return buf, place[1]
+
+    def placed_window(self, gpa: int, length: int) -> tuple[memoryview, tuple[RamBlock, int, int]]:
+        """:meth:`window`'s buffer and the range's ``(memory, offset, bytes)``."""
         ranges = self.memory.ranges(gpa, length)
         if len(ranges) != 1:
             raise AddressSpaceError(
                 f"[0x{gpa:x}, +0x{length:x}) crosses the boundary of a memory region"
             )
-        section, offset, _ = ranges[0]
-        return self._buffer(section.backend), offset
-
-    def place(self, gpa: int, length: int) -> tuple[RamBlock, int, int]:
-        """``(memory, offset, bytes)`` of a range inside one RAM section."""
-        section, offset, n = self.memory.ranges(gpa, length)[0]
-        return section.backend, offset, n
+        section, offset, n = ranges[0]
+        return self._buffer(section.backend), (section.backend, offset, n)
 
     def span(self, gpa: int, length: int) -> _Span:
         """The host memory of ``[gpa, gpa+length)``; AddressSpaceError unless all of it is RAM."""
@@ -333,30 +361,40 @@ class _Rings:
         self.ring_places: list[tuple[str, tuple[RamBlock, int, int]]] = []
 
     def refresh(self) -> None:
-        """Resolve the rings (and forget resolved buffers) if the memory map changed;
-        RingAccessError if a ring is not inside one RAM section."""
-        if self.dma.sync() and self.resolved:
+        """Resolve the rings (and forget resolved buffers) if the memory map changed, check
+        them if only protection changed; RingAccessError if a ring is not inside one RAM
+        section within reach."""
+        state = self.dma.sync()
+        if self.resolved and state != _MAP:
+            if state == _REACH:
+                self._check_places()
             return
         self.resolved = False
         windows = []
+        places = []
         for what, gpa, size in self.places:
             try:
-                windows.append(self.dma.window(gpa, size))
+                buf, place = self.dma.placed_window(gpa, size)
             except AddressSpaceError as exc:
                 raise RingAccessError(f"cannot access the {what} at 0x{gpa:x}: {exc}") from exc
+            windows.append((buf, place[1]))
+            places.append((what, place))
         (self.desc_buf, self.desc_off), (self.avail_buf, self.avail_off) = windows[:2]
         self.used_buf, self.used_off = windows[2]
-        self.ring_places = [(what, self.dma.place(gpa, size)) for what, gpa, size in self.places]
+        self.ring_places = places
         self.resolved = True
 
     def check_reach(self) -> None:
         """RingAccessError if a ring went out of reach since :meth:`refresh`."""
-        if not self.dma.moved():
-            return
+        if self.dma.moved():
+            self._check_places()
+
+    def _check_places(self) -> None:
         for what, (memory, offset, n) in self.ring_places:
             try:
                 memory.check_access(offset, n)
             except AddressSpaceError as exc:
+                self.resolved = False
                 raise RingAccessError(f"cannot access the {what}: {exc}") from exc
 
 
