@@ -221,8 +221,8 @@ class HostMemory(abc.ABC, Closing):
         a vhost-user back-end's, loses the pages), shared anonymous memory MADV_REMOVE and
         private memory MADV_DONTNEED. A private mapping of a memfd or unlinked temporary file
         also gets the hole punched, because its copy-on-write faults filled the fd; a private
-        mapping of a named file leaves the file alone and reads back its contents. Both
-        bounds must be multiples of :attr:`page_size`.
+        mapping of a named file leaves the file alone and reads back its contents. Protected
+        ranges are discarded too. Both bounds must be multiples of :attr:`page_size`.
         """
         addr = self._range_addr("discard", offset, length, self.page_size)
         if length == 0:

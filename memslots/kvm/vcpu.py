@@ -598,16 +598,11 @@ class ProbeVcpu(Closing):
             op = ops[index][0]
             size = 8 if op in (_OP_READ64, _OP_WRITE64) else 1
             command = (gpas[index], size, "write" if op in (_OP_WRITE8, _OP_WRITE64) else "read")
-        reason = RUN_EXIT_REASON.unpack_from(run, RUN_EXIT_REASON_OFFSET)[0]
-        if reason == KVM_EXIT_MEMORY_FAULT:
-            _flags, gpa, size = RUN_MEMORY_FAULT.unpack_from(run, RUN_EXIT_OFFSET)
-            inside = command is not None and gpa <= command[0] < gpa + size
-            access = command[2] if command is not None and inside else None
-            return self._memory_fault(gpa, size, access, "memory-fault-exit")
-        if command is None:
+        cause = efault_cause(run, command)
+        if cause is None:
             self._set_state()
             raise VcpuError("KVM_RUN failed: Bad address, outside any probe command", errno.EFAULT)
-        return self._memory_fault(*command, "efault")
+        return self._memory_fault(*cause)
 
     def _memory_fault(
         self, gpa: int, size: int, access: str | None, detected_by: str
@@ -732,6 +727,27 @@ class ProbeVcpu(Closing):
 
     def _read(self, gpa: int, length: int) -> bytes:
         return self._mem.read(self._mem_offset + gpa, length)
+
+
+def efault_cause(
+    run: mmap.mmap | bytes | bytearray, command: tuple[int, int, str] | None
+) -> tuple[int, int, str | None, str] | None:
+    """``(gpa, size, access, detected_by)`` of the access behind KVM_RUN's EFAULT.
+
+    ``run`` is the vCPU's ``kvm_run``; ``command`` the ``(gpa, size, access)`` the guest was
+    running, if any. A kernel that fills KVM_EXIT_MEMORY_FAULT names the page (the access is
+    the command's if it lies there); this one leaves exit reason 0, so the command is the
+    answer. None: nothing says what failed.
+    """
+    reason = RUN_EXIT_REASON.unpack_from(run, RUN_EXIT_REASON_OFFSET)[0]
+    if reason == KVM_EXIT_MEMORY_FAULT:
+        _flags, gpa, size = RUN_MEMORY_FAULT.unpack_from(run, RUN_EXIT_OFFSET)
+        inside = command is not None and gpa <= command[0] < gpa + size
+        access = command[2] if command is not None and inside else None
+        return gpa, size, access, "memory-fault-exit"
+    if command is None:
+        return None
+    return (*command, "efault")
 
 
 def _describe_exit(run: mmap.mmap, reason: int) -> str:

@@ -364,6 +364,8 @@ class Monitor:
             result = self.runtime.guest_memory_access(args["address"], write=write, value=value)
         except GuestMemoryFault:
             return {"outcome": "fault"}
+        except ValueError as exc:  # an address the guest cannot reach at all
+            raise QMPCommandError(f"Parameter 'address': {exc}") from exc
         if result is None:
             return {"outcome": "mmio"}
         return {"outcome": "ram"} if write else {"outcome": "ram", "value": result}

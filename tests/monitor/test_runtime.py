@@ -332,6 +332,9 @@ async def guest_faults(sock: str, detected_by: str) -> None:
             await _plugged(qmp, 2 * bs)
             args = {"address": addr + 8, "write": True, "value": 0x5A}
             assert await qmp.execute("x-guest-memory-access", args) == {"outcome": "ram"}
+            if detected_by == "efault":  # the vCPU reaches only below 2**phys_bits
+                with pytest.raises(ExecuteError, match=r"Parameter 'address': .* physical"):
+                    await qmp.execute("x-guest-memory-access", {"address": 1 << 60})
             # Block 3 is unplugged, but memslot 0 is mapped for blocks 0 and 1.
             target = addr + 3 * bs + 5
             with qmp.listener(("X_GUEST_MEMORY_FAULT", "STOP")) as listener:
@@ -354,6 +357,7 @@ async def guest_faults(sock: str, detected_by: str) -> None:
                 await qmp.execute("cont")
             with pytest.raises(ExecuteError, match="not running"):
                 await qmp.execute("x-guest-memory-access", {"address": addr + 8})
+
             with qmp.listener("RESET") as listener:
                 await qmp.execute("system_reset")
                 await next_event(listener, 10)
