@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -598,3 +599,27 @@ def test_memslots_held_by_vhost_back_ends() -> None:
         assert (fs0["max-memslots"], fs0["used-memslots"], fs0["free-memslots"]) == (600, 1, 599)
 
     run(main())
+
+
+def test_object_add_file_backend_never_pads_an_existing_file(tmp_path: Path) -> None:
+    """QMP object-add follows QEMU: a non-empty file smaller than size is refused untouched
+    (it was padded with NULs to 8 MiB before); a device node is refused before it is opened."""
+    small = tmp_path / "small"
+    small.write_bytes(b"\x01" * 1500)
+
+    async def main() -> None:
+        with make_machine() as m:
+            async with serving(m) as (_, path), qmp_client(path) as qmp:
+                args = {"qom-type": "memory-backend-file", "id": "f", "size": 8 * MiB}
+                got = await error_of(qmp, "object-add", {**args, "mem-path": str(small)})
+                assert got == (
+                    "GenericError",
+                    "backing store size 0x5dc does not match 'size' option 0x800000: memory "
+                    f"backend 'f' (8 MiB), mem-path '{small}' is left as it is",
+                )
+                got = await error_of(qmp, "object-add", {**args, "mem-path": "/dev/zero"})
+                assert "mem-path '/dev/zero' is a character device" in got[1]
+                assert "f" not in m.backends
+
+    run(main())
+    assert small.read_bytes() == b"\x01" * 1500
