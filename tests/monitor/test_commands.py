@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from backends import QemuStorageDaemon, requires_qsd
 from qemu.qmp import ExecuteError, QMPClient
 from qmp_support import (
     FakeRuntime,
@@ -22,6 +23,7 @@ from qmp_support import (
 from memslots.guest.inorder import drive_to
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
+from memslots.monitor.runtime import VhostUserProvider
 from memslots.options import parse_machine_config
 from memslots.sizes import GiB, MiB
 from memslots.vhost.backend import VhostModel
@@ -623,3 +625,51 @@ def test_object_add_file_backend_never_pads_an_existing_file(tmp_path: Path) -> 
 
     run(main())
     assert small.read_bytes() == b"\x01" * 1500
+
+
+@requires_qsd
+def test_vhost_user_events_survive_device_del_and_add_cycles(tmp_path: Path) -> None:
+    """Every back-end a device_add creates gets the monitor's listener, and a removed one is
+    forgotten: over 200 device_del/device_add cycles against qemu-storage-daemon each removal
+    says "closed" and each reconnect "connected"; then a killed back-end is an event too.
+    (The monitor kept back-ends as id(obj): a new one with a recycled id got no listener.)"""
+    cycles = 200
+
+    async def main(qsd: QemuStorageDaemon) -> None:
+        config = parse_machine_config(
+            "1G,maxmem=9G",
+            ["memory-backend-memfd,id=mem0,size=8G,share=on,reserve=off"],
+            ["virtio-mem,id=vmem0,memdev=mem0,memslot-size=1G"],
+            accel="sim",
+            chardevs=[f"socket,id=blk0,path={qsd.socket_path}"],
+        )
+        add = {"driver": "vhost-user-blk-pci", "id": "disk0", "chardev": "blk0"}
+        add["memslot-accounting"] = "precise"
+        with Machine(config, vm=KvmModel()) as m:
+            async with serving(m) as (monitor, path), qmp_client(path) as qmp:
+                monitor.add_device_provider(VhostUserProvider(m))
+                with qmp.listener("X_VHOST_USER_STATE") as states:
+                    for _ in range(cycles):
+                        await qmp.execute("device_add", add)
+                        await qmp.execute("x-vhost-user-reconnect", {"id": "disk0"})
+                        ev = await next_event(states, 5)
+                        assert ev["data"] == {"id": "disk0", "state": "connected"}
+                        await qmp.execute("device_del", {"id": "disk0"})
+                        ev = await next_event(states, 5)
+                        assert ev["data"] == {"id": "disk0", "state": "closed"}
+                    await qmp.execute("device_add", add)
+                    qsd.kill()
+                    drive_to(m.virtio_mem("vmem0"), GiB)  # a table change finds it gone
+                    lost = await next_event(states, 5)
+                    assert lost["data"]["state"] == "disconnected"
+                    assert lost["data"]["reason"]
+                    qsd.start()
+                    await qmp.execute("x-vhost-user-reconnect", {"id": "disk0"})
+                    back = await next_event(states, 5)
+                    # "connected" does not repeat the reason of the disconnection before it
+                    assert back["data"] == {"id": "disk0", "state": "connected"}
+                # removed back-ends keep no listener of the monitor (nothing to leak)
+                assert len(monitor._watched_vhost) == 1
+
+    with QemuStorageDaemon(tmp_path) as qsd:
+        run(main(qsd))
