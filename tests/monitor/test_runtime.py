@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -302,3 +303,48 @@ def test_vhost_user_loss_is_an_event_and_reconnect_replays(tmp_path: Path) -> No
         with running("-accel", "sim", machine=machine) as (proc, sock):
             asyncio.run(go(sock))
             assert proc.wait(timeout=20) == 0
+
+
+def test_out_of_file_descriptors_refuses_cleanly_and_logs_once() -> None:
+    """With its descriptors exhausted, ``run`` takes each new connection with a reserve
+    descriptor, answers it with an error and closes it, logs that once, and goes on serving
+    its clients. (asyncio's own accept loop logged a traceback per attempt, ~40 MB in 15 s,
+    and left the clients hanging.)"""
+
+    async def go(proc: subprocess.Popen[bytes], sock: str) -> None:
+        qmp = Client("test")
+        await qmp.connect(sock)
+        nofile = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+        highest = max(int(fd) for fd in os.listdir(f"/proc/{proc.pid}/fd"))
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (highest + 3, nofile[1]))
+        served, refused = [], 0
+        for _ in range(40):
+            reader, writer = await asyncio.open_unix_connection(sock)
+            line = await asyncio.wait_for(reader.readline(), 10)
+            if b"refused" in line:
+                assert b"out of file descriptors" in line
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+                writer.close()
+                refused += 1
+            else:
+                assert b'"QMP"' in line
+                served.append(writer)
+        assert len(served) < 5 and refused > 35
+        assert (await qmp.execute("query-status"))["running"] is True
+        for writer in served:
+            writer.close()
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, nofile)
+        again = Client("again")
+        await again.connect(sock)
+        await again.disconnect()
+        await qmp.execute("quit")
+        with contextlib.suppress(EOFError):
+            await qmp.disconnect()
+
+    with running("-accel", "sim") as (proc, sock):
+        asyncio.run(go(proc, sock))
+        assert proc.wait(timeout=20) == 0
+        assert proc.stdout is not None
+        output = proc.stdout.read().decode()
+    assert "Traceback" not in output
+    assert output.count("refused a connection") == 1, output
