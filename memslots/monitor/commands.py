@@ -37,6 +37,7 @@ from memslots.vhost.user.consumer import ConnectionState, VhostUserConsumer
 #: QEMU's RunState values that count as running for ``query-status``.
 RUNNING = "running"
 PERIPHERAL = "/machine/peripheral/"
+ANON = "/machine/peripheral-anon/device[{}]"
 
 
 class Runtime(Protocol):
@@ -155,6 +156,7 @@ class Monitor:
             if dev not in self._watched:
                 dev.size_change_listeners.append(self._size_changed)
                 self._watched.add(dev)
+                self.qom_path(dev)  # an anonymous device is named when it comes, as in QEMU
         for dev in [d for d in self._watched if d not in present]:
             self._unwatch(dev)
         backends = {vdev.consumer for vdev in self.machine.vhost_user_devices}
@@ -195,6 +197,7 @@ class Monitor:
 
     def _unwatch(self, dev: MemoryDevice) -> None:
         self._watched.discard(dev)
+        self._anon_paths.pop(dev, None)
         if self._size_changed in dev.size_change_listeners:
             dev.size_change_listeners.remove(self._size_changed)
 
@@ -204,8 +207,10 @@ class Monitor:
             return PERIPHERAL + dev.id
         path = self._anon_paths.get(dev)
         if path is None:
-            path = f"/machine/peripheral-anon/device[{len(self._anon_paths)}]"
-            self._anon_paths[dev] = path
+            # QEMU's "device[*]" child: the lowest index no present device holds.
+            taken = set(self._anon_paths.values())
+            index = next(i for i in range(len(taken) + 1) if ANON.format(i) not in taken)
+            path = self._anon_paths[dev] = ANON.format(index)
         return path
 
     def _name(self, dev: MemoryDevice) -> str:

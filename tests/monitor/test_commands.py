@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from qmp_support import (
     snapshot,
 )
 
+from memslots.devices.memory_device import MemoryDevice
 from memslots.guest.inorder import drive_to
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
@@ -673,3 +676,42 @@ def test_vhost_user_events_survive_device_del_and_add_cycles(tmp_path: Path) -> 
 
     with QemuStorageDaemon(tmp_path) as qsd:
         run(main(qsd))
+
+
+def test_removed_anonymous_devices_are_forgotten_and_their_paths_reused() -> None:
+    """Nothing keeps a removed anonymous device (the monitor's path table held each one,
+    574 KiB per cycle of a 1 TiB virtio-mem), and QEMU reuses the lowest free device[N]."""
+
+    def anonymous(m: Machine) -> list[weakref.ref[MemoryDevice]]:
+        return [weakref.ref(d) for d in m.memory_devices if d.id is None]
+
+    async def main() -> None:
+        with make_machine() as m:
+            async with serving(m) as (_, path), qmp_client(path) as qmp:
+                for i in (3, 4):
+                    await qmp.execute(
+                        "object-add",
+                        {"qom-type": "memory-backend-ram", "id": f"m{i}", "size": GiB},
+                    )
+                anon = "/machine/peripheral-anon/device[{}]"
+                gone: list[weakref.ref[MemoryDevice]] = []
+                for _ in range(3):
+                    await qmp.execute("device_add", {"driver": "virtio-mem", "memdev": "m3"})
+                    gone += anonymous(m)
+                    await qmp.execute("device_del", {"id": anon.format(0)})
+                await qmp.execute("device_add", {"driver": "virtio-mem", "memdev": "m3"})
+                await qmp.execute("device_add", {"driver": "virtio-mem", "memdev": "m4"})
+                memdev = {"property": "memdev"}
+                assert await qmp.execute("qom-get", {"path": anon.format(1), **memdev}) == (
+                    "/objects/m4"
+                )
+                await qmp.execute("device_del", {"id": anon.format(0)})
+                await qmp.execute("device_add", {"driver": "virtio-mem", "memdev": "m3"})
+                # the lowest free index again, beside the device that kept device[1]
+                assert await qmp.execute("qom-get", {"path": anon.format(0), **memdev}) == (
+                    "/objects/m3"
+                )
+                gc.collect()
+                assert [ref() for ref in gone] == [None, None, None]
+
+    run(main())
