@@ -364,10 +364,10 @@ def _process_counts() -> tuple[int, int]:
 def _our_objects() -> Counter[str]:
     """How many objects of each of memslots' types are alive."""
     gc.collect()
-    kinds = (type(o) for o in gc.get_objects())
-    return Counter(
-        f"{t.__module__}.{t.__qualname__}" for t in kinds if t.__module__.startswith("memslots.")
-    )
+    # formatted, as some C types answer __module__ with a descriptor, not a string
+    kinds = map(type, gc.get_objects())
+    names = (f"{getattr(t, '__module__', '')}.{t.__qualname__}" for t in kinds)
+    return Counter(n for n in names if n.startswith("memslots."))
 
 
 @requires_qsd
