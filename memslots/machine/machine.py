@@ -139,7 +139,7 @@ class Machine(Closing):
                 else:
                     self.add_device(dev)
         except BaseException:
-            self.close()
+            self._release(abandon=True)
             raise
 
     # -- construction ------------------------------------------------------------------------
@@ -364,6 +364,11 @@ class Machine(Closing):
 
     def close(self) -> None:
         """Tell vhost back-ends, close the VM (freeing its memslots), release host memory."""
+        self._release(abandon=False)
+
+    def _release(self, *, abandon: bool) -> None:
+        # A machine that could not be built abandons its backends: files created or grown for
+        # them are left as they were (a device refusing its backend must not change the file).
         for vdev in [
             *getattr(self, "vhost_devices", {}).values(),
             *getattr(self, "_anon_vhost", []),
@@ -373,7 +378,10 @@ class Machine(Closing):
         if vm is not None:
             vm.close()
         for backend in list(getattr(self, "backends", {}).values()):
-            backend.close()
+            if abandon:
+                backend.abandon()
+            else:
+                backend.close()
         boot = getattr(self, "boot_ram", None)
         if boot is not None:
             boot.close()

@@ -125,6 +125,14 @@ class MemoryBackend:
         if close is not None:
             close()
 
+    def abandon(self) -> None:
+        """Release the host memory of a backend that is thrown away unused (the machine could
+        not be built), leaving a ``mem-path`` file as it was before (:meth:`HostMemory.revert`)."""
+        if isinstance(self.memory, HostMemory):
+            self.memory.revert()
+        else:
+            self.close()
+
 
 def create_backend(opts: BackendOptions, *, planned: bool = False) -> MemoryBackend:
     """Create the host memory an ``-object`` describes (or a planned stand-in)."""
@@ -154,6 +162,6 @@ def create_backend(opts: BackendOptions, *, planned: bool = False) -> MemoryBack
         try:
             memory.populate(0, align_up(opts.size, memory.page_size))
         except Exception:
-            memory.close()
+            memory.revert()
             raise
     return MemoryBackend(opts, memory)

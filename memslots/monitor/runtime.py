@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from memslots.devices.memory_device import MemoryDevice
+from memslots.guest.linux import GuestOptions
 from memslots.guest.sched import LoopScheduler
 from memslots.host.kmem import KmemMeter
 from memslots.kvm.abi import VmBackend
@@ -33,6 +34,10 @@ from memslots.options import (
 )
 
 log = logging.getLogger("memslots.monitor.runtime")
+
+#: Guest requests each guest driver keeps in its log: the process runs for as long as it is
+#: asked to, so the log is a bounded window (nothing here reads older requests).
+REQUEST_LOG = 1024
 
 
 class VhostUserProvider:
@@ -135,7 +140,15 @@ async def _serve(
     monitor = Monitor(runtime, server, kmem=kmem)
     monitor.add_device_provider(VhostUserProvider(machine))
     metrics = Metrics(machine, kmem) if metrics_port is not None else None
-    gvm = GuestVm(machine, LoopScheduler(loop)) if guest else None
+    gvm = (
+        GuestVm(
+            machine,
+            LoopScheduler(loop),
+            guest_options=GuestOptions(boot_memory_end=0, request_log=REQUEST_LOG),
+        )
+        if guest
+        else None
+    )
 
     def observe_guest(dev_id: str) -> None:
         if gvm is not None and metrics is not None and dev_id in gvm.guests:

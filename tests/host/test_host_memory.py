@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from memslots.devices.virtio_mem.device import default_block_size
 from memslots.errors import HostMemoryError
+from memslots.host import libc
 from memslots.host.memory import FileBackend, HostMemory, MemfdBackend, RamBackend
 from memslots.host.pages import host_page_size, hugetlbfs_page_size, thp_size
 from memslots.sizes import GiB, KiB, MiB, TiB
@@ -263,18 +265,134 @@ def test_file_backend_on_named_file_persists_shared_writes(tmp_path: Path) -> No
         assert f.read(7) == b"persist"
 
 
-def test_file_backend_grows_smaller_file_and_keeps_larger_one(tmp_path: Path) -> None:
+def _file_state(path: Path) -> tuple[bytes, int, int, int]:
+    """What a refused backend must leave as it was: contents, size, mode and mtime."""
+    st = path.stat()
+    return path.read_bytes(), st.st_size, st.st_mode, st.st_mtime_ns
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_file_backend_refuses_a_smaller_non_empty_file_and_leaves_it(
+    tmp_path: Path, share: bool
+) -> None:
+    """QEMU's rule: a non-empty file smaller than size is refused, never padded (it padded a
+    1500-byte file with NULs before)."""
     small = tmp_path / "small"
-    small.write_bytes(b"hello")
-    with FileBackend("f", SIZE, small) as mem:
-        assert mem.read(0, 5) == b"hello"
-    assert small.stat().st_size == SIZE
+    small.write_bytes(os.urandom(1500))
+    small.chmod(0o640)
+    before = _file_state(small)
+    with pytest.raises(
+        HostMemoryError, match="backing store size 0x5dc does not match 'size' option 0x800000"
+    ):
+        FileBackend("f", SIZE, small, share=share)
+    assert _file_state(small) == before
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_file_backend_grows_only_an_empty_file_and_maps_the_start_of_a_larger_one(
+    tmp_path: Path, share: bool
+) -> None:
+    empty = tmp_path / "empty"
+    empty.touch()
+    with FileBackend("f", SIZE, empty, share=share):
+        pass
+    assert empty.stat().st_size == SIZE
 
     large = tmp_path / "large"
-    large.write_bytes(bytes(2 * SIZE))
-    with FileBackend("f", SIZE, large):
-        pass
-    assert large.stat().st_size == 2 * SIZE
+    contents = os.urandom(SIZE + 12345)
+    large.write_bytes(contents)
+    with FileBackend("f", SIZE, large, share=share) as mem:
+        assert mem.read(0, 4096) == contents[:4096]
+        assert mem.read(SIZE - 4096, 4096) == contents[SIZE - 4096 : SIZE]
+    assert large.read_bytes() == contents
+
+
+def test_file_backend_failing_late_leaves_the_file_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mapping that fails after the empty file was grown: it is empty again, with its mtime;
+    a file created for the backend is removed."""
+    empty = tmp_path / "empty"
+    empty.touch()
+    os.utime(empty, ns=(1_000_000_000, 2_000_000_000))
+    before = _file_state(empty)
+
+    def refuse(*args: object) -> int:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(libc, "map_aligned", refuse)
+    with pytest.raises(HostMemoryError, match="cannot map"):
+        FileBackend("f", SIZE, empty, share=True)
+    assert _file_state(empty) == before
+    with pytest.raises(HostMemoryError, match="cannot map"):
+        FileBackend("f", SIZE, tmp_path / "new", share=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_file_backend_revert_undoes_what_creating_it_did(tmp_path: Path) -> None:
+    """For a backend whose object is thrown away (the machine could not start)."""
+    empty = tmp_path / "empty"
+    empty.touch()
+    os.utime(empty, ns=(1_000_000_000, 2_000_000_000))
+    before = _file_state(empty)
+    FileBackend("f", SIZE, empty, share=True).revert()
+    assert _file_state(empty) == before
+    FileBackend("f", SIZE, tmp_path / "new").revert()
+    large = tmp_path / "large"
+    large.write_bytes(b"\x5a" * SIZE)
+    FileBackend("f", SIZE, large, share=True).revert()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "large"]
+    assert large.read_bytes() == b"\x5a" * SIZE
+
+
+def _fifo(d: Path) -> Path:
+    os.mkfifo(d / "fifo")
+    return d / "fifo"
+
+
+def _socket(d: Path) -> Path:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(d / "sock"))
+    sock.close()
+    return d / "sock"
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (_fifo, "is a FIFO"),
+        (_socket, "is a socket"),
+        (lambda d: Path("/dev/null"), "is a character device"),
+        (lambda d: Path("/proc/self/comm"), "is on proc"),
+        (lambda d: Path("/sys/kernel/mm/transparent_hugepage/enabled"), "is on sysfs"),
+    ],
+)
+def test_file_backend_refuses_what_is_not_a_file_or_directory(
+    tmp_path: Path, make: Callable[[Path], Path], what: str
+) -> None:
+    path = make(tmp_path)
+    if not path.exists():
+        pytest.skip(f"{path} does not exist here")
+    before = path.lstat()
+    contents = path.read_bytes() if path.is_file() else None
+    with pytest.raises(HostMemoryError, match=f"mem-path '{path}' {what}"):
+        FileBackend("f", SIZE, path, share=True)
+    after = path.lstat()
+    assert (after.st_size, after.st_mode, after.st_mtime_ns) == (
+        before.st_size,
+        before.st_mode,
+        before.st_mtime_ns,
+    )
+    if contents is not None:
+        assert path.read_bytes() == contents
+
+
+def test_file_backend_refuses_a_dangling_symlink(tmp_path: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "missing")
+    with pytest.raises(HostMemoryError, match="dangling symbolic link"):
+        FileBackend("f", SIZE, link)
+    assert not (tmp_path / "missing").exists()
 
 
 def test_private_named_file_discard_reverts_to_file_contents(tmp_path: Path) -> None:
