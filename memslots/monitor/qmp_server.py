@@ -15,7 +15,9 @@ at a time, whichever client sent them, so no command sees another's half-done ch
 
 Events are rate-limited like QEMU's monitor: for an event in :data:`RATE_LIMITS`, the first one
 for a key (``MEMORY_DEVICE_SIZE_CHANGE``: its ``qom-path``) goes out at once, later ones within
-the period are held and only the newest held one is sent when the period ends.
+the period are held and only the newest held one is sent when the period ends. Time (event
+timestamps, the throttle's periods) comes from a :class:`Clock`: the real one by default, one a
+test moves by hand otherwise.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from memslots.errors import MemslotsError
 
@@ -340,9 +342,41 @@ def _package_version() -> str:
         return "unknown"
 
 
+class Cancellable(Protocol):
+    """A timer that can be called off."""
+
+    def cancel(self) -> None:
+        """The callback will not run."""
+        ...
+
+
+class Clock(Protocol):
+    """The server's time: event timestamps and the event throttle's periods."""
+
+    def time(self) -> float:
+        """Seconds since the epoch, for event timestamps (called from any thread)."""
+        ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable:
+        """Run ``callback`` in the server's loop ``delay`` seconds from now."""
+        ...
+
+
+class LoopClock:
+    """The real clock: wall-clock timestamps, timers on the running event loop."""
+
+    def time(self) -> float:
+        """``time.time()``."""
+        return time.time()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable:
+        """``loop.call_later`` on the running loop."""
+        return asyncio.get_running_loop().call_later(delay, callback)
+
+
 @dataclass
 class _Throttle:
-    timer: asyncio.TimerHandle
+    timer: Cancellable
     pending: dict[str, Any] | None = None
 
 
@@ -388,11 +422,13 @@ class QMPServer:
         package: str | None = None,
         rate_limits: Mapping[str, float] | None = None,
         max_message: int = MAX_MESSAGE_BYTES,
+        clock: Clock | None = None,
     ) -> None:
         self.version = version
         self.package = package if package is not None else f"memslots {_package_version()}"
         self.rate_limits = dict(RATE_LIMITS if rate_limits is None else rate_limits)
         self.max_message = max_message
+        self.clock: Clock = clock if clock is not None else LoopClock()
         self.commands: dict[str, Command] = {}
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -614,7 +650,7 @@ class QMPServer:
         loop = self._loop
         if loop is None or loop.is_closed():
             return  # not listening yet: no client can be told
-        now = time.time()
+        now = self.clock.time()
         event = {
             "event": name,
             "data": dict(data),
@@ -635,8 +671,9 @@ class QMPServer:
             state.pending = event  # only the newest held event survives the period
             return
         self._broadcast(event)
-        assert self._loop is not None
-        self._throttle[key] = _Throttle(self._loop.call_later(rate, self._throttle_expired, key))
+        self._throttle[key] = _Throttle(
+            self.clock.call_later(rate, lambda: self._throttle_expired(key))
+        )
 
     def _throttle_expired(self, key: tuple[str, str]) -> None:
         state = self._throttle[key]
@@ -645,8 +682,9 @@ class QMPServer:
             return
         self._broadcast(state.pending)
         state.pending = None
-        assert self._loop is not None
-        state.timer = self._loop.call_later(self.rate_limits[key[0]], self._throttle_expired, key)
+        state.timer = self.clock.call_later(
+            self.rate_limits[key[0]], lambda: self._throttle_expired(key)
+        )
 
     def _broadcast(self, event: dict[str, Any]) -> None:
         data = _json_bytes(event)
