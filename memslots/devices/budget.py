@@ -286,7 +286,10 @@ class MemslotBudget:
 
     def vhost_free_memslots(self) -> int:
         """QEMU's ``vhost_get_free_memslots`` as the decision sees it (see :meth:`decision_free`),
-        or UINT_MAX when there is no back-end."""
+        or UINT_MAX when there is no back-end.
+
+        Each back-end counts its own regions, as QEMU 10.1 does (8.2 kept two global counters,
+        which went wrong once a vhost device was unplugged)."""
         return min((self.decision_free(m) for m in self._vhost), default=UINT_MAX)
 
     def limits(self) -> tuple[int, int]:

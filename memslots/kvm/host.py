@@ -1,8 +1,8 @@
 """The host, described once: CPU vendor, physical address bits, KVM's MMU mode and memslot limit,
 page, THP and huge page sizes, and vhost-kernel's limit.
 
-Everything memslots decides that depends on the host (the pc layout, the default block size and
-guest RAM alignment, planned huge page backends, the kernel's metadata per memslot, the memslot
+Everything memslots decides that depends on the host (the pc layout, the default block size,
+planned huge page backends, the kernel's metadata per memslot, the memslot
 budget, whether ``-accel auto`` gets the kernel) reads it from one frozen :class:`HostInfo`,
 detected once per process by :func:`host_info` and passed down as plain values: no other module
 probes the host. A user can describe another host (``plan --cpu-vendor intel --phys-bits 46``)
@@ -231,7 +231,9 @@ def detect_host(
     sources["mmu"] = "sysfs"
     sources["thp_size"] = "sysfs"
     sources["page_size"] = "mmap.PAGESIZE"
-    sources["vhost_kernel_max_mem_regions"] = "sysfs"
+    max_mem_regions = os.path.join(sysfs_root, "module", "vhost", "parameters", "max_mem_regions")
+    if os.path.exists(max_mem_regions):
+        sources["vhost_kernel_max_mem_regions"] = "sysfs"
     sources["vhost_net"] = vhost_net_path
     return HostInfo(
         cpu_vendor=vendor or "other",
@@ -242,9 +244,7 @@ def detect_host(
         thp_size=probe_thp_size(sysfs_root),
         page_size=host_page_size(),
         huge_page_size=huge_page_size or _DEFAULT_HUGE_PAGE_SIZE,
-        vhost_kernel_max_mem_regions=vhost_kernel_memslots_limit(
-            os.path.join(sysfs_root, "module", "vhost", "parameters", "max_mem_regions")
-        ),
+        vhost_kernel_max_mem_regions=vhost_kernel_memslots_limit(max_mem_regions),
         vhost_net=os.path.exists(vhost_net_path),
         sources=tuple(sorted(sources.items())),
     )

@@ -59,6 +59,7 @@ def test_everything_the_host_offers_is_detected_from_its_sources(tmp_path: Path)
     assert host.source("huge_page_size") == str(root / "meminfo")
     assert host.source("cpu_vendor") == str(root / "cpuinfo")
     assert host.source("kvm_max_memslots") == "default"
+    assert host.source("vhost_kernel_max_mem_regions") == "sysfs"
 
 
 def test_missing_sources_give_qemus_defaults(tmp_path: Path) -> None:
@@ -71,6 +72,7 @@ def test_missing_sources_give_qemus_defaults(tmp_path: Path) -> None:
         2 * MiB,
     )
     assert host.vhost_net is False
+    assert host.source("vhost_kernel_max_mem_regions") == "default"
 
 
 def test_the_host_is_detected_once() -> None:

@@ -396,6 +396,7 @@ class VirtioMem(MemoryDevice):
                 "virtio-mem device cannot get unplugged while 'unplugged-inaccessible' != 'on'"
             )
         if self.size:
+            # QEMU 9.1's text (8.2: "... while 'size' != '0'").
             raise DeviceError(
                 "virtio-mem device cannot get unplugged while some of its memory is still plugged"
             )
