@@ -150,3 +150,14 @@ class VhostLimitError(VhostError):
 
 class MeasurementError(MemslotsError):
     """A kernel measurement could not be taken (for example ``/proc/meminfo`` unreadable)."""
+
+
+class MigrationError(MemslotsError):
+    """A migration stream could not be written or loaded: a short or corrupt stream, a
+    configuration that does not match the source's (QEMU's messages), or a destination that
+    cannot take the state (for example a memslot it cannot map).
+
+    Bad input, as QEMU refuses such an incoming migration: :data:`EXIT_BAD_INPUT`.
+    """
+
+    exit_code = EXIT_BAD_INPUT

@@ -1,5 +1,5 @@
-"""The libc calls behind host memory, through ctypes: mmap, munmap, madvise, mincore, fallocate
-and statfs.
+"""The libc calls behind host memory, through ctypes: mmap, munmap, madvise, mincore, fallocate,
+statfs, and memcmp/memset on raw addresses.
 
 Python's :mod:`mmap` module hides the raw address that KVM_SET_USER_MEMORY_REGION and
 vhost-user need and cannot map with ``MAP_NORESERVE``, so host memory is mapped with libc's own
@@ -25,6 +25,8 @@ __all__ = [
     "madvise",
     "madvise_hint",
     "map_aligned",
+    "memcmp",
+    "memset",
     "mincore",
     "mmap_raw",
     "munmap",
@@ -68,6 +70,10 @@ _libc.madvise.restype = ctypes.c_int
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.mincore.restype = ctypes.c_int
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+_libc.memcmp.restype = ctypes.c_int
+_libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_libc.memset.restype = ctypes.c_void_p
+_libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 _libc.fallocate.restype = ctypes.c_int
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, _off_t, _off_t]
 
@@ -123,6 +129,16 @@ def mincore(addr: int, length: int, vec: ctypes.Array[ctypes.c_ubyte]) -> None:
     """libc ``mincore`` into ``vec`` (one byte per page)."""
     if _libc.mincore(addr, length, vec) != 0:
         raise errno_error("mincore()")
+
+
+def memcmp(a: int, b: int, length: int) -> int:
+    """libc's memcmp of ``length`` bytes at two raw addresses (0: equal)."""
+    return int(_libc.memcmp(a, b, length))
+
+
+def memset(addr: int, value: int, length: int) -> None:
+    """libc's memset of ``length`` bytes at a raw address."""
+    _libc.memset(addr, value, length)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

@@ -17,6 +17,7 @@ import fcntl
 import mmap
 import os
 import tempfile
+from collections.abc import Callable
 
 from memslots.closing import Closing
 from memslots.errors import HostMemoryError
@@ -54,6 +55,10 @@ class HostMemory(abc.ABC, Closing):
     constructor, which maps it. The mapping lives until :meth:`close`; it is also a context
     manager. ``host_addr`` is aligned to ``max(page_size, QEMU_VMALLOC_ALIGN)``, as QEMU maps it.
     """
+
+    #: Told ``(offset, length)`` after every :meth:`write`: how a VMM-side dirty tracker
+    #: (:class:`memslots.migration.dirty.DirtyTracker`) learns of writes KVM does not log.
+    write_hook: Callable[[int, int], None] | None = None
 
     def __init__(
         self,
@@ -194,6 +199,8 @@ class HostMemory(abc.ABC, Closing):
     def write(self, offset: int, data: bytes) -> None:
         """Copy ``data`` into the backend at ``offset``."""
         ctypes.memmove(self._range_addr("write", offset, len(data)), data, len(data))
+        if self.write_hook is not None:
+            self.write_hook(offset, len(data))
 
     def resident_bytes(self, offset: int = 0, length: int | None = None) -> int:
         """Bytes of ``[offset, offset + length)`` that are resident in host RAM (mincore).

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
 
 from memslots.errors import KvmError
+from memslots.kvm.dirty import CLEAR_DIRTY_LOG_STRUCT, DIRTY_LOG_STRUCT, DirtyLogBackend
 from memslots.sizes import format_size
 
 if TYPE_CHECKING:
@@ -43,18 +44,17 @@ REGION_STRUCT = struct.Struct("=IIQQQ")
 # struct kvm_userspace_memory_region2: the same 32 bytes, then guest_memfd_offset, guest_memfd,
 # pad1 and pad2[14].
 REGION2_STRUCT = struct.Struct("=IIQQQQII14Q")
-DIRTY_LOG_SIZE = 16
-CLEAR_DIRTY_LOG_SIZE = 24
-ENABLE_CAP_SIZE = 104
+# struct kvm_enable_cap: cap, flags, args[4], pad[64].
+ENABLE_CAP_STRUCT = struct.Struct("=II4Q64x")
 
 KVM_GET_API_VERSION = _ioc(_IOC_NONE, 0x00, 0)
 KVM_CREATE_VM = _ioc(_IOC_NONE, 0x01, 0)
 KVM_CHECK_EXTENSION = _ioc(_IOC_NONE, 0x03, 0)
-KVM_GET_DIRTY_LOG = _ioc(_IOC_WRITE, 0x42, DIRTY_LOG_SIZE)
+KVM_GET_DIRTY_LOG = _ioc(_IOC_WRITE, 0x42, DIRTY_LOG_STRUCT.size)
 KVM_SET_USER_MEMORY_REGION = _ioc(_IOC_WRITE, 0x46, REGION_STRUCT.size)
 KVM_SET_USER_MEMORY_REGION2 = _ioc(_IOC_WRITE, 0x49, REGION2_STRUCT.size)
-KVM_ENABLE_CAP = _ioc(_IOC_WRITE, 0xA3, ENABLE_CAP_SIZE)
-KVM_CLEAR_DIRTY_LOG = _ioc(_IOC_READ | _IOC_WRITE, 0xC0, CLEAR_DIRTY_LOG_SIZE)
+KVM_ENABLE_CAP = _ioc(_IOC_WRITE, 0xA3, ENABLE_CAP_STRUCT.size)
+KVM_CLEAR_DIRTY_LOG = _ioc(_IOC_READ | _IOC_WRITE, 0xC0, CLEAR_DIRTY_LOG_STRUCT.size)
 # Binary statistics (Linux 5.14+), on a VM or vCPU fd: returns a read-only stats fd.
 KVM_GET_STATS_FD = _ioc(_IOC_NONE, 0xCE, 0)
 # struct kvm_stats_header: flags, name_size, num_desc, id_offset, desc_offset, data_offset.
@@ -86,8 +86,6 @@ SREGS_SIZE = SREGS_CONTROL_OFFSET + 8 * len(SREGS_CONTROL) + 4 * 8
 # eax, ebx, ecx, edx, padding[3]).
 CPUID2_HEADER = struct.Struct("=II")
 CPUID_ENTRY2 = struct.Struct("=7I12x")
-# struct kvm_enable_cap: cap, flags, args[4], pad[64].
-ENABLE_CAP_STRUCT = struct.Struct("=II4Q64x")
 
 KVM_GET_VCPU_MMAP_SIZE = _ioc(_IOC_NONE, 0x04, 0)
 KVM_GET_SUPPORTED_CPUID = _ioc(_IOC_READ | _IOC_WRITE, 0x05, CPUID2_HEADER.size)
@@ -273,6 +271,13 @@ def unpack_cpuid2(buf: bytes | bytearray) -> list[CpuidEntry]:
     ]
 
 
+def pack_enable_cap(cap: int, *args: int) -> bytes:
+    """A ``struct kvm_enable_cap`` for ``cap`` with up to four arguments (flags 0)."""
+    if len(args) > 4:
+        raise ValueError("kvm_enable_cap has four arguments")
+    return ENABLE_CAP_STRUCT.pack(cap, 0, *args, *([0] * (4 - len(args))))
+
+
 def memslot_error(
     op: str, slot: int, gpa: int, size: int, err: int, reason: str | None = None
 ) -> KvmError:
@@ -312,8 +317,10 @@ _ERRNO_HINTS = {
 }
 
 
-class VmBackend(Protocol):
+class VmBackend(DirtyLogBackend, Protocol):
     """What memslot code needs from a VM: the real :class:`~memslots.kvm.vm.KvmVm` or the model.
+
+    Dirty logging (:class:`~memslots.kvm.dirty.DirtyLogBackend`) is part of it.
 
     Both raise :class:`~memslots.errors.KvmError` carrying the kernel's errno, so callers and
     tests can treat them alike.

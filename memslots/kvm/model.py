@@ -34,6 +34,13 @@ from memslots.kvm.abi import (
     split_slot,
 )
 from memslots.kvm.cost import slot_metadata_bytes
+from memslots.kvm.dirty import (
+    KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    bitmap_bytes,
+    dirty_log_error,
+    full_bitmap,
+)
 from memslots.kvm.mmu import MmuConfig
 from memslots.sizes import align_down
 
@@ -80,6 +87,11 @@ class KvmModel(Closing):
     6.18's x86 mask by default; 0 models a kernel before 6.12, which always zaps everything on
     a delete). ``slot_zap_all=False`` disables KVM_X86_QUIRK_SLOT_ZAP_ALL at creation where it
     is offered, as :class:`~memslots.kvm.vm.KvmVm` does.
+
+    Dirty logging follows the kernel too: a bitmap is allocated when a slot gets
+    KVM_MEM_LOG_DIRTY_PAGES, kept across MOVE and FLAGS_ONLY, freed when logging goes off;
+    ``dirty_log_caps`` is what KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 reports (0: a kernel without
+    it). The model cannot see guest writes: :meth:`mark_dirty` stands in for them.
     """
 
     is_real = False
@@ -93,6 +105,7 @@ class KvmModel(Closing):
         max_gpa_bits: int = SHADOW_MAX_GPA_BITS,
         slot_zap_all: bool = False,
         disableable_quirks: int = KVM_X86_QUIRKS2_MASK_6_18,
+        dirty_log_caps: int = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET,
     ) -> None:
         if not 1 <= max_memslots <= KVM_MEM_SLOTS_NUM:
             raise ValueError(f"max_memslots {max_memslots} is outside 1..{KVM_MEM_SLOTS_NUM}")
@@ -106,6 +119,11 @@ class KvmModel(Closing):
         self._closed = False
         self.creates = 0
         self.deletes = 0
+        self._dirty_caps = dirty_log_caps
+        #: The KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 options enabled (0: GET_DIRTY_LOG clears).
+        self.dirty_log_protect = 0
+        #: Dirty bitmaps of the slots with KVM_MEM_LOG_DIRTY_PAGES, one bit per page.
+        self._dirty: dict[int, bytearray] = {}
         self.disableable_quirks = disableable_quirks
         self.disabled_quirks = 0
         if not slot_zap_all and disableable_quirks & KVM_X86_QUIRK_SLOT_ZAP_ALL:
@@ -186,10 +204,122 @@ class KvmModel(Closing):
         del self._slots[scratch]
         return False
 
+    # -- dirty logging (memslots.kvm.dirty.DirtyLogBackend) ------------------------------------
+
+    def dirty_log_caps(self) -> int:
+        """What KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 reports (the constructor's ``dirty_log_caps``)."""
+        self._check_open("KVM_CHECK_EXTENSION")
+        return self._dirty_caps
+
+    def enable_dirty_log_protect(self, initially_set: bool = False) -> None:
+        """Enable manual protection (and INITIALLY_SET); EINVAL for options the caps lack."""
+        self._check_open("KVM_ENABLE_CAP")
+        args = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+        if initially_set:
+            args |= KVM_DIRTY_LOG_INITIALLY_SET
+        if not self._dirty_caps or args & ~self._dirty_caps:
+            raise KvmError(
+                f"KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2, {args:#x}) failed: Invalid argument",
+                errno.EINVAL,
+            )
+        self.dirty_log_protect = args
+
+    def get_dirty_log(self, slot: int, npages: int) -> bytearray:
+        """The slot's bitmap; cleared (re-protected) unless manual protection is enabled.
+
+        ``npages`` must be the slot's size in pages: the kernel cannot check it (it copies the
+        slot's bitmap into a buffer the caller sized), so the model raises ValueError.
+        """
+        bitmap = self._dirty_bitmap("KVM_GET_DIRTY_LOG", slot)
+        if npages != self._slots[slot].size >> PAGE_SHIFT:
+            raise ValueError(
+                f"get_dirty_log: memslot {slot} has {self._slots[slot].size >> PAGE_SHIFT} "
+                f"pages, not {npages}"
+            )
+        out = bytearray(bitmap)
+        if not self.dirty_log_protect & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+            bitmap[:] = bytes(len(bitmap))
+        return out
+
+    def clear_dirty_log(
+        self, slot: int, first_page: int, num_pages: int, bitmap: bytes | bytearray
+    ) -> None:
+        """Clear the pages of ``bitmap`` in ``[first_page, +num_pages)``, with the kernel's
+        checks (EINVAL for an unaligned or out-of-range range)."""
+        what = "KVM_CLEAR_DIRTY_LOG"
+        if len(bitmap) < bitmap_bytes(num_pages):
+            raise ValueError(
+                f"clear_dirty_log: {num_pages} pages need a {bitmap_bytes(num_pages)}-byte bitmap"
+            )
+        self._check_dirty_slot_id(what, slot)
+        if first_page % 64:
+            raise dirty_log_error(what, slot, errno.EINVAL, "first_page is not a multiple of 64")
+        live = self._dirty_bitmap(what, slot)
+        npages = self._slots[slot].size >> PAGE_SHIFT
+        if (
+            first_page > npages
+            or num_pages > npages - first_page
+            or (num_pages < npages - first_page and num_pages % 64)
+        ):
+            raise dirty_log_error(
+                what,
+                slot,
+                errno.EINVAL,
+                f"pages [{first_page}, +{num_pages}) are not a 64-aligned range of the slot's "
+                f"{npages}",
+            )
+        lo, hi = first_page // 8, first_page // 8 + bitmap_bytes(num_pages)
+        mask = int.from_bytes(bytes(bitmap[: hi - lo]), "little")
+        cur = int.from_bytes(live[lo:hi], "little")
+        live[lo:hi] = (cur & ~mask).to_bytes(hi - lo, "little")
+
+    def mark_dirty(self, gpa: int, length: int, as_id: int = 0) -> int:
+        """Stand in for guest writes to ``[gpa, gpa + length)``: set the dirty bits of every
+        logged page there (as a vCPU's stores would). Returns the pages marked; pages of slots
+        without logging, and addresses no slot covers, are skipped."""
+        if length <= 0:
+            return 0
+        first_gfn, end_gfn = gpa >> PAGE_SHIFT, (gpa + length - 1 >> PAGE_SHIFT) + 1
+        marked = 0
+        for slot, bitmap in self._dirty.items():
+            s = self._slots[slot]
+            if split_slot(slot)[0] != as_id:
+                continue
+            lo = max(first_gfn, s.gpa >> PAGE_SHIFT) - (s.gpa >> PAGE_SHIFT)
+            hi = min(end_gfn, s.end >> PAGE_SHIFT) - (s.gpa >> PAGE_SHIFT)
+            if lo >= hi:
+                continue
+            value = int.from_bytes(bitmap, "little") | (((1 << (hi - lo)) - 1) << lo)
+            bitmap[:] = value.to_bytes(len(bitmap), "little")
+            marked += hi - lo
+        return marked
+
+    def dirty_logging(self, slot: int) -> bool:
+        """Whether ``slot`` has a dirty bitmap (KVM_MEM_LOG_DIRTY_PAGES)."""
+        return slot in self._dirty
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise KvmError(f"{what} failed: the model VM is closed", errno.EBADF)
+
+    def _check_dirty_slot_id(self, what: str, slot: int) -> None:
+        self._check_open(what)
+        as_id, slot_id = split_slot(slot)
+        if as_id >= self.nr_address_spaces or slot_id >= self.max_memslots:
+            raise dirty_log_error(what, slot, errno.EINVAL)
+
+    def _dirty_bitmap(self, what: str, slot: int) -> bytearray:
+        self._check_dirty_slot_id(what, slot)
+        bitmap = self._dirty.get(slot)
+        if bitmap is None:
+            raise dirty_log_error(what, slot, errno.ENOENT)
+        return bitmap
+
     def close(self) -> None:
         """Forget all slots; later operations fail with EBADF like a closed VM. Idempotent."""
         self._closed = True
         self._slots.clear()
+        self._dirty.clear()
 
     def _count(self, change: _Change) -> None:
         # A size-0 set_memory_region is a deletion too, as in the kernel.
@@ -232,6 +362,7 @@ class KvmModel(Closing):
             if old is None:
                 fail(errno.EINVAL, "the slot does not exist")
             del self._slots[slot]
+            self._dirty.pop(slot, None)
             return _Change.DELETE
         if old is None:
             change = _Change.CREATE
@@ -265,4 +396,12 @@ class KvmModel(Closing):
             if (gpa >> PAGE_SHIFT) + npages - 1 > self._max_gfn:
                 fail(errno.EINVAL, "the slot ends beyond the guest-physical address limit")
         self._slots[slot] = ModelSlot(slot, gpa, size, uaddr, flags)
+        # kvm_prepare_memory_region(): an existing bitmap is reused, else allocated.
+        if not flags & KVM_MEM_LOG_DIRTY_PAGES:
+            self._dirty.pop(slot, None)
+        elif slot not in self._dirty:
+            initially_set = self.dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET
+            self._dirty[slot] = (
+                full_bitmap(npages) if initially_set else bytearray(bitmap_bytes(npages))
+            )
         return change

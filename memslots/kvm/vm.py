@@ -19,16 +19,18 @@ from memslots.closing import Closing
 from memslots.errors import KvmError, KvmUnavailableError
 from memslots.kvm.abi import (
     DEFAULT_NR_MEMSLOTS,
-    ENABLE_CAP_STRUCT,
     KVM_API_VERSION,
     KVM_CAP_DISABLE_QUIRKS2,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_CAP_MULTI_ADDRESS_SPACE,
     KVM_CAP_NR_MEMSLOTS,
     KVM_CAP_USER_MEMORY2,
     KVM_CHECK_EXTENSION,
+    KVM_CLEAR_DIRTY_LOG,
     KVM_CREATE_VCPU,
     KVM_ENABLE_CAP,
     KVM_GET_API_VERSION,
+    KVM_GET_DIRTY_LOG,
     KVM_GET_STATS_FD,
     KVM_GET_VCPU_MMAP_SIZE,
     KVM_SET_USER_MEMORY_REGION,
@@ -40,7 +42,16 @@ from memslots.kvm.abi import (
     CpuidEntry,
     UserspaceMemoryRegion,
     memslot_error,
+    pack_enable_cap,
     reject_guest_memfd,
+)
+from memslots.kvm.dirty import (
+    CLEAR_DIRTY_LOG_STRUCT,
+    DIRTY_LOG_STRUCT,
+    KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    bitmap_bytes,
+    dirty_log_error,
 )
 from memslots.kvm.host import host_info
 from memslots.kvm.mmu import MmuConfig
@@ -146,14 +157,7 @@ class KvmVm(Closing):
                 f"disabled here (offered: {self.disableable_quirks:#x})",
                 errno.EINVAL,
             )
-        buf = bytearray(ENABLE_CAP_STRUCT.pack(KVM_CAP_DISABLE_QUIRKS2, 0, mask, 0, 0, 0))
-        try:
-            fcntl.ioctl(self.vm_fd, KVM_ENABLE_CAP, buf, True)
-        except OSError as e:
-            raise KvmError(
-                f"KVM_ENABLE_CAP(KVM_CAP_DISABLE_QUIRKS2, {mask:#x}) failed: {e.strerror}",
-                errno_of(e),
-            ) from e
+        self._enable_cap(KVM_CAP_DISABLE_QUIRKS2, "KVM_CAP_DISABLE_QUIRKS2", mask)
         self.disabled_quirks |= mask
 
     @property
@@ -233,6 +237,61 @@ class KvmVm(Closing):
         fd = kvm_ioctl(self.vm_fd, KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU({vcpu_id})")
         self._vcpus += 1
         return fd
+
+    # -- dirty logging (memslots.kvm.dirty.DirtyLogBackend) ------------------------------------
+
+    def dirty_log_caps(self) -> int:
+        """KVM_CHECK_EXTENSION(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): 0, or the options' mask."""
+        return self.check_extension(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+
+    def enable_dirty_log_protect(self, initially_set: bool = False) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2); EINVAL if the kernel lacks it."""
+        args = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+        if initially_set:
+            args |= KVM_DIRTY_LOG_INITIALLY_SET
+        self._enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, "MANUAL_DIRTY_LOG_PROTECT2", args)
+
+    def _enable_cap(self, cap: int, name: str, arg: int) -> None:
+        """KVM_ENABLE_CAP(cap, arg) on the VM fd; :class:`KvmError` with the kernel's errno."""
+        buf = bytearray(pack_enable_cap(cap, arg))
+        try:
+            fcntl.ioctl(self.vm_fd, KVM_ENABLE_CAP, buf, True)
+        except OSError as e:
+            raise KvmError(
+                f"KVM_ENABLE_CAP({name}, {arg:#x}) failed: {e.strerror}", errno_of(e)
+            ) from e
+
+    def get_dirty_log(self, slot: int, npages: int) -> bytearray:
+        """KVM_GET_DIRTY_LOG of ``slot``, which must have exactly ``npages`` pages (the kernel
+        copies that many bits; the VM does not know its slots' sizes)."""
+        bitmap = bytearray(max(8, bitmap_bytes(npages)))
+        holder = (ctypes.c_char * len(bitmap)).from_buffer(bitmap)
+        arg = DIRTY_LOG_STRUCT.pack(slot, 0, ctypes.addressof(holder))
+        try:
+            fcntl.ioctl(self.vm_fd, KVM_GET_DIRTY_LOG, arg)
+        except OSError as e:
+            raise dirty_log_error("KVM_GET_DIRTY_LOG", slot, errno_of(e)) from e
+        finally:
+            del holder
+        return bitmap[: bitmap_bytes(npages)]
+
+    def clear_dirty_log(
+        self, slot: int, first_page: int, num_pages: int, bitmap: bytes | bytearray
+    ) -> None:
+        """KVM_CLEAR_DIRTY_LOG: clear the pages of ``bitmap`` in ``[first_page, +num_pages)``."""
+        need = bitmap_bytes(num_pages)
+        if len(bitmap) < need:
+            # The kernel would read past the buffer.
+            raise ValueError(f"clear_dirty_log: {num_pages} pages need a {need}-byte bitmap")
+        buf = bytearray(bitmap[:need]) or bytearray(8)
+        holder = (ctypes.c_char * len(buf)).from_buffer(buf)
+        arg = CLEAR_DIRTY_LOG_STRUCT.pack(slot, num_pages, first_page, ctypes.addressof(holder))
+        try:
+            fcntl.ioctl(self.vm_fd, KVM_CLEAR_DIRTY_LOG, arg)
+        except OSError as e:
+            raise dirty_log_error("KVM_CLEAR_DIRTY_LOG", slot, errno_of(e)) from e
+        finally:
+            del holder
 
     def close(self) -> None:
         """Close the VM (the kernel frees all its memslots); safe to call more than once."""

@@ -91,12 +91,16 @@ class Machine(Closing):
         before_devices: Callable[[Machine], None] | None = None,
         host: HostInfo | None = None,
         vhost_user_limit: int | None = None,
+        incoming: bool = False,
     ) -> None:
         self.config = config
         self.planned = planned
         #: For a planned machine: the memslot limit its vhost-user back-ends are assumed to
         #: report (``plan --vhost-user-max-memslots``), since plan connects to none.
         self.vhost_user_limit = vhost_user_limit
+        #: The destination of an incoming migration (QEMU's ``-incoming``): virtio-mem devices
+        #: skip their initial discard at realize. Clear it once the migration is done.
+        self.incoming = incoming
         #: The host the machine runs on (or, for ``plan``, is planned for).
         self.host = host if host is not None else host_info()
         self.layout = pc_layout(
@@ -271,6 +275,7 @@ class Machine(Closing):
         virtio_mem = None
         if isinstance(opts, VirtioMemOptions):
             dev = virtio_mem = VirtioMem(opts, memdev, self.address_space, pages=self.host.pages)
+            virtio_mem.incoming = self.incoming
         else:
             dimm = PcDimm(opts, memdev)
             self._assign_dimm_slot(dimm)

@@ -83,6 +83,18 @@ def test_ioctl_numbers(value: int, expected: int) -> None:
     assert value == expected
 
 
+def test_enable_cap_layout() -> None:
+    """struct kvm_enable_cap: cap, flags (0), args[4], pad[64]; one helper for every cap."""
+    raw = abi.pack_enable_cap(abi.KVM_CAP_DISABLE_QUIRKS2, abi.KVM_X86_QUIRK_SLOT_ZAP_ALL)
+    assert len(raw) == 104
+    assert int.from_bytes(raw[0:4], sys.byteorder) == abi.KVM_CAP_DISABLE_QUIRKS2
+    assert int.from_bytes(raw[4:8], sys.byteorder) == 0
+    assert int.from_bytes(raw[8:16], sys.byteorder) == abi.KVM_X86_QUIRK_SLOT_ZAP_ALL
+    assert raw[16:] == bytes(88)
+    with pytest.raises(ValueError, match="four arguments"):
+        abi.pack_enable_cap(1, 1, 2, 3, 4, 5)
+
+
 def test_region_struct_layouts() -> None:
     region = abi.UserspaceMemoryRegion(
         slot=make_slot(1, 7),

@@ -25,8 +25,10 @@ discarded, so no consumer (KVM, a vhost back-end) still maps memory that is bein
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 from memslots.devices.memory_device import MemoryDevice, MemslotInfo, MemslotPlan, SizeListener
@@ -40,7 +42,13 @@ from memslots.devices.virtio_mem.wire import (
     Resp,
     Response,
 )
-from memslots.errors import ConfigError, DeviceError, MemslotsError, PropertyError
+from memslots.errors import (
+    ConfigError,
+    DeviceError,
+    MemslotsError,
+    MigrationError,
+    PropertyError,
+)
 from memslots.host.pages import HostPages
 from memslots.memory.address_space import AddressSpace, MemoryRegion
 from memslots.memory.backends import MemoryBackend
@@ -82,6 +90,35 @@ def default_block_size(backend: PageSized, pages: HostPages) -> int:
     if backend.page_size == pages.page_size:
         return max(backend.page_size, pages.thp_size)
     return max(backend.page_size, MIN_BLOCK_SIZE)
+
+
+@dataclass(frozen=True)
+class VirtioMemEarlyState:
+    """What QEMU sends before any RAM (``virtio-mem-device-early``): the sanity block
+    (``addr``, ``region_size``, ``block_size``, ``node``), ``size`` and the plugged bitmap
+    (one byte per block, 1 = plugged). Memslots are not in it: the destination decides its own.
+    """
+
+    addr: int
+    region_size: int
+    block_size: int
+    node: int
+    size: int
+    bitmap: bytes
+
+
+@dataclass(frozen=True)
+class VirtioMemLateState:
+    """What QEMU sends with the other devices (``virtio-mem-device``): ``usable_region_size``,
+    ``requested_size`` and the virtio device state, opaque here (the transport's)."""
+
+    usable_region_size: int
+    requested_size: int
+    virtio: bytes = b""
+
+
+_PLUGGED_RUN = re.compile(rb"\x01+")
+_UNPLUGGED_RUN = re.compile(rb"\x00+")
 
 
 class VirtioMem(MemoryDevice):
@@ -129,6 +166,9 @@ class VirtioMem(MemoryDevice):
         self.needs_reset = False
         #: While True (e.g. migration running), plug/unplug/unplug-all get BUSY.
         self.busy = False
+        #: Set on an incoming migration's destination before realize: realize then skips the
+        #: initial discard (the memory is the source's, or about to be).
+        self.incoming = False
         self.requests: Counter[tuple[str, str]] = Counter()
         self.discard_failures = 0
         self.size_change_listeners: list[SizeListener] = []
@@ -344,13 +384,15 @@ class VirtioMem(MemoryDevice):
                 f"virtio-mem '{label}': 'memdev' property memdev size has to be multiples of"
                 f"'block-size' (0x{bs:x})"
             )
-        # A fresh start: nothing is plugged, so no host memory may stay populated.
-        try:
-            memdev.memory.discard(0, memdev.size)
-        except MemslotsError as exc:
-            raise ConfigError(
-                f"virtio-mem '{label}': Unexpected error discarding RAM: {exc}"
-            ) from exc
+        # A fresh start: nothing is plugged, so no host memory may stay populated. An incoming
+        # migration skips this, as QEMU does (shared memory may hold the source's data).
+        if not self.incoming:
+            try:
+                memdev.memory.discard(0, memdev.size)
+            except MemslotsError as exc:
+                raise ConfigError(
+                    f"virtio-mem '{label}': Unexpected error discarding RAM: {exc}"
+                ) from exc
         self._resize_usable_region(self.requested_size, can_shrink=True)
         self.bitmap = bytearray(memdev.size // bs)
         if self.dynamic:
@@ -606,6 +648,152 @@ class VirtioMem(MemoryDevice):
         """
         self.needs_reset = False
         self._unplug_all()
+
+    # -- migration -----------------------------------------------------------------------------
+
+    def plugged_ranges(self) -> list[tuple[int, int]]:
+        """Plugged runs of blocks as ``(first block, blocks)``, in order."""
+        return [(m.start(), m.end() - m.start()) for m in _PLUGGED_RUN.finditer(self.bitmap)]
+
+    def unplugged_ranges(self) -> list[tuple[int, int]]:
+        """Unplugged runs of blocks as ``(first block, blocks)``, in order."""
+        return [(m.start(), m.end() - m.start()) for m in _UNPLUGGED_RUN.finditer(self.bitmap)]
+
+    def save_early(self) -> VirtioMemEarlyState:
+        """The early state (the source must keep the device busy from here on, so the bitmap
+        it describes stays true)."""
+        return VirtioMemEarlyState(
+            addr=self.addr,
+            region_size=self.region_size,
+            block_size=self.block_size,
+            node=self.node,
+            size=self.size,
+            bitmap=bytes(self.bitmap),
+        )
+
+    def save_late(self, virtio: bytes = b"") -> VirtioMemLateState:
+        """The late state; ``virtio`` is the transport's state, carried as is."""
+        return VirtioMemLateState(self.usable_region_size, self.requested_size, virtio)
+
+    def load_early(self, state: VirtioMemEarlyState) -> None:
+        """Take the source's early state on a migration destination (QEMU's early post_load).
+
+        QEMU's sanity checks first, with its messages; then the bitmap and size (no size-change
+        notification, as QEMU); then, with dynamic memslots, every memslot of *this* device's
+        decision that overlaps a plugged range is mapped, one transaction per plugged range,
+        before any RAM arrives. If a mapping (or ``prealloc``) fails, everything this load
+        mapped is unmapped again, the device is back to nothing plugged, and
+        :class:`MigrationError` says why.
+        """
+        label = self.label
+        if not self.realized or self.memdev is None:
+            raise MigrationError(f"virtio-mem '{label}': not realized, cannot load its state")
+        if self.size or self.bitmap.count(1):
+            raise MigrationError(
+                f"virtio-mem '{label}': already has plugged memory; an incoming migration "
+                "needs a fresh device"
+            )
+        checks = (
+            ("memaddr", state.addr, self.addr, "Property 'memaddr' changed from 0x{:x} to 0x{:x}"),
+            (
+                "memdev",
+                state.region_size,
+                self.region_size,
+                "Property 'memdev' size changed from 0x{:x} to 0x{:x}",
+            ),
+            (
+                "block-size",
+                state.block_size,
+                self.block_size,
+                "Property 'block-size' changed from 0x{:x} to 0x{:x}",
+            ),
+            ("node", state.node, self.node, "Property 'node' changed from {} to {}"),
+        )
+        for _prop, theirs, ours, text in checks:
+            if theirs != ours:
+                raise MigrationError(f"virtio-mem '{label}': " + text.format(theirs, ours))
+        bs = self.block_size
+        if len(state.bitmap) != self.nb_blocks or state.bitmap.strip(b"\x00\x01"):
+            raise MigrationError(
+                f"virtio-mem '{label}': corrupt early state: the bitmap has "
+                f"{len(state.bitmap)} entries, expected {self.nb_blocks} of 0 or 1"
+            )
+        plugged = state.bitmap.count(1)
+        if state.size != plugged * bs:
+            raise MigrationError(
+                f"virtio-mem '{label}': corrupt early state: size 0x{state.size:x} but "
+                f"{plugged} block(s) of 0x{bs:x} plugged"
+            )
+        self.bitmap[:] = state.bitmap
+        self.size = state.size
+        ranges = self.plugged_ranges()
+        if self.dynamic:
+            per_slot = self.memslot_size // bs
+            self._slot_plugged = [
+                state.bitmap.count(1, i * per_slot, (i + 1) * per_slot)
+                for i in range(self.nb_memslots)
+            ]
+        try:
+            if self.opts.prealloc:
+                for first, count in ranges:
+                    self.memdev.memory.populate(first * bs, count * bs)
+            if self.dynamic:
+                for first, count in ranges:
+                    self._map_for_load(first, count)
+        except MemslotsError as exc:
+            self.cancel_incoming()
+            raise MigrationError(
+                f"virtio-mem '{label}': cannot take the migrated plugged memory: {exc}"
+            ) from exc
+
+    def _map_for_load(self, first: int, count: int) -> None:
+        """Map the memslots of one plugged range that are not mapped yet, in one transaction
+        (raising the consumer's error)."""
+        assert self.mr is not None
+        todo = [i for i in self._slots_of(first, count) if not self.memslots[i].mapped]
+        if not todo:
+            return
+        with self.address_space.transaction():
+            for i in todo:
+                self.address_space.add_subregion(self.mr, i * self.memslot_size, self.memslots[i])
+
+    def load_late(self, state: VirtioMemLateState, *, discard_unplugged: bool = True) -> None:
+        """Take the source's late state; then discard every unplugged range, as QEMU's post_load
+        does ("make sure all memory is really discarded after migration"), unless
+        ``discard_unplugged`` is False (shared memory that was not copied)."""
+        label = self.label
+        bs = self.block_size
+        for what, value in (
+            ("requested-size", state.requested_size),
+            ("usable region size", state.usable_region_size),
+        ):
+            if value % bs or value > self.region_size:
+                raise MigrationError(
+                    f"virtio-mem '{label}': corrupt late state: {what} 0x{value:x} is not a "
+                    f"multiple of 0x{bs:x} within 0x{self.region_size:x}"
+                )
+        self.requested_size = state.requested_size
+        self.usable_region_size = state.usable_region_size
+        if not discard_unplugged:
+            return
+        for first, count in self.unplugged_ranges():
+            if not self._discard(first * bs, count * bs):
+                raise MigrationError(
+                    f"virtio-mem '{label}': cannot discard the unplugged memory at "
+                    f"0x{self.addr + first * bs:x} after migration"
+                )
+
+    def cancel_incoming(self) -> None:
+        """Undo a partial load: unmap every memslot, nothing plugged, memory given back."""
+        if self.dynamic and self.mr is not None:
+            mapped = [i for i, r in enumerate(self.memslots) if r.mapped]
+            if mapped and not self._set_mapped(mapped, False):
+                log.warning("virtio-mem '%s': memslots stay mapped after a failed load", self.label)
+            self._slot_plugged = [0] * self.nb_memslots
+        self.bitmap[:] = bytes(len(self.bitmap))
+        self.size = 0
+        if self.memdev is not None:
+            self._discard(0, self.region_size)
 
     # -- introspection -------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Live migration: the stream format, dirty tracking, and device/machine state save and load."""
