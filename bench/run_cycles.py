@@ -31,7 +31,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from memslots.kvm.vm import kvm_available
+from memslots.kvm.system import kvm_available
 from memslots.sizes import GiB, KiB, MiB, format_size, parse_size
 
 RESULTS = Path(__file__).parent / "results"

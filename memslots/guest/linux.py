@@ -183,6 +183,8 @@ class LinuxGuest:
         self.listeners: list[Callable[[LinuxGuest], None]] = []
         self.broken = False
         self.hung = False
+        #: Set by :meth:`stop`: the guest went away (a reboot) and does nothing more.
+        self.stopped = False
         self.stopped_no_space = False
         self.retry_period = RETRY_START
         self._timer: Timer | None = None
@@ -254,8 +256,16 @@ class LinuxGuest:
         self.stopped_no_space = False
         self._queue()
 
+    def stop(self) -> None:
+        """The guest goes away (a system reset reboots it): the retry timer is cancelled and a
+        queued run does nothing; the next guest is a new driver that probes the device."""
+        self.stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _queue(self) -> None:
-        if self.broken or self.hung or self._queued:
+        if self.broken or self.hung or self.stopped or self._queued:
             return
         self._queued = True
         self.sched.call_soon(self._run_queued)
@@ -281,7 +291,7 @@ class LinuxGuest:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.broken or self.hung:
+        if self.broken or self.hung or self.stopped:
             return
         for _ in range(MAX_IMMEDIATE_RETRIES):
             rc = self._run_once()

@@ -23,10 +23,14 @@ from collections.abc import Callable
 from memslots.closing import Closing
 from memslots.errors import HostMemoryError
 from memslots.host import libc
-from memslots.host.pages import fd_page_size, host_page_size, thp_size
-from memslots.sizes import format_size, is_power_of_two
+from memslots.host.pages import fd_page_size, host_page_size
+from memslots.sizes import MiB, format_size, is_power_of_two
 
-__all__ = ["FileBackend", "HostMemory", "MemfdBackend", "RamBackend"]
+__all__ = ["QEMU_VMALLOC_ALIGN", "FileBackend", "HostMemory", "MemfdBackend", "RamBackend"]
+
+#: QEMU (x86-64 Linux builds) maps guest RAM at least this aligned, so that transparent huge
+#: pages can back it: a constant of QEMU's build, not a fact of the host.
+QEMU_VMALLOC_ALIGN = 2 * MiB
 
 # mincore() only defines bit 0 of each vector byte ("resident"); this table keeps just that bit.
 _RESIDENT_BIT = bytes(b & 1 for b in range(256))
@@ -50,7 +54,7 @@ class HostMemory(abc.ABC, Closing):
 
     Subclasses create the backing object (nothing, a memfd or a file) and then call this
     constructor, which maps it. The mapping lives until :meth:`close`; it is also a context
-    manager. ``host_addr`` is aligned to ``max(page_size, thp_size())``.
+    manager. ``host_addr`` is aligned to ``max(page_size, QEMU_VMALLOC_ALIGN)``, as QEMU maps it.
     """
 
     #: Told ``(offset, length)`` after every :meth:`write`: how a VMM-side dirty tracker
@@ -88,7 +92,7 @@ class HostMemory(abc.ABC, Closing):
         try:
             self._addr = libc.map_aligned(
                 size,
-                max(page_size, thp_size()),
+                max(page_size, QEMU_VMALLOC_ALIGN),
                 mmap.PROT_READ | mmap.PROT_WRITE,
                 flags,
                 -1 if fd is None else fd,

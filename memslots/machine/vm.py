@@ -195,17 +195,39 @@ class GuestVm(Closing):
                 f"(boot RAM must reach 0x{area + QUEUE_AREA_SIZE:x})"
             )
         transport = VirtioMemTransport(dev, self.memory)
-        channel = VirtqueueChannel(transport, self.memory, area)
+        self.transports[dev.id] = transport
+        self._areas[dev.id] = area
+        try:
+            return self._start_driver(dev.id)
+        except BaseException:
+            self.detach(dev.id)
+            raise
+
+    def _start_driver(self, dev_id: str) -> LinuxGuest:
+        """A fresh driver on ``dev_id``'s transport: it negotiates, sets up its queue, probes."""
+        transport = self.transports[dev_id]
+        dev = transport.dev
+        channel = VirtqueueChannel(transport, self.memory, self._areas[dev_id])
         stride = max(1, dev.region_size // (2 * MiB) // USE_BUDGET_BLOCKS)
         opts = dataclasses.replace(self.guest_options, use_stride=stride)
         guest = LinuxGuest(channel, self.sched, opts, memory=self._user())
         transport.config_interrupt = guest.config_interrupt
-        self.transports[dev.id] = transport
-        self.channels[dev.id] = channel
-        self.guests[dev.id] = guest
-        self._areas[dev.id] = area
+        self.channels[dev_id] = channel
+        self.guests[dev_id] = guest
         guest.probe()
         return guest
+
+    def system_reset(self) -> None:
+        """A system reset (QMP ``system_reset``): the guests' drivers go away, the machine
+        unplugs all virtio-mem memory (:meth:`Machine.system_reset`), every transport is reset as
+        the bus resets its devices (block states untouched), and each device gets a fresh driver
+        that negotiates and probes it, as after a reboot."""
+        for guest in self.guests.values():
+            guest.stop()
+        self.machine.system_reset()
+        for dev_id, transport in self.transports.items():
+            transport.reset()
+            self._start_driver(dev_id)
 
     def attach_new(self) -> list[str]:
         """Attach a guest driver to every virtio-mem device that has none yet (after a
@@ -236,7 +258,9 @@ class GuestVm(Closing):
         transport = self.transports.pop(dev_id, None)
         if transport is not None:
             transport.close()
-        self.guests.pop(dev_id, None)
+        guest = self.guests.pop(dev_id, None)
+        if guest is not None:
+            guest.stop()
         self.channels.pop(dev_id, None)
         self._areas.pop(dev_id, None)
 

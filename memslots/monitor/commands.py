@@ -1,7 +1,8 @@
 """The QMP commands of a running machine: QEMU's monitor over a :class:`Machine`.
 
 Commands, arguments, result fields and error texts are QEMU 8.2's (``qemu-behaviour.md`` §6):
-``query-status``, ``quit``, ``query-memory-devices``, ``query-memory-size-summary``,
+``query-status``, ``quit``, ``system_reset``, ``query-memory-devices``,
+``query-memory-size-summary``,
 ``qom-get``/``qom-set`` (virtio-mem, pc-dimm and memory-backend properties),
 ``object-add``/``object-del`` for memory backends and ``device_add``/``device_del`` for
 ``virtio-mem`` and ``pc-dimm``. Our extensions follow QEMU's ``x-`` convention:
@@ -10,7 +11,7 @@ Commands, arguments, result fields and error texts are QEMU 8.2's (``qemu-behavi
 
 Events: ``MEMORY_DEVICE_SIZE_CHANGE`` on every change of a virtio-mem device's ``size``
 (rate-limited per ``qom-path`` by the server, as QEMU's monitor does), ``DEVICE_DELETED``
-after ``device_del`` and ``SHUTDOWN`` on ``quit``.
+after ``device_del``, ``SHUTDOWN`` on ``quit`` and ``RESET`` after ``system_reset``.
 
 QOM paths are QEMU's: a device with an id is ``/machine/peripheral/<id>`` (the virtio-mem-pci
 proxy; its virtio device is the child ``virtio-backend``), one without is
@@ -58,6 +59,11 @@ class Runtime(Protocol):
         It must not block: the runtime stops its guests, awaits ``QMPServer.close()`` and
         closes the machine from its own task.
         """
+        ...
+
+    def system_reset(self) -> None:
+        """Reset the machine as QEMU's ``system_reset`` does (virtio-mem memory unplugged, the
+        guests' drivers start over); the monitor then sends ``RESET``."""
         ...
 
 
@@ -245,6 +251,7 @@ class Monitor:
             Command("query-version", self._query_version),
             Command("query-commands", self._query_commands),
             Command("quit", self._quit),
+            Command("system_reset", self._system_reset),
             Command("query-memory-devices", self._query_memory_devices),
             Command("query-memory-size-summary", self._query_memory_size_summary),
             Command("qom-get", self._qom_get, (Param("path", "str"), Param("property", "str"))),
@@ -299,6 +306,13 @@ class Monitor:
         self.server.emit_event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
         # After this handler returns its reply is queued; only then may the runtime stop.
         asyncio.get_running_loop().call_soon(self.runtime.quit)
+        return {}
+
+    def _system_reset(self, args: dict[str, Any]) -> object:
+        # QEMU resets in its main loop and then sends the event; commands run one at a time
+        # here, so the reset is done before anyone sees the reply or the event.
+        self.runtime.system_reset()
+        self.server.emit_event("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
         return {}
 
     # -- memory devices --------------------------------------------------------------------------

@@ -25,7 +25,9 @@ at a time, whichever client sent them, so no command sees another's half-done ch
 
 Events are rate-limited like QEMU's monitor: for an event in :data:`RATE_LIMITS`, the first one
 for a key (``MEMORY_DEVICE_SIZE_CHANGE``: its ``qom-path``) goes out at once, later ones within
-the period are held and only the newest held one is sent when the period ends.
+the period are held and only the newest held one is sent when the period ends. Time (event
+timestamps, the throttle's periods) comes from a :class:`Clock`: the real one by default, one a
+test moves by hand otherwise.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from memslots.errors import MemslotsError
 
@@ -404,9 +406,49 @@ def _package_version() -> str:
         return "unknown"
 
 
+class Cancellable(Protocol):
+    """A timer that can be called off."""
+
+    def cancel(self) -> None:
+        """The callback will not run."""
+        ...
+
+
+class Clock(Protocol):
+    """The server's time: event timestamps and the event throttle's periods."""
+
+    def time(self) -> float:
+        """Seconds since the epoch, for event timestamps (called from any thread)."""
+        ...
+
+    def monotonic(self) -> float:
+        """Monotonic seconds, for the handshake timeout and the log throttle."""
+        ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable:
+        """Run ``callback`` in the server's loop ``delay`` seconds from now."""
+        ...
+
+
+class LoopClock:
+    """The real clock: wall-clock timestamps, timers on the running event loop."""
+
+    def time(self) -> float:
+        """``time.time()``."""
+        return time.time()
+
+    def monotonic(self) -> float:
+        """``time.monotonic()``."""
+        return time.monotonic()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable:
+        """``loop.call_later`` on the running loop."""
+        return asyncio.get_running_loop().call_later(delay, callback)
+
+
 @dataclass
 class _Throttle:
-    timer: asyncio.TimerHandle
+    timer: Cancellable
     pending: dict[str, Any] | None = None
 
 
@@ -468,8 +510,9 @@ class QMPServer:
 
     Build it, register commands, then ``await start_unix(path)`` (and/or ``start_tcp``) inside
     the event loop that will run it; ``await close()`` stops everything. :meth:`emit_event`
-    may be called from any thread. ``clock`` (monotonic seconds) times the handshake timeout
-    and the log rate limit; tests pass their own and call :meth:`expire_handshakes`.
+    may be called from any thread. ``clock`` (a :class:`Clock`) stamps events and times the
+    event throttle, the handshake timeout and the log rate limit; tests pass their own (and
+    call :meth:`expire_handshakes`).
     """
 
     def __init__(
@@ -481,7 +524,7 @@ class QMPServer:
         max_message: int = MAX_MESSAGE_BYTES,
         max_clients: int = MAX_CLIENTS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
     ) -> None:
         self.version = version
         self.package = package if package is not None else f"memslots {_package_version()}"
@@ -489,14 +532,14 @@ class QMPServer:
         self.max_message = max_message
         self.max_clients = max_clients
         self.handshake_timeout = handshake_timeout
-        self.clock = clock
+        self.clock: Clock = clock if clock is not None else LoopClock()
         self.commands: dict[str, Command] = {}
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[tuple[socket.socket, asyncio.Task[None]]] = []
         self._reserve_fd: int | None = None
         self._watchdog: asyncio.TimerHandle | None = None
-        self._throttled = _Throttled(clock, LOG_INTERVAL)
+        self._throttled = _Throttled(self.clock.monotonic, LOG_INTERVAL)
         self._unix_paths: list[str] = []
         self._clients: set[_Client] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -722,7 +765,7 @@ class QMPServer:
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._serial += 1
-        client = _Client(writer, f"client#{self._serial}", self.clock())
+        client = _Client(writer, f"client#{self._serial}", self.clock.monotonic())
         self._clients.add(client)
         self._arm_watchdog()
         try:
@@ -753,7 +796,7 @@ class QMPServer:
     def expire_handshakes(self) -> int:
         """Drop the clients that did not complete ``qmp_capabilities`` within
         :attr:`handshake_timeout` seconds of :attr:`clock`; returns how many."""
-        now = self.clock()
+        now = self.clock.monotonic()
         late = [
             c
             for c in self._clients
@@ -866,7 +909,7 @@ class QMPServer:
         loop = self._loop
         if loop is None or loop.is_closed():
             return  # not listening yet: no client can be told
-        now = time.time()
+        now = self.clock.time()
         event = {
             "event": name,
             "data": dict(data),
@@ -887,8 +930,9 @@ class QMPServer:
             state.pending = event  # only the newest held event survives the period
             return
         self._broadcast(event)
-        assert self._loop is not None
-        self._throttle[key] = _Throttle(self._loop.call_later(rate, self._throttle_expired, key))
+        self._throttle[key] = _Throttle(
+            self.clock.call_later(rate, lambda: self._throttle_expired(key))
+        )
 
     def _throttle_expired(self, key: tuple[str, str]) -> None:
         state = self._throttle[key]
@@ -897,8 +941,9 @@ class QMPServer:
             return
         self._broadcast(state.pending)
         state.pending = None
-        assert self._loop is not None
-        state.timer = self._loop.call_later(self.rate_limits[key[0]], self._throttle_expired, key)
+        state.timer = self.clock.call_later(
+            self.rate_limits[key[0]], lambda: self._throttle_expired(key)
+        )
 
     def _broadcast(self, event: dict[str, Any]) -> None:
         data = _json_bytes(event)

@@ -20,7 +20,7 @@ from memslots.guest.linux import GuestOptions
 from memslots.guest.sched import LoopScheduler
 from memslots.host.kmem import KmemMeter
 from memslots.kvm.abi import VmBackend
-from memslots.kvm.host import open_vm_meter
+from memslots.kvm.host import host_info, open_vm_meter
 from memslots.machine.machine import Machine, create_vm, uses_real_kvm
 from memslots.machine.vm import GuestVm, ObservedChannel
 from memslots.monitor.commands import Monitor
@@ -66,10 +66,15 @@ class VhostUserProvider:
 class MachineRuntime:
     """The running machine as the monitor sees it (:class:`memslots.monitor.commands.Runtime`)."""
 
-    def __init__(self, machine: Machine, stopped: asyncio.Event) -> None:
+    def __init__(
+        self, machine: Machine, stopped: asyncio.Event, guests: GuestVm | None = None
+    ) -> None:
         self._machine = machine
         self._stopped = stopped
+        self._guests = guests
         self._state = "running"
+        #: Called after every system reset (the runtime re-wraps the new drivers' channels).
+        self.reset_listeners: list[Callable[[], None]] = []
 
     @property
     def machine(self) -> Machine:
@@ -84,6 +89,16 @@ class MachineRuntime:
         """Ask the process to shut down (the loop's main task does the work)."""
         self._state = "shutdown"
         self._stopped.set()
+
+    def system_reset(self) -> None:
+        """The one entry point of a system reset: virtio-mem memory is unplugged and, with
+        guests, every driver starts over (:meth:`GuestVm.system_reset`); the run state stays."""
+        if self._guests is not None:
+            self._guests.system_reset()
+        else:
+            self._machine.system_reset()
+        for cb in list(self.reset_listeners):
+            cb()
 
 
 async def serve(
@@ -102,7 +117,7 @@ async def serve(
     created until after it is closed (:mod:`memslots.host.kmem`), so the QMP command
     ``x-query-kernel-metadata`` and the metrics report this VM's kernel memory only.
     """
-    real = vm_factory is not None or uses_real_kvm(config.accel)
+    real = vm_factory is not None or uses_real_kvm(config.accel, host_info())
     with open_vm_meter() if real else contextlib.nullcontext() as kmem:
         await _serve(
             config,
@@ -132,14 +147,9 @@ async def _serve(
     vm = (
         vm_factory()
         if vm_factory is not None
-        else create_vm(config.accel, slot_zap_all=config.slot_zap_all)
+        else create_vm(config.accel, host=host_info(), slot_zap_all=config.slot_zap_all)
     )
-    machine = Machine(config, vm=vm)
-    runtime = MachineRuntime(machine, stopped)
-    server = QMPServer()
-    monitor = Monitor(runtime, server, kmem=kmem)
-    monitor.add_device_provider(VhostUserProvider(machine))
-    metrics = Metrics(machine, kmem) if metrics_port is not None else None
+    machine = Machine(config, vm=vm, host=host_info())
     gvm = (
         GuestVm(
             machine,
@@ -149,6 +159,11 @@ async def _serve(
         if guest
         else None
     )
+    runtime = MachineRuntime(machine, stopped, gvm)
+    server = QMPServer()
+    monitor = Monitor(runtime, server, kmem=kmem)
+    monitor.add_device_provider(VhostUserProvider(machine))
+    metrics = Metrics(machine, kmem) if metrics_port is not None else None
 
     def observe_guest(dev_id: str) -> None:
         if gvm is not None and metrics is not None and dev_id in gvm.guests:
@@ -166,6 +181,13 @@ async def _serve(
 
         monitor.device_added.append(added)
         monitor.device_removed.append(gvm.detach)
+
+        def restarted() -> None:
+            # A reset gave every device a new driver, on a new channel.
+            for dev_id in gvm.guests:
+                observe_guest(dev_id)
+
+        runtime.reset_listeners.append(restarted)
     try:
         for ep in endpoints:
             if ep.path is not None:

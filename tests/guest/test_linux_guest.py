@@ -29,7 +29,7 @@ def test_memory_block_size() -> None:
 
 
 def test_worked_streams(plan_machine: PlanFactory) -> None:
-    """linux-guest-driver.md C9: boot at 512 MiB, 512 -> 900 MiB, 900 -> 700 MiB."""
+    """docs/reference/linux-guest-driver.md C9: boot at 512 MiB, 512 -> 900 MiB, 900 -> 700 MiB."""
     m = Machine(
         parse_machine_config(
             "4G,maxmem=8G",

@@ -154,7 +154,7 @@ def test_dimm_slot_numbers_and_size_alignment(plan_machine: PlanFactory) -> None
             objs,
             ["pc-dimm,id=d,memdev=a,slot=1", "pc-dimm,id=e,memdev=b,slot=1"],
         )
-    # QEMU 8.2.1+: a DIMM of 3 MiB of anonymous RAM (2 MiB aligned) makes no sense
+    # QEMU 9.0's check: a DIMM of 3 MiB of anonymous RAM (2 MiB aligned) makes no sense
     with pytest.raises(MemoryDeviceError, match="backend memory size must be multiple of 0x200000"):
         plan_machine("4G,slots=2,maxmem=8G", objs, ["pc-dimm,id=o,memdev=odd"])
 

@@ -10,14 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backends import QemuStorageDaemon, requires_qsd
+from backends import QemuStorageDaemon
+from conftest import requires_qsd
 from qemu.qmp import ExecuteError, QMPClient
 from qmp_support import (
     FakeRuntime,
+    ManualClock,
     RawClient,
     make_machine,
     next_event,
     qmp_client,
+    queued_event,
+    sent_so_far,
     serving,
     snapshot,
 )
@@ -87,11 +91,12 @@ def test_query_memory_devices_is_qemu_shaped() -> None:
 
 def test_resize_events_rate_limit_and_memslot_map() -> None:
     """qom-set, the guest plugs in many steps within a second: one event now, one at the end."""
+    clock = ManualClock()
 
     async def main() -> None:
         with make_machine() as m:
             dev = m.virtio_mem("vmem0")
-            async with serving(m) as (_, path), qmp_client(path) as qmp:
+            async with serving(m, clock=clock) as (_, path), qmp_client(path) as qmp:
                 with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as events:
                     reply = await qmp.execute(
                         "qom-set", {"path": "vmem0", "property": "requested-size", "value": 3 * GiB}
@@ -101,19 +106,27 @@ def test_resize_events_rate_limit_and_memslot_map() -> None:
                         await qmp.execute("qom-get", {"path": VMEM, "property": "requested-size"})
                         == 3 * GiB
                     )
-                    t0 = asyncio.get_running_loop().time()
-                    for step in range(1, 13):  # 12 size changes of 256 MiB
+                    # 12 size changes of 256 MiB, 1/16 s apart (binary fractions: exact times)
+                    for step in range(1, 13):
                         drive_to(dev, step * 256 * MiB)
-                        await asyncio.sleep(0.01)
-                    first = await next_event(events, 2)
+                        await sent_so_far(qmp)  # the server has queued the event
+                        clock.advance(0.0625)
+                    first = await queued_event(events)
                     assert first["data"] == {"id": "vmem0", "size": 256 * MiB, "qom-path": VMEM}
-                    last = await next_event(events, 2)
-                    waited = asyncio.get_running_loop().time() - t0
+                    assert events.empty()  # the others are held until the 1 s period ends
+                    clock.advance(0.25)  # now 1 s after the first event
+                    await sent_so_far(qmp)
+                    last = await queued_event(events)
                     assert last["data"] == {"id": "vmem0", "size": 3 * GiB, "qom-path": VMEM}
-                    assert 0.8 < waited < 1.6  # held until the 1 s period ended
-                    await asyncio.sleep(1.2)
+                    clock.advance(1.0)
+                    await sent_so_far(qmp)
                     assert events.empty()  # nothing else was pending
-                    assert last["timestamp"]["seconds"] >= first["timestamp"]["seconds"]
+                    # Each event keeps the time it was raised at.
+                    stamps = [
+                        (e["timestamp"]["seconds"], e["timestamp"]["microseconds"])
+                        for e in (first, last)
+                    ]
+                    assert stamps == [(1_700_000_000, 0), (1_700_000_000, 687_500)]
                 size = await qmp.execute("qom-get", {"path": VMEM, "property": "size"})
                 assert size == 3 * GiB
                 memslots = await qmp.execute("x-query-memslots")
@@ -369,11 +382,13 @@ def test_bad_inputs_leave_machine_unchanged_and_server_serving() -> None:
 
 
 def test_object_and_device_hotplug_round_trip() -> None:
+    clock = ManualClock()
+
     async def main() -> None:
         with make_machine() as m:
             added: list[str | None] = []
             removed: list[str] = []
-            async with serving(m) as (monitor, path), qmp_client(path) as qmp:
+            async with serving(m, clock=clock) as (monitor, path), qmp_client(path) as qmp:
                 monitor.device_added.append(lambda dev: added.append(dev.id))
                 monitor.device_removed.append(removed.append)
                 await qmp.execute(
@@ -411,7 +426,8 @@ def test_object_and_device_hotplug_round_trip() -> None:
                     cls, desc = await error_of(qmp, "device_del", {"id": "vmem1"})
                     assert desc.endswith("some of its memory is still plugged")
                     drive_to(dev, 0)
-                    await next_event(events, 2)  # held until the period ended
+                    clock.advance(1.0)  # the size change was held until the period ended
+                    await next_event(events, 2)
                     # Requested but not plugged yet (no guest): still refused.
                     await qmp.execute(
                         "qom-set", {"path": "vmem1", "property": "requested-size", "value": 2 * MiB}

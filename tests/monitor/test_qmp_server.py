@@ -12,13 +12,25 @@ from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError
-from qmp_support import Client, RawClient, make_machine, next_event, qmp_client, serving, socket_dir
+from qmp_support import (
+    Client,
+    ManualClock,
+    RawClient,
+    make_machine,
+    qmp_client,
+    queued_event,
+    sent_so_far,
+    serving,
+    socket_dir,
+    until,
+)
 
 from memslots.monitor.qmp_server import (
     LOG_INTERVAL,
     MAX_NESTING,
     ArgType,
     Command,
+    LoopClock,
     Param,
     QMPCommandError,
     QMPServer,
@@ -301,7 +313,7 @@ def test_disconnect_mid_command_and_mid_message() -> None:
                     c = await RawClient.open(path)
                     c.writer.write(payload)
                     c.writer.transport.abort()
-                await asyncio.sleep(0.1)
+                await until(lambda: monitor.server.client_count == 1)
                 reply = await survivor.execute({"execute": "query-status", "id": "alive"})
                 assert reply["id"] == "alive"
                 assert "gone" in m.backends  # done whole, not half
@@ -335,9 +347,14 @@ def test_events_go_to_negotiated_clients_only() -> None:
 
 
 def test_rate_limit_per_key() -> None:
+    clock = ManualClock()
+
     async def main() -> None:
         with make_machine() as m:
-            async with serving(m, rate=0.3) as (monitor, path), qmp_client(path) as qmp:
+            async with (
+                serving(m, rate=0.25, clock=clock) as (monitor, path),
+                qmp_client(path) as qmp,
+            ):
                 with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as events:
                     for size in range(1, 6):
                         monitor.server.emit_event(
@@ -346,17 +363,23 @@ def test_rate_limit_per_key() -> None:
                     monitor.server.emit_event(
                         "MEMORY_DEVICE_SIZE_CHANGE", {"size": 9, "qom-path": "/b"}
                     )
-                    got = [await next_event(events, 2) for _ in range(3)]
+                    await sent_so_far(qmp)
+                    got = [await queued_event(events) for _ in range(2)]
+                    assert events.empty()  # /a's sizes 2 to 5 are held
+                    clock.advance(0.25)
+                    await sent_so_far(qmp)
+                    got.append(await queued_event(events))
                     sizes = [(e["data"]["qom-path"], e["data"]["size"]) for e in got]
                     assert sizes == [("/a", 1), ("/b", 9), ("/a", 5)]
-                    await asyncio.sleep(0.7)
+                    clock.advance(0.5)  # /a's second period ends with nothing held
+                    await sent_so_far(qmp)
                     assert events.empty()
                     # After a quiet period the next event goes out at once again.
                     monitor.server.emit_event(
                         "MEMORY_DEVICE_SIZE_CHANGE", {"size": 6, "qom-path": "/a"}
                     )
-                    first = await next_event(events, 0.2)
-                    assert first["data"]["size"] == 6
+                    await sent_so_far(qmp)
+                    assert (await queued_event(events))["data"]["size"] == 6
 
     run(main())
 
@@ -366,7 +389,8 @@ def test_commands_run_one_at_a_time() -> None:
 
     async def slow(args: dict[str, Any]) -> object:
         log.append(f"start {args['tag']}")
-        await asyncio.sleep(0.05)
+        for _ in range(5):  # give every other command the chance to start meanwhile
+            await asyncio.sleep(0)
         log.append(f"end {args['tag']}")
         return {}
 
@@ -460,13 +484,13 @@ def test_tcp_only_when_asked() -> None:
 # -- limits --------------------------------------------------------------------------------------
 
 
-class FakeClock:
-    """Monotonic seconds that move only when the test says so."""
+class FakeClock(LoopClock):
+    """Monotonic seconds that move only when the test says so (timers stay the loop's)."""
 
     def __init__(self) -> None:
         self.now = 1000.0
 
-    def __call__(self) -> float:
+    def monotonic(self) -> float:
         return self.now
 
 

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from backends import QemuStorageDaemon, memfd_mappings, requires_qsd
-from conftest import requires_kvm, requires_memcg
+from backends import QemuStorageDaemon, memfd_mappings
+from conftest import requires_kvm, requires_memcg, requires_qsd
 from kmem_support import memory_cgroup_of
 from qemu.qmp import ExecuteError
 from qmp_support import Client, next_event
@@ -185,9 +185,7 @@ def test_resize_without_guest_times_out_with_reason() -> None:
         assert proc.wait(timeout=20) == 0
 
 
-@pytest.mark.skipif(
-    not os.path.exists("/usr/bin/qemu-storage-daemon"), reason="needs Debian's qemu-storage-daemon"
-)
+@requires_qsd
 def test_device_add_vhost_user_blk_over_qmp(tmp_path: Path) -> None:
     from backends import QemuStorageDaemon, memfd_mappings, wait_until
 
@@ -263,9 +261,7 @@ def test_device_add_that_cannot_get_a_guest_is_undone() -> None:
         assert proc.wait(timeout=20) == 0
 
 
-@pytest.mark.skipif(
-    not os.path.exists("/usr/bin/qemu-storage-daemon"), reason="needs Debian's qemu-storage-daemon"
-)
+@requires_qsd
 def test_vhost_user_loss_is_an_event_and_reconnect_replays(tmp_path: Path) -> None:
     from backends import QemuStorageDaemon, memfd_mappings, wait_until
 
