@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from memslots.kvm.vm import kvm_available
+from memslots.kvm.host import host_info
 from memslots.machine.machine import Machine, create_vm
 from memslots.machine.vm import GuestVm
 from memslots.options import parse_machine_config
@@ -42,7 +42,10 @@ def one_run(accel: str) -> dict[str, float]:
         ["virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on,requested-size=1G"],
         accel=accel,
     )
-    with Machine(config, vm=create_vm(accel)) as machine, GuestVm(machine, use_memory=False) as vm:
+    with (
+        Machine(config, vm=create_vm(accel, host=host_info())) as machine,
+        GuestVm(machine, use_memory=False) as vm,
+    ):
         vm.settle()
         transport = vm.transports["vmem0"]
         device_seconds = 0.0
@@ -77,7 +80,7 @@ def main() -> int:
     parser.add_argument("--accel", choices=("kvm", "sim"), default="kvm")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    if args.accel == "kvm" and not kvm_available():
+    if args.accel == "kvm" and not host_info().kvm:
         print("grow: /dev/kvm is not available (use --accel sim for the model)", file=sys.stderr)
         return 2
     runs = [one_run(args.accel) for _ in range(args.repeat)]

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from memslots.host.kmem import SYSTEM_CAVEAT
-from memslots.kvm.host import detect_host_mmu
-from memslots.kvm.vm import kvm_available
+from memslots.kvm.host import host_info
 from memslots.measure import compare
 from memslots.sizes import format_size, parse_size
 
@@ -38,7 +37,7 @@ def main() -> int:
     parser.add_argument("--plugged", default="0,1G,16G,256G")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if not kvm_available():
+    if not host_info().kvm:
         print("memslot_cost: /dev/kvm is not available; nothing to measure", file=sys.stderr)
         return 2
     device = parse_size(args.device_size)
@@ -50,7 +49,7 @@ def main() -> int:
         )
         rows.append(compare(device, plugged, repeats=args.repeats).to_json())
     report: dict[str, Any] = {
-        "host": {"kernel": platform.release(), "mmu": detect_host_mmu().describe()},
+        "host": {"kernel": platform.release(), "mmu": host_info().mmu.describe()},
         "command": " ".join(["bench/memslot_cost.py", *sys.argv[1:]]),
         "runs": rows,
     }

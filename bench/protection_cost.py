@@ -45,8 +45,9 @@ from memslots.devices.virtio_mem.wire import (
     Response,
 )
 from memslots.host.memory import HostMemory
+from memslots.kvm.system import kvm_available
 from memslots.kvm.vcpu import ProbeVcpu
-from memslots.kvm.vm import KvmVm, kvm_available
+from memslots.kvm.vm import KvmVm
 from memslots.machine.machine import Machine
 from memslots.memory.address_space import GuestMemory
 from memslots.options import parse_machine_config

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +343,13 @@ def run_real(
         g.stop()
 
 
+def memslots_cli(argv: list[str]) -> dict[str, Any]:
+    """Run ``memslots ARGV`` (this checkout's CLI) and return the JSON it prints."""
+    out = subprocess.run([str(MEMSLOTS), *argv], check=True, capture_output=True, text=True)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
 def run_model(
     work: Path,
     name: str,
@@ -349,15 +357,16 @@ def run_model(
     sizes: list[int],
     times: list[float],
     online: str = "online_movable",
+    *,
+    memslots: Callable[[list[str]], dict[str, Any]] = memslots_cli,
 ) -> dict[str, Any]:
     """The model on the same trace; step times are the real run's, so retry timers see the
-    same gaps."""
+    same gaps. ``memslots`` runs the command line (the golden test runs it in-process)."""
     csv = work / f"model-{name}.csv"
     csv.write_text(
         "time,requested-size\n" + "".join(f"{t},{m}M\n" for t, m in zip(times, sizes, strict=False))
     )
     argv = [
-        str(MEMSLOTS),
         "simulate",
         "-accel",
         "sim",
@@ -374,7 +383,7 @@ def run_model(
         "--guest-online",
         ONLINE_FLAG[online],
     ]
-    res = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
+    res = memslots(argv)
     steps = [
         {
             "requested_mib": s["requested"] // MiB,
@@ -391,7 +400,7 @@ def run_model(
         "address": res["device"]["address"],
         "block_size": res["device"]["block_size"],
         "steps": steps,
-        "argv": argv[1:],
+        "argv": argv,
     }
 
 

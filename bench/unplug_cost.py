@@ -61,9 +61,9 @@ from typing import Any
 from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.guest.inorder import drive_to
 from memslots.kvm.cost import UNMAP_COST_MEASURED, UnmapCostConstants, unmap_cost
-from memslots.kvm.host import detect_host_mmu
+from memslots.kvm.host import host_info
 from memslots.kvm.vcpu import FRAME_SIZE, ProbeVcpu
-from memslots.kvm.vm import KvmVm, kvm_available
+from memslots.kvm.vm import KvmVm
 from memslots.machine.machine import Machine
 from memslots.memory.address_space import GuestMemory
 from memslots.options import parse_machine_config
@@ -377,7 +377,7 @@ def host_description() -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}; kernel {platform.release()}; {detect_host_mmu().describe()}"
+    return f"{cpu}; kernel {platform.release()}; {host_info().mmu.describe()}"
 
 
 def _loadavg() -> str:
@@ -447,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     parser.add_argument("--no-write", action="store_true", help="Do not write bench/results.")
     args = parser.parse_args(argv)
-    if not kvm_available():
+    if not host_info().kvm:
         print("unplug_cost: /dev/kvm is not available; nothing to measure", file=sys.stderr)
         return 2
     sizes = [parse_size(s) for s in args.sizes.split(",")]

@@ -45,7 +45,7 @@ from qemu.qmp import QMPClient
 
 from memslots.errors import EXIT_HOST_MISSING
 from memslots.host.memory import HostMemory
-from memslots.kvm.vm import kvm_available
+from memslots.kvm.system import kvm_available
 from memslots.monitor.runtime import MachineRuntime, serve
 from memslots.options import QmpEndpoint, parse_machine_config
 

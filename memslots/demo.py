@@ -13,7 +13,7 @@ from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import DeviceError
 from memslots.host.kmem import source_footnote, source_label
 from memslots.kvm.cost import slot_metadata_bytes
-from memslots.kvm.host import open_vm_meter
+from memslots.kvm.host import host_info, open_vm_meter
 from memslots.machine.machine import Machine, uses_real_kvm
 from memslots.machine.vm import GuestVm
 from memslots.memory.address_space import Section
@@ -51,10 +51,11 @@ def run_demo(accel: str, *, as_json: bool = False, out: Console | None = None) -
     out = out or Console()
     config = parse_machine_config(DEMO_MEMORY, [DEMO_OBJECT], [DEMO_DEVICE], accel=accel)
     steps: list[DemoStep] = []
-    real_kvm = uses_real_kvm(config.accel)
+    host = host_info()
+    real_kvm = uses_real_kvm(config.accel, host)
     with (
         open_vm_meter() if real_kvm else contextlib.nullcontext() as meter,
-        Machine(config) as machine,
+        Machine(config, host=host) as machine,
         GuestVm(machine) as gvm,
     ):
         real = machine.vm.is_real

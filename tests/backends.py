@@ -28,23 +28,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-import pytest
-
 from memslots.vhost.user.wire import F_PROTOCOL_FEATURES, F_VERSION_1, ProtocolFeature, Req
 
 QSD = "/usr/bin/qemu-storage-daemon"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 VIRTIOFSD_PID_DIR = "/var/run/virtiofsd"
 SECTOR = 512
-
-requires_qsd = pytest.mark.skipif(
-    not os.access(QSD, os.X_OK),
-    reason=f"needs {QSD} (bash scripts/setup.sh --tests installs qemu-system-common)",
-)
-requires_virtiofsd = pytest.mark.skipif(
-    not os.access(VIRTIOFSD, os.X_OK) or os.geteuid() != 0,
-    reason=f"needs {VIRTIOFSD} (qemu-system-common) and root, which virtiofsd requires",
-)
 
 
 def sector_pattern(first: int, count: int) -> bytes:

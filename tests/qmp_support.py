@@ -17,10 +17,11 @@ from qemu.qmp import EventListener, QMPClient
 from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.devices.virtio_mem.wire import ReqType, Request, Resp, Response
 from memslots.errors import ConfigError
+from memslots.guest.sched import Scheduler
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
 from memslots.monitor.commands import Monitor
-from memslots.monitor.qmp_server import QMPServer
+from memslots.monitor.qmp_server import Cancellable, Clock, QMPServer
 from memslots.options import parse_machine_config
 from memslots.sizes import GiB
 
@@ -34,6 +35,7 @@ DEVICES = (
     "virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on",
     "pc-dimm,id=dimm0,memdev=mem1",
 )
+#: A safety net for waits on something that must happen; no test measures time with it.
 WAIT = 5.0
 
 
@@ -75,6 +77,53 @@ class FakeRuntime:
         raise ConfigError("the machine runs without a guest (-guest none)")
 
 
+class ManualClock:
+    """The QMP server's clock, moved only by the test (:meth:`advance`): the throttle's periods
+    end exactly when the test says, however busy the host is."""
+
+    #: Timestamps start here (an arbitrary moment, seconds since the epoch).
+    EPOCH = 1_700_000_000.0
+
+    def __init__(self) -> None:
+        self._sched = Scheduler()
+
+    def time(self) -> float:
+        """The current (manual) time, since the epoch."""
+        return self.EPOCH + self._sched.now()
+
+    def monotonic(self) -> float:
+        """The current (manual) monotonic time."""
+        return self._sched.now()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable:
+        """Run ``callback`` once :meth:`advance` passes ``delay`` seconds from now."""
+        return self._sched.call_at(self._sched.now() + delay, callback)
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward, running every timer that falls due, in order."""
+        self._sched.advance(seconds)
+
+
+async def sent_so_far(qmp: QMPClient) -> None:
+    """Wait until the client has everything the server sent before now: a command's reply
+    comes after every event the server wrote before it, and the server runs the events it
+    queued before it reads the command."""
+    await asyncio.wait_for(qmp.execute("query-status"), WAIT)
+
+
+async def queued_event(listener: EventListener) -> Any:
+    """The event ``listener`` already holds (after :func:`sent_so_far`); fails if none."""
+    assert not listener.empty(), "no event was sent"
+    return await listener.get()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until ``condition()`` holds (``WAIT`` is only a safety net)."""
+    async with asyncio.timeout(WAIT):
+        while not condition():
+            await asyncio.sleep(0)
+
+
 @contextlib.contextmanager
 def socket_dir() -> Iterator[str]:
     """A short directory for sockets (pytest's tmp_path can pass the 108-byte limit)."""
@@ -87,11 +136,15 @@ def socket_dir() -> Iterator[str]:
 
 @contextlib.asynccontextmanager
 async def serving(
-    machine: Machine, *, rate: float = 1.0, runtime: FakeRuntime | None = None
+    machine: Machine,
+    *,
+    rate: float = 1.0,
+    runtime: FakeRuntime | None = None,
+    clock: Clock | None = None,
 ) -> AsyncIterator[tuple[Monitor, str]]:
     """A monitor over ``machine`` listening on a fresh Unix socket in this loop."""
     with socket_dir() as d:
-        server = QMPServer(rate_limits={"MEMORY_DEVICE_SIZE_CHANGE": rate})
+        server = QMPServer(rate_limits={"MEMORY_DEVICE_SIZE_CHANGE": rate}, clock=clock)
         monitor = Monitor(runtime or FakeRuntime(machine), server)
         path = f"{d}/qmp.sock"
         await server.start_unix(path)

@@ -21,7 +21,6 @@ from memslots.cli.common import (
 from memslots.errors import KvmUnavailableError, OptionError
 from memslots.kvm.host import host_info
 from memslots.kvm.model import KvmModel
-from memslots.kvm.vm import kvm_available
 from memslots.machine.machine import Machine
 from memslots.options import parse_machine_config
 from memslots.reports import budget_report, device_plan, to_json, unmap_cost_model
@@ -64,6 +63,13 @@ from memslots.vhost.backend import VHOST_KINDS, VhostBackend, VhostModel
     help="kernel counts all RAM; user counts only fd-backed memory.",
 )
 @click.option(
+    "--vhost-user-max-memslots",
+    type=click.IntRange(min=1, max=512),
+    default=None,
+    help="The memslot limit each -device vhost-user-* back-end reports: plan connects to none "
+    "(8 without CONFIGURE_MEM_SLOTS; Debian 12's qemu-storage-daemon: 32).",
+)
+@click.option(
     "--cpu-vendor",
     type=click.Choice(("amd", "intel")),
     default=None,
@@ -90,6 +96,7 @@ def plan(
     vhost_max_memslots: int | None,
     vhost_free_memslots: int | None,
     vhost_kind: str,
+    vhost_user_max_memslots: int | None,
     cpu_vendor: str | None,
     phys_bits: int | None,
     as_json: bool,
@@ -120,7 +127,13 @@ def plan(
         max_memslots=host.kvm_max_memslots, mmu=host.mmu, slot_zap_all=config.slot_zap_all
     )
     machine = Machine(
-        config, vm=vm, planned=True, vhost=vhost, before_devices=describe_host, host=host
+        config,
+        vm=vm,
+        planned=True,
+        vhost=vhost,
+        before_devices=describe_host,
+        host=host,
+        vhost_user_limit=vhost_user_max_memslots,
     )
     with machine:
         machine.kvm.working_set_frames = working_set
@@ -129,6 +142,8 @@ def plan(
             "memory_devices": [to_json(device_plan(machine, d)) for d in machine.memory_devices],
             "budget": to_json(budget_report(machine)),
             "unmap_cost_model": to_json(unmap_cost_model(machine)),
+            # Also printed on stderr as they happen.
+            "warnings": list(machine.budget.warnings),
         }
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -231,7 +246,7 @@ def measure(device_size: int, plugged: int, repeats: int, as_json: bool) -> None
     from memslots.host.kmem import source_footnote, source_label
     from memslots.measure import compare
 
-    if not kvm_available():
+    if not host_info().kvm:
         raise KvmUnavailableError(
             "/dev/kvm is not available: measure needs the real kernel (try 'plan')"
         )

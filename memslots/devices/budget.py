@@ -11,7 +11,8 @@ owns them and decides, as QEMU 8.2 does (``qemu-behaviour.md`` §2, §3, §5):
 * the automatic decision: :meth:`MemslotBudget.decision_limit`, QEMU's
   ``memory_device_memslot_decision_limit``;
 * pre-plug's refusals, "hypervisor has not enough free memory slots left" and "a used vhost
-  backend has not enough free memory slots left" (:meth:`MemslotBudget.check_addable`);
+  backend has not enough free memory slots left" (:meth:`MemslotBudget.check_addable`), and
+  the warning when a fixed ``memslot-size`` takes memory devices past :data:`SOFT_MEMSLOT_LIMIT`;
 * ``vhost_dev_init``'s two refusals of a back-end, around registering it
   (:meth:`MemslotBudget.attach_vhost`);
 * how a vhost back-end is charged for memslots that memory devices reserved: an
@@ -25,6 +26,7 @@ The counters it reads (required, used, reserved memslots; space) are the memory-
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -36,6 +38,8 @@ from memslots.errors import NotEnoughMemslotsError, VhostLimitError
 from memslots.memory.address_space import AddressSpace
 from memslots.memory.consumer import MemslotConsumer
 from memslots.vhost.backend import VhostBackend
+
+log = logging.getLogger("memslots.devices.budget")
 
 #: Soft cap on the memslots all memory devices together ask for (the old DIMM limit).
 SOFT_MEMSLOT_LIMIT = 256
@@ -187,6 +191,8 @@ class MemslotBudget:
         self.kvm = kvm
         self.device_memory: DeviceMemoryState | None = None
         self._vhost: list[VhostMember] = []
+        #: Warnings about accepted plugs (also logged), for reports such as ``plan --json``.
+        self.warnings: list[str] = []
 
     # -- members ---------------------------------------------------------------------------------
 
@@ -280,7 +286,10 @@ class MemslotBudget:
 
     def vhost_free_memslots(self) -> int:
         """QEMU's ``vhost_get_free_memslots`` as the decision sees it (see :meth:`decision_free`),
-        or UINT_MAX when there is no back-end."""
+        or UINT_MAX when there is no back-end.
+
+        Each back-end counts its own regions, as QEMU 10.1 does (8.2 kept two global counters,
+        which went wrong once a vhost device was unplugged)."""
         return min((self.decision_free(m) for m in self._vhost), default=UINT_MAX)
 
     def limits(self) -> tuple[int, int]:
@@ -346,6 +355,23 @@ class MemslotBudget:
                 needed=required + reserved,
                 free=vhost_free,
             )
+        self._warn_past_soft_limit(dev, required)
+
+    def _warn_past_soft_limit(self, dev: MemoryDevice, required: int) -> None:
+        """QEMU's decision never takes memory devices past the soft limit; a fixed memslot size
+        (our extension) may. It is allowed, since KVM and every vhost back-end were just
+        checked for room, but said."""
+        dm = self.device_memory
+        total = (dm.required_memslots if dm is not None else 0) + required
+        if total <= SOFT_MEMSLOT_LIMIT:
+            return
+        warning = (
+            f"memory device '{dev.label}' uses {required} memslot(s): memory devices then use "
+            f"{total}, more than the {SOFT_MEMSLOT_LIMIT} QEMU's decision gives them in total "
+            "(KVM and every vhost back-end have room for them)"
+        )
+        self.warnings.append(warning)
+        log.warning("%s", warning)
 
     def check_vhost_limit(self, backend: VhostBackend, how: Accounting) -> None:
         """``vhost_dev_init``'s first refusal, before the back-end is registered.

@@ -152,8 +152,8 @@ class DeviceMemory:
         if mr is None:
             return
         self.check_addable(dev, mr)
-        # QEMU 8.2.1+/9.0: a region whose size is not a multiple of its own alignment (a DIMM
-        # of 1 GiB + 1 byte) makes no sense as a memory device.
+        # QEMU 9.0 (commit 540a1abb; 8.2.0 had dropped the check): a region whose size is not
+        # a multiple of its own alignment (a DIMM of 1 GiB + 1 byte) makes no sense.
         if mr.align and mr.size % mr.align:
             raise MemoryDeviceError(f"backend memory size must be multiple of 0x{mr.align:x}")
         device_align = max(dev.get_min_alignment(), mr.align)

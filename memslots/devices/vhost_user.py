@@ -213,20 +213,30 @@ class VhostUserDevice:
 
 
 def attach_vhost_user_device(
-    budget: MemslotBudget, opts: VhostUserDeviceOptions, chardev: ChardevOptions, name: str
+    budget: MemslotBudget,
+    opts: VhostUserDeviceOptions,
+    chardev: ChardevOptions,
+    name: str,
+    *,
+    planned_limit: int | None = None,
 ) -> VhostUserDevice:
     """Realize a vhost-user device in QEMU's order, once the machine found its chardev.
 
     The back-end is connected and negotiated; then the budget's refusals run around
     registering it (:meth:`~memslots.devices.budget.MemslotBudget.attach_vhost`), then the
     memory table is sent, and vhost-user-blk's config is read. Nothing remains on failure.
+    With ``planned_limit`` (``memslots plan``) the back-end is only described, with that limit:
+    the same refusals run, nothing is connected or sent.
     """
     consumer = VhostUserConsumer(
-        name, Endpoint(chardev.path, config=opts.is_blk), chardev=opts.chardev
+        name,
+        Endpoint(chardev.path, config=opts.is_blk),
+        chardev=opts.chardev,
+        planned_limit=planned_limit,
     )
     budget.attach_vhost(consumer, accounting(opts.memslot_accounting))
     capacity = None
-    if opts.is_blk:
+    if opts.is_blk and planned_limit is None:
         assert consumer.frontend is not None
         try:
             config = consumer.frontend.get_config(BLK_CONFIG_SIZE)

@@ -145,6 +145,9 @@ class GuestOptions:
 
     #: End of boot memory (decides the memory block size); 0: ask the machine.
     boot_memory_end: int = 4 * GiB
+    #: Requests :attr:`LinuxGuest.log` keeps: at least the last this many, at most twice as
+    #: many (a long-running machine); None keeps all (simulate and the demo read them back).
+    request_log: int | None = None
     online: Online = Online.MOVABLE
     force_bbm: bool = False
     bbm_block_size: int = 0
@@ -378,6 +381,9 @@ class LinuxGuest:
         self.log.append(
             LoggedRequest(kind.name.lower(), offset, nb_blocks, shown, self.sched.now())
         )
+        keep = self.opts.request_log
+        if keep is not None and len(self.log) > 2 * keep:
+            del self.log[: len(self.log) - keep]  # once per `keep` requests: cheap on average
         return answer
 
     def _plug_request(self, gpa: int, size: int) -> Rc:

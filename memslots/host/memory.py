@@ -19,16 +19,28 @@ import errno
 import fcntl
 import mmap
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 
 from memslots.closing import Closing
 from memslots.errors import HostMemoryError, InaccessibleMemoryError
 from memslots.host import libc
-from memslots.host.pages import fd_page_size, host_page_size, thp_size
-from memslots.sizes import format_size, is_power_of_two
+from memslots.host.pages import fd_page_size, host_page_size
+from memslots.sizes import MiB, format_size, is_power_of_two
 
-__all__ = ["FileBackend", "HostMemory", "MemfdBackend", "RamBackend", "last_access_change"]
+__all__ = [
+    "QEMU_VMALLOC_ALIGN",
+    "FileBackend",
+    "HostMemory",
+    "MemfdBackend",
+    "RamBackend",
+    "last_access_change",
+]
+
+#: QEMU (x86-64 Linux builds) maps guest RAM at least this aligned, so that transparent huge
+#: pages can back it: a constant of QEMU's build, not a fact of the host.
+QEMU_VMALLOC_ALIGN = 2 * MiB
 
 # mincore() only defines bit 0 of each vector byte ("resident"); this table keeps just that bit.
 _RESIDENT_BIT = bytes(b & 1 for b in range(256))
@@ -121,7 +133,7 @@ class HostMemory(abc.ABC, Closing):
 
     Subclasses create the backing object (nothing, a memfd or a file) and then call this
     constructor, which maps it. The mapping lives until :meth:`close`; it is also a context
-    manager. ``host_addr`` is aligned to ``max(page_size, thp_size())``.
+    manager. ``host_addr`` is aligned to ``max(page_size, QEMU_VMALLOC_ALIGN)``, as QEMU maps it.
     """
 
     #: Told ``(offset, length)`` after every :meth:`write`: how a VMM-side dirty tracker
@@ -162,7 +174,7 @@ class HostMemory(abc.ABC, Closing):
         try:
             self._addr = libc.map_aligned(
                 size,
-                max(page_size, thp_size()),
+                max(page_size, QEMU_VMALLOC_ALIGN),
                 mmap.PROT_READ | mmap.PROT_WRITE,
                 flags,
                 -1 if fd is None else fd,
@@ -398,6 +410,11 @@ class HostMemory(abc.ABC, Closing):
             )
         return os.fstat(fd).st_blocks * 512
 
+    def revert(self) -> None:
+        """Close a backend that is thrown away before use, undoing what creating it did to
+        the host beyond the mapping (only a file backend changes something: its file)."""
+        self.close()
+
     def close(self) -> None:
         """Unmap the memory and close the fd. Calling it again does nothing."""
         if self._closed:
@@ -536,14 +553,79 @@ class MemfdBackend(HostMemory):
         return self._hugetlb
 
 
+#: File systems whose regular files are kernel interfaces, not storage (statfs magic numbers):
+#: growing or mapping one as guest RAM would write into the kernel's settings.
+_PSEUDO_FILE_SYSTEMS = {
+    0x9FA0: "proc",
+    0x62656572: "sysfs",
+    0x64626720: "debugfs",
+    0x74726163: "tracefs",
+    0x73636673: "securityfs",
+    0x27E0EB: "cgroup",
+    0x63677270: "cgroup2",
+    0x62656570: "configfs",
+    0xCAFE4A11: "bpf",
+    0x6165676C: "pstore",
+    0xDE5E81E4: "efivarfs",
+    0xF97CFF8C: "selinuxfs",
+    0x65735543: "fusectl",
+    0x42494E4D: "binfmt_misc",
+}
+_FILE_KINDS = {
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _check_mem_path(id: str, size: int, path: str) -> os.stat_result | None:
+    """Refuse a ``mem-path`` that is neither a regular file nor a directory, before anything is
+    opened for writing. Returns its stat (following symlinks), or None if it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise HostMemoryError(
+                f"{_describe(id, size)}: mem-path '{path}' is a dangling symbolic link"
+            ) from None
+        return None
+    except OSError as exc:
+        raise HostMemoryError(
+            f"{_describe(id, size)}: cannot open mem-path '{path}': {exc}"
+        ) from exc
+    if stat.S_ISDIR(st.st_mode):
+        return st
+    if not stat.S_ISREG(st.st_mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise HostMemoryError(
+            f"{_describe(id, size)}: mem-path '{path}' is {kind}, not a regular file or a directory"
+        )
+    try:
+        fs = _PSEUDO_FILE_SYSTEMS.get(libc.statfs(path)[0])
+    except OSError as exc:
+        raise HostMemoryError(f"{_describe(id, size)}: cannot examine '{path}': {exc}") from exc
+    if fs is not None:
+        raise HostMemoryError(
+            f"{_describe(id, size)}: mem-path '{path}' is on {fs}, whose files are kernel "
+            "interfaces, not memory"
+        )
+    return st
+
+
 class FileBackend(HostMemory):
     """Memory of a file, like ``memory-backend-file`` (private by default, as in QEMU).
 
-    If ``mem_path`` is a directory, an unlinked temporary file in it backs the memory;
-    otherwise the file is opened or created and grown to ``size`` if it is smaller (a larger
-    file is mapped from its start). On hugetlbfs, :attr:`page_size` is the huge page size.
-    ``discard_data=True`` punches the file's contents away on close (only with share=on; QEMU
-    uses MADV_REMOVE there, which does nothing for private mappings).
+    If ``mem_path`` is a directory, an unlinked temporary file in it backs the memory. Otherwise
+    the file is opened, or created; QEMU's rules about its size keep existing data intact: an
+    empty (or new) file is grown to ``size``, a larger one is mapped from its start, and a
+    non-empty file smaller than ``size`` is refused, untouched. Anything that is not a regular
+    file or a directory (devices, FIFOs, sockets, files of /proc or /sys) is refused before it
+    is opened. If creating the backend fails, the file is left as it was (a file created for it
+    is removed, an empty file grown for it is emptied again, with its times); :meth:`revert`
+    does the same for a backend that is thrown away later. On hugetlbfs, :attr:`page_size` is
+    the huge page size. ``discard_data=True`` punches the file's contents away on close (only
+    with share=on; QEMU uses MADV_REMOVE there, which does nothing for private mappings).
     """
 
     def __init__(
@@ -559,25 +641,27 @@ class FileBackend(HostMemory):
         """Open or create the file and map it; raises :class:`HostMemoryError`."""
         self.mem_path = os.fspath(mem_path)
         self.discard_data = discard_data
-        temporary = os.path.isdir(self.mem_path)
-        created = not temporary and not os.path.exists(self.mem_path)
-        try:
-            if temporary:
-                fd, name = tempfile.mkstemp(
-                    prefix=f"memslots_back_mem.{id.replace('/', '_')}.", dir=self.mem_path
-                )
-                os.unlink(name)
-            else:
-                fd = os.open(self.mem_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise HostMemoryError(
-                f"{_describe(id, size)}: cannot open mem-path '{self.mem_path}': {exc}"
-            ) from exc
+        existing = _check_mem_path(id, size, self.mem_path)
+        temporary = existing is not None and stat.S_ISDIR(existing.st_mode)
+        #: The named file as it was before we opened it (None: we created it).
+        self._before = None if temporary else existing
+        self._created = False
+        self._grown = False
+        fd = self._open(id, size, temporary)
         try:
             page_size = fd_page_size(fd)
             _check_size(id, size, page_size)
-            if os.fstat(fd).st_size < size:
+            file_size = os.fstat(fd).st_size
+            if 0 < file_size < size:
+                # QEMU's text; the file keeps its data (QEMU only ever grows an empty file).
+                raise HostMemoryError(
+                    f"backing store size 0x{file_size:x} does not match 'size' option "
+                    f"0x{size:x}: {_describe(id, size)}, mem-path '{self.mem_path}' is left "
+                    "as it is"
+                )
+            if file_size == 0:
                 os.ftruncate(fd, size)
+                self._grown = True
             super().__init__(
                 id,
                 size,
@@ -588,20 +672,69 @@ class FileBackend(HostMemory):
                 exclusive_fd=temporary,
             )
         except BaseException as exc:
+            self._restore_file(fd)
             os.close(fd)
-            if created:  # as QEMU: a file we created for a backend that failed goes away
-                with contextlib.suppress(OSError):
-                    os.unlink(self.mem_path)
             if isinstance(exc, OSError):
                 raise HostMemoryError(
                     f"{_describe(id, size)}: cannot set up mem-path '{self.mem_path}': {exc}"
                 ) from exc
             raise
 
+    def _open(self, id: str, size: int, temporary: bool) -> int:
+        path = self.mem_path
+        try:
+            if temporary:
+                fd, name = tempfile.mkstemp(
+                    prefix=f"memslots_back_mem.{id.replace('/', '_')}.", dir=path
+                )
+                os.unlink(name)
+                return fd
+            if self._before is None:
+                # O_EXCL: if someone created it since we looked, we must not take it as ours.
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                self._created = True
+                return fd
+            # O_NONBLOCK | O_NOCTTY: harmless for a file, and keep a FIFO or terminal swapped in
+            # since we looked from blocking the open or becoming ours.
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as exc:
+            raise HostMemoryError(
+                f"{_describe(id, size)}: cannot open mem-path '{path}': {exc}"
+            ) from exc
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (self._before.st_dev, self._before.st_ino):
+            os.close(fd)
+            raise HostMemoryError(
+                f"{_describe(id, size)}: mem-path '{path}' was replaced while it was opened"
+            )
+        return fd
+
+    def _restore_file(self, fd: int) -> None:
+        """Undo what creating the backend did to the named file (best effort: it runs on the
+        way out of a failure, whose error is the one to report)."""
+        with contextlib.suppress(OSError):
+            if self._created:
+                st, now = os.fstat(fd), os.stat(self.mem_path)
+                if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                    os.unlink(self.mem_path)
+            elif self._grown and self._before is not None:
+                os.ftruncate(fd, 0)
+                os.utime(fd, ns=(self._before.st_atime_ns, self._before.st_mtime_ns))
+
     @property
     def kind(self) -> str:
         """Always "file"."""
         return "file"
+
+    def revert(self) -> None:
+        """Close, leaving the named file as it was before the backend (see the class)."""
+        if self.closed:
+            return
+        fd = self._fd
+        assert fd is not None
+        self._restore_file(fd)
+        self.discard_data = False  # an emptied or removed file has nothing left to punch
+        self.close()
 
     def close(self) -> None:
         """Punch away the file's contents if ``discard_data`` (and shared), then unmap."""

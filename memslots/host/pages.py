@@ -1,5 +1,9 @@
 """Page sizes of the host: the base page, hugetlbfs huge pages, and the transparent huge page
-(THP) size as QEMU probes it (``virtio_mem_thp_size``)."""
+(THP) size as QEMU probes it (``virtio_mem_thp_size``).
+
+The probes here are run once, by :func:`memslots.kvm.host.detect_host`; what they found reaches
+memory backends and virtio-mem as a :class:`HostPages` (or as plain sizes), never by probing
+again."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import logging
 import mmap
 import os
 import re
+from dataclasses import dataclass
 
 from memslots.errors import HostMemoryError
 from memslots.host import libc
@@ -15,17 +20,30 @@ from memslots.sizes import U64_MAX, KiB, MiB, is_power_of_two
 
 __all__ = [
     "NO_THP_SIZE",
+    "HostPages",
     "fd_page_size",
     "host_page_size",
     "hugetlbfs_page_size",
     "probe_thp_size",
-    "thp_size",
+    "read_default_huge_page_size",
 ]
 
 logger = logging.getLogger("memslots.host.pages")
 
 #: QEMU's THP size when the host has no THP at all.
 NO_THP_SIZE = MiB
+
+
+@dataclass(frozen=True)
+class HostPages:
+    """The page sizes of a host (detected, or described for planning): the base page, the THP
+    size (QEMU's probe, which decides virtio-mem's default block size and how guest RAM is
+    aligned) and the default hugetlb page size (a ``hugetlb=on`` memfd without
+    ``hugetlbsize``)."""
+
+    page_size: int
+    thp_size: int
+    huge_page_size: int
 
 
 def host_page_size() -> int:
@@ -97,7 +115,8 @@ def probe_thp_size(
 ) -> int:
     """Probe the THP size exactly like QEMU's virtio-mem does, without caching.
 
-    No ``transparent_hugepage`` directory means no THP: 1 MiB, silently. Otherwise
+    No ``transparent_hugepage`` directory means no THP: 1 MiB, silently (QEMU 9.2's rule; 8.2
+    warns and falls back to the guess below, see README "Target"). Otherwise
     ``hpage_pmd_size`` is used if it holds a power of two; 0 or a non-power-of-two logs
     "Read unsupported THP size: %x", and any failure falls back to a guess for ``machine``
     (default: the host's) and ``page_size`` (default: the host's) with the warning
@@ -125,11 +144,13 @@ def probe_thp_size(
     return fallback
 
 
-_thp_sizes: dict[str, int] = {}
-
-
-def thp_size(sysfs_root: str = "/sys") -> int:
-    """The host's THP size, probed with :func:`probe_thp_size` once per ``sysfs_root``."""
-    if sysfs_root not in _thp_sizes:
-        _thp_sizes[sysfs_root] = probe_thp_size(sysfs_root)
-    return _thp_sizes[sysfs_root]
+def read_default_huge_page_size(meminfo: str = "/proc/meminfo") -> int | None:
+    """The default hugetlb page size (``Hugepagesize`` of ``meminfo``); None if unreadable."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("Hugepagesize:"):
+                    return int(line.split()[1]) * KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -1,11 +1,12 @@
 """The host, described once: CPU vendor, physical address bits, KVM's MMU mode and memslot limit,
-page and THP sizes.
+page, THP and huge page sizes, and vhost-kernel's limit.
 
-Everything memslots decides that depends on the host (the pc layout, the default block size, the
-kernel's metadata per memslot, the memslot budget) reads it from one frozen :class:`HostInfo`,
-detected once per process by :func:`host_info` and passed down. A user can describe another
-host (``plan --cpu-vendor intel --phys-bits 46``) with :meth:`HostInfo.override`; every field
-records where its value came from.
+Everything memslots decides that depends on the host (the pc layout, the default block size,
+planned huge page backends, the kernel's metadata per memslot, the memslot
+budget, whether ``-accel auto`` gets the kernel) reads it from one frozen :class:`HostInfo`,
+detected once per process by :func:`host_info` and passed down as plain values: no other module
+probes the host. A user can describe another host (``plan --cpu-vendor intel --phys-bits 46``)
+with :meth:`HostInfo.override`; every field records where its value came from.
 
 Sources, in order of preference:
 
@@ -15,7 +16,10 @@ Sources, in order of preference:
 * MMU mode: the ``kvm_intel``/``kvm_amd``/``kvm`` module parameters in sysfs, SMM from
   ``KVM_CAP_MULTI_ADDRESS_SPACE`` (see :func:`detect_host_mmu`).
 * KVM's memslot limit: ``KVM_CAP_NR_MEMSLOTS`` (32764, x86's value since Linux 5.12, without KVM).
-* THP size: ``/sys/kernel/mm/transparent_hugepage/hpage_pmd_size`` as QEMU probes it.
+* THP size: ``/sys/kernel/mm/transparent_hugepage/hpage_pmd_size`` as QEMU probes it; the
+  default huge page size: ``Hugepagesize`` in ``/proc/meminfo``.
+* vhost-kernel: ``/sys/module/vhost/parameters/max_mem_regions`` as QEMU reads it (64 without),
+  and whether ``/dev/vhost-net`` exists.
 
 :func:`open_vm_meter` opens the per-VM kernel-memory meter (:mod:`memslots.host.kmem`) after
 the host is probed, so that the probe's throw-away VM is not measured.
@@ -32,10 +36,23 @@ from typing import Any
 
 from memslots.errors import KvmError, OptionError
 from memslots.host.kmem import KmemMeter, open_meter
-from memslots.host.pages import host_page_size, thp_size
+from memslots.host.pages import (
+    HostPages,
+    host_page_size,
+    probe_thp_size,
+    read_default_huge_page_size,
+)
+from memslots.host.vhost import VHOST_NET_PATH, vhost_kernel_memslots_limit
 from memslots.kvm.abi import X86_USER_MEM_SLOTS
 from memslots.kvm.mmu import MmuConfig, read_host_mmu
-from memslots.kvm.vm import kvm_available, probe_smm, read_max_memslots, supported_cpuid
+from memslots.kvm.system import (
+    KVM_PATH,
+    kvm_available,
+    probe_smm,
+    read_max_memslots,
+    supported_cpuid,
+)
+from memslots.sizes import MiB
 
 #: Vendors QEMU tells apart for the pc layout: only AMD vCPUs move RAM above 1 TiB.
 CPU_VENDORS = ("amd", "intel", "other")
@@ -44,6 +61,8 @@ _VENDOR_IDS = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}
 _DEFAULT_PHYS_BITS = 36
 #: The architectural range of MAXPHYADDR on x86-64.
 MIN_PHYS_BITS, MAX_PHYS_BITS = 32, 52
+#: The kernel's default huge page size on x86-64, when /proc/meminfo does not say.
+_DEFAULT_HUGE_PAGE_SIZE = 2 * MiB
 
 
 @dataclass(frozen=True)
@@ -61,6 +80,11 @@ class HostInfo:
     kvm_max_memslots: int
     thp_size: int
     page_size: int
+    huge_page_size: int
+    #: The vhost module's ``max_mem_regions`` as QEMU reads it (vhost-kernel's memslot limit).
+    vhost_kernel_max_mem_regions: int
+    #: Whether ``/dev/vhost-net`` exists (else vhost-kernel is modelled).
+    vhost_net: bool
     sources: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -73,6 +97,11 @@ class HostInfo:
                 f"physical address bits {self.phys_bits} outside x86-64's range "
                 f"{MIN_PHYS_BITS}..{MAX_PHYS_BITS}"
             )
+
+    @property
+    def pages(self) -> HostPages:
+        """The page sizes memory backends and virtio-mem need."""
+        return HostPages(self.page_size, self.thp_size, self.huge_page_size)
 
     def source(self, field: str) -> str:
         """Where ``field``'s value came from."""
@@ -98,6 +127,9 @@ class HostInfo:
             "kvm_max_memslots": self.kvm_max_memslots,
             "thp_size": self.thp_size,
             "page_size": self.page_size,
+            "huge_page_size": self.huge_page_size,
+            "vhost_kernel_max_mem_regions": self.vhost_kernel_max_mem_regions,
+            "vhost_net": self.vhost_net,
             "sources": dict(self.sources),
         }
 
@@ -111,7 +143,7 @@ class HostInfo:
 def detect_host_mmu(
     *,
     sysfs_root: str = "/sys/module",
-    kvm_path: str = "/dev/kvm",
+    kvm_path: str = KVM_PATH,
     smm: bool | None = None,
     boot_config: str | None = None,
 ) -> MmuConfig:
@@ -162,7 +194,12 @@ def _kvm_cpuid(kvm_path: str) -> tuple[str | None, int | None]:
 
 
 def detect_host(
-    *, kvm_path: str = "/dev/kvm", cpuinfo: str = "/proc/cpuinfo", sysfs_root: str = "/sys"
+    *,
+    kvm_path: str = KVM_PATH,
+    cpuinfo: str = "/proc/cpuinfo",
+    sysfs_root: str = "/sys",
+    meminfo: str = "/proc/meminfo",
+    vhost_net_path: str = VHOST_NET_PATH,
 ) -> HostInfo:
     """Probe the host (see the module docstring for the sources). Never raises for a missing
     source: it falls back to the next one, and finally to x86-64 defaults marked "default"."""
@@ -188,17 +225,27 @@ def detect_host(
             sources["kvm_max_memslots"] = "KVM_CAP_NR_MEMSLOTS"
         except KvmError:
             pass
+    huge_page_size = read_default_huge_page_size(meminfo)
+    if huge_page_size is not None:
+        sources["huge_page_size"] = meminfo
     sources["mmu"] = "sysfs"
     sources["thp_size"] = "sysfs"
     sources["page_size"] = "mmap.PAGESIZE"
+    max_mem_regions = os.path.join(sysfs_root, "module", "vhost", "parameters", "max_mem_regions")
+    if os.path.exists(max_mem_regions):
+        sources["vhost_kernel_max_mem_regions"] = "sysfs"
+    sources["vhost_net"] = vhost_net_path
     return HostInfo(
         cpu_vendor=vendor or "other",
         phys_bits=bits or _DEFAULT_PHYS_BITS,
         mmu=detect_host_mmu(sysfs_root=os.path.join(sysfs_root, "module"), kvm_path=kvm_path),
         kvm=kvm,
         kvm_max_memslots=max_memslots,
-        thp_size=thp_size(sysfs_root),
+        thp_size=probe_thp_size(sysfs_root),
         page_size=host_page_size(),
+        huge_page_size=huge_page_size or _DEFAULT_HUGE_PAGE_SIZE,
+        vhost_kernel_max_mem_regions=vhost_kernel_memslots_limit(max_mem_regions),
+        vhost_net=os.path.exists(vhost_net_path),
         sources=tuple(sorted(sources.items())),
     )
 

@@ -9,6 +9,7 @@ slot, which the kernel refuses with EEXIST exactly when another slot covers the 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import mmap
@@ -27,12 +28,10 @@ from memslots.kvm.abi import (
     KVM_CHECK_EXTENSION,
     KVM_CLEAR_DIRTY_LOG,
     KVM_CREATE_VCPU,
-    KVM_CREATE_VM,
     KVM_ENABLE_CAP,
     KVM_GET_API_VERSION,
     KVM_GET_DIRTY_LOG,
     KVM_GET_STATS_FD,
-    KVM_GET_SUPPORTED_CPUID,
     KVM_GET_VCPU_MMAP_SIZE,
     KVM_SET_USER_MEMORY_REGION,
     KVM_SET_USER_MEMORY_REGION2,
@@ -43,10 +42,8 @@ from memslots.kvm.abi import (
     CpuidEntry,
     UserspaceMemoryRegion,
     memslot_error,
-    pack_cpuid2,
     pack_enable_cap,
     reject_guest_memfd,
-    unpack_cpuid2,
 )
 from memslots.kvm.dirty import (
     CLEAR_DIRTY_LOG_STRUCT,
@@ -56,68 +53,17 @@ from memslots.kvm.dirty import (
     bitmap_bytes,
     dirty_log_error,
 )
-from memslots.kvm.mmu import MmuConfig, read_host_mmu
+from memslots.kvm.host import host_info
+from memslots.kvm.mmu import MmuConfig
+from memslots.kvm.system import (
+    KVM_PATH,
+    create_vm_fd,
+    errno_of,
+    kvm_ioctl,
+    open_system,
+    supported_cpuid,
+)
 from memslots.sizes import align_down
-
-
-def kvm_available(path: str = "/dev/kvm") -> bool:
-    """Whether ``path`` can be opened read-write and speaks KVM API version 12."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        return fcntl.ioctl(fd, KVM_GET_API_VERSION, 0) == KVM_API_VERSION
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def read_max_memslots(path: str = "/dev/kvm") -> int:
-    """KVM_CAP_NR_MEMSLOTS from the system fd, without creating a VM (32 if it reports 0).
-
-    Raises :class:`KvmUnavailableError` if ``path`` cannot be opened.
-    """
-    fd = _open_system(path)
-    try:
-        nr = _ioctl(
-            fd, KVM_CHECK_EXTENSION, KVM_CAP_NR_MEMSLOTS, "KVM_CHECK_EXTENSION(NR_MEMSLOTS)"
-        )
-    finally:
-        os.close(fd)
-    return nr or DEFAULT_NR_MEMSLOTS
-
-
-def supported_cpuid(path: str = "/dev/kvm") -> list[CpuidEntry]:
-    """KVM_GET_SUPPORTED_CPUID on the system fd: every CPUID leaf KVM can give a guest."""
-    fd = _open_system(path)
-    try:
-        nent = 128
-        while True:
-            buf = pack_cpuid2([CpuidEntry(0, 0, 0, 0, 0, 0, 0)] * nent)
-            try:
-                fcntl.ioctl(fd, KVM_GET_SUPPORTED_CPUID, buf, True)
-            except OSError as e:
-                # E2BIG: the kernel has more entries than we made room for.
-                if e.errno == errno.E2BIG and nent < 4096:
-                    nent *= 2
-                    continue
-                raise KvmError(f"KVM_GET_SUPPORTED_CPUID failed: {e.strerror}", _errno(e)) from e
-            return unpack_cpuid2(buf)
-    finally:
-        os.close(fd)
-
-
-def probe_smm(path: str = "/dev/kvm") -> bool:
-    """Whether a throw-away VM has KVM_CAP_MULTI_ADDRESS_SPACE > 1 (False without ``path``)."""
-    if not os.path.exists(path):
-        return False
-    try:
-        with KvmVm(path) as vm:
-            return vm.nr_address_spaces > 1
-    except KvmError:
-        return False
 
 
 class KvmVm(Closing):
@@ -125,7 +71,8 @@ class KvmVm(Closing):
 
     Attributes: ``max_memslots`` (KVM_CAP_NR_MEMSLOTS, 32 if the kernel reports 0, as QEMU
     does), ``nr_address_spaces`` (KVM_CAP_MULTI_ADDRESS_SPACE, at least 1), ``has_region2``
-    (KVM_CAP_USER_MEMORY2) and ``mmu`` (:func:`~memslots.kvm.mmu.read_host_mmu`). Slot id
+    (KVM_CAP_USER_MEMORY2) and ``mmu`` (the host's MMU mode, ``HostInfo.mmu``, passed in or else
+    the detected host's, with this VM's own SMM setting). Slot id
     ``max_memslots - 1`` of address space 0 is reserved for :meth:`probe_mapped`. Errors raise
     :class:`KvmError` with the kernel's errno; a missing or unusable ``/dev/kvm`` raises
     :class:`KvmUnavailableError`.
@@ -138,21 +85,23 @@ class KvmVm(Closing):
 
     is_real = True
 
-    def __init__(self, path: str = "/dev/kvm", *, slot_zap_all: bool = False) -> None:
+    def __init__(
+        self, path: str = KVM_PATH, *, slot_zap_all: bool = False, mmu: MmuConfig | None = None
+    ) -> None:
         self.path = path
         self._vm_fd = -1
         self._scratch: mmap.mmap | None = None
         self._vcpus = 0
         #: Quirks this VM has disabled through KVM_CAP_DISABLE_QUIRKS2.
         self.disabled_quirks = 0
-        sys_fd = _open_system(path)
+        sys_fd = open_system(path)
         try:
-            version = _ioctl(sys_fd, KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+            version = kvm_ioctl(sys_fd, KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
             if version != KVM_API_VERSION:
                 raise KvmUnavailableError(
                     f"{path} speaks KVM API version {version}, expected {KVM_API_VERSION}"
                 )
-            self._vm_fd = _create_vm(sys_fd)
+            self._vm_fd = create_vm_fd(sys_fd)
         finally:
             # The VM fd holds its own reference to KVM; the system fd is not needed any more.
             os.close(sys_fd)
@@ -163,7 +112,9 @@ class KvmVm(Closing):
             # 0 means the kernel was built without multiple address spaces (no SMM).
             self.nr_address_spaces: int = max(1, self.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE))
             self.has_region2: bool = self.check_extension(KVM_CAP_USER_MEMORY2) > 0
-            self.mmu: MmuConfig = read_host_mmu(smm=self.nr_address_spaces > 1)
+            self.mmu: MmuConfig = dataclasses.replace(
+                mmu if mmu is not None else host_info().mmu, smm=self.nr_address_spaces > 1
+            )
             #: KVM_CHECK_EXTENSION(KVM_CAP_DISABLE_QUIRKS2): the quirks that can be disabled.
             self.disableable_quirks: int = self.check_extension(KVM_CAP_DISABLE_QUIRKS2)
             if not slot_zap_all and self.disableable_quirks & KVM_X86_QUIRK_SLOT_ZAP_ALL:
@@ -185,7 +136,7 @@ class KvmVm(Closing):
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd: 0 if unsupported, else a capability-specific value."""
-        return _ioctl(self.vm_fd, KVM_CHECK_EXTENSION, cap, f"KVM_CHECK_EXTENSION({cap})")
+        return kvm_ioctl(self.vm_fd, KVM_CHECK_EXTENSION, cap, f"KVM_CHECK_EXTENSION({cap})")
 
     def disable_quirks(self, mask: int) -> None:
         """KVM_ENABLE_CAP(KVM_CAP_DISABLE_QUIRKS2, mask): disable these quirks for this VM.
@@ -260,16 +211,16 @@ class KvmVm(Closing):
                     "limit"
                 )
             raise memslot_error(
-                self._op("probe_mapped"), scratch, page, PAGE_SIZE, _errno(e), reason
+                self._op("probe_mapped"), scratch, page, PAGE_SIZE, errno_of(e), reason
             ) from e
         self._set_region(UserspaceMemoryRegion(scratch, 0, 0, 0, 0), "probe_mapped (delete)")
         return False
 
     def vcpu_mmap_size(self) -> int:
         """KVM_GET_VCPU_MMAP_SIZE: bytes to mmap from a vCPU fd (``kvm_run`` and its data)."""
-        fd = _open_system(self.path)
+        fd = open_system(self.path)
         try:
-            return _ioctl(fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+            return kvm_ioctl(fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
         finally:
             os.close(fd)
 
@@ -283,7 +234,7 @@ class KvmVm(Closing):
         The kernel keeps the vCPU until the VM is closed, even after its fd is closed, so an id
         can be created only once per VM (EEXIST otherwise).
         """
-        fd = _ioctl(self.vm_fd, KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU({vcpu_id})")
+        fd = kvm_ioctl(self.vm_fd, KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU({vcpu_id})")
         self._vcpus += 1
         return fd
 
@@ -307,7 +258,7 @@ class KvmVm(Closing):
             fcntl.ioctl(self.vm_fd, KVM_ENABLE_CAP, buf, True)
         except OSError as e:
             raise KvmError(
-                f"KVM_ENABLE_CAP({name}, {arg:#x}) failed: {e.strerror}", _errno(e)
+                f"KVM_ENABLE_CAP({name}, {arg:#x}) failed: {e.strerror}", errno_of(e)
             ) from e
 
     def get_dirty_log(self, slot: int, npages: int) -> bytearray:
@@ -319,7 +270,7 @@ class KvmVm(Closing):
         try:
             fcntl.ioctl(self.vm_fd, KVM_GET_DIRTY_LOG, arg)
         except OSError as e:
-            raise dirty_log_error("KVM_GET_DIRTY_LOG", slot, _errno(e)) from e
+            raise dirty_log_error("KVM_GET_DIRTY_LOG", slot, errno_of(e)) from e
         finally:
             del holder
         return bitmap[: bitmap_bytes(npages)]
@@ -338,7 +289,7 @@ class KvmVm(Closing):
         try:
             fcntl.ioctl(self.vm_fd, KVM_CLEAR_DIRTY_LOG, arg)
         except OSError as e:
-            raise dirty_log_error("KVM_CLEAR_DIRTY_LOG", slot, _errno(e)) from e
+            raise dirty_log_error("KVM_CLEAR_DIRTY_LOG", slot, errno_of(e)) from e
         finally:
             del holder
 
@@ -370,7 +321,7 @@ class KvmVm(Closing):
             self._ioctl_region(region)
         except OSError as e:
             raise memslot_error(
-                self._op(what), region.slot, region.guest_phys_addr, region.memory_size, _errno(e)
+                self._op(what), region.slot, region.guest_phys_addr, region.memory_size, errno_of(e)
             ) from e
 
     def _scratch_addr(self) -> int:
@@ -386,7 +337,7 @@ def read_stats(fd: int) -> dict[str, int]:
     Histograms (statistics of more than one value) are left out. :class:`KvmError` if the
     kernel has no binary statistics (before Linux 5.14).
     """
-    stats_fd = _ioctl(fd, KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")
+    stats_fd = kvm_ioctl(fd, KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")
     try:
         header = os.pread(stats_fd, STATS_HEADER.size, 0)
         _flags, name_size, num_desc, _id, desc_offset, data_offset = STATS_HEADER.unpack(header)
@@ -404,33 +355,3 @@ def read_stats(fd: int) -> dict[str, int]:
         return {name: int.from_bytes(data[o : o + 8], "little") for name, o in wanted}
     finally:
         os.close(stats_fd)
-
-
-def _errno(e: OSError) -> int:
-    # Every failed syscall sets errno; EIO only stands in for the type checker's None case.
-    return e.errno if e.errno is not None else errno.EIO
-
-
-def _open_system(path: str) -> int:
-    try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        raise KvmUnavailableError(f"cannot open {path}: {e.strerror}", _errno(e)) from e
-
-
-def _ioctl(fd: int, request: int, arg: int, what: str) -> int:
-    try:
-        return fcntl.ioctl(fd, request, arg)
-    except OSError as e:
-        raise KvmError(f"{what} failed: {e.strerror}", _errno(e)) from e
-
-
-def _create_vm(sys_fd: int) -> int:
-    # KVM_CREATE_VM can be interrupted while the kernel sets up the VM; QEMU retries too.
-    while True:
-        try:
-            return fcntl.ioctl(sys_fd, KVM_CREATE_VM, 0)
-        except InterruptedError:
-            continue
-        except OSError as e:
-            raise KvmError(f"KVM_CREATE_VM (type 0) failed: {e.strerror}", _errno(e)) from e

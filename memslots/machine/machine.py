@@ -25,10 +25,10 @@ from memslots.kvm.cost import slot_metadata_bytes
 from memslots.kvm.host import HostInfo, host_info
 from memslots.kvm.mmu import MmuConfig
 from memslots.kvm.model import KvmModel
-from memslots.kvm.vm import KvmVm, kvm_available
+from memslots.kvm.vm import KvmVm
 from memslots.machine.layout import PHYS_ADDR_SPACE, pc_layout
 from memslots.memory.address_space import AddressSpace, MemoryRegion
-from memslots.memory.backends import MemoryBackend, create_backend
+from memslots.memory.backends import MemoryBackend, PlannedAddresses, create_backend
 from memslots.memory.consumer import MemslotConsumer
 from memslots.options import (
     BackendOptions,
@@ -43,26 +43,33 @@ from memslots.vhost.backend import VhostBackend
 log = logging.getLogger("memslots.machine.machine")
 
 
-def uses_real_kvm(accel: str) -> bool:
-    """Whether :func:`create_vm` gives ``-accel accel`` the real kernel."""
-    return accel == "kvm" or (accel == "auto" and kvm_available())
+def uses_real_kvm(accel: str, host: HostInfo | None = None) -> bool:
+    """Whether :func:`create_vm` gives ``-accel accel`` the real kernel on ``host`` (default:
+    this one)."""
+    return accel == "kvm" or (accel == "auto" and (host or host_info()).kvm)
 
 
 def create_vm(
-    accel: str, *, max_memslots: int | None = None, slot_zap_all: bool = False
+    accel: str,
+    *,
+    host: HostInfo | None = None,
+    max_memslots: int | None = None,
+    slot_zap_all: bool = False,
 ) -> VmBackend:
-    """A VM for ``-accel``: the real kernel (``kvm``), the model (``sim``), or either (auto).
+    """A VM for ``-accel`` on ``host`` (default: this one): the real kernel (``kvm``), the
+    model (``sim``), or either (auto).
 
     ``slot_zap_all`` is ``-accel``'s property: keep KVM's SLOT_ZAP_ALL quirk (else disabled
     where the kernel offers it).
     """
-    if uses_real_kvm(accel):
-        return KvmVm(slot_zap_all=slot_zap_all)
+    host = host or host_info()
+    if uses_real_kvm(accel, host):
+        return KvmVm(slot_zap_all=slot_zap_all, mmu=host.mmu)
     if accel == "auto":
         log.warning("/dev/kvm is not available: using the KVM model instead of the kernel")
     return KvmModel(
-        max_memslots=max_memslots if max_memslots is not None else 32764,
-        mmu=host_info().mmu,
+        max_memslots=max_memslots if max_memslots is not None else host.kvm_max_memslots,
+        mmu=host.mmu,
         slot_zap_all=slot_zap_all,
     )
 
@@ -83,10 +90,14 @@ class Machine(Closing):
         vhost: list[VhostBackend] | None = None,
         before_devices: Callable[[Machine], None] | None = None,
         host: HostInfo | None = None,
+        vhost_user_limit: int | None = None,
         incoming: bool = False,
     ) -> None:
         self.config = config
         self.planned = planned
+        #: For a planned machine: the memslot limit its vhost-user back-ends are assumed to
+        #: report (``plan --vhost-user-max-memslots``), since plan connects to none.
+        self.vhost_user_limit = vhost_user_limit
         #: The destination of an incoming migration (QEMU's ``-incoming``): virtio-mem devices
         #: skip their initial discard at realize. Clear it once the migration is done.
         self.incoming = incoming
@@ -96,8 +107,12 @@ class Machine(Closing):
             config.memory, cpu_vendor=self.host.cpu_vendor, phys_bits=self.host.phys_bits
         )
         self.vm = (
-            vm if vm is not None else create_vm(config.accel, slot_zap_all=config.slot_zap_all)
+            vm
+            if vm is not None
+            else create_vm(config.accel, host=self.host, slot_zap_all=config.slot_zap_all)
         )
+        #: Fake host addresses of this machine's planned memory.
+        self._planned_addresses = PlannedAddresses()
         self.kvm = KvmAccel(self.vm)
         self.address_space = AddressSpace(
             "memory", MemoryRegion.container("system", PHYS_ADDR_SPACE)
@@ -139,7 +154,7 @@ class Machine(Closing):
                 else:
                     self.add_device(dev)
         except BaseException:
-            self.close()
+            self._release(abandon=True)
             raise
 
     # -- construction ------------------------------------------------------------------------
@@ -152,7 +167,7 @@ class Machine(Closing):
             share=False,
             reserve=False,
         )
-        self.boot_ram = create_backend(ram, planned=self.planned)
+        self.boot_ram = self._create_backend(ram)
         lay = self.layout
         with self.address_space.transaction():
             below = MemoryRegion.alias("ram-below-4g", self.boot_ram.region, 0, lay.below_4g)
@@ -183,9 +198,14 @@ class Machine(Closing):
         """Create a memory backend object (``-object`` / ``object-add``)."""
         if opts.id in self.backends:
             raise ConfigError(f"attempt to add duplicate property '{opts.id}' to object")
-        backend = create_backend(opts, planned=self.planned)
+        backend = self._create_backend(opts)
         self.backends[opts.id] = backend
         return backend
+
+    def _create_backend(self, opts: BackendOptions) -> MemoryBackend:
+        return create_backend(
+            opts, pages=self.host.pages, planned=self.planned, addresses=self._planned_addresses
+        )
 
     def remove_backend(self, backend_id: str) -> None:
         """Delete a memory backend object (``object-del``); refused while a device uses it."""
@@ -213,7 +233,18 @@ class Machine(Closing):
             )
         if name in self.devices or any(b.name == name for b in self.budget.vhost_backends):
             raise ConfigError(f"Duplicate device ID '{name}'")
-        dev = attach_vhost_user_device(self.budget, opts, chardev, name)
+        planned_limit = None
+        if self.planned:
+            if self.vhost_user_limit is None:
+                raise OptionError(
+                    f"{opts.driver} '{name}': plan connects to no vhost-user back-end; give the "
+                    "memslot limit its back-end reports with --vhost-user-max-memslots N (QEMU: "
+                    "8 without CONFIGURE_MEM_SLOTS, else the back-end's, at most 512)"
+                )
+            planned_limit = self.vhost_user_limit
+        dev = attach_vhost_user_device(
+            self.budget, opts, chardev, name, planned_limit=planned_limit
+        )
         if opts.id is not None:
             self.vhost_devices[opts.id] = dev
         else:
@@ -243,7 +274,7 @@ class Machine(Closing):
         dev: MemoryDevice
         virtio_mem = None
         if isinstance(opts, VirtioMemOptions):
-            dev = virtio_mem = VirtioMem(opts, memdev, self.address_space)
+            dev = virtio_mem = VirtioMem(opts, memdev, self.address_space, pages=self.host.pages)
             virtio_mem.incoming = self.incoming
         else:
             dimm = PcDimm(opts, memdev)
@@ -375,6 +406,11 @@ class Machine(Closing):
 
     def close(self) -> None:
         """Tell vhost back-ends, close the VM (freeing its memslots), release host memory."""
+        self._release(abandon=False)
+
+    def _release(self, *, abandon: bool) -> None:
+        # A machine that could not be built abandons its backends: files created or grown for
+        # them are left as they were (a device refusing its backend must not change the file).
         for vdev in [
             *getattr(self, "vhost_devices", {}).values(),
             *getattr(self, "_anon_vhost", []),
@@ -384,7 +420,10 @@ class Machine(Closing):
         if vm is not None:
             vm.close()
         for backend in list(getattr(self, "backends", {}).values()):
-            backend.close()
+            if abandon:
+                backend.abandon()
+            else:
+                backend.close()
         boot = getattr(self, "boot_ram", None)
         if boot is not None:
             boot.close()

@@ -352,10 +352,11 @@ class GuestVm(Closing):
             self._start_driver(dev_id)
 
     def system_reset(self) -> None:
-        """A system reset: the drivers go away, the machine unplugs all virtio-mem memory
-        (:meth:`Machine.system_reset`), the vCPU starts over, every transport is reset as
-        the bus resets its devices, and a running VM's devices get fresh drivers (a stopped
-        VM's get them at :meth:`start`). Clears the fault."""
+        """A system reset (QMP ``system_reset``): the guests' drivers go away, the machine
+        unplugs all virtio-mem memory (:meth:`Machine.system_reset`), the vCPU starts over,
+        every transport is reset as the bus resets its devices (block states untouched), and in
+        a running VM each device gets a fresh driver that negotiates and probes it, as after a
+        reboot (a stopped VM's get theirs at :meth:`start`). Clears the fault."""
         for guest in self.guests.values():
             guest.stop()
         self.machine.system_reset()

@@ -3,7 +3,8 @@
 A :class:`MemoryBackend` joins the parsed options, the host memory behind them and the RAM
 region that devices map. It also remembers whether a device already uses it (QEMU's "busy").
 For planning, :class:`PlannedMemory` stands in for host memory that is described but never
-mapped, so that ``memslots plan`` can describe machines larger than this host.
+mapped, so that ``memslots plan`` can describe machines larger than this host, at fake host
+addresses that each machine hands out itself (:class:`PlannedAddresses`).
 """
 
 from __future__ import annotations
@@ -11,36 +12,57 @@ from __future__ import annotations
 import os
 
 from memslots.errors import ConfigError, HostMemoryError
-from memslots.host.memory import FileBackend, HostMemory, MemfdBackend, RamBackend
-from memslots.host.pages import host_page_size, hugetlbfs_page_size
+from memslots.host.memory import (
+    QEMU_VMALLOC_ALIGN,
+    FileBackend,
+    HostMemory,
+    MemfdBackend,
+    RamBackend,
+)
+from memslots.host.pages import HostPages, host_page_size, hugetlbfs_page_size
 from memslots.memory.address_space import MemoryRegion, RamBlock
 from memslots.options import BackendOptions
-from memslots.sizes import MiB, align_up
+from memslots.sizes import GiB, align_up
 
-#: QEMU maps anonymous guest RAM 2 MiB aligned on x86-64 so THP can back it (QEMU_VMALLOC_ALIGN).
-ANON_RAM_ALIGN = 2 * MiB
-
-# Planned memory gets distinct, 1 GiB aligned, non-overlapping fake host addresses inside the
-# user address range, which is all KVM checks of them.
-_next_fake_address = [1 << 30]
+#: QEMU aligns anonymous guest RAM's region so that THP can back it.
+ANON_RAM_ALIGN = QEMU_VMALLOC_ALIGN
 
 
-def _fake_address(size: int) -> int:
-    addr = _next_fake_address[0]
-    _next_fake_address[0] = align_up(addr + size, 1 << 30)
-    return addr
+class PlannedAddresses:
+    """Fake host addresses for the planned memory of one machine: distinct, 1 GiB aligned and
+    non-overlapping inside the user address range, which is all KVM checks of them.
+
+    Each machine has its own, so a process that plans again and again never runs out of them.
+    """
+
+    FIRST = GiB
+
+    def __init__(self) -> None:
+        self._next = self.FIRST
+
+    def take(self, size: int) -> int:
+        """An address for ``size`` bytes that no earlier one overlaps."""
+        addr = self._next
+        self._next = align_up(addr + size, GiB)
+        return addr
 
 
 class PlannedMemory:
-    """Host memory that is described but not mapped: what ``memslots plan`` works with."""
+    """Host memory that is described but not mapped: what ``memslots plan`` works with.
 
-    def __init__(self, opts: BackendOptions) -> None:
+    ``page_size`` defaults to this process's base page, ``host_addr`` to the first fake address
+    (:class:`PlannedAddresses` hands out distinct ones; :func:`create_backend` uses it).
+    """
+
+    def __init__(
+        self, opts: BackendOptions, *, page_size: int | None = None, host_addr: int | None = None
+    ) -> None:
         self.id = opts.id
         self.size = opts.size
         self.kind = opts.qom_type.removeprefix("memory-backend-")
         self.shared = opts.share
-        self.page_size = _planned_page_size(opts)
-        self.host_addr = _fake_address(opts.size)
+        self.page_size = page_size if page_size is not None else host_page_size()
+        self.host_addr = host_addr if host_addr is not None else PlannedAddresses.FIRST
         self.fd: int | None = None
         self.fd_offset = 0
 
@@ -81,24 +103,14 @@ class PlannedMemory:
         """Nothing to release."""
 
 
-def _planned_page_size(opts: BackendOptions) -> int:
+def _planned_page_size(opts: BackendOptions, pages: HostPages) -> int:
     if opts.qom_type == "memory-backend-memfd" and opts.hugetlb:
-        return opts.hugetlbsize or _default_huge_page_size()
+        return opts.hugetlbsize or pages.huge_page_size
     if opts.qom_type == "memory-backend-file" and opts.mem_path:
+        # The user named the file: its filesystem says whether it has huge pages.
         path = opts.mem_path if os.path.isdir(opts.mem_path) else os.path.dirname(opts.mem_path)
-        return hugetlbfs_page_size(path or ".") or host_page_size()
-    return host_page_size()
-
-
-def _default_huge_page_size() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("Hugepagesize:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2 * MiB
+        return hugetlbfs_page_size(path or ".") or pages.page_size
+    return pages.page_size
 
 
 class MemoryBackend:
@@ -139,11 +151,28 @@ class MemoryBackend:
         if close is not None:
             close()
 
+    def abandon(self) -> None:
+        """Release the host memory of a backend that is thrown away unused (the machine could
+        not be built), leaving a ``mem-path`` file as it was before (:meth:`HostMemory.revert`)."""
+        if isinstance(self.memory, HostMemory):
+            self.memory.revert()
+        else:
+            self.close()
 
-def create_backend(opts: BackendOptions, *, planned: bool = False) -> MemoryBackend:
-    """Create the host memory an ``-object`` describes (or a planned stand-in)."""
+
+def create_backend(
+    opts: BackendOptions,
+    *,
+    pages: HostPages,
+    planned: bool = False,
+    addresses: PlannedAddresses | None = None,
+) -> MemoryBackend:
+    """Create the host memory an ``-object`` describes, on a host with these ``pages`` (or, if
+    ``planned``, a stand-in at a fake address from ``addresses``)."""
     if planned:
-        return MemoryBackend(opts, PlannedMemory(opts))
+        host_addr = (addresses or PlannedAddresses()).take(opts.size)
+        page_size = _planned_page_size(opts, pages)
+        return MemoryBackend(opts, PlannedMemory(opts, page_size=page_size, host_addr=host_addr))
     memory: HostMemory
     if opts.qom_type == "memory-backend-ram":
         memory = RamBackend(opts.id, opts.size, share=opts.share, reserve=opts.reserve)
@@ -168,6 +197,6 @@ def create_backend(opts: BackendOptions, *, planned: bool = False) -> MemoryBack
         try:
             memory.populate(0, align_up(opts.size, memory.page_size))
         except Exception:
-            memory.close()
+            memory.revert()
             raise
     return MemoryBackend(opts, memory)

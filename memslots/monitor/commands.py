@@ -38,13 +38,14 @@ from memslots.memory.backends import MemoryBackend
 from memslots.monitor.qmp_server import Command, Param, QMPCommandError, QMPServer, check_value
 from memslots.options import backend_from_args, device_from_args, id_wellformed
 from memslots.reports import budget_report, kernel_metadata_report, memslot_report, to_qmp
-from memslots.vhost.user.consumer import VhostUserConsumer
+from memslots.vhost.user.consumer import ConnectionState, VhostUserConsumer
 
 #: QEMU's RunState values that count as running for ``query-status``.
 RUNNING = "running"
 #: QEMU's RunStates after which only a reset lets the VM run (``runstate_needs_reset``).
 NEEDS_RESET = ("internal-error", "shutdown")
 PERIPHERAL = "/machine/peripheral/"
+ANON = "/machine/peripheral-anon/device[{}]"
 
 
 class Runtime(Protocol):
@@ -147,7 +148,9 @@ class Monitor:
         self._kmem = kmem
         self.server = server if server is not None else QMPServer()
         self.device_added: list[Callable[[MemoryDevice], None]] = []
-        self._watched_vhost: set[int] = set()
+        #: The vhost-user back-ends that have our state listener (the objects themselves: an
+        #: id() of a removed one can come back as a new back-end's).
+        self._watched_vhost: set[VhostUserConsumer] = set()
         self.device_removed: list[Callable[[str], None]] = []
         self._providers: list[DeviceProvider] = []
         self._anon_paths: dict[MemoryDevice, str] = {}
@@ -176,24 +179,28 @@ class Monitor:
             if dev not in self._watched:
                 dev.size_change_listeners.append(self._size_changed)
                 self._watched.add(dev)
+                self.qom_path(dev)  # an anonymous device is named when it comes, as in QEMU
         for dev in [d for d in self._watched if d not in present]:
             self._unwatch(dev)
-        for vdev in self.machine.vhost_user_devices:
-            backend = vdev.consumer
-            if id(backend) not in self._watched_vhost:
-                backend.state_listeners.append(self._vhost_state_changed)
-                self._watched_vhost.add(id(backend))
+        backends = {vdev.consumer for vdev in self.machine.vhost_user_devices}
+        for backend in backends - self._watched_vhost:
+            backend.state_listeners.append(self._vhost_state_changed)
+            self._watched_vhost.add(backend)
+        for backend in self._watched_vhost - backends:
+            self._unwatch_vhost(backend)
 
     def _vhost_state_changed(self, consumer: VhostUserConsumer) -> None:
-        """Tell clients that a vhost-user back-end was lost or is back (our extension)."""
-        self.server.emit_event(
-            "X_VHOST_USER_STATE",
-            {
-                "id": consumer.name,
-                "state": consumer.state.value,
-                "reason": consumer.disconnect_reason or "",
-            },
-        )
+        """Tell clients that a vhost-user back-end was lost, is back or was removed (our
+        extension); ``reason`` comes with a loss only."""
+        data = {"id": consumer.name, "state": consumer.state.value}
+        if consumer.state is ConnectionState.DISCONNECTED:
+            data["reason"] = consumer.disconnect_reason or ""
+        self.server.emit_event("X_VHOST_USER_STATE", data)
+
+    def _unwatch_vhost(self, backend: VhostUserConsumer) -> None:
+        self._watched_vhost.discard(backend)
+        if self._vhost_state_changed in backend.state_listeners:
+            backend.state_listeners.remove(self._vhost_state_changed)
 
     def _vhost_reconnect(self, args: dict[str, Any]) -> object:
         dev = self.machine.vhost_devices.get(args["id"])
@@ -208,9 +215,12 @@ class Monitor:
         """Stop listening to the devices (the server is closed by its owner)."""
         for dev in list(self._watched):
             self._unwatch(dev)
+        for backend in list(self._watched_vhost):
+            self._unwatch_vhost(backend)
 
     def _unwatch(self, dev: MemoryDevice) -> None:
         self._watched.discard(dev)
+        self._anon_paths.pop(dev, None)
         if self._size_changed in dev.size_change_listeners:
             dev.size_change_listeners.remove(self._size_changed)
 
@@ -220,8 +230,10 @@ class Monitor:
             return PERIPHERAL + dev.id
         path = self._anon_paths.get(dev)
         if path is None:
-            path = f"/machine/peripheral-anon/device[{len(self._anon_paths)}]"
-            self._anon_paths[dev] = path
+            # QEMU's "device[*]" child: the lowest index no present device holds.
+            taken = set(self._anon_paths.values())
+            index = next(i for i in range(len(taken) + 1) if ANON.format(i) not in taken)
+            path = self._anon_paths[dev] = ANON.format(index)
         return path
 
     def _name(self, dev: MemoryDevice) -> str:

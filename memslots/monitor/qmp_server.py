@@ -5,9 +5,19 @@ The wire protocol: on connect the server sends a greeting; the client must then 
 may execute commands and receives events. Every message is one JSON object; responses echo the
 request's ``id`` (any JSON value); errors are ``{"error": {"class", "desc"}}``; events carry a
 ``timestamp``. Malformed input gets the error QEMU gives (its class and, except for the JSON
-parser's own wording, its text) and the session goes on; only input that cannot be taken as a
-message (larger than :data:`MAX_MESSAGE_BYTES`, or nested deeper than QEMU's parser allows) gets
-an error and drops the client.
+parser's own wording, its text) and the session goes on. Nesting deeper than QEMU's parser
+allows (:data:`MAX_NESTING`) gets its error, ``JSON nesting depth limit exceeded``, and the rest
+of that message is skipped until its brackets balance (QEMU's current parser recovers so; 8.2
+re-read the rest as new input); only a message larger than :data:`MAX_MESSAGE_BYTES` gets an
+error and drops the client.
+
+Limits keep the monitor responsive whatever clients do: at most :data:`MAX_CLIENTS` at once,
+each of which must complete ``qmp_capabilities`` within :data:`HANDSHAKE_TIMEOUT` seconds; a
+client beyond the limit, or accepted while the process is out of file descriptors (a reserve
+descriptor makes that possible), gets one error line and is closed. Each kind of refusal is
+logged at most once per :data:`LOG_INTERVAL`, with a count of those held back. The listeners
+accept connections themselves rather than through ``asyncio.start_server``, whose accept loop
+logs a traceback for every attempt while descriptors are exhausted.
 
 Commands live in a table (:class:`Command`) with an argument schema that is checked before the
 handler runs, so type, missing and unexpected-argument errors read like QEMU's. Commands run one
@@ -15,7 +25,9 @@ at a time, whichever client sent them, so no command sees another's half-done ch
 
 Events are rate-limited like QEMU's monitor: for an event in :data:`RATE_LIMITS`, the first one
 for a key (``MEMORY_DEVICE_SIZE_CHANGE``: its ``qom-path``) goes out at once, later ones within
-the period are held and only the newest held one is sent when the period ends.
+the period are held and only the newest held one is sent when the period ends. Time (event
+timestamps, the throttle's periods) comes from a :class:`Clock`: the real one by default, one a
+test moves by hand otherwise.
 """
 
 from __future__ import annotations
@@ -30,11 +42,12 @@ import math
 import os
 import socket
 import stat
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from memslots.errors import MemslotsError
 
@@ -44,6 +57,12 @@ log = logging.getLogger("memslots.qmp")
 MAX_MESSAGE_BYTES = 64 * 1024
 #: QEMU's JSON parser refuses deeper nesting (json-streamer's MAX_NESTING).
 MAX_NESTING = 1024
+#: Clients connected at once; one more is refused.
+MAX_CLIENTS = 64
+#: Seconds a client has from connecting to completing ``qmp_capabilities``.
+HANDSHAKE_TIMEOUT = 30.0
+#: Seconds between two log lines about the same kind of refusal.
+LOG_INTERVAL = 60.0
 #: A client that does not read its events is dropped once this much output waits for it.
 MAX_PENDING_OUTPUT = 4 * 1024 * 1024
 #: The QEMU release whose QMP behaviour we reproduce (greeting and ``query-version``).
@@ -56,6 +75,11 @@ THROTTLE_KEYS: Mapping[str, str] = {"MEMORY_DEVICE_SIZE_CHANGE": "qom-path"}
 _CLOSE_GRACE = 1.0
 #: Capabilities a client may enable; we offer none (no out-of-band execution).
 KNOWN_CAPABILITIES = ("oob",)
+#: Seconds before accepting again when the host has no memory for a connection (asyncio's).
+_ACCEPT_RETRY = 1.0
+_BACKLOG = 100
+#: Nesting up to which json.loads runs within any recursion limit our callers leave it.
+_JSON_SAFE_DEPTH = 200
 
 ArgType = Literal["str", "int", "uint64", "size", "bool", "number", "object", "array", "any"]
 #: A command handler: validated arguments in, a JSON-able result (or an awaitable of one) out.
@@ -205,12 +229,24 @@ class _FramingError(Exception):
     """The input can never become a message: the client is told and dropped."""
 
 
+@dataclass(frozen=True)
+class _Text:
+    """One top-level JSON text, and how deep it nests; or, with ``error``, input that is
+    answered with that error instead of being parsed."""
+
+    raw: bytes
+    depth: int = 0
+    error: str | None = None
+
+
 class _JsonSplitter:
     """Cuts a byte stream into top-level JSON texts the way QEMU's JSON streamer does.
 
     It tracks brace and bracket nesting outside strings; a text ends when the nesting returns
     to zero (or, for a bare scalar, at the next delimiter). Whether the text is valid JSON is
-    decided later, so a malformed message costs an error response, not the session.
+    decided later, so a malformed message costs an error response, not the session. A text
+    nested deeper than :data:`MAX_NESTING` becomes an error, and the rest of it is skipped
+    until its nesting returns to zero. Nothing here recurses, however deep the input.
     """
 
     _OPEN = frozenset(b"{[")
@@ -223,17 +259,19 @@ class _JsonSplitter:
         self.pos = 0
         self.start = -1  # start of the text being scanned, -1 between texts
         self.depth = 0
+        self.max_depth = 0
         self.in_string = False
         self.escape = False
+        self.skipping = False  # inside a text that was too deep
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> list[_Text]:
         """Add input; return the texts it completed. Raises :class:`_FramingError`."""
         self.buf += data
-        out: list[bytes] = []
+        out: list[_Text] = []
         buf = self.buf
         while self.pos < len(buf):
             c = buf[self.pos]
-            if self.start < 0:
+            if self.start < 0 and not self.skipping:
                 if c not in self._SPACE:
                     self.start = self.pos
                     self._begin(c, out)
@@ -255,12 +293,19 @@ class _JsonSplitter:
                 self.in_string = True
             elif c in self._OPEN:
                 self.depth += 1
-                if self.depth > MAX_NESTING:
-                    raise _FramingError("JSON nesting depth limit exceeded")
+                self.max_depth = max(self.max_depth, self.depth)
+                if self.depth > MAX_NESTING and not self.skipping:
+                    out.append(_Text(b"", error="JSON nesting depth limit exceeded"))
+                    self.skipping = True
+                    self.start = -1
             elif c in self._CLOSE:
                 self.depth -= 1
                 if self.depth == 0:
-                    self._emit(out, self.pos + 1)
+                    if self.skipping:
+                        self.skipping = False
+                        self.max_depth = 0
+                    else:
+                        self._emit(out, self.pos + 1)
             self.pos += 1
             if self.start >= 0 and self.pos - self.start > self.limit:
                 raise _FramingError(
@@ -275,19 +320,19 @@ class _JsonSplitter:
             self.start = 0
         return out
 
-    def _begin(self, c: int, out: list[bytes]) -> None:
+    def _begin(self, c: int, out: list[_Text]) -> None:
         if c in self._OPEN:
-            self.depth = 1
+            self.depth = self.max_depth = 1
         elif c == 0x22:
             self.in_string = True
         elif c in self._CLOSE:
             # A stray closer is a message of its own, which will not parse.
             self._emit(out, self.pos + 1)
 
-    def _emit(self, out: list[bytes], end: int) -> None:
-        out.append(bytes(self.buf[self.start : end]))
+    def _emit(self, out: list[_Text], end: int) -> None:
+        out.append(_Text(bytes(self.buf[self.start : end]), self.max_depth))
         self.start = -1
-        self.depth = 0
+        self.depth = self.max_depth = 0
 
 
 # -- the server ----------------------------------------------------------------------------------
@@ -317,17 +362,38 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _parse_json(raw: bytes) -> object:
-    """Parse one message as QEMU's parser would: no NaN/Infinity, no duplicate keys, and no
-    number too large to be echoed back (an overflowing ``1e999`` would become infinity)."""
+@contextlib.contextmanager
+def _recursion_headroom(levels: int) -> Iterator[None]:
+    """Let the caller recurse ``levels`` more deeply than the recursion limit allows now.
+
+    json.loads recurses once per nesting level, and QEMU's 1024 levels are more than
+    Python's default limit of 1000 leaves; the splitter measured the depth without recursing,
+    so the limit is raised by just that much around the parse.
+    """
+    if levels <= _JSON_SAFE_DEPTH:
+        yield
+        return
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + levels + _JSON_SAFE_DEPTH)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _parse_json(raw: bytes, depth: int) -> object:
+    """Parse one message, which nests ``depth`` levels, as QEMU's parser would: no
+    NaN/Infinity, no duplicate keys, and no number too large to be echoed back (an overflowing
+    ``1e999`` would become infinity)."""
     try:
         text = raw.decode("utf-8")
-        return json.loads(
-            text,
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-            object_pairs_hook=_no_duplicates,
-        )
+        with _recursion_headroom(depth):
+            return json.loads(
+                text,
+                parse_constant=_reject_constant,
+                parse_float=_finite_float,
+                object_pairs_hook=_no_duplicates,
+            )
     except (UnicodeDecodeError, ValueError) as exc:
         shown = raw[:80].decode("utf-8", "replace") + ("..." if len(raw) > 80 else "")
         raise QMPCommandError(f"JSON parse error, {exc}: {shown}") from None
@@ -340,18 +406,84 @@ def _package_version() -> str:
         return "unknown"
 
 
+class Cancellable(Protocol):
+    """A timer that can be called off."""
+
+    def cancel(self) -> None:
+        """The callback will not run."""
+        ...
+
+
+class Clock(Protocol):
+    """The server's time: event timestamps and the event throttle's periods."""
+
+    def time(self) -> float:
+        """Seconds since the epoch, for event timestamps (called from any thread)."""
+        ...
+
+    def monotonic(self) -> float:
+        """Monotonic seconds, for the handshake timeout and the log throttle."""
+        ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable:
+        """Run ``callback`` in the server's loop ``delay`` seconds from now."""
+        ...
+
+
+class LoopClock:
+    """The real clock: wall-clock timestamps, timers on the running event loop."""
+
+    def time(self) -> float:
+        """``time.time()``."""
+        return time.time()
+
+    def monotonic(self) -> float:
+        """``time.monotonic()``."""
+        return time.monotonic()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable:
+        """``loop.call_later`` on the running loop."""
+        return asyncio.get_running_loop().call_later(delay, callback)
+
+
 @dataclass
 class _Throttle:
-    timer: asyncio.TimerHandle
+    timer: Cancellable
     pending: dict[str, Any] | None = None
 
 
-class _Client:
-    """One connection: its stream, negotiation state and name for logs."""
+class _Throttled:
+    """Warnings of which each kind is logged at most once per ``interval`` seconds (of
+    ``clock``); the next one logged says how many were held back meanwhile."""
 
-    def __init__(self, writer: asyncio.StreamWriter, name: str) -> None:
+    def __init__(self, clock: Callable[[], float], interval: float) -> None:
+        self.clock = clock
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, kind: str, msg: str, *args: object, exc_info: bool = False) -> None:
+        """Log ``msg % args`` unless a warning of this ``kind`` was logged within the interval."""
+        now = self.clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return
+        held = self._held.pop(kind, 0)
+        if held:
+            msg += " (and %d more like it since the last report)"
+            args = (*args, held)
+        log.warning(msg, *args, exc_info=exc_info)
+        self._last[kind] = now
+
+
+class _Client:
+    """One connection: its stream, negotiation state, name for logs and when it came."""
+
+    def __init__(self, writer: asyncio.StreamWriter, name: str, connected_at: float) -> None:
         self.writer = writer
         self.name = name
+        self.connected_at = connected_at
         self.negotiated = False
 
     @property
@@ -378,7 +510,9 @@ class QMPServer:
 
     Build it, register commands, then ``await start_unix(path)`` (and/or ``start_tcp``) inside
     the event loop that will run it; ``await close()`` stops everything. :meth:`emit_event`
-    may be called from any thread.
+    may be called from any thread. ``clock`` (a :class:`Clock`) stamps events and times the
+    event throttle, the handshake timeout and the log rate limit; tests pass their own (and
+    call :meth:`expire_handshakes`).
     """
 
     def __init__(
@@ -388,15 +522,24 @@ class QMPServer:
         package: str | None = None,
         rate_limits: Mapping[str, float] | None = None,
         max_message: int = MAX_MESSAGE_BYTES,
+        max_clients: int = MAX_CLIENTS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        clock: Clock | None = None,
     ) -> None:
         self.version = version
         self.package = package if package is not None else f"memslots {_package_version()}"
         self.rate_limits = dict(RATE_LIMITS if rate_limits is None else rate_limits)
         self.max_message = max_message
+        self.max_clients = max_clients
+        self.handshake_timeout = handshake_timeout
+        self.clock: Clock = clock if clock is not None else LoopClock()
         self.commands: dict[str, Command] = {}
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[tuple[socket.socket, asyncio.Task[None]]] = []
+        self._reserve_fd: int | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._throttled = _Throttled(self.clock.monotonic, LOG_INTERVAL)
         self._unix_paths: list[str] = []
         self._clients: set[_Client] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -463,39 +606,72 @@ class QMPServer:
             # The mode must be narrowed before listen(): until then no one can connect, so there
             # is no moment when another user could.
             os.chmod(path, 0o600)
-            server = await asyncio.start_unix_server(self._on_connect, sock=sock)
+            self._listen(sock)
         except OSError as exc:
             sock.close()
             if bound:  # never remove a path some other process bound meanwhile
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             raise QMPServerError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
-        self._servers.append(server)
         self._unix_paths.append(path)
         log.info("qmp: listening on %s", path)
 
     async def start_tcp(self, host: str, port: int) -> tuple[str, int]:
         """Listen on TCP ``host:port``; returns the bound address (``port`` 0 picks one).
 
-        TCP has no access control: listen there only when the user asked for it.
+        As QEMU, the first of the host's addresses that can be bound is used. TCP has no
+        access control: listen there only when the user asked for it.
         """
         self._bind_loop()
+        loop = asyncio.get_running_loop()
         try:
-            server = await asyncio.start_server(self._on_connect, host, port)
+            infos = await loop.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
         except OSError as exc:
             raise QMPServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-        self._servers.append(server)
-        bound = server.sockets[0].getsockname()
-        log.info("qmp: listening on %s:%d", bound[0], bound[1])
-        return str(bound[0]), int(bound[1])
+        error: OSError | None = None
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                self._listen(sock)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            bound = sock.getsockname()
+            log.info("qmp: listening on %s:%d", bound[0], bound[1])
+            return str(bound[0]), int(bound[1])
+        reason = (error.strerror or str(error)) if error is not None else "no address"
+        raise QMPServerError(f"cannot listen on {host}:{port}: {reason}")
+
+    def _listen(self, sock: socket.socket) -> None:
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+        if self._reserve_fd is None:
+            self._reserve_fd = _open_reserve()
+        task = asyncio.get_running_loop().create_task(self._accept_loop(sock))
+        self._listeners.append((sock, task))
 
     async def close(self) -> None:
         """Stop listening, disconnect every client, drop held events, remove socket files."""
-        for server in self._servers:
-            server.close()
-        for server in self._servers:
-            await server.wait_closed()
-        self._servers.clear()
+        for _, task in self._listeners:
+            task.cancel()
+        for sock, task in self._listeners:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            sock.close()
+        self._listeners.clear()
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+            self._reserve_fd = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for client in list(self._clients):
             client.close()  # its session then reads EOF and ends
         if self._tasks:
@@ -512,28 +688,135 @@ class QMPServer:
                 os.unlink(path)
         self._unix_paths.clear()
 
+    # -- accepting -------------------------------------------------------------------------------
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        """Accept connections until cancelled; refuse those over the limits, never spin.
+
+        accept() is called only once the socket is readable: at the descriptor limit it fails
+        with EMFILE whether or not a connection waits, so calling it blindly would spin.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await _readable(loop, sock)
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:
+                # The connection stays in the backlog and the socket readable: take it with the
+                # reserve descriptor and refuse it, or wait before trying again.
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._refuse_with_reserve(
+                    sock, exc
+                ):
+                    continue
+                self._throttled.warning(
+                    "accept",
+                    "qmp: cannot accept connections: %s; trying again in %g s",
+                    exc,
+                    _ACCEPT_RETRY,
+                )
+                await asyncio.sleep(_ACCEPT_RETRY)
+                continue
+            if len(self._tasks) >= self.max_clients:
+                self._refuse(conn, "limit", f"too many clients (the limit is {self.max_clients})")
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(self._serve_connection(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _refuse_with_reserve(self, sock: socket.socket, exc: OSError) -> bool:
+        """Free the reserve descriptor to accept one connection and refuse it; False if that
+        did not work (no reserve, or no connection after all)."""
+        if self._reserve_fd is None:
+            return False
+        os.close(self._reserve_fd)
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return False
+        else:
+            self._refuse(conn, "descriptors", f"the process is out of file descriptors ({exc})")
+            return True
+        finally:
+            # Taken back at once so that the next exhaustion finds it too (None if we lost it).
+            self._reserve_fd = _open_reserve()
+
+    def _refuse(self, conn: socket.socket, kind: str, reason: str) -> None:
+        """Tell a connection we do not serve why, close it, and log that (rate-limited)."""
+        error = _error_response(QMPCommandError(f"QMP connection refused: {reason}"))
+        with contextlib.suppress(OSError):
+            conn.setblocking(False)
+            conn.send(_json_bytes(error))
+        conn.close()
+        self._throttled.warning(kind, "qmp: refused a connection: %s", reason)
+
     # -- sessions --------------------------------------------------------------------------------
+
+    async def _serve_connection(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn)
+        except OSError as exc:
+            conn.close()
+            self._throttled.warning("setup", "qmp: cannot set up a connection: %s", exc)
+            return
+        await self._on_connect(reader, writer)
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._serial += 1
-        client = _Client(writer, f"client#{self._serial}")
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+        client = _Client(writer, f"client#{self._serial}", self.clock.monotonic())
         self._clients.add(client)
+        self._arm_watchdog()
         try:
             await self._session(client, reader)
         except ConnectionError:
             pass  # the client left; nothing to tell it
         except asyncio.CancelledError:
-            # Only close() cancels sessions. Ending quietly keeps asyncio's stream callback
-            # (3.11) from logging the cancelled task as an error.
-            pass
+            pass  # only close() cancels sessions
+        except Exception:
+            # A bug of ours: that client goes, the server stays, and the log is not flooded.
+            self._throttled.warning("session", "qmp: %s failed", client.name, exc_info=True)
         finally:
             self._clients.discard(client)
-            self._tasks.discard(task)
             client.close()
             log.debug("qmp: %s disconnected", client.name)
+
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is None and self._loop is not None:
+            delay = min(self.handshake_timeout, 1.0)
+            self._watchdog = self._loop.call_later(delay, self._watch)
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        self.expire_handshakes()
+        if any(not c.negotiated for c in self._clients):
+            self._arm_watchdog()
+
+    def expire_handshakes(self) -> int:
+        """Drop the clients that did not complete ``qmp_capabilities`` within
+        :attr:`handshake_timeout` seconds of :attr:`clock`; returns how many."""
+        now = self.clock.monotonic()
+        late = [
+            c
+            for c in self._clients
+            if not c.negotiated and now - c.connected_at >= self.handshake_timeout
+        ]
+        for client in late:
+            error = QMPCommandError(
+                "capabilities negotiation did not complete within "
+                f"{self.handshake_timeout:g} s: closing the connection"
+            )
+            client.send(_json_bytes(_error_response(error)))
+            client.close()
+        if late:
+            self._throttled.warning(
+                "handshake",
+                "qmp: dropped %d client(s) that did not negotiate within %g s",
+                len(late),
+                self.handshake_timeout,
+            )
+        return len(late)
 
     async def _session(self, client: _Client, reader: asyncio.StreamReader) -> None:
         client.send(_json_bytes(self.greeting))
@@ -551,16 +834,21 @@ class QMPServer:
                 await _drain(client)
                 return
             for text in texts:
-                response = await self._handle_message(client, text)
-                client.send(_json_bytes(response))
+                if text.error is not None:
+                    response = _error_response(QMPCommandError(text.error))
+                else:
+                    response = await self._handle_message(client, text)
+                # The reply echoes the request's id, which may nest as deeply as the request.
+                with _recursion_headroom(text.depth + 1):
+                    client.send(_json_bytes(response))
                 if not await _drain(client):
                     return
 
-    async def _handle_message(self, client: _Client, raw: bytes) -> dict[str, Any]:
+    async def _handle_message(self, client: _Client, text: _Text) -> dict[str, Any]:
         """Answer one complete message of ``client`` (parse, check, dispatch, execute)."""
         request: object = None
         try:
-            request = _parse_json(raw)
+            request = _parse_json(text.raw, text.depth)
             name, args = _check_request(request)
             if not client.negotiated and name != "qmp_capabilities":
                 raise QMPCommandError(
@@ -599,7 +887,14 @@ class QMPServer:
             except MemslotsError as exc:
                 raise QMPCommandError(str(exc)) from exc
             except Exception as exc:
-                log.exception("qmp: command %s failed", command.name)
+                # With a traceback, but once per command and interval: a failing host (out of
+                # descriptors, say) must not flood the log.
+                self._throttled.warning(
+                    f"command {command.name}",
+                    "qmp: command %s failed",
+                    command.name,
+                    exc_info=True,
+                )
                 raise QMPCommandError(f"internal error in {command.name}: {exc}") from exc
         return result
 
@@ -614,7 +909,7 @@ class QMPServer:
         loop = self._loop
         if loop is None or loop.is_closed():
             return  # not listening yet: no client can be told
-        now = time.time()
+        now = self.clock.time()
         event = {
             "event": name,
             "data": dict(data),
@@ -635,8 +930,9 @@ class QMPServer:
             state.pending = event  # only the newest held event survives the period
             return
         self._broadcast(event)
-        assert self._loop is not None
-        self._throttle[key] = _Throttle(self._loop.call_later(rate, self._throttle_expired, key))
+        self._throttle[key] = _Throttle(
+            self.clock.call_later(rate, lambda: self._throttle_expired(key))
+        )
 
     def _throttle_expired(self, key: tuple[str, str]) -> None:
         state = self._throttle[key]
@@ -645,8 +941,9 @@ class QMPServer:
             return
         self._broadcast(state.pending)
         state.pending = None
-        assert self._loop is not None
-        state.timer = self._loop.call_later(self.rate_limits[key[0]], self._throttle_expired, key)
+        state.timer = self.clock.call_later(
+            self.rate_limits[key[0]], lambda: self._throttle_expired(key)
+        )
 
     def _broadcast(self, event: dict[str, Any]) -> None:
         data = _json_bytes(event)
@@ -696,6 +993,29 @@ async def _drain(client: _Client) -> bool:
     except (ConnectionError, RuntimeError):
         return False
     return client.alive
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait until ``sock`` is readable (a listening socket: a connection waits)."""
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+def _open_reserve() -> int | None:
+    """A spare descriptor, closed to make room for accepting when the process has none left."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def _remove_stale_socket(path: str) -> None:

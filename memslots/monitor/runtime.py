@@ -23,10 +23,11 @@ from typing import Any
 
 from memslots.devices.memory_device import MemoryDevice
 from memslots.errors import ConfigError
+from memslots.guest.linux import GuestOptions
 from memslots.guest.sched import LoopScheduler
 from memslots.host.kmem import KmemMeter
 from memslots.kvm.abi import VmBackend
-from memslots.kvm.host import open_vm_meter
+from memslots.kvm.host import host_info, open_vm_meter
 from memslots.machine.machine import Machine, create_vm, uses_real_kvm
 from memslots.machine.vm import GuestFault, GuestVm, ObservedChannel
 from memslots.monitor.commands import Monitor
@@ -40,6 +41,10 @@ from memslots.options import (
 )
 
 log = logging.getLogger("memslots.monitor.runtime")
+
+#: Guest requests each guest driver keeps in its log: the process runs for as long as it is
+#: asked to, so the log is a bounded window (nothing here reads older requests).
+REQUEST_LOG = 1024
 
 
 class VhostUserProvider:
@@ -143,7 +148,7 @@ async def serve(
     created until after it is closed (:mod:`memslots.host.kmem`), so the QMP command
     ``x-query-kernel-metadata`` and the metrics report this VM's kernel memory only.
     """
-    real = vm_factory is not None or uses_real_kvm(config.accel)
+    real = vm_factory is not None or uses_real_kvm(config.accel, host_info())
     with open_vm_meter() if real else contextlib.nullcontext() as kmem:
         await _serve(
             config,
@@ -173,10 +178,18 @@ async def _serve(
     vm = (
         vm_factory()
         if vm_factory is not None
-        else create_vm(config.accel, slot_zap_all=config.slot_zap_all)
+        else create_vm(config.accel, host=host_info(), slot_zap_all=config.slot_zap_all)
     )
-    machine = Machine(config, vm=vm)
-    gvm = GuestVm(machine, LoopScheduler(loop)) if guest else None
+    machine = Machine(config, vm=vm, host=host_info())
+    gvm = (
+        GuestVm(
+            machine,
+            LoopScheduler(loop),
+            guest_options=GuestOptions(boot_memory_end=0, request_log=REQUEST_LOG),
+        )
+        if guest
+        else None
+    )
     runtime = MachineRuntime(machine, stopped, gvm)
     server = QMPServer()
     monitor = Monitor(runtime, server, kmem=kmem)

@@ -32,7 +32,7 @@ from memslots.guest.sched import Scheduler
 from memslots.host.kmem import KmemMeter, SystemMeter, current_meter
 from memslots.kvm.abi import VmBackend
 from memslots.kvm.cost import DEFAULT_WORKING_SET_FRAMES, slot_metadata_bytes
-from memslots.kvm.host import open_vm_meter
+from memslots.kvm.host import host_info, open_vm_meter
 from memslots.machine.machine import Machine, uses_real_kvm
 from memslots.machine.resize import ResizeJob
 from memslots.machine.vm import GuestVm, ObservedChannel
@@ -389,11 +389,12 @@ def run_simulation(
     """
     dev_id = first_virtio_mem(config)
     config = with_strategy(config, dev_id, strategy)
-    real = vm_factory is not None or uses_real_kvm(config.accel)
+    host = host_info()
+    real = vm_factory is not None or uses_real_kvm(config.accel, host)
     # The meter is opened before the VM exists, so that everything the VM costs is in it.
     with (
         open_vm_meter() if real else contextlib.nullcontext() as meter,
-        Machine(config, vm=vm_factory() if vm_factory is not None else None) as machine,
+        Machine(config, vm=vm_factory() if vm_factory is not None else None, host=host) as machine,
     ):
         machine.kvm.working_set_frames = working_set_frames
         latencies: dict[str, list[float]] = {}

@@ -1,5 +1,6 @@
-"""vhost-kernel: the limit QEMU reads from the vhost module, ``/dev/vhost-net`` where the host has
-it, a model of its memory table rules where it does not, and the memslot consumer over either.
+"""vhost-kernel: the limit QEMU reads from the vhost module (read once, by the host detection),
+``/dev/vhost-net``, a model of its memory table rules for hosts without it, and the memslot
+consumer over either.
 
 :class:`VhostKernelConsumer` is QEMU's ``-netdev tap,vhost=on`` back-end as far as memory is
 concerned: every RAM section costs a region, and the whole table is set at the end of each
@@ -11,25 +12,16 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
-import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from memslots.errors import VhostError
+from memslots.host.vhost import VHOST_NET_PATH
 from memslots.memory.address_space import Section
 from memslots.vhost.backend import VhostBackend
-
-log = logging.getLogger("memslots.vhost.kernel")
-
-#: The vhost module parameter QEMU reads for vhost-kernel's limit.
-MAX_MEM_REGIONS_PATH = "/sys/module/vhost/parameters/max_mem_regions"
-#: QEMU's (and the module's) default when the parameter can't be read or parsed.
-VHOST_KERNEL_DEFAULT_LIMIT = 64
-VHOST_NET_PATH = "/dev/vhost-net"
 
 # <linux/vhost.h>: VHOST_VIRTIO = 0xAF; _IO(0xAF, 0x01) and _IOW(0xAF, 0x03, struct vhost_memory),
 # where sizeof(struct vhost_memory) is 8 (nregions, padding, then a flexible array).
@@ -37,46 +29,6 @@ VHOST_SET_OWNER = 0xAF01
 VHOST_SET_MEM_TABLE = 0x4008AF03
 _VHOST_MEMORY = struct.Struct("<II")
 _VHOST_MEMORY_REGION = struct.Struct("<QQQQ")
-
-
-_STRTOULL_DEC = re.compile(r"[ \t\n\v\f\r]*([+-]?)([0-9]+)")
-
-
-def parse_max_mem_regions(text: str) -> int | None:
-    """The vhost module's ``max_mem_regions`` as QEMU reads it; None if QEMU would ignore it.
-
-    QEMU parses with ``strtoull`` in base 10 (leading blanks and a sign allowed, anything after
-    the digits ignored, a minus sign negating modulo 2^64) and rejects no digits, 0 and
-    overflow. The value then becomes QEMU's ``int`` limit, so it wraps to 32 bits as in C.
-    """
-    m = _STRTOULL_DEC.match(text)
-    if m is None:
-        return None
-    value = int(m.group(2))
-    if value == 0 or value >= 1 << 64:
-        return None
-    if m.group(1) == "-":
-        value = -value & ((1 << 64) - 1)
-    value &= 0xFFFFFFFF
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
-def vhost_kernel_memslots_limit(path: str = MAX_MEM_REGIONS_PATH) -> int:
-    """vhost-kernel's memslot limit: the module parameter, else 64 (QEMU's rules).
-
-    A missing or unreadable file silently gives 64; an invalid value gives 64 and QEMU's
-    message on logger ``memslots.vhost.kernel``.
-    """
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return VHOST_KERNEL_DEFAULT_LIMIT
-    value = parse_max_mem_regions(text)
-    if value is None:
-        log.warning("ignoring invalid max_mem_regions value in vhost module: %s", text.rstrip())
-        return VHOST_KERNEL_DEFAULT_LIMIT
-    return value
 
 
 @dataclass(frozen=True)
@@ -183,29 +135,22 @@ class VhostKernelModel:
         self.table = ()
 
 
-def open_vhost_kernel(limit: int, path: str = VHOST_NET_PATH) -> VhostKernelDevice:
-    """``/dev/vhost-net`` where the host has it, else the model with the same limit."""
-    if os.path.exists(path):
-        return VhostNet(path)
-    return VhostKernelModel(limit)
-
-
 class VhostKernelConsumer(VhostBackend):
     """A vhost-kernel back-end (QEMU's ``-netdev tap,vhost=on``): every RAM section costs a
     region, and the whole table is set at the end of each batch (VHOST_SET_MEM_TABLE).
 
-    ``limit`` defaults to :func:`vhost_kernel_memslots_limit`; ``device`` to
-    :func:`open_vhost_kernel`. Until :meth:`start` the table is only recorded.
+    ``limit`` is the host's (:func:`memslots.host.vhost.vhost_kernel_memslots_limit`, detected
+    once as ``HostInfo.vhost_kernel_max_mem_regions``); ``device`` is :class:`VhostNet` where
+    the host has ``/dev/vhost-net``, else :class:`VhostKernelModel`. Until :meth:`start` the
+    table is only recorded.
     """
 
     kind = "kernel"
 
-    def __init__(
-        self, name: str, device: VhostKernelDevice | None = None, *, limit: int | None = None
-    ) -> None:
+    def __init__(self, name: str, device: VhostKernelDevice, *, limit: int) -> None:
         self.name = name
-        self.limit = vhost_kernel_memslots_limit() if limit is None else limit
-        self.device = device if device is not None else open_vhost_kernel(self.limit)
+        self.limit = limit
+        self.device = device
         self._table: dict[Section, KernelRegion] = {}
         self._started = False
         self._changed = False

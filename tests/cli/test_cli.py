@@ -6,7 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import requires_kvm, requires_memcg
+from conftest import AMD_HOST, requires_kvm, requires_memcg
 from kmem_support import STOCK_TOLERANCE, VCPU_MMU_ALLOWANCE, Stressor
 
 from memslots import demo as demo_module
@@ -58,7 +58,7 @@ def test_plan_acceptance_json(vendor: str, address: int) -> None:
     assert (dm["required_memslots"], dm["used_memslots"]) == (256, 0)
     assert [c["name"] for c in data["budget"]["consumers"]] == ["kvm"]
     md = dev["kernel_metadata_bytes"]
-    # one 1 TiB memslot under shadow paging: 658183 vmalloc pages (kvm.md A5)
+    # one 1 TiB memslot, shadow paging: 658183 vmalloc pages (docs/reference/kvm-memslot-cost.md A5)
     assert md["single_memslot"] == 658183 * 4096
     assert md["decided_memslots"] == 256 * 2572 * 4096  # 256 x the 4 GiB slot's 2572 pages
 
@@ -142,7 +142,7 @@ def test_plan_bad_options(args: list[str], needle: str) -> None:
 
 
 def test_measure_without_kvm_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli_plan, "kvm_available", lambda: False)
+    monkeypatch.setattr(cli_plan, "host_info", lambda: AMD_HOST)  # a host without KVM
     code, _, err = run(["measure", "--json"])
     assert code == 2 and "/dev/kvm is not available" in err
 

@@ -1,7 +1,7 @@
 """The memslot budget is one module: change a limit there and every consumer path follows.
 
-The numbers are derived from QEMU's rules (qemu-behaviour.md §3a, §5) with the changed limit,
-not from the code.
+The numbers are derived from QEMU's rules (docs/reference/memslot-decision.md §3a, §5) with the
+changed limit, not from the code.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The memory-device layer: QEMU's decision, budgets, refusals and address assignment.
 
-The first table is the reference's worked examples (qemu-behaviour.md §7), which were derived
-from QEMU's rules, not from this code. The other cases were derived by hand from the same rules.
+The first table is the reference's worked examples (docs/reference/memslot-decision.md §7), which
+were derived from QEMU's rules, not from this code. The other cases were derived by hand from the
+same rules.
 """
 
 from __future__ import annotations

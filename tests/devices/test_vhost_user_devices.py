@@ -12,10 +12,10 @@ from backends import (
     FakeBackend,
     QemuStorageDaemon,
     memfd_mappings,
-    requires_qsd,
     sector_pattern,
     wait_until,
 )
+from conftest import requires_qsd
 from machines import NEGOTIATION, add_virtio_mem, assert_maps, check_invariants, memfd_machine
 
 from memslots.devices.vhost_user import VhostUserDevice

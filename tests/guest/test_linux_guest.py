@@ -29,7 +29,7 @@ def test_memory_block_size() -> None:
 
 
 def test_worked_streams(plan_machine: PlanFactory) -> None:
-    """linux-guest-driver.md C9: boot at 512 MiB, 512 -> 900 MiB, 900 -> 700 MiB."""
+    """docs/reference/linux-guest-driver.md C9: boot at 512 MiB, 512 -> 900 MiB, 900 -> 700 MiB."""
     m = Machine(
         parse_machine_config(
             "4G,maxmem=8G",
@@ -200,3 +200,31 @@ def test_guest_catches_lost_memory(online: Online) -> None:
         dev.memdev.memory.discard(0, 64 * MiB)  # the host loses plugged memory
         guest.verify()
         assert len(guest.violations) == 32
+
+
+def test_request_log_can_be_bounded() -> None:
+    """A long-running machine keeps the last requests only (``memslots run`` grew by the log
+    without end: +1.38 MiB per 1000 plug/unplug cycles); simulate keeps them all."""
+    m = Machine(
+        parse_machine_config(
+            "4G,maxmem=8G",
+            ["memory-backend-ram,id=mem0,size=2G"],
+            ["virtio-mem,id=vmem0,memdev=mem0"],
+            accel="sim",
+        ),
+        vm=KvmModel(),
+    )
+    with m:
+        dev = m.virtio_mem("vmem0")
+        sched = Scheduler()
+        opts = GuestOptions(boot_memory_end=5 * GiB, request_log=8)
+        guest = boot(dev, sched, opts, RamUser(GuestMemory(m.address_space)))
+        sizes = []
+        for cycle in range(12):
+            dev.set_requested_size(512 * MiB if cycle % 2 == 0 else 0)
+            sched.run_until(lambda: guest.idle, sched.now() + 10)
+            assert dev.size == dev.requested_size
+            sizes.append(len(guest.log))
+        assert min(sizes[3:]) >= 8 and max(sizes) <= 16
+        # the newest requests are kept: the last unplug's
+        assert guest.log[-1].type == "unplug"

@@ -222,9 +222,9 @@ def _mmu() -> MmuConfig:
 def test_64g_memslot_charges_the_memcg_model_to_the_page(
     memslot_stressor: Stressor, guest_buffer: int
 ) -> None:
-    """kvm.md A5's slot, per VM: on shadow paging 41058 data pages + the 520-byte slot struct,
-    80 pages (the nested page-pointer arrays) below VmallocUsed's 41138 -- whatever the stressor
-    does to the host meanwhile."""
+    """docs/reference/kvm-memslot-cost.md A5's slot, per VM: on shadow paging 41058 data pages +
+    the 520-byte slot struct, 80 pages (the nested page-pointer arrays) below VmallocUsed's 41138
+    -- whatever the stressor does to the host meanwhile."""
     gpa, size = 4 * GiB, 64 * GiB
     model = slot_memcg_bytes(gpa, size, _mmu())
     if _mmu() == MmuConfig():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from memslots.host.pages import probe_thp_size, thp_size
+from memslots.host.pages import probe_thp_size, read_default_huge_page_size
 from memslots.sizes import KiB, MiB
 
 LOGGER = "memslots.host.pages"
@@ -125,19 +125,10 @@ def test_thp_fallback_by_arch(
     assert _warnings(caplog) == [f"Could not detect THP size, falling back to {shown}  MiB."]
 
 
-def test_thp_size_is_cached_per_root(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    valid = tmp_path / "a"
-    valid.mkdir()
-    root = _sysfs(valid, b"4194304\n")
-    assert thp_size(root) == 4 * MiB
-    Path(root, "kernel/mm/transparent_hugepage/hpage_pmd_size").write_bytes(b"8388608\n")
-    assert thp_size(root) == 4 * MiB
-    assert probe_thp_size(root) == 8 * MiB
-
-    broken = tmp_path / "b"
-    broken.mkdir()
-    root = _sysfs(broken, b"junk")
-    thp_size(root)
-    thp_size(root)
-    assert len(_warnings(caplog)) == 1
+def test_default_huge_page_size_from_meminfo(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    assert read_default_huge_page_size(str(meminfo)) is None
+    meminfo.write_text("MemTotal:       24576000 kB\nHugepagesize:    1048576 kB\n")
+    assert read_default_huge_page_size(str(meminfo)) == 1024 * MiB
+    meminfo.write_text("Hugepagesize:\n")
+    assert read_default_huge_page_size(str(meminfo)) is None

@@ -59,5 +59,6 @@ def test_predicted_metadata() -> None:
     kvm = KvmAccel(KvmModel(mmu=MmuConfig()))
     for sec in sections(2):
         kvm.region_add(sec)
-    assert kvm.predicted_metadata_bytes() == 2 * 644 * 4096  # 644 pages per 1 GiB (kvm.md A4)
+    # 644 pages per 1 GiB (docs/reference/kvm-memslot-cost.md A4)
+    assert kvm.predicted_metadata_bytes() == 2 * 644 * 4096
     assert kvm.predicted_metadata_bytes(lambda s: s.gpa == 0) == 644 * 4096

@@ -1,10 +1,12 @@
-"""The per-memslot kernel metadata model against the worked tables of kvm.md (A4, A5)."""
+"""The per-memslot kernel metadata model against the worked tables (A4, A5) of
+docs/reference/kvm-memslot-cost.md, which the comments below cite by section."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from conftest import requires_kvm_pvm
 
 from memslots.kvm.cost import (
     SLOT_STRUCT_CHARGE,
@@ -24,7 +26,7 @@ SHADOW = MmuConfig()
 TDP_MMU = MmuConfig(shadow_paging=False, tdp_mmu=True)
 LEGACY_TDP = MmuConfig(shadow_paging=False, legacy_tdp=True)
 
-# kvm.md A4, "Computed examples": vmalloc pages per slot size for
+# docs/reference/kvm-memslot-cost.md A4, "Computed examples": vmalloc pages per slot size for
 # (shadow, TDP MMU, shadow + dirty log, TDP MMU + dirty log).
 TABLE = [
     (2 * MiB, 6, 2, 7, 3),
@@ -46,7 +48,7 @@ def test_kvm_md_table(size: int, shadow: int, tdp: int, shadow_dirty: int, tdp_d
 
 
 def test_table_mib_values() -> None:
-    # kvm.md quotes 2571.03 MiB for 1 TiB (shadow) and 10.047 MiB for 4 GiB.
+    # kvm-memslot-cost.md quotes 2571.03 MiB for 1 TiB (shadow) and 10.047 MiB for 4 GiB.
     assert slot_metadata_bytes(0, TiB, SHADOW) / MiB == pytest.approx(2571.03, abs=0.005)
     assert slot_metadata_bytes(0, 4 * GiB, SHADOW) / MiB == pytest.approx(10.047, abs=0.0005)
 
@@ -57,7 +59,7 @@ def test_external_write_tracking_1tib() -> None:
 
 
 def test_1tib_per_array_breakdown() -> None:
-    # kvm.md A5: every array of the 1 TiB shadow-paging slot, nested page arrays included.
+    # A5: every array of the 1 TiB shadow-paging slot, nested page arrays included.
     pages = {name: vmalloc_area_pages(n) for name, n in slot_arrays(0, TiB // 4096, SHADOW)}
     assert pages == {
         "rmap 4K": 525314,
@@ -144,7 +146,7 @@ def test_legacy_tdp_has_rmaps_but_no_write_tracking() -> None:
 
 
 def test_tdp_mmu_with_shadow_root_costs_like_shadow_paging() -> None:
-    # kvm.md A4: "Shadow paging (or TDP MMU after a shadow root exists)".
+    # kvm-memslot-cost.md A4: "Shadow paging (or TDP MMU after a shadow root exists)".
     nested = MmuConfig(shadow_paging=True, tdp_mmu=True)
     assert slot_vmalloc_pages(0, GiB // 4096, nested) == slot_vmalloc_pages(0, GiB // 4096, SHADOW)
 
@@ -230,9 +232,9 @@ def test_detect_smm_without_kvm_device(tmp_path: Path) -> None:
     assert got.smm is False
 
 
-@pytest.mark.skipif(not Path("/sys/module/kvm_pvm").exists(), reason="host is not running kvm_pvm")
+@requires_kvm_pvm
 def test_detect_host_mmu_on_this_host() -> None:
-    # kvm_pvm uses shadow paging; kvm.md A2 says this kernel has no SMM.
+    # kvm_pvm uses shadow paging; docs/reference/kvm-memslot-cost.md A2 says this kernel has no SMM.
     mmu = detect_host_mmu()
     assert mmu.shadow_paging and not mmu.tdp_enabled
     assert mmu.smm is False
@@ -242,7 +244,7 @@ def test_detect_host_mmu_on_this_host() -> None:
 
 
 def _nested_pages(nbytes: int) -> int:
-    """kvm.md A4's nested(): the vmalloc'ed page-pointer arrays of one area, recursively."""
+    """A4's nested(): the vmalloc'ed page-pointer arrays of one area, recursively."""
     return vmalloc_area_pages(nbytes) - memcg_area_pages(nbytes)
 
 

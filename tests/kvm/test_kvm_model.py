@@ -1,4 +1,5 @@
-"""KvmModel enforces kvm_set_memory_region()'s rules (kvm.md A1) with the kernel's errnos."""
+"""KvmModel enforces kvm_set_memory_region()'s rules (docs/reference/kvm-memslot-cost.md A1) with
+the kernel's errnos."""
 
 from __future__ import annotations
 
@@ -235,7 +236,7 @@ def test_metadata_bytes() -> None:
         4 * GiB + 4096, 128 * MiB, m.mmu, dirty_log=True
     )
     assert m.metadata_bytes() == expected
-    # 644 pages for an aligned 1 GiB slot under shadow paging (kvm.md A4).
+    # 644 pages for an aligned 1 GiB slot under shadow paging (kvm-memslot-cost.md A4).
     assert slot_metadata_bytes(0, GiB, m.mmu) == 644 * 4096
     m.delete_memory_region(0)
     m.set_memory_region(1, 4 * GiB + 4096, 128 * MiB, UADDR)  # dirty logging off again

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import requires_memcg
+from conftest import requires_kvm, requires_memcg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kmem_support import Stressor
@@ -33,10 +33,11 @@ from memslots.kvm.abi import (
 from memslots.kvm.cost import slot_memcg_bytes
 from memslots.kvm.host import detect_host_mmu
 from memslots.kvm.model import KvmModel
-from memslots.kvm.vm import KvmVm, kvm_available, read_max_memslots
+from memslots.kvm.system import kvm_available, read_max_memslots
+from memslots.kvm.vm import KvmVm
 from memslots.sizes import GiB, MiB, TiB
 
-needs_kvm = pytest.mark.skipif(not kvm_available(), reason="/dev/kvm is not usable here")
+needs_kvm = requires_kvm
 
 # Python 3.11's mmap module lacks the constant; 0x4000 is its value on Linux.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
@@ -65,7 +66,7 @@ def vm() -> Iterator[KvmVm]:
         yield v
 
 
-# kvm.md A1: the ioctl encodings as the kernel headers spell them out.
+# docs/reference/kvm-memslot-cost.md A1: the ioctl encodings as the kernel headers spell them out.
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
@@ -166,7 +167,7 @@ def test_capabilities(vm: KvmVm) -> None:
     assert vm.nr_address_spaces >= 1
     assert vm.mmu == detect_host_mmu()
     if platform.machine() == "x86_64":
-        # 32767 - 3 internal slots since Linux 5.12 (kvm.md A2).
+        # 32767 - 3 internal slots since Linux 5.12 (docs/reference/kvm-memslot-cost.md A2).
         assert vm.max_memslots == 32764
     major, minor = (int(x) for x in platform.release().split(".")[:2])
     if (major, minor) >= (6, 8):
@@ -259,9 +260,10 @@ def test_probe_with_scratch_slot_in_use(vm: KvmVm, host_addr: int) -> None:
 @needs_kvm
 @requires_memcg
 def test_kernel_memory_matches_model_for_4gib_slot(vm: KvmVm, memslot_stressor: Stressor) -> None:
-    """kvm.md A5's 4 GiB slot, measured in a memory cgroup of our own (the VM is created before
-    the meter opens, which does not matter: only the slot's own allocations are measured), to
-    the page, while another process creates and deletes 64 GiB memslots."""
+    """docs/reference/kvm-memslot-cost.md A5's 4 GiB slot, measured in a memory cgroup of our
+    own (the VM is created before the meter opens, which does not matter: only the slot's own
+    allocations are measured), to the page, while another process creates and deletes 64 GiB
+    memslots."""
     size, gpa = 4 * GiB, 4 * GiB
     predicted = slot_memcg_bytes(gpa, size, vm.mmu)
     buf = _anon(size)
@@ -281,7 +283,7 @@ def test_kernel_memory_matches_model_for_4gib_slot(vm: KvmVm, memslot_stressor: 
         buf.close()
 
 
-# Deterministic edge cases of kvm.md A1, each run from an empty VM on both backends.
+# Deterministic edge cases of kvm-memslot-cost.md A1, each run from an empty VM on both backends.
 # Ops: ("set", slot, gpa, size, uaddr offset into the host buffer or None for 0, flags) or
 # ("del", slot). "MAX" in the slot position means the VM's max_memslots.
 Op = tuple[object, ...]

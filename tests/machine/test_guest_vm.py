@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import requires_kvm, requires_memcg
+from conftest import requires_kvm, requires_memcg, slow
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kmem_support import STOCK_TOLERANCE, VCPU_MMU_ALLOWANCE, Stressor
@@ -176,6 +176,7 @@ def test_simulate_compare_strategies() -> None:
     assert last["dynamic"]["memslots_mapped"] == 8  # 16 memslots of 1 GiB, half plugged
 
 
+@slow
 @settings(max_examples=15, deadline=None)
 @given(
     targets=st.lists(st.integers(min_value=0, max_value=32), min_size=1, max_size=8),

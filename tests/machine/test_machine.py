@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from conftest import PlanFactory, requires_kvm
 
-from memslots.errors import ConfigError, MemoryDeviceError, OptionError
+from memslots.errors import ConfigError, HostMemoryError, MemoryDeviceError, OptionError
 from memslots.kvm.vm import KvmVm
 from memslots.machine.layout import pc_layout
 from memslots.machine.machine import Machine
@@ -151,6 +154,42 @@ def test_dimm_slot_numbers_and_size_alignment(plan_machine: PlanFactory) -> None
             objs,
             ["pc-dimm,id=d,memdev=a,slot=1", "pc-dimm,id=e,memdev=b,slot=1"],
         )
-    # QEMU 8.2.1+: a DIMM of 3 MiB of anonymous RAM (2 MiB aligned) makes no sense
+    # QEMU 9.0's check: a DIMM of 3 MiB of anonymous RAM (2 MiB aligned) makes no sense
     with pytest.raises(MemoryDeviceError, match="backend memory size must be multiple of 0x200000"):
         plan_machine("4G,slots=2,maxmem=8G", objs, ["pc-dimm,id=o,memdev=odd"])
+
+
+def test_a_machine_that_cannot_start_leaves_mem_path_files_as_they_were(tmp_path: Path) -> None:
+    """The command line: a device refusing its backend fails the machine, and neither the
+    empty file grown for the backend nor a file created for it stays changed."""
+    empty = tmp_path / "empty"
+    empty.touch()
+    os.utime(empty, ns=(1_000_000_000, 2_000_000_000))
+    created = tmp_path / "created"
+    config = parse_machine_config(
+        "1G,maxmem=2G",
+        [
+            f"memory-backend-file,id=f0,size=8M,mem-path={empty},share=on",
+            f"memory-backend-file,id=f1,size=8M,mem-path={created}",
+        ],
+        ["virtio-mem,id=v0,memdev=f0,requested-size=3M"],  # not a multiple of the block size
+        accel="sim",
+    )
+    with pytest.raises(ConfigError, match="'requested-size' property has to be multiples"):
+        Machine(config)
+    st = empty.stat()
+    assert (st.st_size, st.st_mtime_ns) == (0, 2_000_000_000)
+    assert not created.exists()
+
+
+def test_command_line_file_backend_smaller_than_size_is_refused_untouched(
+    tmp_path: Path,
+) -> None:
+    small = tmp_path / "small"
+    small.write_bytes(b"\x01" * 1500)
+    config = parse_machine_config(
+        "1G,maxmem=2G", [f"memory-backend-file,id=f0,size=8M,mem-path={small}"], [], accel="sim"
+    )
+    with pytest.raises(HostMemoryError, match=r"^backing store size 0x5dc does not match"):
+        Machine(config)
+    assert small.read_bytes() == b"\x01" * 1500

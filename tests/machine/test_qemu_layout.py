@@ -4,17 +4,15 @@ devices must give the same device addresses, sizes and block sizes, or both be r
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 from pathlib import Path
 
-import pytest
+from conftest import requires_qemu, slow
 
 BENCH = Path(__file__).parents[2] / "bench" / "qemu_layout.py"
 
 
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86")
-@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm for QEMU")
+@slow
+@requires_qemu
 def test_plan_matches_real_qemu() -> None:
     spec = importlib.util.spec_from_file_location("qemu_layout", BENCH)
     assert spec is not None and spec.loader is not None

@@ -178,7 +178,8 @@ def test_connection_lost_while_waiting(machine: Machine, sock: str) -> None:
         def stop_soon(d: object) -> None:
             monitor = server.monitor
             assert monitor is not None
-            server.loop.call_later(0.2, lambda: server.loop.create_task(monitor.server.close()))
+            # Right after qom-set's reply went out (the command runs without yielding).
+            server.loop.call_soon(lambda: server.loop.create_task(monitor.server.close()))
 
         server.call(lambda: dev.config_change_listeners.append(stop_soon))
         c = Captured()

@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import weakref
+from pathlib import Path
 from typing import Any
 
 import pytest
+from backends import QemuStorageDaemon
+from conftest import requires_qsd
 from qemu.qmp import ExecuteError, QMPClient
 from qmp_support import (
     FakeRuntime,
+    ManualClock,
     RawClient,
     make_machine,
     next_event,
     qmp_client,
+    queued_event,
+    sent_so_far,
     serving,
     snapshot,
 )
 
+from memslots.devices.memory_device import MemoryDevice
 from memslots.guest.inorder import drive_to
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
+from memslots.monitor.runtime import VhostUserProvider
 from memslots.options import parse_machine_config
 from memslots.sizes import GiB, MiB
 from memslots.vhost.backend import VhostModel
@@ -81,11 +91,12 @@ def test_query_memory_devices_is_qemu_shaped() -> None:
 
 def test_resize_events_rate_limit_and_memslot_map() -> None:
     """qom-set, the guest plugs in many steps within a second: one event now, one at the end."""
+    clock = ManualClock()
 
     async def main() -> None:
         with make_machine() as m:
             dev = m.virtio_mem("vmem0")
-            async with serving(m) as (_, path), qmp_client(path) as qmp:
+            async with serving(m, clock=clock) as (_, path), qmp_client(path) as qmp:
                 with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as events:
                     reply = await qmp.execute(
                         "qom-set", {"path": "vmem0", "property": "requested-size", "value": 3 * GiB}
@@ -95,19 +106,27 @@ def test_resize_events_rate_limit_and_memslot_map() -> None:
                         await qmp.execute("qom-get", {"path": VMEM, "property": "requested-size"})
                         == 3 * GiB
                     )
-                    t0 = asyncio.get_running_loop().time()
-                    for step in range(1, 13):  # 12 size changes of 256 MiB
+                    # 12 size changes of 256 MiB, 1/16 s apart (binary fractions: exact times)
+                    for step in range(1, 13):
                         drive_to(dev, step * 256 * MiB)
-                        await asyncio.sleep(0.01)
-                    first = await next_event(events, 2)
+                        await sent_so_far(qmp)  # the server has queued the event
+                        clock.advance(0.0625)
+                    first = await queued_event(events)
                     assert first["data"] == {"id": "vmem0", "size": 256 * MiB, "qom-path": VMEM}
-                    last = await next_event(events, 2)
-                    waited = asyncio.get_running_loop().time() - t0
+                    assert events.empty()  # the others are held until the 1 s period ends
+                    clock.advance(0.25)  # now 1 s after the first event
+                    await sent_so_far(qmp)
+                    last = await queued_event(events)
                     assert last["data"] == {"id": "vmem0", "size": 3 * GiB, "qom-path": VMEM}
-                    assert 0.8 < waited < 1.6  # held until the 1 s period ended
-                    await asyncio.sleep(1.2)
+                    clock.advance(1.0)
+                    await sent_so_far(qmp)
                     assert events.empty()  # nothing else was pending
-                    assert last["timestamp"]["seconds"] >= first["timestamp"]["seconds"]
+                    # Each event keeps the time it was raised at.
+                    stamps = [
+                        (e["timestamp"]["seconds"], e["timestamp"]["microseconds"])
+                        for e in (first, last)
+                    ]
+                    assert stamps == [(1_700_000_000, 0), (1_700_000_000, 687_500)]
                 size = await qmp.execute("qom-get", {"path": VMEM, "property": "size"})
                 assert size == 3 * GiB
                 memslots = await qmp.execute("x-query-memslots")
@@ -363,11 +382,13 @@ def test_bad_inputs_leave_machine_unchanged_and_server_serving() -> None:
 
 
 def test_object_and_device_hotplug_round_trip() -> None:
+    clock = ManualClock()
+
     async def main() -> None:
         with make_machine() as m:
             added: list[str | None] = []
             removed: list[str] = []
-            async with serving(m) as (monitor, path), qmp_client(path) as qmp:
+            async with serving(m, clock=clock) as (monitor, path), qmp_client(path) as qmp:
                 monitor.device_added.append(lambda dev: added.append(dev.id))
                 monitor.device_removed.append(removed.append)
                 await qmp.execute(
@@ -405,7 +426,8 @@ def test_object_and_device_hotplug_round_trip() -> None:
                     cls, desc = await error_of(qmp, "device_del", {"id": "vmem1"})
                     assert desc.endswith("some of its memory is still plugged")
                     drive_to(dev, 0)
-                    await next_event(events, 2)  # held until the period ended
+                    clock.advance(1.0)  # the size change was held until the period ended
+                    await next_event(events, 2)
                     # Requested but not plugged yet (no guest): still refused.
                     await qmp.execute(
                         "qom-set", {"path": "vmem1", "property": "requested-size", "value": 2 * MiB}
@@ -632,5 +654,116 @@ def test_cont_system_reset_and_guest_access_without_a_guest() -> None:
                 )
                 got = await error_of(qmp, "x-guest-memory-access", {"address": dev.addr})
                 assert got == ("GenericError", "the machine runs without a guest (-guest none)")
+
+    run(main())
+
+
+def test_object_add_file_backend_never_pads_an_existing_file(tmp_path: Path) -> None:
+    """QMP object-add follows QEMU: a non-empty file smaller than size is refused untouched
+    (it was padded with NULs to 8 MiB before); a device node is refused before it is opened."""
+    small = tmp_path / "small"
+    small.write_bytes(b"\x01" * 1500)
+
+    async def main() -> None:
+        with make_machine() as m:
+            async with serving(m) as (_, path), qmp_client(path) as qmp:
+                args = {"qom-type": "memory-backend-file", "id": "f", "size": 8 * MiB}
+                got = await error_of(qmp, "object-add", {**args, "mem-path": str(small)})
+                assert got == (
+                    "GenericError",
+                    "backing store size 0x5dc does not match 'size' option 0x800000: memory "
+                    f"backend 'f' (8 MiB), mem-path '{small}' is left as it is",
+                )
+                got = await error_of(qmp, "object-add", {**args, "mem-path": "/dev/zero"})
+                assert "mem-path '/dev/zero' is a character device" in got[1]
+                assert "f" not in m.backends
+
+    run(main())
+    assert small.read_bytes() == b"\x01" * 1500
+
+
+@requires_qsd
+def test_vhost_user_events_survive_device_del_and_add_cycles(tmp_path: Path) -> None:
+    """Every back-end a device_add creates gets the monitor's listener, and a removed one is
+    forgotten: over 200 device_del/device_add cycles against qemu-storage-daemon each removal
+    says "closed" and each reconnect "connected"; then a killed back-end is an event too.
+    (The monitor kept back-ends as id(obj): a new one with a recycled id got no listener.)"""
+    cycles = 200
+
+    async def main(qsd: QemuStorageDaemon) -> None:
+        config = parse_machine_config(
+            "1G,maxmem=9G",
+            ["memory-backend-memfd,id=mem0,size=8G,share=on,reserve=off"],
+            ["virtio-mem,id=vmem0,memdev=mem0,memslot-size=1G"],
+            accel="sim",
+            chardevs=[f"socket,id=blk0,path={qsd.socket_path}"],
+        )
+        add = {"driver": "vhost-user-blk-pci", "id": "disk0", "chardev": "blk0"}
+        add["memslot-accounting"] = "precise"
+        with Machine(config, vm=KvmModel()) as m:
+            async with serving(m) as (monitor, path), qmp_client(path) as qmp:
+                monitor.add_device_provider(VhostUserProvider(m))
+                with qmp.listener("X_VHOST_USER_STATE") as states:
+                    for _ in range(cycles):
+                        await qmp.execute("device_add", add)
+                        await qmp.execute("x-vhost-user-reconnect", {"id": "disk0"})
+                        ev = await next_event(states, 5)
+                        assert ev["data"] == {"id": "disk0", "state": "connected"}
+                        await qmp.execute("device_del", {"id": "disk0"})
+                        ev = await next_event(states, 5)
+                        assert ev["data"] == {"id": "disk0", "state": "closed"}
+                    await qmp.execute("device_add", add)
+                    qsd.kill()
+                    drive_to(m.virtio_mem("vmem0"), GiB)  # a table change finds it gone
+                    lost = await next_event(states, 5)
+                    assert lost["data"]["state"] == "disconnected"
+                    assert lost["data"]["reason"]
+                    qsd.start()
+                    await qmp.execute("x-vhost-user-reconnect", {"id": "disk0"})
+                    back = await next_event(states, 5)
+                    # "connected" does not repeat the reason of the disconnection before it
+                    assert back["data"] == {"id": "disk0", "state": "connected"}
+                # removed back-ends keep no listener of the monitor (nothing to leak)
+                assert len(monitor._watched_vhost) == 1
+
+    with QemuStorageDaemon(tmp_path) as qsd:
+        run(main(qsd))
+
+
+def test_removed_anonymous_devices_are_forgotten_and_their_paths_reused() -> None:
+    """Nothing keeps a removed anonymous device (the monitor's path table held each one,
+    574 KiB per cycle of a 1 TiB virtio-mem), and QEMU reuses the lowest free device[N]."""
+
+    def anonymous(m: Machine) -> list[weakref.ref[MemoryDevice]]:
+        return [weakref.ref(d) for d in m.memory_devices if d.id is None]
+
+    async def main() -> None:
+        with make_machine() as m:
+            async with serving(m) as (_, path), qmp_client(path) as qmp:
+                for i in (3, 4):
+                    await qmp.execute(
+                        "object-add",
+                        {"qom-type": "memory-backend-ram", "id": f"m{i}", "size": GiB},
+                    )
+                anon = "/machine/peripheral-anon/device[{}]"
+                gone: list[weakref.ref[MemoryDevice]] = []
+                for _ in range(3):
+                    await qmp.execute("device_add", {"driver": "virtio-mem", "memdev": "m3"})
+                    gone += anonymous(m)
+                    await qmp.execute("device_del", {"id": anon.format(0)})
+                await qmp.execute("device_add", {"driver": "virtio-mem", "memdev": "m3"})
+                await qmp.execute("device_add", {"driver": "virtio-mem", "memdev": "m4"})
+                memdev = {"property": "memdev"}
+                assert await qmp.execute("qom-get", {"path": anon.format(1), **memdev}) == (
+                    "/objects/m4"
+                )
+                await qmp.execute("device_del", {"id": anon.format(0)})
+                await qmp.execute("device_add", {"driver": "virtio-mem", "memdev": "m3"})
+                # the lowest free index again, beside the device that kept device[1]
+                assert await qmp.execute("qom-get", {"path": anon.format(0), **memdev}) == (
+                    "/objects/m3"
+                )
+                gc.collect()
+                assert [ref() for ref in gone] == [None, None, None]
 
     run(main())

@@ -7,16 +7,30 @@ import json
 import os
 import socket
 import stat
+import sys
 from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError
-from qmp_support import Client, RawClient, make_machine, next_event, qmp_client, serving, socket_dir
+from qmp_support import (
+    Client,
+    ManualClock,
+    RawClient,
+    make_machine,
+    qmp_client,
+    queued_event,
+    sent_so_far,
+    serving,
+    socket_dir,
+    until,
+)
 
 from memslots.monitor.qmp_server import (
+    LOG_INTERVAL,
     MAX_NESTING,
     ArgType,
     Command,
+    LoopClock,
     Param,
     QMPCommandError,
     QMPServer,
@@ -188,7 +202,7 @@ def test_framing_split_and_batched_messages() -> None:
     run(main())
 
 
-def test_oversized_and_too_deep_input_drop_only_that_client() -> None:
+def test_oversized_input_drops_only_that_client() -> None:
     async def main() -> None:
         with make_machine() as m:
             async with serving(m) as (_, path):
@@ -200,12 +214,6 @@ def test_oversized_and_too_deep_input_drop_only_that_client() -> None:
                 assert "exceeds the limit of 65536 bytes" in reply["error"]["desc"]
                 assert await big.closed_by_server()
                 await big.close()
-                deep = await RawClient.open(path)
-                await deep.send(b"[" * (MAX_NESTING + 1))
-                reply = await deep.recv()
-                assert reply["error"]["desc"] == "JSON nesting depth limit exceeded"
-                assert await deep.closed_by_server()
-                await deep.close()
                 # A complete message larger than the limit is refused the same way.
                 huge = await RawClient.open(path)
                 pad = "y" * (65 * 1024)
@@ -215,6 +223,78 @@ def test_oversized_and_too_deep_input_drop_only_that_client() -> None:
                 await huge.close()
                 assert (await other.execute({"execute": "query-status"}))["return"]["running"]
                 await other.close()
+
+    run(main())
+
+
+def _nested(depth: int) -> bytes:
+    """A request whose ``id`` makes it nest ``depth`` levels (the object is the first)."""
+    return b'{"execute": "query-status", "id": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+async def _recv_deep(c: RawClient) -> dict[str, Any]:
+    """The next reply, parsed with room for the deep ``id`` it echoes."""
+    line = await asyncio.wait_for(c.reader.readline(), 10)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 2 * MAX_NESTING)
+    try:
+        reply: dict[str, Any] = json.loads(line)
+    finally:
+        sys.setrecursionlimit(limit)
+    return reply
+
+
+def test_json_nested_up_to_qemus_limit_is_parsed() -> None:
+    """QEMU parses up to 1024 levels; Python's json recursed past its limit from about 990
+    and the RecursionError dropped the client."""
+
+    async def main() -> None:
+        with make_machine() as m:
+            async with serving(m) as (_, path):
+                c = await RawClient.open(path)
+                for depth in (990, 1000, 1023, MAX_NESTING):
+                    await c.send(_nested(depth) + b"\n")
+                    reply = await _recv_deep(c)
+                    assert reply["return"]["running"] is True, depth
+                    ident, levels = reply["id"], 1
+                    while ident:
+                        ident, levels = ident[0], levels + 1
+                    assert levels == depth - 1
+                await c.close()
+
+    run(main())
+
+
+def test_json_nested_too_deep_is_an_error_and_the_session_goes_on() -> None:
+    """Beyond 1024 levels: QEMU's "JSON nesting depth limit exceeded", once per message (the
+    rest of it is skipped until its brackets balance), and the connection stays usable."""
+
+    async def main() -> None:
+        with make_machine() as m:
+            async with serving(m) as (_, path):
+                c = await RawClient.open(path)
+                for payload in (
+                    b"[" * (MAX_NESTING + 1) + b"]" * (MAX_NESTING + 1),
+                    _nested(MAX_NESTING + 100),
+                    b'{"a": "]]]", "b": ' + b"{" * 2000 + b'"}}}"' + b"}" * 2001,
+                ):
+                    await c.send(payload + b'\n{"execute": "query-status", "id": "after"}\n')
+                    reply = await c.recv()
+                    assert reply == {
+                        "error": {
+                            "class": "GenericError",
+                            "desc": "JSON nesting depth limit exceeded",
+                        }
+                    }
+                    reply = await c.recv()
+                    assert reply["id"] == "after" and reply["return"]["running"] is True
+                # Sent in pieces, the limit holds across reads.
+                for piece in (b"[" * 600, b"[" * 600, b"]" * 1200):
+                    await c.send(piece)
+                await c.send(b'{"execute": "query-status", "id": 2}')
+                assert (await c.recv())["error"]["desc"] == "JSON nesting depth limit exceeded"
+                assert (await c.recv())["id"] == 2
+                await c.close()
 
     run(main())
 
@@ -233,7 +313,7 @@ def test_disconnect_mid_command_and_mid_message() -> None:
                     c = await RawClient.open(path)
                     c.writer.write(payload)
                     c.writer.transport.abort()
-                await asyncio.sleep(0.1)
+                await until(lambda: monitor.server.client_count == 1)
                 reply = await survivor.execute({"execute": "query-status", "id": "alive"})
                 assert reply["id"] == "alive"
                 assert "gone" in m.backends  # done whole, not half
@@ -267,9 +347,14 @@ def test_events_go_to_negotiated_clients_only() -> None:
 
 
 def test_rate_limit_per_key() -> None:
+    clock = ManualClock()
+
     async def main() -> None:
         with make_machine() as m:
-            async with serving(m, rate=0.3) as (monitor, path), qmp_client(path) as qmp:
+            async with (
+                serving(m, rate=0.25, clock=clock) as (monitor, path),
+                qmp_client(path) as qmp,
+            ):
                 with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as events:
                     for size in range(1, 6):
                         monitor.server.emit_event(
@@ -278,17 +363,23 @@ def test_rate_limit_per_key() -> None:
                     monitor.server.emit_event(
                         "MEMORY_DEVICE_SIZE_CHANGE", {"size": 9, "qom-path": "/b"}
                     )
-                    got = [await next_event(events, 2) for _ in range(3)]
+                    await sent_so_far(qmp)
+                    got = [await queued_event(events) for _ in range(2)]
+                    assert events.empty()  # /a's sizes 2 to 5 are held
+                    clock.advance(0.25)
+                    await sent_so_far(qmp)
+                    got.append(await queued_event(events))
                     sizes = [(e["data"]["qom-path"], e["data"]["size"]) for e in got]
                     assert sizes == [("/a", 1), ("/b", 9), ("/a", 5)]
-                    await asyncio.sleep(0.7)
+                    clock.advance(0.5)  # /a's second period ends with nothing held
+                    await sent_so_far(qmp)
                     assert events.empty()
                     # After a quiet period the next event goes out at once again.
                     monitor.server.emit_event(
                         "MEMORY_DEVICE_SIZE_CHANGE", {"size": 6, "qom-path": "/a"}
                     )
-                    first = await next_event(events, 0.2)
-                    assert first["data"]["size"] == 6
+                    await sent_so_far(qmp)
+                    assert (await queued_event(events))["data"]["size"] == 6
 
     run(main())
 
@@ -298,7 +389,8 @@ def test_commands_run_one_at_a_time() -> None:
 
     async def slow(args: dict[str, Any]) -> object:
         log.append(f"start {args['tag']}")
-        await asyncio.sleep(0.05)
+        for _ in range(5):  # give every other command the chance to start meanwhile
+            await asyncio.sleep(0)
         log.append(f"end {args['tag']}")
         return {}
 
@@ -387,3 +479,122 @@ def test_tcp_only_when_asked() -> None:
         await server.close()
 
     run(main())
+
+
+# -- limits --------------------------------------------------------------------------------------
+
+
+class FakeClock(LoopClock):
+    """Monotonic seconds that move only when the test says so (timers stay the loop's)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+REFUSED = "QMP connection refused: too many clients (the limit is 3)"
+
+
+def test_connection_limit_refuses_cleanly_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Clients beyond the limit get one error line and are closed; the log says so once, not
+    once per refusal; a freed place is taken again."""
+
+    async def main() -> None:
+        with socket_dir() as d:
+            path = f"{d}/s"
+            server = QMPServer(max_clients=3, clock=FakeClock())
+            await server.start_unix(path)
+            try:
+                clients = [await RawClient.open(path) for _ in range(3)]
+                for _ in range(20):
+                    reader, writer = await asyncio.open_unix_connection(path)
+                    line = await asyncio.wait_for(reader.readline(), 5)
+                    assert json.loads(line) == {"error": {"class": "GenericError", "desc": REFUSED}}
+                    assert await asyncio.wait_for(reader.read(), 5) == b""
+                    writer.close()
+                assert server.client_count == 3
+                await clients.pop().close()
+                for _ in range(100):  # until the server saw that client go
+                    if server.client_count < 3:
+                        break
+                    await asyncio.sleep(0.01)
+                clients.append(await RawClient.open(path))
+                for c in clients:
+                    await c.close()
+            finally:
+                await server.close()
+
+    with caplog.at_level("WARNING", logger="memslots.qmp"):
+        run(main())
+    refusals = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert len(refusals) == 1 and "the limit is 3" in refusals[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_handshake_timeout_drops_clients_that_never_negotiate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that connects and never sends qmp_capabilities is told and closed once the
+    timeout passes (an injected clock); negotiated clients stay."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        with socket_dir() as d:
+            path = f"{d}/s"
+            server = QMPServer(handshake_timeout=30, clock=clock)
+            await server.start_unix(path)
+            try:
+                silent = [await RawClient.open(path, negotiate=False) for _ in range(5)]
+                talker = await RawClient.open(path)
+                clock.now += 29.9
+                assert server.expire_handshakes() == 0
+                clock.now += 0.1
+                assert server.expire_handshakes() == 5
+                for c in silent:
+                    reply = await c.recv()
+                    assert reply["error"]["desc"] == (
+                        "capabilities negotiation did not complete within 30 s: "
+                        "closing the connection"
+                    )
+                    assert await c.closed_by_server()
+                    await c.close()
+                clock.now += 3600
+                assert server.expire_handshakes() == 0
+                reply = await talker.execute({"execute": "qmp_capabilities"})
+                assert reply["error"]["desc"].startswith("Capabilities negotiation is already")
+                await talker.close()
+            finally:
+                await server.close()
+
+    with caplog.at_level("WARNING", logger="memslots.qmp"):
+        run(main())
+    dropped = [r.getMessage() for r in caplog.records if "did not negotiate" in r.getMessage()]
+    assert dropped == ["qmp: dropped 5 client(s) that did not negotiate within 30 s"]
+
+
+def test_repeated_refusals_are_summarised_after_the_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        with socket_dir() as d:
+            path = f"{d}/s"
+            server = QMPServer(max_clients=0, clock=clock)
+            await server.start_unix(path)
+            try:
+                for i in range(7):
+                    if i == 5:
+                        clock.now += LOG_INTERVAL
+                    reader, writer = await asyncio.open_unix_connection(path)
+                    assert b"too many clients" in await asyncio.wait_for(reader.readline(), 5)
+                    writer.close()
+            finally:
+                await server.close()
+
+    with caplog.at_level("WARNING", logger="memslots.qmp"):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert lines[1].endswith("(and 4 more like it since the last report)")

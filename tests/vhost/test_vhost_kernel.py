@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import struct
 from pathlib import Path
 
 import pytest
-from conftest import PlanFactory
+from conftest import PlanFactory, requires_vhost_net
 
 from memslots.devices.budget import UINT_MAX, MemslotBudget, PreciseAccounting
 from memslots.devices.virtio_mem.device import VirtioMem
@@ -16,6 +15,7 @@ from memslots.devices.virtio_mem.wire import ReqType, Request, Resp, Response
 from memslots.errors import VhostError, VhostLimitError
 from memslots.guest.inorder import drive_to
 from memslots.host.memory import RamBackend
+from memslots.host.vhost import parse_max_mem_regions, vhost_kernel_memslots_limit
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
 from memslots.memory.address_space import AddressSpace, MemoryRegion, Section
@@ -24,14 +24,11 @@ from memslots.options import parse_backend, parse_device, parse_machine_config
 from memslots.sizes import GiB, MiB
 from memslots.vhost.backend import VhostModel
 from memslots.vhost.kernel import (
-    VHOST_NET_PATH,
     KernelRegion,
     VhostKernelConsumer,
     VhostKernelModel,
     VhostNet,
     pack_vhost_memory,
-    parse_max_mem_regions,
-    vhost_kernel_memslots_limit,
 )
 
 
@@ -99,7 +96,7 @@ def test_parse_max_mem_regions(text: str, value: int | None) -> None:
 
 def test_vhost_kernel_limit_from_sysfs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "max_mem_regions"
-    with caplog.at_level(logging.WARNING, logger="memslots.vhost.kernel"):
+    with caplog.at_level(logging.WARNING, logger="memslots.host.vhost"):
         assert vhost_kernel_memslots_limit(str(path)) == 64  # missing: silently the default
         assert caplog.records == []
         path.write_text("509\n")
@@ -130,7 +127,7 @@ def test_kernel_model_refuses_like_the_kernel() -> None:
         model.set_mem_table([KernelRegion(0, 0, 1 << 40)])
 
 
-@pytest.mark.skipif(not os.path.exists(VHOST_NET_PATH), reason=f"no {VHOST_NET_PATH} on this host")
+@requires_vhost_net
 def test_real_vhost_net_takes_a_memory_table() -> None:
     with RamBackend("vnet", 4 * MiB) as mem:
         dev = VhostNet()

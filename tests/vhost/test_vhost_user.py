@@ -13,10 +13,9 @@ from backends import (
     QemuStorageDaemon,
     Virtiofsd,
     memfd_mappings,
-    requires_qsd,
-    requires_virtiofsd,
     wait_until,
 )
+from conftest import requires_qsd, requires_virtiofsd
 from machines import NEGOTIATION, add_virtio_mem, assert_maps, check_invariants, memfd_machine
 
 from memslots.devices.virtio_mem.wire import ReqType, Request, Resp, Response

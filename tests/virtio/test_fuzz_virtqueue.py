@@ -4,6 +4,7 @@ that does catch a device that acts before it has validated a chain."""
 from __future__ import annotations
 
 import pytest
+from conftest import slow
 
 from memslots.devices.virtio_mem.wire import RESPONSE_SIZE, Request
 from memslots.errors import DeviceError
@@ -13,6 +14,7 @@ from memslots.virtio import virtqueue
 from memslots.virtio.virtqueue import Chain
 
 
+@slow
 def test_100k_inputs_no_failure() -> None:
     with QueueFuzzer(seed=20240611) as fuzzer:
         report = fuzzer.run(inputs=100_000)

@@ -60,7 +60,7 @@ from memslots.errors import (
     MigrationError,
     PropertyError,
 )
-from memslots.host.pages import host_page_size, thp_size
+from memslots.host.pages import HostPages
 from memslots.memory.address_space import AddressSpace, MemoryRegion
 from memslots.memory.backends import MemoryBackend
 from memslots.options import VirtioMemOptions
@@ -91,14 +91,15 @@ class PageSized(Protocol):
         ...
 
 
-def default_block_size(backend: PageSized) -> int:
-    """The default block size for ``backend`` (QEMU's virtio_mem_default_block_size).
+def default_block_size(backend: PageSized, pages: HostPages) -> int:
+    """The default block size for ``backend`` on a host with these ``pages`` (QEMU's
+    virtio_mem_default_block_size).
 
     Base-page backends (anonymous, memfd, shmem, ordinary files) get ``max(page, THP size)``;
     huge page backends get ``max(page, 1 MiB)``.
     """
-    if backend.page_size == host_page_size():
-        return max(backend.page_size, thp_size())
+    if backend.page_size == pages.page_size:
+        return max(backend.page_size, pages.thp_size)
     return max(backend.page_size, MIN_BLOCK_SIZE)
 
 
@@ -144,9 +145,12 @@ class VirtioMem(MemoryDevice):
         memdev: MemoryBackend | None,
         address_space: AddressSpace,
         *,
+        pages: HostPages,
         numa_nodes: int = 0,
     ) -> None:
         self.opts = opts
+        #: The host's page sizes: the default block size follows its THP size.
+        self.pages = pages
         self.id = opts.id
         self.memdev = memdev
         self.address_space = address_space
@@ -202,8 +206,8 @@ class VirtioMem(MemoryDevice):
         if self._block_size:
             return self._block_size
         if self.memdev is None:
-            return thp_size()
-        return default_block_size(self.memdev.memory)
+            return self.pages.thp_size
+        return default_block_size(self.memdev.memory, self.pages)
 
     def set_block_size(self, value: int) -> None:
         """Set ``block-size``; only allowed before realize."""
@@ -306,7 +310,7 @@ class VirtioMem(MemoryDevice):
         region = self.memdev.size
         if not self._block_size:
             # Fix the default now: the minimum memslot size depends on it.
-            self._block_size = default_block_size(self.memdev.memory)
+            self._block_size = default_block_size(self.memdev.memory, self.pages)
         bs = self._block_size
         if bs < self.memdev.memory.page_size or region % bs:
             self.nb_memslots = 1  # realize will fail anyway
@@ -354,7 +358,7 @@ class VirtioMem(MemoryDevice):
                 f"the number of numa nodes: {self.numa_nodes or 1}"
             )
         page_size = memdev.memory.page_size
-        default_bs = default_block_size(memdev.memory)
+        default_bs = default_block_size(memdev.memory, self.pages)
         if self.unplugged_inaccessible == "auto":
             # Only private anonymous memory with base pages has the shared zeropage.
             self.unplugged_inaccessible = "off" if self._shared_zeropage() else "on"
@@ -445,7 +449,9 @@ class VirtioMem(MemoryDevice):
         assert self.memdev is not None
         mem = self.memdev.memory
         return (
-            not self.memdev.opts.share and not mem.fd_backed and mem.page_size == (host_page_size())
+            not self.memdev.opts.share
+            and not mem.fd_backed
+            and mem.page_size == self.pages.page_size
         )
 
     def unrealize(self) -> None:
@@ -473,6 +479,7 @@ class VirtioMem(MemoryDevice):
                 "virtio-mem device cannot get unplugged while 'unplugged-inaccessible' != 'on'"
             )
         if self.size:
+            # QEMU 9.1's text (8.2: "... while 'size' != '0'").
             raise DeviceError(
                 "virtio-mem device cannot get unplugged while some of its memory is still plugged"
             )
@@ -728,11 +735,12 @@ class VirtioMem(MemoryDevice):
     # -- resets --------------------------------------------------------------------------------
 
     def device_reset(self) -> None:
-        """A virtio device reset: block states and memory stay as they are."""
+        """A virtio device reset: block states, memslots and memory stay as they are."""
         self.needs_reset = False
 
     def system_reset(self) -> None:
-        """A system reset: everything gets unplugged and the usable region shrinks.
+        """A system reset: everything gets unplugged (memslots unmapped, memory discarded) and
+        the usable region shrinks to what ``requested-size`` needs.
 
         While busy (migration) QEMU's unplug-all fails and nothing changes.
         """

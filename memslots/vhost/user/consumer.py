@@ -24,10 +24,17 @@ class ConnectionState(enum.Enum):
     DISCONNECTED = "disconnected"
     #: Detached from the machine.
     CLOSED = "closed"
+    #: Described for ``memslots plan``, with the limit the user gave: never connected, sent
+    #: nothing, but counted exactly as a connected one.
+    PLANNED = "planned"
 
 
 class VhostUserConsumer(VhostBackend):
     """A vhost-user back-end as a memslot consumer: one region per mapped fd-backed section.
+
+    Which sections count is decided by fd-backed-ness (``RamBlock.fd_backed``), as QEMU's
+    ``vhost_section`` does, so planned memory (no fd, but memfd or file memory) counts exactly as
+    mapped memory does: ``plan`` and ``run`` charge a back-end the same regions.
 
     Changes are collected between the address space's ``begin()`` and ``commit()`` and sent
     at ``commit()``, removals first. A region beyond the back-end's limit is refused in
@@ -50,21 +57,32 @@ class VhostUserConsumer(VhostBackend):
         endpoint: Endpoint,
         *,
         chardev: str | None = None,
+        planned_limit: int | None = None,
     ) -> None:
         """Connect and negotiate (raises :class:`VhostError`); nothing is sent until
-        :meth:`start`. ``chardev`` names the chardev the back-end is reached through."""
+        :meth:`start`. ``chardev`` names the chardev the back-end is reached through.
+
+        With ``planned_limit``, nothing is connected: the back-end is only described, with that
+        limit (``plan`` cannot ask a back-end that may not be running), and stays PLANNED.
+        """
         self.name = name
         self.endpoint = endpoint
         self.chardev = chardev
-        self.frontend: VhostUserFrontend | None = VhostUserFrontend(endpoint)
-        self.limit = self.frontend.max_mem_slots
-        self.state = ConnectionState.CONNECTED
+        self.frontend: VhostUserFrontend | None = None
+        if planned_limit is None:
+            self.frontend = VhostUserFrontend(endpoint)
+            self.limit = self.frontend.max_mem_slots
+            self.state = ConnectionState.CONNECTED
+        else:
+            self.limit = planned_limit
+            self.state = ConnectionState.PLANNED
         #: Why the last disconnection happened.
         self.disconnect_reason: str | None = None
         self.disconnects = 0
         #: Called with the consumer whenever :attr:`state` changes (lost, reconnected, closed).
         self.state_listeners: list[Callable[[VhostUserConsumer], None]] = []
-        self._sections: dict[Section, tuple[MemRegion, int]] = {}
+        #: Each fd-backed section and its fd (None only for planned memory).
+        self._sections: dict[Section, tuple[MemRegion, int | None]] = {}
         self._started = False
         self._refused = False
 
@@ -80,7 +98,7 @@ class VhostUserConsumer(VhostBackend):
 
     def accepts(self, section: Section) -> bool:
         # A back-end can only map memory it gets a file descriptor for.
-        return section.fd is not None
+        return section.backend.fd_backed
 
     @property
     def regions(self) -> list[MemRegion]:
@@ -95,8 +113,7 @@ class VhostUserConsumer(VhostBackend):
     # -- listener ------------------------------------------------------------------------------
 
     def region_add(self, section: Section) -> None:
-        fd = section.fd
-        if fd is None:
+        if not self.accepts(section):
             return
         if self._started and self.used_memslots >= self.limit:
             self._refused = True
@@ -104,7 +121,7 @@ class VhostUserConsumer(VhostBackend):
                 f"vhost back-end '{self.name}': no free memory region for '{section.name}' at "
                 f"0x{section.gpa:x}: all {self.limit} are in use"
             )
-        self._sections[section] = (MemRegion.of(section), fd)
+        self._sections[section] = (MemRegion.of(section), section.fd)
 
     def region_del(self, section: Section) -> None:
         self._sections.pop(section, None)
@@ -116,7 +133,12 @@ class VhostUserConsumer(VhostBackend):
             self._send_table()
 
     def _desired(self) -> dict[tuple[int, int, int], tuple[MemRegion, int]]:
-        return {r.key: (r, fd) for r, fd in self._sections.values()}
+        desired = {}
+        for r, fd in self._sections.values():
+            # Only a planned back-end sees planned memory, and it is never sent a table.
+            assert fd is not None, f"vhost back-end '{self.name}': region {r} has no fd"
+            desired[r.key] = (r, fd)
+        return desired
 
     def _send_table(self) -> None:
         assert self.frontend is not None
@@ -181,6 +203,8 @@ class VhostUserConsumer(VhostBackend):
         """
         if self.state is ConnectionState.CLOSED:
             raise VhostError(f"vhost back-end '{self.name}' is closed")
+        if self.state is ConnectionState.PLANNED:
+            raise VhostError(f"vhost back-end '{self.name}' is only planned: it has no connection")
         if self.frontend is not None:
             self.frontend.close()
             self.frontend = None
