@@ -636,7 +636,8 @@ class VirtioMem(MemoryDevice):
         for i in slots:
             self._slot_plugged[i] -= self._blocks_in_slot(i, first, count)
         self.bitmap[first : first + count] = bytes(count)
-        # Out of reach only now: the discard needs no access, but a failed one maps back.
+        # Out of reach only after the discard: a failed discard undoes the unplug (BUSY), and
+        # the blocks, still plugged, must stay in reach.
         self._set_accessible(first, count, False)
         self._size_changed(self.size - count * bs)
         return True
