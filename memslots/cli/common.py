@@ -3,17 +3,46 @@ format of durations."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
 
-from memslots.errors import MemslotsError
+from memslots.errors import MemslotsError, OptionError
 from memslots.kvm.cost import DEFAULT_WORKING_SET_FRAMES
-from memslots.options import parse_size
+from memslots.options import decimal_integer, decimal_number, parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class IntRange(click.IntRange):
+    """click's IntRange on ASCII decimal digits only (int() also takes "٤" and "1_0")."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The user's text through :func:`decimal_integer`, then click's range check."""
+        if isinstance(value, str):
+            try:
+                value = decimal_integer(value)
+            except ValueError:
+                self.fail(f"{value!r} is not a valid integer.", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class FloatRange(click.FloatRange):
+    """click's FloatRange on finite ASCII decimal numbers only (float() also takes "nan")."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The user's text through :func:`decimal_number`, then click's range check."""
+        if isinstance(value, str):
+            try:
+                value = decimal_number(value)
+            except ValueError:
+                self.fail(f"{value!r} is not a valid number.", param, ctx)
+        return super().convert(value, param, ctx)
+
 
 err = Console(stderr=True)
 
@@ -72,7 +101,7 @@ accel_option = click.option(
 working_set_option = click.option(
     "--working-set",
     "working_set",
-    type=click.IntRange(min=0),
+    type=IntRange(min=0),
     default=DEFAULT_WORKING_SET_FRAMES,
     show_default=True,
     metavar="FRAMES",
@@ -86,6 +115,23 @@ def format_ms(ms: float) -> str:
     if ms >= 1000:
         return f"{ms / 1000:.3g} s"
     return f"{ms:.2g} ms" if ms < 10 else f"{ms:.0f} ms"
+
+
+def check_output_path(flag: str, path: Path, *, directory: bool) -> None:
+    """Refuse an output path that cannot be written, before a command does its work: a file in a
+    directory that is missing or not writable, a directory where a file is (or the reverse)."""
+    if directory and path.exists() and not path.is_dir():
+        raise OptionError(f"{flag} {path}: not a directory")
+    if not directory and path.is_dir():
+        raise OptionError(f"{flag} {path}: is a directory")
+    # A directory is made with its parents; a file needs its directory to exist.
+    parent = path if directory else path.parent
+    while directory and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OptionError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OptionError(f"{flag} {path}: directory {parent} is not writable")
 
 
 def size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:

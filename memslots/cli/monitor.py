@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import click
 
-from memslots.cli.common import accel_option, machine_options
+from memslots.cli.common import FloatRange, IntRange, accel_option, machine_options
 from memslots.options import parse_machine_config
 
 
@@ -33,7 +33,7 @@ from memslots.options import parse_machine_config
 )
 @click.option(
     "--metrics-port",
-    type=click.IntRange(min=0, max=65535),
+    type=IntRange(min=0, max=65535),
     default=None,
     help="Serve Prometheus metrics on 127.0.0.1:PORT.",
 )
@@ -63,9 +63,7 @@ def run(
 @click.argument("socket")
 @click.argument("command")
 @click.argument("args", nargs=-1)
-@click.option(
-    "--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True
-)
+@click.option("--timeout", type=FloatRange(min=0, min_open=True), default=30.0, show_default=True)
 def qmp_command(socket: str, command: str, args: Sequence[str], timeout: float) -> None:
     """Send one QMP COMMAND (ARGS as key=value or one JSON object) and print the reply."""
     from memslots.monitor.client import run_qmp
@@ -78,9 +76,7 @@ def qmp_command(socket: str, command: str, args: Sequence[str], timeout: float) 
 @click.argument("device")
 @click.argument("size")
 @click.option("--wait", is_flag=True, help="Wait until the size is reached (progress bar).")
-@click.option(
-    "--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True
-)
+@click.option("--timeout", type=FloatRange(min=0, min_open=True), default=60.0, show_default=True)
 def resize(socket: str, device: str, size: str, wait: bool, timeout: float) -> None:
     """Set DEVICE's requested-size to SIZE (exit 3 on timeout, 1 on error)."""
     from memslots.monitor.client import run_resize

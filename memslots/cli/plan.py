@@ -10,6 +10,7 @@ import click
 from rich.table import Table
 
 from memslots.cli.common import (
+    IntRange,
     accel_option,
     err,
     format_ms,
@@ -19,6 +20,7 @@ from memslots.cli.common import (
     working_set_option,
 )
 from memslots.errors import KvmUnavailableError, OptionError
+from memslots.kvm.abi import KVM_MEM_SLOTS_NUM
 from memslots.kvm.host import host_info
 from memslots.kvm.model import KvmModel
 from memslots.kvm.vm import kvm_available
@@ -33,26 +35,27 @@ from memslots.vhost.backend import VHOST_KINDS, VhostBackend, VhostModel
 @machine_options
 @click.option(
     "--kvm-max-memslots",
-    type=click.IntRange(min=1),
+    # KVM's slot ids are shorts: no kernel reports more (x86 keeps 3 for itself: 32764).
+    type=IntRange(min=1, max=KVM_MEM_SLOTS_NUM),
     default=None,
     help="KVM_CAP_NR_MEMSLOTS of the host [default: this machine's, else 32764].",
 )
 @click.option(
     "--kvm-free-memslots",
-    type=click.IntRange(min=0),
+    type=IntRange(min=0),
     default=None,
     help="KVM memslots still free when the first memory device is plugged "
     "[default: all but boot RAM's].",
 )
 @click.option(
     "--vhost-max-memslots",
-    type=click.IntRange(min=1),
+    type=IntRange(min=1),
     default=None,
     help="Memslot limit of a vhost back-end (none without this flag).",
 )
 @click.option(
     "--vhost-free-memslots",
-    type=click.IntRange(min=0),
+    type=IntRange(min=0),
     default=None,
     help="vhost memslots still free when the first memory device is plugged.",
 )
@@ -71,7 +74,7 @@ from memslots.vhost.backend import VHOST_KINDS, VhostBackend, VhostModel
 )
 @click.option(
     "--phys-bits",
-    type=click.IntRange(min=32, max=52),
+    type=IntRange(min=32, max=52),
     default=None,
     help="The vCPU's physical address bits [default: this host's].",
 )
@@ -218,7 +221,7 @@ def _print_plan(result: dict[str, Any]) -> None:
     "--repeats",
     default=3,
     show_default=True,
-    type=click.IntRange(min=1, max=100),
+    type=IntRange(min=1, max=100),
     help="Measure each layout this often; pairs alternate which goes first.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -11,7 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from memslots.cli.common import (
+    FloatRange,
+    IntRange,
     accel_option,
+    check_output_path,
     err,
     format_ms,
     machine_options,
@@ -19,8 +23,9 @@ from memslots.cli.common import (
     table_console,
     working_set_option,
 )
-from memslots.options import parse_machine_config
-from memslots.simulate.run import SCENARIOS
+from memslots.errors import OptionError
+from memslots.options import MAX_TRACE_SECONDS, parse_machine_config
+from memslots.simulate.run import MAX_SCENARIO_STEPS, SCENARIOS
 from memslots.sizes import format_size
 
 
@@ -46,10 +51,16 @@ from memslots.sizes import format_size
     callback=size_option,
     help="Largest size of the built-in scenario [default: 64G or the device size].",
 )
-@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--steps",
+    type=IntRange(min=1, max=MAX_SCENARIO_STEPS),
+    default=8,
+    show_default=True,
+    help="Steps of the built-in scenario (ramp-up; sawtooth: per half).",
+)
 @click.option(
     "--period",
-    type=click.FloatRange(min=0),
+    type=FloatRange(min=0, max=MAX_TRACE_SECONDS),
     default=60.0,
     show_default=True,
     help="Seconds between scenario steps.",
@@ -108,34 +119,42 @@ def simulate(
     plot_dir: str | None,
 ) -> None:
     """Run a resize trace against a machine with the Linux guest model; record the cost."""
-    from pathlib import Path
-
     from rich.progress import Progress, TaskID
 
     from memslots.guest.linux import GuestOptions, Online
-    from memslots.options import first_virtio_mem, parse_offsets, parse_strategies, parse_trace
+    from memslots.options import first_virtio_mem, load_trace, parse_offsets, parse_strategies
     from memslots.simulate.run import (
         DEFAULT_SIM_DEVICE,
         DEFAULT_SIM_MAX,
         DEFAULT_SIM_MEMORY,
         DEFAULT_SIM_OBJECT,
         run_simulation,
+        scenario_granule,
     )
     from memslots.simulate.run import scenario as make_scenario
 
+    # Everything that can refuse does so before the simulation runs, so no result is lost.
+    if csv_path is not None:
+        check_output_path("--csv", Path(csv_path), directory=False)
+    if plot_dir is not None:
+        from memslots.simulate.plots import require_matplotlib
+
+        check_output_path("--plots", Path(plot_dir), directory=True)
+        require_matplotlib()
     if not objects and not devices:
         memory, objects, devices = DEFAULT_SIM_MEMORY, [DEFAULT_SIM_OBJECT], [DEFAULT_SIM_DEVICE]
     strategies = parse_strategies(compare, strategy)
     config = parse_machine_config(memory, objects, devices, accel=accel, chardevs=chardevs)
     dev_id = first_virtio_mem(config)
     if trace_file:
-        trace = parse_trace(Path(trace_file).read_text(), source=trace_file)
+        trace = load_trace(trace_file)
     else:
         memdev = config.virtio_mem_options(dev_id).memdev
         # An unknown memdev is refused with QEMU's words when the machine is built.
         size = next((b.size for b in config.backends if b.id == memdev), DEFAULT_SIM_MAX)
         top = max_size or min(DEFAULT_SIM_MAX, size)
-        trace = make_scenario(scenario, top, 2 << 20, steps=steps, period=period)
+        granule = scenario_granule(config, dev_id)
+        trace = make_scenario(scenario, top, granule, steps=steps, period=period)
     guest_opts = GuestOptions(
         boot_memory_end=0,
         online={"movable": Online.MOVABLE, "kernel": Online.KERNEL}.get(
@@ -145,7 +164,8 @@ def simulate(
         pinned=parse_offsets(guest_pinned),
     )
     results = []
-    with Progress(console=err, transient=True) as bar:
+    # Progress is for a person watching: none in a pipe or a log.
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
         for s in strategies:
             task = bar.add_task(f"simulating ({s})", total=len(trace))
 
@@ -163,17 +183,6 @@ def simulate(
                     working_set_frames=working_set,
                 )
             )
-    if csv_path:
-        for r in results:
-            path = Path(csv_path)
-            if len(results) > 1:
-                path = path.with_name(f"{path.stem}-{r.strategy.replace(':', '-')}{path.suffix}")
-            r.write_csv(path)
-    if plot_dir:
-        from memslots.simulate.plots import write_plots
-
-        for p in write_plots(results, Path(plot_dir)):
-            err.print(f"wrote {p}", highlight=False)
     if as_json:
         data: dict[str, Any] = (
             results[0].as_dict()
@@ -181,8 +190,24 @@ def simulate(
             else {"strategies": [r.as_dict() for r in results]}
         )
         click.echo(json.dumps(data, indent=2))
-        return
-    _print_simulation(results)
+    else:
+        _print_simulation(results)
+    # Files last: if one cannot be written after all, the results are already shown.
+    try:
+        if csv_path:
+            for r in results:
+                path = Path(csv_path)
+                if len(results) > 1:
+                    name = f"{path.stem}-{r.strategy.replace(':', '-')}{path.suffix}"
+                    path = path.with_name(name)
+                r.write_csv(path)
+        if plot_dir:
+            from memslots.simulate.plots import write_plots
+
+            for p in write_plots(results, Path(plot_dir)):
+                err.print(f"wrote {p}", highlight=False)
+    except OSError as exc:
+        raise OptionError(f"cannot write {exc.filename}: {exc.strerror or exc}") from exc
 
 
 def _print_simulation(results: Sequence[Any]) -> None:

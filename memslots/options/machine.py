@@ -57,7 +57,7 @@ def parse_machine_memory(text: str) -> MachineMemory:
     has_slots = "slots" in props.values
     has_maxmem = "maxmem" in props.values
     maxmem = props.pop_size("maxmem", ram)
-    slots = props.pop_int("slots", 0)
+    slots = props.pop_number("slots", 0)
     props.finish(("size", "slots", "maxmem"))
     assert maxmem is not None
     if has_slots and not has_maxmem:
@@ -231,7 +231,7 @@ def _device(props: Props) -> DeviceOptions:
         dynamic = props.pop_bool("dynamic-memslots", False)
         inaccessible = props.pop_choice("unplugged-inaccessible", ("on", "off", "auto"), "on")
         memaddr = props.pop_u64("memaddr", 0)
-        node = props.pop_int("node", 0)
+        node = props.pop_uint32("node", 0)
         prealloc = props.pop_bool("prealloc", False)
         memslot_size = props.pop_size("memslot-size")
         props.finish(
@@ -264,8 +264,8 @@ def _device(props: Props) -> DeviceOptions:
         )
     if driver in DIMM_DRIVERS:
         addr = props.pop_u64("addr", 0)
-        node = props.pop_int("node", 0)
-        slot = props.pop_int("slot", -1)
+        node = props.pop_uint32("node", 0)
+        slot = props.pop_int32("slot", -1)
         props.finish(("id", "memdev", "addr", "node", "slot"))
         return DimmOptions(
             id=dev_id,

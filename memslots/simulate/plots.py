@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,14 +25,32 @@ def measured_label(source: str | None) -> str:
 MiB_F = float(1 << 20)
 
 
+#: The matplotlib the ``plot`` extra names (pyproject.toml).
+MATPLOTLIB = "matplotlib>=3.8"
+
+
+def install_command() -> str:
+    """The one command that adds plots to this installation, whatever installed it."""
+    return f"{shlex.quote(sys.executable)} -m pip install '{MATPLOTLIB}'"
+
+
+def require_matplotlib() -> None:
+    """Raise :class:`HostMissingError` naming :func:`install_command` if plots cannot be made;
+    front-ends call it before they run anything, so that no result is lost."""
+    _pyplot()
+
+
 def _pyplot() -> Any:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise HostMissingError("plots need matplotlib: pip install 'memslots[plot]'") from exc
+    except ImportError as exc:
+        raise HostMissingError(
+            f"plots need matplotlib, which this installation lacks; add it with: "
+            f"{install_command()}"
+        ) from exc
     return plt
 
 
