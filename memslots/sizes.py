@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from memslots.errors import SizeError
 
@@ -118,6 +119,32 @@ def format_size(n: int) -> str:
                     return f"{n // small} {small_name}"
             return f"{n / unit:.2f} {name}"
     return f"{n} B"
+
+
+def column_unit(values: Iterable[int | float]) -> tuple[str, int]:
+    """One unit for a column of sizes: the largest in which the smallest non-zero value is at
+    least a quarter (1 TiB and 512 MiB: GiB, as 1024 and 0.5; never 0.0001), bytes for a
+    column of zeros. Returns its name and size."""
+    nonzero = [abs(v) for v in values if v]
+    low = min(nonzero, default=0)
+    return next(((name, unit) for name, unit in _UNITS if 4 * low >= unit), ("B", 1))
+
+
+def format_in(n: int | float, unit: int) -> str:
+    """``n`` bytes in ``unit``, for a table column: whole when exact, else two decimals at
+    most (``1024``, ``1.5``, ``60.28``)."""
+    value = n / unit
+    if value == int(value):
+        return str(int(value))
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def hex_size(n: int, *, parens: bool = False) -> str:
+    """A size in a refusal: QEMU's hex text first (so it still matches), then human units:
+    ``0xf00000000 (60 GiB)``; with ``parens``, QEMU's ``(0x200000)`` stays whole:
+    ``(0x200000) (2 MiB)``."""
+    text = f"(0x{n:x})" if parens else f"0x{n:x}"
+    return f"{text} ({format_size(n)})"
 
 
 def align_up(value: int, alignment: int) -> int:

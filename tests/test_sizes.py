@@ -14,7 +14,10 @@ from memslots.sizes import (
     TiB,
     align_down,
     align_up,
+    column_unit,
+    format_in,
     format_size,
+    hex_size,
     is_power_of_two,
     parse_ram_size,
     parse_size,
@@ -106,3 +109,23 @@ def test_parse_size_long_but_small() -> None:
     assert parse_size("1." + "0" * 5000 + "G") == GiB
     assert parse_size("0." + "9" * 5000 + "K") == 1023  # truncated to whole bytes, as before
     assert parse_size(" 4G") == 4 * GiB  # strtoull skips leading white space
+
+
+def test_hex_size_repeats_qemus_hex_for_people() -> None:
+    assert hex_size(60 * GiB) == "0xf00000000 (60 GiB)"
+    assert hex_size(2 * MiB, parens=True) == "(0x200000) (2 MiB)"
+
+
+def test_one_unit_per_column() -> None:
+    assert column_unit([2 * MiB, TiB, 0]) == ("MiB", MiB)
+    assert column_unit([512 * MiB, TiB]) == ("GiB", GiB)
+    assert column_unit([4 * GiB, 1536 * MiB]) == ("GiB", GiB)
+    assert column_unit([100]) == ("B", 1)
+    assert column_unit([0, 0]) == ("B", 1)
+    assert column_unit([]) == ("B", 1)
+    assert [format_in(v, GiB) for v in (4 * GiB, 1536 * MiB, 0, GiB + 10 * MiB)] == [
+        "4",
+        "1.5",
+        "0",
+        "1.01",
+    ]

@@ -47,10 +47,10 @@ class FloatRange(click.FloatRange):
 err = Console(stderr=True)
 
 
-def table_console() -> Console:
-    """Standard output for tables: the terminal's width, or a wide page when piped."""
-    console = Console()
-    return console if console.is_terminal else Console(width=160)
+def table_console(*, wide: bool = False) -> Console:
+    """Standard output for tables: the terminal's width (80 columns in a pipe); ``wide`` lets
+    a table be as wide as its columns need."""
+    return Console(width=1000) if wide else Console()
 
 
 def machine_options(f: F) -> F:
@@ -110,11 +110,22 @@ working_set_option = click.option(
 )
 
 
-def format_ms(ms: float) -> str:
-    """A duration given in milliseconds, for tables: ``0.42 ms``, ``53 ms``, ``1.86 s``."""
-    if ms >= 1000:
-        return f"{ms / 1000:.3g} s"
-    return f"{ms:.2g} ms" if ms < 10 else f"{ms:.0f} ms"
+def example(*lines: str) -> str:
+    """A ``--help`` epilog: an example command, kept as written (click rewraps otherwise)."""
+    return "\b\nExample:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+#: The README's machine: 4 GiB of RAM and a 1 TiB virtio-mem device with dynamic memslots.
+EXAMPLE_MACHINE = (
+    "-m 4G,maxmem=1028G \\",
+    "    -object memory-backend-ram,id=mem0,size=1T,reserve=off \\",
+    "    -device virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on",
+)
+
+
+wide_option = click.option(
+    "--wide", is_flag=True, help="Every column, however wide the table gets (default: 80)."
+)
 
 
 def check_output_path(flag: str, path: Path, *, directory: bool) -> None:

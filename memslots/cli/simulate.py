@@ -9,7 +9,6 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from memslots.cli.common import (
     FloatRange,
@@ -17,19 +16,26 @@ from memslots.cli.common import (
     accel_option,
     check_output_path,
     err,
-    format_ms,
+    example,
     machine_options,
     size_option,
     table_console,
+    wide_option,
     working_set_option,
 )
 from memslots.errors import OptionError
 from memslots.options import MAX_TRACE_SECONDS, parse_machine_config
+from memslots.reports import Columns
 from memslots.simulate.run import MAX_SCENARIO_STEPS, SCENARIOS
 from memslots.sizes import format_size
 
 
-@click.command()
+@click.command(
+    epilog=example(
+        "memslots simulate -accel sim --scenario sawtooth \\",
+        "    --compare single,dynamic,fixed:1G",
+    )
+)
 @machine_options
 @accel_option
 @click.option(
@@ -89,6 +95,7 @@ from memslots.sizes import format_size
     help="Sub-blocks (offsets from the device start) that unmovable pages pin in kernel zones.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@wide_option
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write steps as CSV.")
 @click.option(
     "--plots",
@@ -115,6 +122,7 @@ def simulate(
     working_set: int,
     guest_pinned: str,
     as_json: bool,
+    wide: bool,
     csv_path: str | None,
     plot_dir: str | None,
 ) -> None:
@@ -191,7 +199,7 @@ def simulate(
         )
         click.echo(json.dumps(data, indent=2))
     else:
-        _print_simulation(results)
+        _print_simulation(results, wide=wide)
     # Files last: if one cannot be written after all, the results are already shown.
     try:
         if csv_path:
@@ -210,46 +218,48 @@ def simulate(
         raise OptionError(f"cannot write {exc.filename}: {exc.strerror or exc}") from exc
 
 
-def _print_simulation(results: Sequence[Any]) -> None:
+def _print_simulation(results: Sequence[Any], *, wide: bool = False) -> None:
     from memslots.host.kmem import source_footnote, source_label
 
-    out = table_console()
+    out = table_console(wide=wide)
     for r in results:
-        source = r.steps[0].kernel_metadata_source if r.steps else None
-        table = Table(
-            title=f"{r.strategy}: {r.device['id']} ({format_size(r.device['region_size'])}"
-            f", {r.device['memslots']} memslot(s)){' on real KVM' if r.real_kvm else ''}",
-            title_justify="left",
+        steps = r.steps
+        source = steps[0].kernel_metadata_source if steps else None
+        cols = Columns()
+        cols.text("t (s)", [f"{s.time:g}" for s in steps], right=True)
+        cols.sizes("requested", [s.requested for s in steps])
+        cols.sizes("plugged", [s.plugged for s in steps])
+        cols.text("memslots", [str(s.memslots_mapped) for s in steps], right=True)
+        if wide:
+            cols.text("requests", [str(sum(s.requests.values())) for s in steps], right=True)
+        cols.text(
+            "creates/ deletes",
+            [f"{s.memslot_creates}/{s.memslot_deletes}" for s in steps],
+            right=True,
         )
-        for col in (
-            "t (s)",
-            "requested",
-            "plugged",
-            "memslots",
-            "requests",
-            "creates/deletes",
-            "KVM metadata",
-            f"measured ({source_label(source)})",
-            "unmap cost",
-            "outcome",
-        ):
-            table.add_column(col, justify="right")
-        for s in r.steps:
-            table.add_row(
-                f"{s.time:g}",
-                format_size(s.requested),
-                format_size(s.plugged),
-                str(s.memslots_mapped),
-                str(sum(s.requests.values())),
-                f"{s.memslot_creates}/{s.memslot_deletes}",
-                format_size(s.kernel_metadata_bytes),
-                format_size(s.kernel_metadata_measured)
-                if s.kernel_metadata_measured is not None
-                else "-",
-                format_ms(s.unmap_cost_ms) if s.memslot_deletes else "-",
-                s.outcome,
+        cols.sizes("KVM metadata", [s.kernel_metadata_bytes for s in steps])
+        if wide or any(s.kernel_metadata_measured is not None for s in steps):
+            cols.sizes(
+                f"measured, {source_label(source)}", [s.kernel_metadata_measured for s in steps]
             )
-        out.print(table)
+        cols.durations(
+            "unmap cost", [s.unmap_cost_ms if s.memslot_deletes else None for s in steps]
+        )
+        if wide:
+            cols.text("outcome", [s.outcome for s in steps])
+        out.print(
+            cols.table(
+                f"{r.strategy}: {r.device['id']} ({format_size(r.device['region_size'])}, "
+                f"{r.device['memslots']} memslot(s)){' on real KVM' if r.real_kvm else ''}"
+            )
+        )
+        for s in (s for s in steps if s.outcome != "reached"):
+            # The guest's own words for why it stopped short of the request.
+            out.print(
+                f"t={s.time:g}s: plugged {format_size(s.plugged)} of "
+                f"{format_size(s.requested)} requested: {s.stop_reason or s.outcome}",
+                highlight=False,
+            )
         note = source_footnote(source)
         if note:
             out.print(note, highlight=False)
@@ -260,44 +270,39 @@ def _print_simulation(results: Sequence[Any]) -> None:
                 + ", ".join(
                     f"{k} p50 {v['p50']:.1f} p99 {v['p99']:.1f} (n={int(v['count'])})"
                     for k, v in lat.items()
-                )
+                ),
+                highlight=False,
             )
         if r.violations:
             out.print(f"[red]guest saw {len(r.violations)} violation(s):[/red] {r.violations[0]}")
-    _print_summary(out, results)
+    _print_summary(out, results, wide=wide)
 
 
-def _print_summary(out: Console, results: Sequence[Any]) -> None:
+def _print_summary(out: Console, results: Sequence[Any], *, wide: bool) -> None:
     """Metadata and unmap cost side by side, one row per strategy."""
-    first = results[0].summary()
-    table = Table(
-        title="Kernel metadata vs unmap cost (KVM slot-zap-all "
-        f"{'on' if first['slot_zap_all'] else 'off'}, guest working set "
-        f"{first['working_set_frames']} frames)",
-        title_justify="left",
+    summaries = [r.summary() for r in results]
+    first = summaries[0]
+    cols = Columns()
+    cols.text("strategy", [r.strategy for r in results])
+    cols.text("creates", [str(sm["memslot_creates"]) for sm in summaries], right=True)
+    cols.text("deletes", [str(sm["memslot_deletes"]) for sm in summaries], right=True)
+    cols.sizes("metadata peak", [sm["kernel_metadata_peak_bytes"] for sm in summaries])
+    cols.text(
+        "metadata x time (GiB*s)",
+        [f"{sm['kernel_metadata_byte_seconds'] / (1 << 30):.3g}" for sm in summaries],
+        right=True,
     )
-    for col in (
-        "strategy",
-        "creates",
-        "deletes",
-        "metadata peak",
-        "metadata x time",
-        "unmap cost (model)",
+    cols.durations("unmap cost", [sm["unmap_cost_ms"] for sm in summaries])
+    cols.durations(
         "per delete",
-        "delete CPU time (measured)",
-    ):
-        table.add_column(col, justify="left" if col == "strategy" else "right")
-    for r in results:
-        sm = r.summary()
-        measured = sm["delete_ms_measured"]
-        table.add_row(
-            r.strategy,
-            str(sm["memslot_creates"]),
-            str(sm["memslot_deletes"]),
-            format_size(sm["kernel_metadata_peak_bytes"]),
-            f"{sm['kernel_metadata_byte_seconds'] / (1 << 30):.3g} GiB*s",
-            format_ms(sm["unmap_cost_ms"]),
-            format_ms(sm["unmap_cost_ms_per_delete"]) if sm["memslot_deletes"] else "-",
-            format_ms(measured) if measured is not None else "-",
+        [sm["unmap_cost_ms_per_delete"] if sm["memslot_deletes"] else None for sm in summaries],
+    )
+    if wide or any(sm["delete_ms_measured"] is not None for sm in summaries):
+        cols.durations("delete CPU time", [sm["delete_ms_measured"] for sm in summaries])
+    out.print(
+        cols.table(
+            "Kernel metadata vs unmap cost (model; KVM slot-zap-all "
+            f"{'on' if first['slot_zap_all'] else 'off'}, guest working set "
+            f"{first['working_set_frames']} frames)"
         )
-    out.print(table)
+    )

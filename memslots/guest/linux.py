@@ -286,6 +286,7 @@ class LinuxGuest:
             self._timer = None
         if self.broken or self.hung:
             return
+        self.stop_reason = None  # until this pass says otherwise
         for _ in range(MAX_IMMEDIATE_RETRIES):
             rc = self._run_once()
             if rc is not Rc.EAGAIN:

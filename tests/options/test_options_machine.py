@@ -206,3 +206,12 @@ def test_duplicate_ids() -> None:
         parse_machine_config("1G", [], ["virtio-mem,id=v", "virtio-mem,id=v"])
     with pytest.raises(OptionError, match="-accel tcg"):
         parse_machine_config("1G", accel="tcg")
+
+
+def test_refusals_repeat_sizes_in_human_units_after_qemus_text() -> None:
+    with pytest.raises(OptionError) as info:
+        parse_machine_memory("8G,maxmem=4G")
+    assert str(info.value).endswith(
+        "maximum memory size (0x100000000) must be at least the initial memory size "
+        "(0x200000000) (maxmem 4 GiB, RAM 8 GiB)"
+    )
