@@ -89,3 +89,42 @@ def test_plots_name_the_source_of_measured_figures(tmp_path: Path) -> None:
     result = SimResult("dynamic", True, {"id": "vmem0"}, [step(0, 4096), step(1, -3 << 20)])
     files = write_plots([result], tmp_path)
     assert len(files) == 6 and all(f.stat().st_size > 0 for f in files)
+
+
+def test_plots_legends_integer_steps_one_colour_per_strategy() -> None:
+    import matplotlib.pyplot as plt
+
+    from memslots.simulate.plots import figures
+
+    config = parse_machine_config(
+        "4G,maxmem=20G",
+        ["memory-backend-ram,id=mem0,size=16G,reserve=off"],
+        ["virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on"],
+        accel="sim",
+    )
+    trace = scenario("sawtooth", 8 * GiB, 128 * MiB, steps=2)
+    results = [run_simulation(config, trace, strategy=s) for s in ("single", "dynamic")]
+    figs = figures(results)
+    try:
+        for ax in figs["memslots"].axes:
+            legend = ax.get_legend()
+            assert [t.get_text() for t in legend.get_texts()] == ["mapped", "not mapped"]
+            for ticks in (ax.get_xticks(), ax.get_yticks()):
+                assert all(float(t).is_integer() for t in ticks), ticks
+        colours: dict[str, set[str]] = {}
+        for name in ("sizes", "metadata"):
+            for line in figs[name].axes[0].get_lines():
+                label = str(line.get_label())
+                for strategy in ("single", "dynamic"):
+                    if f"({strategy})" in label or label.startswith(f"{strategy} "):
+                        colours.setdefault(strategy, set()).add(str(line.get_color()))
+        assert all(len(c) == 1 for c in colours.values()), colours  # the same in every figure
+        assert colours["single"] != colours["dynamic"]
+        # and the map panel of each strategy is drawn in that colour
+        legend_colours = [
+            ax.get_legend().get_patches()[0].get_facecolor() for ax in figs["memslots"].axes
+        ]
+        assert legend_colours[0] != legend_colours[1]
+    finally:
+        for fig in figs.values():
+            plt.close(fig)
