@@ -30,15 +30,17 @@ checks=0
 check() {
     local want="$1"
     shift
+    local shown="$*"
+    [ "${#shown}" -gt 160 ] && shown="${shown:0:150}... (${#shown} characters)"
     checks=$((checks + 1))
     "$@" >"$tmp/out" 2>"$tmp/err"
     local got=$?
     if [ "$got" != "$want" ] || grep -q "Traceback" "$tmp/out" "$tmp/err"; then
         failures=$((failures + 1))
-        echo "FAIL (exit $got, wanted $want): $*"
+        echo "FAIL (exit $got, wanted $want): $shown"
         tail -n 5 "$tmp/err"
     else
-        echo "ok   (exit $got): $*"
+        echo "ok   (exit $got): $shown"
     fi
 }
 
