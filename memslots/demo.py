@@ -18,7 +18,7 @@ from memslots.machine.machine import Machine, uses_real_kvm
 from memslots.machine.vm import GuestVm
 from memslots.memory.address_space import Section
 from memslots.options import parse_machine_config
-from memslots.sizes import GiB, format_size
+from memslots.sizes import GiB, column_unit, format_in, format_size
 
 DEMO_MEMORY = "4G,maxmem=1028G"
 DEMO_OBJECT = "memory-backend-ram,id=mem0,size=1T,reserve=off"
@@ -127,26 +127,32 @@ def run_demo(accel: str, *, as_json: bool = False, out: Console | None = None) -
 def _print_steps(out: Console, steps: list[DemoStep], source: str | None, dev: VirtioMem) -> None:
     real = source is not None
     table = Table(title="Resizing vmem0", title_justify="left")
-    cols = ["requested", "plugged", "guest requests", "memslots mapped", "KVM metadata (model)"]
+    # One unit per column, named in its title.
+    model = [
+        s.kernel_metadata_source_model
+        if s.kernel_metadata_source_model is not None
+        else s.kernel_metadata_model
+        for s in steps
+    ]
+    size_name, size_unit = column_unit([s.requested for s in steps] + [s.plugged for s in steps])
+    meta_name, meta_unit = column_unit(model + [s.kernel_metadata_measured or 0 for s in steps])
+    cols = [f"requested ({size_name})", f"plugged ({size_name})", "guest requests"]
+    cols += ["memslots mapped", f"KVM metadata, model ({meta_name})"]
     if real:
-        cols.append(f"measured ({source_label(source)})")
+        cols.append(f"measured, {source_label(source)} ({meta_name})")
     for c in cols:
         table.add_column(c, justify="right")
-    for s in steps:
+    for s, m in zip(steps, model, strict=True):
         row = [
-            format_size(s.requested) if s.requested else "0",
-            format_size(s.plugged) if s.plugged else "0",
+            format_in(s.requested, size_unit),
+            format_in(s.plugged, size_unit),
             str(s.requests),
             f"{s.memslots_mapped} of {dev.nb_memslots}",
-            format_size(
-                s.kernel_metadata_source_model
-                if s.kernel_metadata_source_model is not None
-                else s.kernel_metadata_model
-            ),
+            format_in(m, meta_unit),
         ]
         if real:
             assert s.kernel_metadata_measured is not None
-            row.append(format_size(s.kernel_metadata_measured))
+            row.append(format_in(s.kernel_metadata_measured, meta_unit))
         table.add_row(*row)
     out.print(table)
     note = source_footnote(source)

@@ -13,6 +13,9 @@ metrics and ``memslots info`` tell about a machine, built once and rendered by e
   (:class:`KernelMemoryReport`) what the per-VM meter measured; ``x-query-kernel-metadata`` and
   the ``memslots_kernel_metadata_*`` and ``memslots_kernel_memory_*`` metrics.
 
+:class:`Columns` lays out every table for people (the command line's and ``info``'s): one unit
+per column, named in its title, and values never cut, so that the default tables fit 80 columns.
+
 Each field has one spelling, its Python name. JSON output (``plan --json``) uses it as is, with
 ``null`` for an absent value; QMP spells it with dashes, as QAPI does, and leaves absent
 (optional) members out; metric names contain it after a ``memslots_<record>_`` prefix.
@@ -22,9 +25,13 @@ QEMU's own QMP outputs (``query-memory-devices``, events) are the devices' and s
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from rich import box
+from rich.table import Table
 
 from memslots.devices.memory_device import MemoryDevice
 from memslots.host.kmem import KmemMeter
@@ -32,9 +39,11 @@ from memslots.kvm.cost import UNMAP_COST_MEASURED
 from memslots.machine.machine import Machine
 from memslots.memory.address_space import Section
 from memslots.memory.consumer import MemslotConsumer
+from memslots.sizes import column_unit, format_in
 
 __all__ = [
     "BudgetReport",
+    "Columns",
     "ConsumerReport",
     "DeviceKernelMetadata",
     "DeviceMemoryReport",
@@ -395,3 +404,58 @@ def kernel_metadata_report(
         real=real,
         kernel_memory=kernel_memory,
     )
+
+
+def _number(value: float) -> str:
+    # Three significant digits at most, never an exponent.
+    if value >= 100 or value == int(value):
+        return f"{value:.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+class Columns:
+    """A table for people, built column by column, with one unit per column (in its title):
+    sizes in the unit their smallest non-zero value reaches, durations in ms or s."""
+
+    def __init__(self) -> None:
+        self._columns: list[tuple[str, list[str], str]] = []
+
+    def text(self, title: str, cells: Sequence[str], *, right: bool = False) -> None:
+        """A column of text (or counts, with ``right``)."""
+        self._columns.append((title, list(cells), "right" if right else "left"))
+
+    def sizes(self, title: str, values: Sequence[int | None]) -> None:
+        """A column of sizes in bytes (None shows as "-")."""
+        name, unit = column_unit([v for v in values if v is not None])
+        cells = [format_in(v, unit) if v is not None else "-" for v in values]
+        self._columns.append((f"{title} ({name})", cells, "right"))
+
+    def durations(self, title: str, values: Sequence[float | None]) -> None:
+        """A column of durations in milliseconds (None shows as "-"), in s if all reach 1 s."""
+        present = [v for v in values if v]
+        name, scale = ("s", 1000.0) if present and min(present) >= 1000 else ("ms", 1.0)
+        cells = [_number(v / scale) if v is not None else "-" for v in values]
+        self._columns.append((f"{title} ({name})", cells, "right"))
+
+    def table(self, title: str, caption: str | None = None) -> Table:
+        """The rich table, its title and caption left-aligned."""
+        # No vertical rules: 80 columns hold a few more of them.
+        table = Table(
+            title=title,
+            title_justify="left",
+            caption=caption,
+            caption_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
+        for name, cells, justify in self._columns:
+            # A column is as wide as its values (never cut short); its title wraps to that.
+            width = max([len(c) for c in cells] + [len(w) for w in name.split()])
+            table.add_column(
+                "\n".join(textwrap.wrap(name, width)),
+                justify="right" if justify == "right" else "left",
+                no_wrap=True,
+            )
+        for row in zip(*(cells for _, cells, _ in self._columns), strict=True):
+            table.add_row(*row)
+        return table

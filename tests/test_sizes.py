@@ -14,7 +14,10 @@ from memslots.sizes import (
     TiB,
     align_down,
     align_up,
+    column_unit,
+    format_in,
     format_size,
+    hex_size,
     is_power_of_two,
     parse_ram_size,
     parse_size,
@@ -79,3 +82,50 @@ def test_roundtrip_with_suffix(n: int, suffix: str) -> None:
     unit = {"K": KiB, "M": MiB, "G": GiB, "T": TiB}[suffix]
     if n * unit < 1 << 64:
         assert parse_size(f"{n}{suffix}") == n * unit
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\u0664G",  # ARABIC-INDIC DIGIT FOUR: int() and \d take it, QEMU does not
+        "\uff14G",  # FULLWIDTH DIGIT FOUR
+        "1\u212a",  # KELVIN SIGN: matched "k" case-insensitively
+        "1.\u0665G",
+        "1_0G",
+        "1" * 5000,
+        "0x" + "f" * 5000,
+        "1" * 5000 + "G",
+    ],
+    ids=lambda t: ascii(t)[:24],
+)
+def test_parse_size_rejects_what_qemu_rejects(text: str) -> None:
+    with pytest.raises(SizeError) as info:
+        parse_size(text)
+    assert len(str(info.value)) < 200  # a long text is shortened in the message
+
+
+def test_parse_size_long_but_small() -> None:
+    assert parse_size("0" * 5000 + "4G") == 4 * GiB
+    assert parse_size("1." + "0" * 5000 + "G") == GiB
+    assert parse_size("0." + "9" * 5000 + "K") == 1023  # truncated to whole bytes, as before
+    assert parse_size(" 4G") == 4 * GiB  # strtoull skips leading white space
+
+
+def test_hex_size_repeats_qemus_hex_for_people() -> None:
+    assert hex_size(60 * GiB) == "0xf00000000 (60 GiB)"
+    assert hex_size(2 * MiB, parens=True) == "(0x200000) (2 MiB)"
+
+
+def test_one_unit_per_column() -> None:
+    assert column_unit([2 * MiB, TiB, 0]) == ("MiB", MiB)
+    assert column_unit([512 * MiB, TiB]) == ("GiB", GiB)
+    assert column_unit([4 * GiB, 1536 * MiB]) == ("GiB", GiB)
+    assert column_unit([100]) == ("B", 1)
+    assert column_unit([0, 0]) == ("B", 1)
+    assert column_unit([]) == ("B", 1)
+    assert [format_in(v, GiB) for v in (4 * GiB, 1536 * MiB, 0, GiB + 10 * MiB)] == [
+        "4",
+        "1.5",
+        "0",
+        "1.01",
+    ]

@@ -3,25 +3,54 @@ format of durations."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
 
-from memslots.errors import MemslotsError
+from memslots.errors import MemslotsError, OptionError
 from memslots.kvm.cost import DEFAULT_WORKING_SET_FRAMES
-from memslots.options import parse_size
+from memslots.options import decimal_integer, decimal_number, parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class IntRange(click.IntRange):
+    """click's IntRange on ASCII decimal digits only (int() also takes "٤" and "1_0")."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The user's text through :func:`decimal_integer`, then click's range check."""
+        if isinstance(value, str):
+            try:
+                value = decimal_integer(value)
+            except ValueError:
+                self.fail(f"{value!r} is not a valid integer.", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class FloatRange(click.FloatRange):
+    """click's FloatRange on finite ASCII decimal numbers only (float() also takes "nan")."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The user's text through :func:`decimal_number`, then click's range check."""
+        if isinstance(value, str):
+            try:
+                value = decimal_number(value)
+            except ValueError:
+                self.fail(f"{value!r} is not a valid number.", param, ctx)
+        return super().convert(value, param, ctx)
+
 
 err = Console(stderr=True)
 
 
-def table_console() -> Console:
-    """Standard output for tables: the terminal's width, or a wide page when piped."""
-    console = Console()
-    return console if console.is_terminal else Console(width=160)
+def table_console(*, wide: bool = False) -> Console:
+    """Standard output for tables: the terminal's width (80 columns in a pipe); ``wide`` lets
+    a table be as wide as its columns need."""
+    return Console(width=1000) if wide else Console()
 
 
 def machine_options(f: F) -> F:
@@ -72,7 +101,7 @@ accel_option = click.option(
 working_set_option = click.option(
     "--working-set",
     "working_set",
-    type=click.IntRange(min=0),
+    type=IntRange(min=0),
     default=DEFAULT_WORKING_SET_FRAMES,
     show_default=True,
     metavar="FRAMES",
@@ -81,11 +110,39 @@ working_set_option = click.option(
 )
 
 
-def format_ms(ms: float) -> str:
-    """A duration given in milliseconds, for tables: ``0.42 ms``, ``53 ms``, ``1.86 s``."""
-    if ms >= 1000:
-        return f"{ms / 1000:.3g} s"
-    return f"{ms:.2g} ms" if ms < 10 else f"{ms:.0f} ms"
+def example(*lines: str) -> str:
+    """A ``--help`` epilog: an example command, kept as written (click rewraps otherwise)."""
+    return "\b\nExample:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+#: The README's machine: 4 GiB of RAM and a 1 TiB virtio-mem device with dynamic memslots.
+EXAMPLE_MACHINE = (
+    "-m 4G,maxmem=1028G \\",
+    "    -object memory-backend-ram,id=mem0,size=1T,reserve=off \\",
+    "    -device virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on",
+)
+
+
+wide_option = click.option(
+    "--wide", is_flag=True, help="Every column, however wide the table gets (default: 80)."
+)
+
+
+def check_output_path(flag: str, path: Path, *, directory: bool) -> None:
+    """Refuse an output path that cannot be written, before a command does its work: a file in a
+    directory that is missing or not writable, a directory where a file is (or the reverse)."""
+    if directory and path.exists() and not path.is_dir():
+        raise OptionError(f"{flag} {path}: not a directory")
+    if not directory and path.is_dir():
+        raise OptionError(f"{flag} {path}: is a directory")
+    # A directory is made with its parents; a file needs its directory to exist.
+    parent = path if directory else path.parent
+    while directory and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OptionError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OptionError(f"{flag} {path}: directory {parent} is not writable")
 
 
 def size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:

@@ -31,8 +31,13 @@ class MemslotsCli(click.Group):
         try:
             return super().main(*args, **kwargs)
         except click.ClickException as exc:
-            exc.show()
-            # Usage errors are bad input, like every other (click itself would exit 2).
+            # Said like every other error; usage errors are bad input (click would exit 2).
+            click.echo(f"memslots: {exc.format_message()}", err=True)
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                ctx = exc.ctx
+                click.echo(
+                    f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.", err=True
+                )
             sys.exit(EXIT_BAD_INPUT)
         except click.Abort:
             click.echo("Aborted!", err=True)

@@ -8,11 +8,25 @@ from collections.abc import Sequence
 
 import click
 
-from memslots.cli.common import accel_option, machine_options
+from memslots.cli.common import (
+    EXAMPLE_MACHINE,
+    FloatRange,
+    IntRange,
+    accel_option,
+    example,
+    machine_options,
+)
 from memslots.options import parse_machine_config
 
 
-@click.command()
+@click.command(
+    epilog=example(
+        f"memslots run {EXAMPLE_MACHINE[0]}",
+        *EXAMPLE_MACHINE[1:-1],
+        f"{EXAMPLE_MACHINE[-1]} \\",
+        "    -qmp unix:/tmp/qmp.sock,server=on,wait=off --metrics-port 9100",
+    )
+)
 @machine_options
 @accel_option
 @click.option(
@@ -33,7 +47,7 @@ from memslots.options import parse_machine_config
 )
 @click.option(
     "--metrics-port",
-    type=click.IntRange(min=0, max=65535),
+    type=IntRange(min=0, max=65535),
     default=None,
     help="Serve Prometheus metrics on 127.0.0.1:PORT.",
 )
@@ -59,13 +73,11 @@ def run(
     asyncio.run(serve(config, endpoints, guest=guest == "linux", metrics_port=metrics_port))
 
 
-@click.command("qmp")
+@click.command("qmp", epilog=example("memslots qmp /tmp/qmp.sock qom-get path=vmem0 property=size"))
 @click.argument("socket")
 @click.argument("command")
 @click.argument("args", nargs=-1)
-@click.option(
-    "--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True
-)
+@click.option("--timeout", type=FloatRange(min=0, min_open=True), default=30.0, show_default=True)
 def qmp_command(socket: str, command: str, args: Sequence[str], timeout: float) -> None:
     """Send one QMP COMMAND (ARGS as key=value or one JSON object) and print the reply."""
     from memslots.monitor.client import run_qmp
@@ -73,27 +85,33 @@ def qmp_command(socket: str, command: str, args: Sequence[str], timeout: float) 
     run_qmp(socket, command, args, timeout=timeout)
 
 
-@click.command()
+@click.command(epilog=example("memslots resize /tmp/qmp.sock vmem0 16G --wait --timeout 60"))
 @click.argument("socket")
 @click.argument("device")
 @click.argument("size")
 @click.option("--wait", is_flag=True, help="Wait until the size is reached (progress bar).")
-@click.option(
-    "--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True
-)
-def resize(socket: str, device: str, size: str, wait: bool, timeout: float) -> None:
-    """Set DEVICE's requested-size to SIZE (exit 3 on timeout, 1 on error)."""
+@click.option("--timeout", type=FloatRange(min=0, min_open=True), default=60.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def resize(socket: str, device: str, size: str, wait: bool, timeout: float, as_json: bool) -> None:
+    """Set DEVICE's requested-size to SIZE (exit 3 on timeout, 1 on error).
+
+    With --wait, follow the size until the guest gets there, or until it stops short and says
+    why (memslots run's guest; exit 1).
+    """
     from memslots.monitor.client import run_resize
 
-    run_resize(socket, device, size, wait=wait, timeout=timeout)
+    run_resize(socket, device, size, wait=wait, timeout=timeout, json_output=as_json)
 
 
-@click.command()
+@click.command(epilog=example("memslots info /tmp/qmp.sock memslots --all"))
 @click.argument("socket")
 @click.argument("what", type=click.Choice(("memslots", "memory-devices", "budget")))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def info(socket: str, what: str, as_json: bool) -> None:
-    """Show the memslot map, the memory devices or the memslot budget of a running machine."""
+@click.option("--all", "show_all", is_flag=True, help="memslots: unmapped ones too.")
+@click.option("--wide", is_flag=True, help="Every column, however wide the table gets.")
+def info(socket: str, what: str, as_json: bool, show_all: bool, wide: bool) -> None:
+    """Show the memslot map (mapped memslots), the memory devices or the memslot budget of a
+    running machine."""
     from memslots.monitor.client import run_info
 
-    run_info(socket, what, json_output=as_json)
+    run_info(socket, what, json_output=as_json, show_all=show_all, wide=wide)

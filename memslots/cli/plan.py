@@ -7,51 +7,55 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
-from rich.table import Table
 
 from memslots.cli.common import (
+    EXAMPLE_MACHINE,
+    IntRange,
     accel_option,
     err,
-    format_ms,
+    example,
     machine_options,
     size_option,
     table_console,
+    wide_option,
     working_set_option,
 )
 from memslots.errors import KvmUnavailableError, OptionError
+from memslots.kvm.abi import KVM_MEM_SLOTS_NUM
 from memslots.kvm.host import host_info
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
 from memslots.options import parse_machine_config
-from memslots.reports import budget_report, device_plan, to_json, unmap_cost_model
+from memslots.reports import Columns, budget_report, device_plan, to_json, unmap_cost_model
 from memslots.sizes import format_size
 from memslots.vhost.backend import VHOST_KINDS, VhostBackend, VhostModel
 
 
-@click.command()
+@click.command(epilog=example(f"memslots plan {EXAMPLE_MACHINE[0]}", *EXAMPLE_MACHINE[1:]))
 @machine_options
 @click.option(
     "--kvm-max-memslots",
-    type=click.IntRange(min=1),
+    # KVM's slot ids are shorts: no kernel reports more (x86 keeps 3 for itself: 32764).
+    type=IntRange(min=1, max=KVM_MEM_SLOTS_NUM),
     default=None,
     help="KVM_CAP_NR_MEMSLOTS of the host [default: this machine's, else 32764].",
 )
 @click.option(
     "--kvm-free-memslots",
-    type=click.IntRange(min=0),
+    type=IntRange(min=0),
     default=None,
     help="KVM memslots still free when the first memory device is plugged "
     "[default: all but boot RAM's].",
 )
 @click.option(
     "--vhost-max-memslots",
-    type=click.IntRange(min=1),
+    type=IntRange(min=1),
     default=None,
     help="Memslot limit of a vhost back-end (none without this flag).",
 )
 @click.option(
     "--vhost-free-memslots",
-    type=click.IntRange(min=0),
+    type=IntRange(min=0),
     default=None,
     help="vhost memslots still free when the first memory device is plugged.",
 )
@@ -77,13 +81,14 @@ from memslots.vhost.backend import VHOST_KINDS, VhostBackend, VhostModel
 )
 @click.option(
     "--phys-bits",
-    type=click.IntRange(min=32, max=52),
+    type=IntRange(min=32, max=52),
     default=None,
     help="The vCPU's physical address bits [default: this host's].",
 )
 @accel_option
 @working_set_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@wide_option
 def plan(
     memory: str,
     objects: Sequence[str],
@@ -100,6 +105,7 @@ def plan(
     cpu_vendor: str | None,
     phys_bits: int | None,
     as_json: bool,
+    wide: bool,
 ) -> None:
     """Decide memslots as QEMU would, on the KVM model, without touching the kernel.
 
@@ -148,41 +154,31 @@ def plan(
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    _print_plan(result)
+    _print_plan(result, wide=wide)
 
 
-def _print_plan(result: dict[str, Any]) -> None:
-    out = table_console()
-    table = Table(title="Memory devices", title_justify="left")
-    for col in (
-        "id",
-        "type",
-        "address",
-        "size",
-        "block",
-        "memslots",
-        "memslot size",
-        "last",
-        "metadata as 1 memslot",
-        "as decided",
-        "unmap cost",
-    ):
-        table.add_column(col, justify="right" if col not in ("id", "type") else "left")
-    for r in result["memory_devices"]:
-        md = r["kernel_metadata_bytes"]
-        table.add_row(
-            str(r["id"]),
-            r["type"] + (" (dynamic)" if r["dynamic_memslots"] else ""),
-            f"0x{r['address']:x}",
-            format_size(r["region_size"]),
-            format_size(r["block_size"]) if r["block_size"] else "-",
-            str(r["memslots"]),
-            format_size(r["memslot_size"]),
-            format_size(r["last_memslot_size"]),
-            format_size(md["single_memslot"]),
-            format_size(md["decided_memslots"]),
-            format_ms(r["unmap_cost_ms"]["total"]),
+def _print_plan(result: dict[str, Any], *, wide: bool = False) -> None:
+    out = table_console(wide=wide)
+    devs = result["memory_devices"]
+    cols = Columns()
+    cols.text("id", [str(r["id"]) for r in devs])
+    if wide:
+        cols.text(
+            "type", [r["type"] + (" (dynamic)" if r["dynamic_memslots"] else "") for r in devs]
         )
+    cols.text("address", [f"0x{r['address']:x}" for r in devs], right=True)
+    cols.sizes("size", [r["region_size"] for r in devs])
+    if wide:
+        cols.sizes("block", [r["block_size"] or None for r in devs])
+    cols.text("memslots", [str(r["memslots"]) for r in devs], right=True)
+    cols.sizes("each", [r["memslot_size"] for r in devs])
+    if wide:
+        cols.sizes("last", [r["last_memslot_size"] for r in devs])
+    metadata = [r["kernel_metadata_bytes"] for r in devs]
+    cols.sizes("metadata 1 memslot", [md["single_memslot"] for md in metadata])
+    cols.sizes("as decided", [md["decided_memslots"] for md in metadata])
+    cols.durations("unmap cost", [r["unmap_cost_ms"]["total"] for r in devs])
+    table = cols.table("Memory devices")
     out.print(table)
     host = result["host"]
     out.print(f"host: {host['cpu_vendor']} vCPU with {host['phys_bits']} physical address bits")
@@ -214,7 +210,7 @@ def _print_plan(result: dict[str, Any]) -> None:
         )
 
 
-@click.command()
+@click.command(epilog=example("memslots measure --device-size 1T --plugged 1G --repeats 3"))
 @click.option(
     "--device-size",
     default="1T",
@@ -233,7 +229,7 @@ def _print_plan(result: dict[str, Any]) -> None:
     "--repeats",
     default=3,
     show_default=True,
-    type=click.IntRange(min=1, max=100),
+    type=IntRange(min=1, max=100),
     help="Measure each layout this often; pairs alternate which goes first.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -267,25 +263,27 @@ def measure(device_size: int, plugged: int, repeats: int, as_json: bool) -> None
         return
     out = table_console()
     label = source_label(result.source)
-    table = Table(
-        title=f"{format_size(device_size)} virtio-mem device, "
-        f"{format_size(plugged)} plugged (real KVM, {repeats}x each)",
-        title_justify="left",
+    layouts = (
+        ("single", result.singles, result.single),
+        ("dynamic", result.dynamics, result.dynamic),
     )
-    for col in ("", "memslots", f"kernel ({label})\nmin / median", "model", "time\nmin / median"):
-        table.add_column(col, justify="right")
-    for name, runs in (("single", result.singles), ("dynamic", result.dynamics)):
-        summary = result.single if name == "single" else result.dynamic
-        kernel = [r.kernel_metadata_bytes for r in runs]
-        seconds = [r.seconds for r in runs]
-        table.add_row(
-            name,
-            str(summary.memslots_mapped),
-            f"{format_size(min(kernel))} / {format_size(summary.kernel_metadata_bytes)}",
-            format_size(summary.predicted_bytes),
-            f"{min(seconds) * 1000:.1f} / {summary.seconds * 1000:.1f} ms",
+    cols = Columns()
+    cols.text("layout", [name for name, _, _ in layouts])
+    cols.text("memslots", [str(s.memslots_mapped) for _, _, s in layouts], right=True)
+    cols.sizes(
+        f"kernel, {label}: min",
+        [min(r.kernel_metadata_bytes for r in runs) for _, runs, _ in layouts],
+    )
+    cols.sizes("median", [s.kernel_metadata_bytes for _, _, s in layouts])
+    cols.sizes("model", [s.predicted_bytes for _, _, s in layouts])
+    cols.durations("time: min", [min(r.seconds for r in runs) * 1000 for _, runs, _ in layouts])
+    cols.durations("median", [s.seconds * 1000 for _, _, s in layouts])
+    out.print(
+        cols.table(
+            f"{format_size(device_size)} virtio-mem device, {format_size(plugged)} plugged "
+            f"(real KVM, {repeats}x each)"
         )
-    out.print(table)
+    )
     out.print(f"kernel memory: {result.source_detail}", highlight=False)
     note = source_footnote(result.source)
     if note:
@@ -299,7 +297,7 @@ def measure(device_size: int, plugged: int, repeats: int, as_json: bool) -> None
         )
 
 
-@click.command()
+@click.command(epilog=example("memslots demo -accel sim"))
 @accel_option
 @click.option("--json", "as_json", is_flag=True, help="Print the steps as JSON.")
 def demo(accel: str, as_json: bool) -> None:

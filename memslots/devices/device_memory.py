@@ -15,7 +15,7 @@ from memslots.devices.budget import MemslotBudget
 from memslots.devices.memory_device import MemoryDevice
 from memslots.errors import MemoryDeviceError
 from memslots.memory.address_space import AddressSpace, MemoryRegion, Section
-from memslots.sizes import align_up
+from memslots.sizes import align_up, format_size, hex_size
 
 log = logging.getLogger("memslots.devices.device_memory")
 
@@ -100,7 +100,8 @@ class DeviceMemory:
             raise MemoryDeviceError(
                 f"not enough space, currently 0x{self.used_region_size:x} in use of total "
                 f"space for memory devices 0x{self.total_space:x} "
-                f"(device '{dev.label}' needs 0x{size:x})"
+                f"({format_size(self.used_region_size)} of {format_size(self.total_space)} in "
+                f"use; device '{dev.label}' needs 0x{size:x}, {format_size(size)})"
             )
 
     def get_free_addr(self, hint: int | None, align: int, size: int) -> int:
@@ -115,7 +116,9 @@ class DeviceMemory:
             )
         if hint is not None:
             if align and hint % align:
-                raise MemoryDeviceError(f"address must be aligned to 0x{align:x} bytes")
+                raise MemoryDeviceError(
+                    f"address must be aligned to 0x{align:x} bytes ({format_size(align)})"
+                )
             if hint < lo or hint + size > hi:
                 raise MemoryDeviceError(
                     f"can't add memory device [0x{hint:x}:0x{size:x}], usable range for memory "
@@ -155,7 +158,7 @@ class DeviceMemory:
         # QEMU 9.0 (commit 540a1abb; 8.2.0 had dropped the check): a region whose size is not
         # a multiple of its own alignment (a DIMM of 1 GiB + 1 byte) makes no sense.
         if mr.align and mr.size % mr.align:
-            raise MemoryDeviceError(f"backend memory size must be multiple of 0x{mr.align:x}")
+            raise MemoryDeviceError(f"backend memory size must be multiple of {hex_size(mr.align)}")
         device_align = max(dev.get_min_alignment(), mr.align)
         align = legacy_align if legacy_align is not None else device_align
         addr = dev.get_addr()

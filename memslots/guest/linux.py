@@ -26,7 +26,7 @@ from typing import Protocol
 
 from memslots.devices.virtio_mem.wire import Config, ReqType, Request, Resp, Response
 from memslots.guest.sched import Scheduler, Timer
-from memslots.sizes import GiB, MiB
+from memslots.sizes import GiB, MiB, format_size
 
 log = logging.getLogger("memslots.guest.linux")
 
@@ -38,6 +38,7 @@ MAX_MEMORY_BLOCK = 2 * GiB
 LARGE_BLOCK_BOUNDARY = 64 * GiB
 #: Immediate re-runs after NACK before the model declares a livelock (Linux would spin).
 MAX_IMMEDIATE_RETRIES = 10000
+_ONLINE_STAYS = "only offline memory may be unplugged (unplug_online=0): the rest is online"
 
 
 class Channel(Protocol):
@@ -186,6 +187,11 @@ class LinuxGuest:
         #: Set by :meth:`stop`: the guest went away (the VM stopped, or a reset reboots it).
         self.stopped = False
         self.stopped_no_space = False
+        #: Why the last pass left the device short of the requested size, in the driver's own
+        #: terms (a memory block past the usable region, the offline threshold, pinned pages,
+        #: the device's answer); None when it got there.
+        self.stop_reason: str | None = None
+        self._short: str | None = None
         self.retry_period = RETRY_START
         self._timer: Timer | None = None
         self._queued = False
@@ -294,6 +300,7 @@ class LinuxGuest:
             self._timer = None
         if self.broken or self.hung or self.stopped:
             return
+        self.stop_reason = None  # until this pass says otherwise
         for _ in range(MAX_IMMEDIATE_RETRIES):
             rc = self._run_once()
             if rc is not Rc.EAGAIN:
@@ -312,6 +319,8 @@ class LinuxGuest:
         else:
             self.broken = True
             log.warning("virtio_mem: device answered ERROR, the driver is now broken")
+        short = self.requested_size != self.plugged_size
+        self.stop_reason = (self._short or self._remainder()) if short else None
         for cb in list(self.listeners):
             cb(self)
 
@@ -327,6 +336,7 @@ class LinuxGuest:
 
     def _run_once(self) -> Rc:
         rc = Rc.OK
+        self._short = None
         if self.unplug_all_required:
             resp = self._send(ReqType.UNPLUG_ALL, 0, 0)
             if resp is None:
@@ -373,10 +383,16 @@ class LinuxGuest:
             answer = Resp(resp.type) if known else resp.type
         if answer is None:
             shown = "none"
+            self._short = "the device did not answer a request: it needs a reset"
         elif isinstance(answer, Resp):
             shown = answer.name.lower()
+            if answer in (Resp.BUSY, Resp.ERROR):
+                self._short = f"the device answered {answer.name} to {kind.name}" + (
+                    ": the driver is broken and ignores the device" if answer is Resp.ERROR else ""
+                )
         else:
             shown = f"unknown({answer})"
+            self._short = f"the device answered an unknown response type {answer}"
         offset = gpa - self.addr if kind != ReqType.UNPLUG_ALL else 0
         self.log.append(
             LoggedRequest(kind.name.lower(), offset, nb_blocks, shown, self.sched.now())
@@ -518,6 +534,43 @@ class LinuxGuest:
                     self._remove(mid)
         return Rc.OK
 
+    # -- why the driver stops short ----------------------------------------------------------
+
+    def _past_usable_region(self) -> Rc:
+        size = self.mb_size if self.sbm else self.unit
+        base, end = self._base(self.next_id), self.addr + self.usable_region_size
+        self._short = (
+            f"the next Linux memory block ({format_size(size)} at 0x{base:x}) does not fit the "
+            f"usable region (up to 0x{end:x}): Linux adds memory in whole memory blocks"
+        )
+        return Rc.ENOSPC
+
+    def _too_much_offline(self) -> Rc:
+        self._short = (
+            f"{format_size(self.offline_size)} of added memory is still offline: Linux adds no "
+            f"more until it is onlined (offline threshold {format_size(self.offline_threshold)})"
+        )
+        return Rc.ENOSPC
+
+    def _unplug_left(self, n: int) -> Rc:
+        if not n:
+            return Rc.OK
+        self._short = (
+            f"{format_size(n * self.unit)} could not be unplugged: the memory left in use is "
+            "pinned by unmovable pages (kernel zone); the driver retries on its timer"
+        )
+        return Rc.EBUSY
+
+    def _remainder(self) -> str | None:
+        diff = abs(self.requested_size - self.plugged_size)
+        if diff >= self.unit:
+            return None
+        unit = "sub-block" if self.sbm else "big block"
+        return (
+            f"the rest ({format_size(diff)}) is less than one {unit} ({format_size(self.unit)}), "
+            "the driver's unit"
+        )
+
     # -- plug (C5, C7) ------------------------------------------------------------------------
 
     def _plug(self, diff: int) -> Rc:
@@ -533,15 +586,15 @@ class LinuxGuest:
                     return rc
         for mid in self._ids(Mb.UNUSED):
             if self.offline_size + self.mb_size > self.offline_threshold:
-                return Rc.ENOSPC
+                return self._too_much_offline()
             n, rc = self._plug_and_add(mid, n)
             if rc is not Rc.OK or n == 0:
                 return rc
         while n:
             if self.next_id > self.last_usable_id:
-                return Rc.ENOSPC
+                return self._past_usable_region()
             if self.offline_size + self.mb_size > self.offline_threshold:
-                return Rc.ENOSPC
+                return self._too_much_offline()
             mid = self.next_id
             self.next_id += 1
             self.state[mid] = Mb.UNUSED
@@ -589,10 +642,10 @@ class LinuxGuest:
                 mid = unused[0]
             else:
                 if self.next_id > self.last_usable_id:
-                    return Rc.ENOSPC
+                    return self._past_usable_region()
                 mid = self.next_id
             if self.offline_size + self.unit > self.offline_threshold:
-                return Rc.ENOSPC
+                return self._too_much_offline()
             rc = self._plug_request(self._base(mid), self.unit)
             if rc is not Rc.OK:
                 return rc
@@ -624,6 +677,7 @@ class LinuxGuest:
         )
         for i, state in enumerate(order):
             if i == 2 and not self.opts.unplug_online:
+                self._short = _ONLINE_STAYS
                 return Rc.OK
             for mid in self._ids(state, descending=True):
                 if self.state[mid] is not state:
@@ -636,7 +690,7 @@ class LinuxGuest:
                     return rc
                 if n == 0:
                     return Rc.OK
-        return Rc.EBUSY if n else Rc.OK
+        return self._unplug_left(n)
 
     def _unplug_offline(self, mid: int, n: int) -> tuple[int, Rc]:
         sbs = self.sb_plugged[mid]
@@ -703,6 +757,7 @@ class LinuxGuest:
     def _unplug_bbm(self, n: int) -> Rc:
         for pass_ in range(3):
             if pass_ == 1 and not self.opts.unplug_online:
+                self._short = _ONLINE_STAYS
                 return Rc.OK
             for mid in sorted(self.state, reverse=True):
                 if not n:
@@ -725,7 +780,7 @@ class LinuxGuest:
                     self.state[mid] = Mb.PLUGGED  # cleaned up by a later run
                     return rc
                 n -= 1
-        return Rc.EBUSY if n else Rc.OK
+        return self._unplug_left(n)
 
 
 __all__ = [

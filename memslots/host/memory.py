@@ -27,7 +27,7 @@ from memslots.closing import Closing
 from memslots.errors import HostMemoryError, InaccessibleMemoryError
 from memslots.host import libc
 from memslots.host.pages import fd_page_size, host_page_size
-from memslots.sizes import MiB, format_size, is_power_of_two
+from memslots.sizes import MiB, format_size, hex_size, is_power_of_two
 
 __all__ = [
     "QEMU_VMALLOC_ALIGN",
@@ -70,8 +70,8 @@ def _describe(id: str, size: int) -> str:
 def _check_size(id: str, size: int, page_size: int) -> None:
     if size <= 0 or size % page_size:
         raise HostMemoryError(
-            f"{_describe(id, size)}: size 0x{size:x} must be a positive multiple of the "
-            f"backend page size 0x{page_size:x}"
+            f"{_describe(id, size)}: size {hex_size(size)} must be a positive multiple of the "
+            f"backend page size {hex_size(page_size)}"
         )
 
 

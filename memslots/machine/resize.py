@@ -1,9 +1,11 @@
 """Resize as a job: set ``requested-size``, then wait until the guest gets there or cannot.
 
 ``ResizeJob.wait(timeout)`` returns when ``plugged == requested``, or with the reason the guest
-stopped: its driver is broken (the device answered ERROR), the device needs a reset, the guest
-ran out of space (ENOSPC: usable region or too much offline memory), or it is backing off after
-BUSY (with the time of its next retry) when the timeout passed. Progress callbacks see every
+stopped, in the guest driver's own words (``LinuxGuest.stop_reason``): its driver is broken (the
+device answered ERROR), the device needs a reset, the guest ran out of space (ENOSPC: the next
+memory block past the usable region, or too much offline memory), the rest is less than the
+driver's unit, or it is backing off after BUSY or memory it could not unplug (with the time of
+its next retry) when the timeout passed. Progress callbacks see every
 size change; the time is the guest's scheduler's (simulated in tests and simulations).
 """
 
@@ -27,6 +29,7 @@ class Outcome(enum.Enum):
     GUEST_BROKEN = "guest-broken"
     DEVICE_NEEDS_RESET = "device-needs-reset"
     NO_SPACE = "no-space"
+    STOPPED_SHORT = "stopped-short"
     BACKOFF = "backoff"
     TIMEOUT = "timeout"
     NO_GUEST = "no-guest"
@@ -86,7 +89,8 @@ class ResizeJob:
 
     def _stuck(self) -> bool:
         g = self.guest
-        return g is None or g.broken or g.hung or (g.stopped_no_space and g.idle)
+        # Idle with a reason: nothing will move it until the request changes.
+        return g is None or g.broken or g.hung or (g.idle and g.stop_reason is not None)
 
     def wait(self, timeout: float) -> ResizeResult:
         """Run the guest until done, stuck, or ``timeout`` seconds have passed."""
@@ -121,16 +125,17 @@ class ResizeJob:
                 Outcome.DEVICE_NEEDS_RESET,
                 f"'{dev.label}' needs a reset after a protocol violation; the guest waits",
             )
+        why = g.stop_reason
         if g.stopped_no_space:
             return res(
-                Outcome.NO_SPACE,
-                f"the guest stopped plugging '{dev.label}': no space (usable region exhausted "
-                "or too much memory added but not onlined)",
+                Outcome.NO_SPACE, f"the guest stopped plugging '{dev.label}': {why or 'no space'}"
             )
         if g.timer_due is not None:
             return res(
                 Outcome.BACKOFF,
-                f"the guest is backing off (BUSY or memory it could not unplug); next retry "
-                f"at t={g.timer_due:.0f}s",
+                f"the guest is backing off ({why or 'BUSY or memory it could not unplug'}); "
+                f"next retry at t={g.timer_due:.0f}s",
             )
+        if g.idle and why is not None:
+            return res(Outcome.STOPPED_SHORT, f"the guest stopped short of it: {why}")
         return res(Outcome.TIMEOUT, f"'{dev.label}' did not reach the requested size in time")

@@ -221,6 +221,12 @@ class VcpuUser:
         return self.vcpu.check_pattern(gpa, min(length, 2 * MiB), seed)
 
 
+def boot_memory_end(machine: Machine) -> int:
+    """Where the guest's boot memory ends (its Linux picks the memory block size from it)."""
+    lay = machine.layout
+    return lay.above_4g_end if lay.above_4g else lay.below_4g
+
+
 class GuestVm(Closing):
     """A machine, its virtio-mem devices on virtqueues, and a Linux guest driving them."""
 
@@ -236,11 +242,9 @@ class GuestVm(Closing):
         self.machine = machine
         self.sched = sched or Scheduler()
         self.memory = GuestMemory(machine.address_space)
-        lay = machine.layout
-        end = lay.above_4g_end if lay.above_4g else lay.below_4g
         opts = guest_options or GuestOptions(boot_memory_end=0)
         if not opts.boot_memory_end:
-            opts = dataclasses.replace(opts, boot_memory_end=end)
+            opts = dataclasses.replace(opts, boot_memory_end=boot_memory_end(machine))
         self.guest_options = opts
         self.use_memory = use_memory
         use_vcpu = use_memory and (machine.vm.is_real if vcpu is None else vcpu)

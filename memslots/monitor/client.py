@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from qemu.qmp import (
@@ -32,7 +34,7 @@ from rich.table import Table
 
 from memslots.errors import EXIT_OK, MemslotsTimeoutError, MonitorError, OptionError
 from memslots.options import parse_address, parse_arguments, parse_size
-from memslots.reports import BudgetReport, MemslotReport, from_qmp
+from memslots.reports import BudgetReport, Columns, MemslotReport, from_qmp
 from memslots.sizes import format_size
 
 PERIPHERAL = "/machine/peripheral/"
@@ -106,6 +108,21 @@ def run_qmp(
 # -- memslots resize -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ResizeOutcome:
+    """Where a resize ended: the ``resize --json`` object (sizes in bytes, time in seconds)."""
+
+    device: str
+    requested: int
+    start: int
+    size: int
+    reached: bool
+    seconds: float
+    #: Why the guest stopped short, in its driver's words (memslots run's guest, asked
+    #: through x-query-virtio-mem-guest); None if it got there or the server cannot tell.
+    stop_reason: str | None = None
+
+
 def run_resize(
     address: str,
     device: str,
@@ -114,15 +131,17 @@ def run_resize(
     wait: bool = False,
     timeout: float = 60.0,
     poll: float = 0.5,
+    json_output: bool = False,
     out: Console | None = None,
 ) -> int:
-    """``memslots resize SOCKET DEVICE SIZE [--wait] [--timeout S]``.
+    """``memslots resize SOCKET DEVICE SIZE [--wait] [--timeout S] [--json]``.
 
     Sets the virtio-mem device's ``requested-size`` (``DEVICE`` is an id or a QOM path,
     ``SIZE`` a QEMU size). With ``wait``, follows ``MEMORY_DEVICE_SIZE_CHANGE`` events and
-    polls ``size`` every ``poll`` seconds until it equals the request (exit 0), the request is
-    changed by someone else or the device goes away (exit 1), or ``timeout`` seconds pass
-    (exit 2, saying whether the size was still moving).
+    polls ``size`` every ``poll`` seconds until it equals the request (exit 0); until the guest
+    stopped short of it for a reason it gives (exit 1, with the reason); the request is changed
+    by someone else or the device goes away (exit 1); or ``timeout`` seconds pass (exit 3,
+    saying whether the size was still moving). ``json_output`` prints :class:`ResizeOutcome`.
     """
     out = _console(out)
 
@@ -149,15 +168,40 @@ def run_resize(
                     "qom-set", {"path": path, "property": "requested-size", "value": target}
                 )
                 if not wait:
-                    out.print(
-                        f"{device}: requested-size set to {format_size(target)} "
-                        f"(plugged {format_size(start)})",
-                        highlight=False,
-                    )
+                    outcome = ResizeOutcome(device, target, start, start, start == target, 0.0)
+                    if json_output:
+                        _print_json(out, outcome)
+                    else:
+                        out.print(
+                            f"{device}: requested-size set to {format_size(target)} "
+                            f"(plugged {format_size(start)})",
+                            highlight=False,
+                        )
                     return EXIT_OK
-                return await _follow(qmp, events, device, path, start, target, deadline, poll, out)
+                follow = _Follow(qmp, events, device, path, start, target, poll, out)
+                outcome = await follow.run(deadline, progress=not json_output)
+        if json_output:
+            _print_json(out, outcome)
+        elif outcome.reached:
+            out.print(
+                f"{device}: plugged {format_size(target)} in {outcome.seconds:.1f}s",
+                highlight=False,
+            )
+        if outcome.stop_reason is not None:
+            raise MonitorError(
+                f"{device}: plugged {format_size(outcome.size)} of {format_size(target)} "
+                f"requested; the guest stopped short: {outcome.stop_reason}"
+            )
+        if not outcome.reached:
+            raise MemslotsTimeoutError(follow.timeout_reason(outcome))
+        return EXIT_OK
 
     return _run(main())
+
+
+def _print_json(out: Console, outcome: ResizeOutcome) -> None:
+    text = json.dumps(dataclasses.asdict(outcome), indent=2)
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 async def _qom_int(qmp: QMPClient, path: str, prop: str) -> int:
@@ -167,70 +211,100 @@ async def _qom_int(qmp: QMPClient, path: str, prop: str) -> int:
     return value
 
 
-async def _follow(
-    qmp: QMPClient,
-    events: EventListener,
-    device: str,
-    path: str,
-    start: int,
-    target: int,
-    deadline: float,
-    poll: float,
-    out: Console,
-) -> int:
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    last_size, last_change = start, began
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=out, transient=True) as progress:
-        task = progress.add_task(
-            f"{device} {format_size(start)} → {format_size(target)}",
-            total=max(1, abs(target - start)),
+class _Follow:
+    """``resize --wait``: the size followed until it is reached, the guest gives up, or the
+    deadline passes."""
+
+    def __init__(
+        self,
+        qmp: QMPClient,
+        events: EventListener,
+        device: str,
+        path: str,
+        start: int,
+        target: int,
+        poll: float,
+        out: Console,
+    ) -> None:
+        self.qmp, self.events, self.device, self.path = qmp, events, device, path
+        self.start, self.target, self.poll, self.out = start, target, poll, out
+        self.loop = asyncio.get_running_loop()
+        self.began = self.loop.time()
+        self.last_change = self.began
+        #: False once the server showed it cannot tell (QEMU has no x-query-virtio-mem-guest).
+        self.can_ask_guest = True
+        #: The guest's last word on why it is short (backing off, or stopped).
+        self.guest_says: str | None = None
+
+    async def run(self, deadline: float, *, progress: bool) -> ResizeOutcome:
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TimeElapsedColumn(),
         )
-        while True:
-            size = await _qom_int(qmp, path, "size")
-            requested = await _qom_int(qmp, path, "requested-size")
-            now = loop.time()
-            if size != last_size:
-                last_size, last_change = size, now
-            progress.update(task, completed=min(abs(size - start), abs(target - start)))
-            if requested != target:
-                raise MonitorError(
-                    f"{device}: requested-size was changed to {format_size(requested)} by another "
-                    f"client while waiting (plugged {format_size(size)})"
-                )
-            if size == target:
-                break
-            if now >= deadline:
-                raise MemslotsTimeoutError(
-                    _timeout_reason(device, start, size, target, now - began, now - last_change)
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(events.get(), min(poll, deadline - now))
-            events.clear()  # each wake-up re-reads the size; older events add nothing
-    out.print(
-        f"{device}: plugged {format_size(target)} in {loop.time() - began:.1f}s",
-        highlight=False,
-    )
-    return EXIT_OK
+        # A bar is for a person watching: none in a pipe, a log or --json.
+        show = progress and self.out.is_terminal
+        with Progress(*columns, console=self.out, transient=True, disable=not show) as bar:
+            task = bar.add_task(
+                f"{self.device} {format_size(self.start)} → {format_size(self.target)}",
+                total=max(1, abs(self.target - self.start)),
+            )
+            last_size = self.start
+            while True:
+                size = await _qom_int(self.qmp, self.path, "size")
+                requested = await _qom_int(self.qmp, self.path, "requested-size")
+                now = self.loop.time()
+                moved = size != last_size
+                if moved:
+                    last_size, self.last_change = size, now
+                done = min(abs(size - self.start), abs(self.target - self.start))
+                bar.update(task, completed=done)
+                if requested != self.target:
+                    raise MonitorError(
+                        f"{self.device}: requested-size was changed to {format_size(requested)} "
+                        f"by another client while waiting (plugged {format_size(size)})"
+                    )
+                if size == self.target:
+                    return self._outcome(size, True, None)
+                stop_reason = None if moved else await self._guest_gave_up()
+                if stop_reason is not None or now >= deadline:
+                    return self._outcome(size, False, stop_reason)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.events.get(), min(self.poll, deadline - now))
+                self.events.clear()  # each wake-up re-reads the size; older events add nothing
 
+    def _outcome(self, size: int, reached: bool, why: str | None) -> ResizeOutcome:
+        seconds = self.loop.time() - self.began
+        return ResizeOutcome(self.device, self.target, self.start, size, reached, seconds, why)
 
-def _timeout_reason(
-    device: str, start: int, size: int, target: int, waited: float, since_change: float
-) -> str:
-    where = f"plugged {format_size(size)} of {format_size(target)} requested"
-    if size == start:
-        why = "the size never changed (is a guest driver running?)"
-    elif since_change >= STALL_SECONDS:
-        why = f"the size stopped moving {since_change:.1f}s ago"
-    else:
-        why = "the size was still moving"
-    return f"{device}: timed out after {waited:.1f}s: {where}; {why}"
+    async def _guest_gave_up(self) -> str | None:
+        """The guest's reason if it stopped short and waits for a new request; else None."""
+        if not self.can_ask_guest:
+            return None
+        try:
+            state = await self.qmp.execute("x-query-virtio-mem-guest", {"id": self.path})
+        except ExecuteError:
+            self.can_ask_guest = False  # QEMU, or no guest driver: the deadline decides
+            return None
+        if not isinstance(state, dict):
+            return None
+        reason = state.get("stop-reason")
+        self.guest_says = reason if isinstance(reason, str) else None
+        return self.guest_says if state.get("idle") else None
+
+    def timeout_reason(self, outcome: ResizeOutcome) -> str:
+        """The timeout message: how far it got and whether the size still moved."""
+        since_change = self.loop.time() - self.last_change
+        where = f"plugged {format_size(outcome.size)} of {format_size(self.target)} requested"
+        if outcome.size == self.start:
+            why = "the size never changed (is a guest driver running?)"
+        elif since_change >= STALL_SECONDS:
+            why = f"the size stopped moving {since_change:.1f}s ago"
+        else:
+            why = "the size was still moving"
+        said = f"; the guest: {self.guest_says}" if self.guest_says else ""
+        return f"{self.device}: timed out after {outcome.seconds:.1f}s: {where}; {why}{said}"
 
 
 # -- memslots info -------------------------------------------------------------------------------
@@ -241,11 +315,15 @@ def run_info(
     what: str,
     *,
     json_output: bool = False,
+    show_all: bool = False,
+    wide: bool = False,
     timeout: float = 30.0,
     out: Console | None = None,
 ) -> int:
-    """``memslots info SOCKET memslots|memory-devices|budget [--json]``: a table (or JSON)."""
-    out = _console(out)
+    """``memslots info SOCKET memslots|memory-devices|budget [--json] [--all] [--wide]``: a
+    table (or JSON). The memslot table lists mapped memslots, all of them with ``show_all``;
+    tables fit 80 columns, ``wide`` adds the rest."""
+    out = out if out is not None else Console(width=1000) if wide else Console()
 
     async def main() -> int:
         command = INFO_COMMANDS.get(what)
@@ -259,91 +337,91 @@ def run_info(
         if json_output:
             out.print(json.dumps(result, indent=2), markup=False, highlight=False, soft_wrap=True)
         elif what == "memory-devices":
-            out.print(_devices_table(result))
+            out.print(devices_table(result, wide=wide))
         elif what == "memslots":
-            out.print(_memslots_table(result))
+            out.print(memslots_table(result, show_all=show_all, wide=wide))
         else:
-            for table in _budget_tables(result):
+            for table in budget_tables(result):
                 out.print(table)
         return EXIT_OK
 
     return _run(main())
 
 
-def _size(value: Any) -> str:
-    return format_size(value) if isinstance(value, int) else "-"
+def devices_table(devices: Any, *, wide: bool = False) -> Table:
+    """``info memory-devices``: one row per device, sizes in one unit per column."""
+    data = [dev["data"] for dev in devices]
+
+    def sizes(key: str) -> list[int | None]:
+        return [d.get(key) if isinstance(d.get(key), int) else None for d in data]
+
+    cols = Columns()
+    cols.text("id", [d.get("id", "") for d in data])
+    cols.text("type", [dev["type"] for dev in devices])
+    cols.text("address", [f"0x{d.get('memaddr', d.get('addr', 0)):x}" for d in data], right=True)
+    cols.sizes("size", sizes("size"))
+    cols.sizes("requested", sizes("requested-size"))
+    cols.sizes("max", sizes("max-size"))
+    cols.sizes("block", sizes("block-size"))
+    if wide:
+        cols.text("node", [str(d.get("node", "")) for d in data], right=True)
+        cols.text("memdev", [d.get("memdev", "") for d in data])
+    return cols.table("Memory devices")
 
 
-def _devices_table(devices: Any) -> Table:
-    table = Table(title="Memory devices")
-    for name in ("type", "id", "address", "size", "requested", "max size", "block", "node"):
-        table.add_column(name, justify="right" if name not in ("type", "id") else "left")
-    table.add_column("memdev")
-    for dev in devices:
-        d = dev["data"]
-        addr = d.get("memaddr", d.get("addr", 0))
-        table.add_row(
-            dev["type"],
-            d.get("id", ""),
-            f"0x{addr:x}",
-            _size(d.get("size")),
-            _size(d.get("requested-size")),
-            _size(d.get("max-size")),
-            _size(d.get("block-size")),
-            str(d.get("node", "")),
-            d.get("memdev", ""),
-        )
-    return table
+def memslots_table(memslots: Any, *, show_all: bool = False, wide: bool = False) -> Table:
+    """``info memslots``: the mapped memslots of memory devices (all with ``show_all``)."""
+    reports = [from_qmp(MemslotReport, item) for item in memslots]
+    shown = [m for m in reports if show_all or m.mapped]
+    hidden = len(reports) - len(shown)
+    cols = Columns()
+    cols.text("device", [m.device for m in shown])
+    cols.text("index", [str(m.index) for m in shown], right=True)
+    cols.text("address", [f"0x{m.address:x}" for m in shown], right=True)
+    cols.sizes("size", [m.size for m in shown])
+    if show_all:
+        cols.text("mapped", ["yes" if m.mapped else "no" for m in shown])
+    cols.text(
+        "plugged blocks",
+        [str(m.plugged_blocks) if m.plugged_blocks is not None else "-" for m in shown],
+        right=True,
+    )
+    cols.text(
+        "kvm slot", [str(m.kvm_slot) if m.kvm_slot is not None else "-" for m in shown], right=True
+    )
+    if wide or any(m.vhost for m in shown):
+        cols.text("vhost", [", ".join(m.vhost) or "-" for m in shown])
+    return cols.table(
+        "Memslots of memory devices" + ("" if show_all else " (mapped)"),
+        caption=f"{hidden} unmapped not shown (--all)" if hidden else None,
+    )
 
 
-def _memslots_table(memslots: Any) -> Table:
-    table = Table(title="Memslots of memory devices")
-    for name in ("device", "index", "address", "size", "mapped", "plugged blocks", "kvm slot"):
-        table.add_column(name, justify="left" if name == "device" else "right")
-    table.add_column("vhost")
-    for m in (from_qmp(MemslotReport, item) for item in memslots):
-        table.add_row(
-            m.device,
-            str(m.index),
-            f"0x{m.address:x}",
-            format_size(m.size),
-            "yes" if m.mapped else "no",
-            str(m.plugged_blocks) if m.plugged_blocks is not None else "-",
-            str(m.kvm_slot) if m.kvm_slot is not None else "-",
-            ", ".join(m.vhost) or "-",
-        )
-    return table
-
-
-def _budget_tables(data: Any) -> list[Table]:
+def budget_tables(data: Any) -> list[Table]:
+    """``info budget``: the consumers, then the device-memory accounting."""
     budget: BudgetReport = from_qmp(BudgetReport, data)
-    consumers = Table(title="Memslot budget")
-    consumers.add_column("consumer")
-    for name in ("max", "used", "free"):
-        consumers.add_column(name, justify="right")
-    for c in budget.consumers:
-        consumers.add_row(c.name, str(c.max_memslots), str(c.used_memslots), str(c.free_memslots))
-        if c.slot_zap_all is not None:  # KVM's
-            consumers.caption = "KVM slot-zap-all: " + (
-                "on (a memslot delete zaps all shadow pages)"
-                if c.slot_zap_all
-                else "off (a memslot delete zaps only its own mappings)"
-            )
-    tables = [consumers]
+    cols = Columns()
+    cols.text("consumer", [c.name for c in budget.consumers])
+    cols.text("max", [str(c.max_memslots) for c in budget.consumers], right=True)
+    cols.text("used", [str(c.used_memslots) for c in budget.consumers], right=True)
+    cols.text("free", [str(c.free_memslots) for c in budget.consumers], right=True)
+    zap = next((c.slot_zap_all for c in budget.consumers if c.slot_zap_all is not None), None)
+    caption = None
+    if zap is not None:  # KVM's
+        caption = "KVM slot-zap-all: " + (
+            "on (a memslot delete zaps all shadow pages)"
+            if zap
+            else "off (a memslot delete zaps only its own mappings)"
+        )
+    tables = [cols.table("Memslot budget", caption=caption)]
     dm = budget.device_memory
     if dm is not None:
-        devmem = Table(title="Device memory")
-        devmem.add_column("memslots required", justify="right")
-        devmem.add_column("used", justify="right")
-        devmem.add_column("reserved", justify="right")
-        devmem.add_column("auto decision")
-        devmem.add_column("space used", justify="right")
-        devmem.add_row(
-            str(dm.required_memslots),
-            str(dm.used_memslots),
-            str(dm.reserved_memslots),
-            "yes" if dm.auto_decision_active else "no",
-            f"{format_size(dm.used_space)} of {format_size(dm.total_space)}",
-        )
-        tables.append(devmem)
+        cols = Columns()
+        cols.text("memslots required", [str(dm.required_memslots)], right=True)
+        cols.text("used", [str(dm.used_memslots)], right=True)
+        cols.text("reserved", [str(dm.reserved_memslots)], right=True)
+        cols.text("auto decision", ["yes" if dm.auto_decision_active else "no"])
+        cols.sizes("space used", [dm.used_space])
+        cols.sizes("space in all", [dm.total_space])
+        tables.append(cols.table("Device memory"))
     return tables

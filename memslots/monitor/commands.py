@@ -7,8 +7,10 @@ Commands, arguments, result fields and error texts are QEMU 8.2's (``qemu-behavi
 ``object-add``/``object-del`` for memory backends and ``device_add``/``device_del`` for
 ``virtio-mem`` and ``pc-dimm``. Our extensions follow QEMU's ``x-`` convention:
 ``x-query-memslots`` (every memslot of every memory device and who maps it),
-``x-query-memslot-budget``, ``x-query-kernel-metadata`` and ``x-guest-memory-access`` (the
-guest's CPU touches a byte, as a guest that ignores the protocol might).
+``x-query-memslot-budget``, ``x-query-kernel-metadata``, ``x-query-virtio-mem-guest`` (where
+the guest driver of a virtio-mem device stands, and why it stopped short of the request) and
+``x-guest-memory-access`` (the guest's CPU touches a byte, as a guest that ignores the protocol
+might).
 
 Events: ``MEMORY_DEVICE_SIZE_CHANGE`` on every change of a virtio-mem device's ``size``
 (rate-limited per ``qom-path`` by the server, as QEMU's monitor does), ``DEVICE_DELETED``
@@ -25,12 +27,13 @@ resolve when they name exactly one object, as QEMU's ``object_resolve_path`` doe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from memslots.devices.memory_device import MemoryDevice
 from memslots.devices.qom import QomObject, QomProperty, refuse
 from memslots.errors import GuestMemoryFault
+from memslots.guest.linux import LinuxGuest
 from memslots.host.kmem import KmemMeter, current_or_system_meter
 from memslots.machine.machine import Machine
 from memslots.machine.vm import GuestFault
@@ -155,6 +158,8 @@ class Monitor:
         self._providers: list[DeviceProvider] = []
         self._anon_paths: dict[MemoryDevice, str] = {}
         self._watched: set[MemoryDevice] = set()
+        #: The guest drivers by virtio-mem device id (``memslots run`` hands over its own).
+        self.guests: Mapping[str, LinuxGuest] = {}
         for command in self._commands():
             self.server.register(command)
         self.sync_devices()
@@ -315,6 +320,7 @@ class Monitor:
                     Param("value", "int", True),
                 ),
             ),
+            Command("x-query-virtio-mem-guest", self._query_guest, (Param("id", "str"),)),
         ]
 
     # -- general ---------------------------------------------------------------------------------
@@ -525,6 +531,21 @@ class Monitor:
         # (``memslots run`` opens it before the VM exists).
         kmem = self._kmem_meter() if self.machine.vm.is_real else None
         return to_qmp(kernel_metadata_report(self.machine, self._name, kmem=kmem))
+
+    def _query_guest(self, args: dict[str, Any]) -> object:
+        dev_id = args["id"].removeprefix(PERIPHERAL)
+        guest = self.guests.get(dev_id)
+        if guest is None:
+            if dev_id not in self.machine.devices:
+                raise QMPCommandError(f"Device '{args['id']}' not found", "DeviceNotFound")
+            raise QMPCommandError(f"no guest driver is attached to '{dev_id}'")
+        # idle: no pass queued and no retry timer armed; only a new request moves it then.
+        info: dict[str, object] = {"idle": guest.idle}
+        if guest.stop_reason is not None:
+            info["stop-reason"] = guest.stop_reason
+        if guest.timer_due is not None:
+            info["retry-in"] = max(0.0, guest.timer_due - guest.sched.now())
+        return info
 
     def _kmem_meter(self) -> KmemMeter:
         if self._kmem is None:

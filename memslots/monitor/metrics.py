@@ -29,7 +29,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from memslots.devices.virtio_mem.device import VirtioMem
-from memslots.errors import MeasurementError
+from memslots.errors import MeasurementError, MonitorError
 from memslots.host.kmem import KmemMeter, current_or_system_meter
 from memslots.machine.machine import Machine
 from memslots.reports import budget_report, kernel_metadata_report
@@ -220,7 +220,12 @@ class Metrics:
 
     async def start(self, port: int, host: str = DEFAULT_HOST) -> tuple[str, int]:
         """Serve ``GET /metrics`` on ``host:port`` in this loop; returns the bound address."""
-        self._server = await asyncio.start_server(self._serve, host, port)
+        try:
+            self._server = await asyncio.start_server(self._serve, host, port)
+        except OSError as exc:
+            raise MonitorError(
+                f"metrics: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from exc
         bound = self._server.sockets[0].getsockname()
         log.info("metrics: serving on http://%s:%d/metrics", bound[0], bound[1])
         return str(bound[0]), int(bound[1])

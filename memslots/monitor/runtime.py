@@ -202,6 +202,7 @@ async def _serve(
             g.channel = ObservedChannel(g.channel, metrics.observe)
 
     if gvm is not None:
+        monitor.guests = gvm.guests
         for dev_id in gvm.guests:
             observe_guest(dev_id)
 

@@ -16,7 +16,13 @@ Each rule is checked once, with one error naming the option, the key and what is
 names below are the package's public interface.
 """
 
-from memslots.options.grammar import Props, id_wellformed, split_option_string
+from memslots.options.grammar import (
+    Props,
+    decimal_integer,
+    decimal_number,
+    id_wellformed,
+    split_option_string,
+)
 from memslots.options.machine import (
     ACCELS,
     BACKEND_TYPES,
@@ -48,8 +54,10 @@ from memslots.options.monitor import (
     parse_qmp_option,
 )
 from memslots.options.simulate import (
+    MAX_TRACE_SECONDS,
     TraceStep,
     first_virtio_mem,
+    load_trace,
     parse_offsets,
     parse_strategies,
     parse_strategy,
@@ -76,6 +84,7 @@ __all__ = [
     "DEFAULT_RAM_SIZE",
     "DIMM_DRIVERS",
     "FS_TAG_MAX",
+    "MAX_TRACE_SECONDS",
     "MEMSLOT_ACCOUNTING",
     "SUPPORTED_DEVICES",
     "VHOST_USER_BLK_DRIVERS",
@@ -96,9 +105,12 @@ __all__ = [
     "VhostUserDeviceOptions",
     "VirtioMemOptions",
     "backend_from_args",
+    "decimal_integer",
+    "decimal_number",
     "device_from_args",
     "first_virtio_mem",
     "id_wellformed",
+    "load_trace",
     "parse_accel",
     "parse_address",
     "parse_any_device",

@@ -7,12 +7,66 @@ numbers, booleans, strings) become the same pairs, so both follow the same rules
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from memslots.errors import OptionError, SizeError
-from memslots.sizes import parse_size
+from memslots.sizes import U64_MAX, parse_size, shorten
 
 _BOOL_WORDS = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
+
+
+# C's strtoll/strtoull with base 0, as QEMU's integer properties parse: a sign, then 0x hex,
+# 0 octal or decimal, in ASCII digits (Python's int() also takes "٤" and "1_0").
+_INTEGER = re.compile(r"([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+#: Digits beyond which no value fits in 64 bits, in any of those bases (octal: 22).
+_MAX_INTEGER_DIGITS = 24
+#: What :func:`qemu_integer` gives for more digits than that: out of every range.
+TOO_LARGE = 1 << 64
+
+
+def qemu_integer(text: str) -> int | None:
+    """An integer as QEMU reads one (decimal, 0x hex, 0 octal, optional sign), or None if the
+    text is none. More digits than 64 bits can hold give +-:data:`TOO_LARGE`."""
+    m = _INTEGER.fullmatch(text)
+    if m is None:
+        return None
+    sign, digits = m.groups()
+    if len(digits) > _MAX_INTEGER_DIGITS:
+        value = TOO_LARGE
+    elif digits[:2] in ("0x", "0X"):
+        value = int(digits[2:], 16)
+    elif digits[0] == "0" and len(digits) > 1:
+        value = int(digits[1:], 8)  # a leading 0, as C reads it
+    else:
+        value = int(digits)
+    return -value if sign == "-" else value
+
+
+_DECIMAL_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_DECIMAL_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
+def decimal_integer(text: str) -> int:
+    """A command-line flag's integer: ASCII decimal with an optional sign (``int()`` also takes
+    "٤" and "1_0"). Raises ValueError for anything else; more digits than 64 bits hold give
+    +-:data:`TOO_LARGE`, for the flag's range to refuse."""
+    if not _DECIMAL_INTEGER.fullmatch(text):
+        raise ValueError(text)
+    digits = text.lstrip("+-").lstrip("0")
+    value = TOO_LARGE if len(digits) > _MAX_INTEGER_DIGITS else int(digits or "0")
+    return -value if text.startswith("-") else value
+
+
+def decimal_number(text: str) -> float:
+    """A command-line flag's number: finite, ASCII decimal (``float()`` also takes "nan",
+    "inf" and "٤"). Raises ValueError for anything else."""
+    if not _DECIMAL_NUMBER.fullmatch(text):
+        raise ValueError(text)
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(text)
+    return value
 
 
 def split_option_string(text: str, implied_key: str | None) -> list[tuple[str, str]]:
@@ -106,36 +160,46 @@ class Props:
         raw = self.values.pop(key, None)
         if raw is None:
             return default
-        digits, base = raw, 10
-        if raw[:2].lower() == "0x":
-            digits, base = raw[2:], 16
-        elif len(raw) > 1 and raw.startswith("0"):
-            digits, base = raw[1:], 8
-        try:
-            if not digits or not digits.isalnum():
-                raise ValueError(raw)
-            value = int(digits, base)
-        except ValueError:
+        value = qemu_integer(raw)
+        if value is None or not 0 <= value <= U64_MAX:
             raise OptionError(
-                f"{self.where()}: Parameter '{key}' expects uint64 (got '{raw}')"
-            ) from None
-        if value >= 1 << 64:
-            raise OptionError(f"{self.where()}: Parameter '{key}' expects uint64 (got '{raw}')")
+                f"{self.where()}: Parameter '{key}' expects uint64 (got '{shorten(raw)}')"
+            )
         return value
 
-    def pop_int(self, key: str, default: int) -> int:
+    def pop_uint32(self, key: str, default: int) -> int:
+        """A uint32 property (``node``): QEMU refuses what is no integer, then what is out of
+        range, in these words."""
+        return self._pop_ranged(key, default, 0, (1 << 32) - 1, "uint32_t")
+
+    def pop_int32(self, key: str, default: int) -> int:
+        """An int32 property (pc-dimm's ``slot``, where -1 means the first free one)."""
+        return self._pop_ranged(key, default, -(1 << 31), (1 << 31) - 1, "int32_t")
+
+    def _pop_ranged(self, key: str, default: int, low: int, high: int, c_type: str) -> int:
         raw = self.values.pop(key, None)
         if raw is None:
             return default
-        try:
-            value = int(raw, 0)
-        except ValueError:
-            raise OptionError(
-                f"{self.where()}: parameter '{key}' expects a non-negative integer, got '{raw}'"
-            ) from None
-        if value < 0:
-            raise OptionError(f"{self.where()}: parameter '{key}' must not be negative")
+        value = qemu_integer(raw)
+        if value is None or abs(value) > U64_MAX:
+            raise OptionError(f"{self.where()}: Parameter '{key}' expects integer")
+        if not low <= value <= high:
+            raise OptionError(f"{self.where()}: Parameter '{key}' expects {c_type}")
         return value
+
+    def pop_number(self, key: str, default: int) -> int:
+        """A QemuOpts number (``-m slots=``): a uint64 where, as in C, -1 is 2^64-1."""
+        raw = self.values.pop(key, None)
+        if raw is None:
+            return default
+        value = qemu_integer(raw)
+        if value is None:
+            raise OptionError(f"{self.where()}: Parameter '{key}' expects a number")
+        if not -U64_MAX <= value <= U64_MAX:
+            raise OptionError(
+                f"{self.where()}: Value '{shorten(raw)}' is too large for parameter '{key}'"
+            )
+        return value % (1 << 64)
 
     def pop_bool(self, key: str, default: bool) -> bool:
         raw = self.values.pop(key, None)

@@ -22,7 +22,7 @@ from memslots.options.vhost_user import (
     parse_chardev,
     parse_vhost_user_device,
 )
-from memslots.sizes import MiB, align_up, parse_ram_size
+from memslots.sizes import MiB, align_up, format_size, parse_ram_size
 
 # ---------------------------------------------------------------------------------------------
 # -m
@@ -45,6 +45,11 @@ class MachineMemory:
 DEFAULT_RAM_SIZE = 128 * MiB
 
 
+def _sizes(maxmem: int, ram: int) -> str:
+    # QEMU's hex, repeated for people after its text.
+    return f"maxmem {format_size(maxmem)}, RAM {format_size(ram)}"
+
+
 def parse_machine_memory(text: str) -> MachineMemory:
     """Parse ``-m``: a bare size means MiB; maxmem must not be below the RAM size."""
     props = Props("-m", text, split_option_string(text, "size"))
@@ -57,7 +62,7 @@ def parse_machine_memory(text: str) -> MachineMemory:
     has_slots = "slots" in props.values
     has_maxmem = "maxmem" in props.values
     maxmem = props.pop_size("maxmem", ram)
-    slots = props.pop_int("slots", 0)
+    slots = props.pop_number("slots", 0)
     props.finish(("size", "slots", "maxmem"))
     assert maxmem is not None
     if has_slots and not has_maxmem:
@@ -65,12 +70,13 @@ def parse_machine_memory(text: str) -> MachineMemory:
     if maxmem < ram:
         raise OptionError(
             f"-m {text}: invalid value of maxmem: maximum memory size (0x{maxmem:x}) must be at "
-            f"least the initial memory size (0x{ram:x})"
+            f"least the initial memory size (0x{ram:x}) ({_sizes(maxmem, ram)})"
         )
     if slots and maxmem == ram:
         raise OptionError(
             f"-m {text}: invalid value of maxmem: memory slots were specified but maximum "
-            f"memory size (0x{maxmem:x}) is equal to the initial memory size (0x{ram:x})"
+            f"memory size (0x{maxmem:x}) is equal to the initial memory size (0x{ram:x}) "
+            f"({_sizes(maxmem, ram)})"
         )
     return MachineMemory(ram_size=ram, maxmem=maxmem, slots=slots)
 
@@ -231,7 +237,7 @@ def _device(props: Props) -> DeviceOptions:
         dynamic = props.pop_bool("dynamic-memslots", False)
         inaccessible = props.pop_choice("unplugged-inaccessible", ("on", "off", "auto"), "on")
         memaddr = props.pop_u64("memaddr", 0)
-        node = props.pop_int("node", 0)
+        node = props.pop_uint32("node", 0)
         prealloc = props.pop_bool("prealloc", False)
         memslot_size = props.pop_size("memslot-size")
         props.finish(
@@ -264,8 +270,8 @@ def _device(props: Props) -> DeviceOptions:
         )
     if driver in DIMM_DRIVERS:
         addr = props.pop_u64("addr", 0)
-        node = props.pop_int("node", 0)
-        slot = props.pop_int("slot", -1)
+        node = props.pop_uint32("node", 0)
+        slot = props.pop_int32("slot", -1)
         props.finish(("id", "memdev", "addr", "node", "slot"))
         return DimmOptions(
             id=dev_id,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from memslots.errors import OptionError
 from memslots.options.grammar import split_option_string
+from memslots.sizes import shorten
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,10 @@ def parse_qmp_option(text: str) -> QmpEndpoint:
         return QmpEndpoint(path=address[5:])
     if address.startswith("tcp:"):
         host, _, port = address[4:].rpartition(":")
-        if not host or not port.isdigit() or int(port) > 65535:
+        number = _port(port)
+        if not host or number is None:
             raise OptionError(f"-qmp {text}: expected tcp:HOST:PORT with a port up to 65535")
-        return QmpEndpoint(host=host, port=int(port))
+        return QmpEndpoint(host=_host(host, f"-qmp {text}"), port=number)
     raise OptionError(f"-qmp {text}: expected unix:PATH or tcp:HOST:PORT")
 
 
@@ -46,17 +48,37 @@ def parse_qmp_option(text: str) -> QmpEndpoint:
 
 #: Where a client connects: a Unix socket path, or (host, port).
 Address = str | tuple[str, int]
-_TCP = re.compile(r"^(?:tcp:)?(?P<host>\[[^\]]+\]|[^/:\[\]]+):(?P<port>\d+)$")
+_TCP = re.compile(r"(?:tcp:)?(?P<host>\[[^\]]+\]|[^/:\[\]]+):(?P<port>[0-9]+)")
+
+
+def _host(host: str, where: str) -> str:
+    """A host name or address that the resolver can take (IDNA-encodable)."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise OptionError(f"{where}: '{shorten(host)}' is not a host name or address") from None
+    return host
+
+
+def _port(text: str) -> int | None:
+    """A TCP port in ASCII decimal, 0-65535; None otherwise."""
+    if not 0 < len(text) <= 5 or not text.isascii() or not text.isdigit():
+        return None
+    port = int(text)
+    return port if port <= 65535 else None
 
 
 def parse_address(text: str) -> Address:
     """A QMP address: ``HOST:PORT`` or ``tcp:HOST:PORT`` is TCP, anything else a socket path."""
     if text.startswith("unix:"):
         return text.removeprefix("unix:")
-    match = _TCP.match(text)
+    match = _TCP.fullmatch(text)
     if match is None:
         return text
-    return match["host"].strip("[]"), int(match["port"])
+    port = _port(match["port"])
+    if port is None:
+        raise OptionError(f"'{shorten(text)}': the port must be 0-65535")
+    return _host(match["host"].strip("[]"), f"'{shorten(text)}'"), port
 
 
 def parse_arguments(items: Sequence[str]) -> dict[str, object]:
@@ -67,7 +89,9 @@ def parse_arguments(items: Sequence[str]) -> dict[str, object]:
         try:
             obj: dict[str, object] = json.loads(items[0])  # starts with "{": an object or invalid
         except ValueError as exc:
-            raise OptionError(f"arguments '{items[0]}': not valid JSON: {exc}") from None
+            raise OptionError(f"arguments '{shorten(items[0])}': not valid JSON: {exc}") from None
+        except RecursionError:
+            raise OptionError(f"arguments '{shorten(items[0])}': nested too deeply") from None
         return obj
     args: dict[str, object] = {}
     for item in items:
@@ -80,6 +104,8 @@ def parse_arguments(items: Sequence[str]) -> dict[str, object]:
             args[key] = json.loads(raw, parse_constant=_not_json)
         except ValueError:
             args[key] = raw
+        except RecursionError:
+            raise OptionError(f"argument '{key}': nested too deeply") from None
     return args
 
 

@@ -6,12 +6,20 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from memslots.errors import OptionError
 from memslots.options.machine import MachineConfig, VirtioMemOptions
-from memslots.sizes import parse_size
+from memslots.sizes import parse_size, shorten
+
+#: The longest trace, in seconds (about 4 months): the guest's retry timer fires every 300 s at
+#: most, so a stuck guest costs a pass per 300 s of simulated time, and longer adds nothing.
+MAX_TRACE_SECONDS = 1e7
+# Seconds in ASCII decimal: float() also takes "nan", "inf", "1_0" and "٤".
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -23,30 +31,64 @@ class TraceStep:
 
 
 def parse_trace(text: str, *, source: str = "trace") -> list[TraceStep]:
-    """Parse ``time,requested-size`` rows (a header row and ``#`` comments are allowed)."""
+    """Parse ``time,requested-size`` rows (a header row and ``#`` comments are allowed).
+
+    Times are seconds in decimal, ascending, up to :data:`MAX_TRACE_SECONDS`.
+    """
     steps: list[TraceStep] = []
-    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
-            continue
-        if len(row) != 2:
-            raise OptionError(f"{source}:{lineno}: expected 'time,requested-size', got {row!r}")
-        t_raw, size_raw = row[0].strip(), row[1].strip()
-        if lineno == 1 and not t_raw.replace(".", "", 1).isdigit():
-            continue  # a header row
-        try:
-            t = float(t_raw)
-        except ValueError:
-            raise OptionError(f"{source}:{lineno}: time '{t_raw}' is not a number") from None
-        try:
-            size = parse_size(size_raw, what="requested-size")
-        except OptionError as exc:
-            raise OptionError(f"{source}:{lineno}: {exc}") from exc
-        if t < 0 or (steps and t < steps[-1].time):
-            raise OptionError(f"{source}:{lineno}: times must be non-negative and ascending")
-        steps.append(TraceStep(t, size))
+    try:
+        for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+            step = _trace_row(row, lineno, source, steps[-1].time if steps else None)
+            if step is not None:
+                steps.append(step)
+    except csv.Error as exc:
+        raise OptionError(f"{source}: not a CSV file: {exc}") from None
     if not steps:
         raise OptionError(f"{source}: the trace has no steps")
     return steps
+
+
+def _trace_row(row: list[str], lineno: int, source: str, last: float | None) -> TraceStep | None:
+    if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
+        return None
+    if len(row) != 2:
+        raise OptionError(
+            f"{source}:{lineno}: expected 'time,requested-size', got {shorten(repr(row), 80)}"
+        )
+    t_raw, size_raw = row[0].strip(), row[1].strip()
+    if not _SECONDS.fullmatch(t_raw):
+        if lineno == 1:
+            return None  # a header row
+        raise OptionError(f"{source}:{lineno}: time '{shorten(t_raw)}' is not a number")
+    t = float(t_raw)
+    if t > MAX_TRACE_SECONDS:
+        raise OptionError(
+            f"{source}:{lineno}: time {shorten(t_raw)} is beyond the longest trace "
+            f"({MAX_TRACE_SECONDS:.0f} s)"
+        )
+    try:
+        size = parse_size(size_raw, what="requested-size")
+    except OptionError as exc:
+        raise OptionError(f"{source}:{lineno}: {exc}") from exc
+    if last is not None and t < last:
+        raise OptionError(f"{source}:{lineno}: times must be non-negative and ascending")
+    return TraceStep(t, size)
+
+
+def load_trace(path: str) -> list[TraceStep]:
+    """Read and parse a trace file, which must be UTF-8 text."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise OptionError(f"{path}: cannot read the trace: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise OptionError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    return parse_trace(text, source=path)
 
 
 def parse_strategy(text: str) -> tuple[str, Callable[[VirtioMemOptions], VirtioMemOptions]]:

@@ -102,7 +102,12 @@ def parse_vhost_user_device(text: str) -> VhostUserDeviceOptions:
             raise OptionError(f"-device {text}: missing tag property")
         if not tag:
             raise OptionError(f"-device {text}: tag property must not be empty")
-        if len(tag.encode()) > FS_TAG_MAX:
+        try:
+            # surrogateescape: the bytes of a command-line word that is not UTF-8.
+            tag_bytes = tag.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise OptionError(f"-device {text}: tag property must be UTF-8 text") from None
+        if len(tag_bytes) > FS_TAG_MAX:
             raise OptionError(f"-device {text}: tag property must be {FS_TAG_MAX} bytes or less")
     return VhostUserDeviceOptions(
         driver=driver, id=dev_id, chardev=chardev, tag=tag, memslot_accounting=accounting

@@ -27,17 +27,24 @@ from pathlib import Path
 
 from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import OptionError
-from memslots.guest.linux import GuestOptions, LinuxGuest
+from memslots.guest.linux import GuestOptions, LinuxGuest, memory_block_size
 from memslots.guest.sched import Scheduler
 from memslots.host.kmem import KmemMeter, SystemMeter, current_meter
 from memslots.kvm.abi import VmBackend
 from memslots.kvm.cost import DEFAULT_WORKING_SET_FRAMES, slot_metadata_bytes
 from memslots.kvm.host import host_info, open_vm_meter
+from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine, uses_real_kvm
 from memslots.machine.resize import ResizeJob
-from memslots.machine.vm import GuestVm, ObservedChannel
+from memslots.machine.vm import GuestVm, ObservedChannel, boot_memory_end
 from memslots.memory.address_space import Section
-from memslots.options import MachineConfig, TraceStep, first_virtio_mem, with_strategy
+from memslots.options import (
+    MAX_TRACE_SECONDS,
+    MachineConfig,
+    TraceStep,
+    first_virtio_mem,
+    with_strategy,
+)
 from memslots.reports import device_plan, to_json
 from memslots.sizes import GiB
 
@@ -45,15 +52,20 @@ from memslots.sizes import GiB
 
 
 SCENARIOS = ("ramp-up", "sawtooth", "burst")
+#: The most steps a built-in scenario takes (each is a resize the guest model carries out).
+MAX_SCENARIO_STEPS = 10_000
 
 
 def scenario(
-    name: str, max_size: int, block: int, *, steps: int = 8, period: float = 60.0
+    name: str, max_size: int, granule: int, *, steps: int = 8, period: float = 60.0
 ) -> list[TraceStep]:
-    """Built-in traces up to ``max_size``: ramp-up, sawtooth (up and down twice), burst."""
+    """Built-in traces up to ``max_size``: ramp-up, sawtooth (up and down twice), burst.
+
+    Every size is a multiple of ``granule`` (see :func:`scenario_granule`).
+    """
 
     def at(fraction: float) -> int:
-        return int(max_size * fraction) // block * block
+        return int(max_size * fraction) // granule * granule
 
     if name == "ramp-up":
         sizes = [at(i / steps) for i in range(steps + 1)]
@@ -64,7 +76,23 @@ def scenario(
         sizes = [at(1 / 16), at(1 / 16), at(1.0), at(1.0), at(1 / 16), at(1 / 16), at(0.5), 0]
     else:
         raise OptionError(f"unknown scenario '{name}' (known: {', '.join(SCENARIOS)})")
+    if (len(sizes) - 1) * period > MAX_TRACE_SECONDS:
+        raise OptionError(
+            f"scenario {name}: {len(sizes)} steps every {period:g} s last longer than the "
+            f"longest trace ({MAX_TRACE_SECONDS:.0f} s)"
+        )
     return [TraceStep(i * period, s) for i, s in enumerate(sizes)]
+
+
+def scenario_granule(config: MachineConfig, dev_id: str) -> int:
+    """The step of sizes a Linux guest reaches on ``dev_id``: its driver adds memory in whole
+    Linux memory blocks (big blocks in BBM) that must fit the usable region, which reaches only
+    256 MiB past the request; with 1 GiB memory blocks 21.5 GiB stops at 21. The machine is
+    planned (nothing mapped), so this also refuses a bad configuration before anything runs.
+    """
+    with Machine(config, vm=KvmModel(), planned=True) as machine:
+        dev = machine.virtio_mem(dev_id)
+        return max(dev.block_size, memory_block_size(boot_memory_end(machine)))
 
 
 # -- recording ---------------------------------------------------------------------------------
@@ -100,6 +128,9 @@ class StepRecord:
     #: unit: the delete part of the unmap cost; wall-clock time also counts a busy host's
     #: waiting for a CPU).
     delete_ms_measured: float | None = None
+    #: Why the guest stopped short of ``requested``, in its driver's words; None if it got
+    #: there.
+    stop_reason: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         """The JSON shape of a step."""
@@ -187,6 +218,7 @@ class SimResult:
             "unmap_cost_ms",
             "delete_ms_measured",
             "outcome",
+            "stop_reason",
         ]
         with path.open("w", newline="") as f:
             w = csv.writer(f)
@@ -360,6 +392,7 @@ def _run_trace(
             kernel_metadata_source_model=source_model(),
             unmap_cost_ms=machine.kvm.unmap_cost_ms - unmap_ms,
             delete_ms_measured=(machine.kvm.delete_cpu_seconds - delete_s) * 1e3 if real else None,
+            stop_reason=None if res.ok else guest.stop_reason,
         )
         result.steps.append(record)
         creates, deletes = machine.kvm.creates, machine.kvm.deletes

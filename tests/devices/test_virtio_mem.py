@@ -174,7 +174,7 @@ def test_fixed_memslot_size(plan_machine: PlanFactory) -> None:
     assert m.device_memory is not None and m.device_memory.required_memslots == 16
     drive_to(dev, 300 * MiB)
     assert dev.mapped_memslots == 3
-    with pytest.raises(ConfigError, match="'memslot-size' \\(0x100000\\) has to be a multiple"):
+    with pytest.raises(ConfigError, match=r"'memslot-size' 0x100000 \(1 MiB\) has to be a"):
         small_device(plan_machine, ",memslot-size=1M", size="2G")
 
 

@@ -68,3 +68,21 @@ def test_no_space_and_broken_and_no_guest() -> None:
         dev = m.virtio_mem("vmem0")
         res = ResizeJob(dev, 256 * MiB, Scheduler(), None).wait(timeout=5)
         assert res.outcome is Outcome.NO_GUEST
+
+
+def test_stopping_short_ends_the_job_with_the_guests_reason() -> None:
+    with machine_with(size="32G,reserve=off") as m:
+        dev = m.virtio_mem("vmem0")
+        sched = Scheduler()
+        guest = boot(dev, sched, GuestOptions(boot_memory_end=1025 * GiB))  # 1 GiB blocks
+        res = ResizeJob(dev, 21 * GiB + 512 * MiB, sched, guest).wait(timeout=3600)
+        assert res.outcome is Outcome.NO_SPACE and res.plugged == 21 * GiB
+        assert res.elapsed < 3600  # it ends when the guest stops, not at the timeout
+        assert "the next Linux memory block (1 GiB at " in res.reason
+    with machine_with(extra=",block-size=1M") as m:
+        dev = m.virtio_mem("vmem0")
+        sched = Scheduler()
+        guest = boot(dev, sched)
+        res = ResizeJob(dev, 5 * MiB, sched, guest).wait(timeout=3600)
+        assert res.outcome is Outcome.STOPPED_SHORT and res.elapsed < 3600
+        assert "the rest (1 MiB) is less than one sub-block (2 MiB)" in res.reason

@@ -87,9 +87,15 @@ def test_run_info_tables_and_json(machine: Machine, sock: str) -> None:
     with ServerThread(machine, sock):
         c = Captured()
         assert status(lambda: run_info(sock, "memory-devices", out=c.out), c) == EXIT_OK
-        assert "virtio-mem" in c.stdout and "dimm0" in c.stdout and "1536 MiB" in c.stdout
+        assert "virtio-mem" in c.stdout and "dimm0" in c.stdout and "(GiB)" in c.stdout
+        vmem0 = next(line for line in c.stdout.splitlines() if "vmem0" in line)
+        assert " 1.5 " in vmem0  # plugged, in the column's one unit
         c = Captured()
         assert status(lambda: run_info(sock, "memslots", out=c.out), c) == EXIT_OK
+        rows = [line for line in c.stdout.splitlines() if "vmem0" in line]
+        assert len(rows) == 2 and "6 unmapped not shown (--all)" in c.stdout  # mapped only
+        c = Captured()
+        assert status(lambda: run_info(sock, "memslots", show_all=True, out=c.out), c) == EXIT_OK
         rows = [line for line in c.stdout.splitlines() if "vmem0" in line]
         assert len(rows) == 8 and sum(" yes " in r for r in rows) == 2
         c = Captured()

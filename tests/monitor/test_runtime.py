@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import resource
 import signal
@@ -534,3 +535,36 @@ def test_plug_unplug_cycles_through_qmp_leave_nothing_behind(
 
     with QemuStorageDaemon(tmp_path) as qsd, tempfile.TemporaryDirectory() as d:
         asyncio.run(main(qsd, os.path.join(d, "qmp.sock")))
+
+
+def test_resize_wait_ends_with_the_guests_reason() -> None:
+    """1 MiB device blocks: Linux plugs 2 MiB sub-blocks (its pageblock), so 5 MiB stops at 4 and
+    the guest says why; resize --wait ends with that instead of waiting for its timeout."""
+    machine = [*MACHINE[:-1], MACHINE[-1] + ",block-size=1M"]
+    with running("-accel", "sim", machine=machine) as (proc, sock):
+        resize = [sys.executable, "-m", "memslots.cli.main", "resize", sock, "vmem0", "5M"]
+        done = subprocess.run(
+            [*resize, "--wait", "--timeout", "600", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 1, done.stderr
+        assert done.stderr == (
+            "memslots: vmem0: plugged 4 MiB of 5 MiB requested; the guest stopped short: the "
+            "rest (1 MiB) is less than one sub-block (2 MiB), the driver's unit\n"
+        )
+        outcome = json.loads(done.stdout)
+        assert (outcome["size"], outcome["requested"], outcome["reached"]) == (
+            4 << 20,
+            5 << 20,
+            False,
+        )
+        assert outcome["stop_reason"].startswith("the rest (1 MiB)")
+        assert outcome["seconds"] < 600  # ended when the guest stopped, not at the timeout
+        reached = subprocess.run(
+            [*resize[:-1], "4M", "--wait", "--json"], capture_output=True, text=True, timeout=120
+        )
+        assert reached.returncode == 0 and json.loads(reached.stdout)["reached"] is True
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0

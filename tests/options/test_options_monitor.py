@@ -57,3 +57,33 @@ def test_parse_arguments() -> None:
     ]:
         with pytest.raises(OptionError, match=message):
             parse_arguments(bad)
+
+
+@pytest.mark.parametrize(
+    "text", ["tcp:localhost:\u0664\u0664", "tcp:localhost:\u00b2", "tcp:h:" + "1" * 5000, "tcp:h:"]
+)
+def test_qmp_port_is_ascii_and_bounded(text: str) -> None:
+    with pytest.raises(OptionError, match="port up to 65535"):
+        parse_qmp_option(text + ",server=on,wait=off")
+
+
+def test_address_port_is_bounded() -> None:
+    with pytest.raises(OptionError, match="the port must be 0-65535"):
+        parse_address("localhost:65536")
+    with pytest.raises(OptionError, match="the port must be 0-65535"):
+        parse_address("localhost:" + "9" * 5000)
+    assert parse_address("localhost:\u0664") == "localhost:\u0664"  # not digits: a socket path
+
+
+def test_deep_json_arguments_are_refused() -> None:
+    with pytest.raises(OptionError, match="nested too deeply"):
+        parse_arguments(["value=" + "[" * 100_000 + "]" * 100_000])
+    with pytest.raises(OptionError, match="nested too deeply"):
+        parse_arguments(['{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"])
+
+
+def test_hosts_must_be_names() -> None:
+    with pytest.raises(OptionError, match="is not a host name"):
+        parse_qmp_option("tcp:\x80:4444,server=on,wait=off")
+    with pytest.raises(OptionError, match="is not a host name"):
+        parse_address("a..b:4444")

@@ -64,7 +64,7 @@ from memslots.host.pages import HostPages
 from memslots.memory.address_space import AddressSpace, MemoryRegion
 from memslots.memory.backends import MemoryBackend
 from memslots.options import VirtioMemOptions
-from memslots.sizes import GiB, MiB, align_up, is_power_of_two
+from memslots.sizes import GiB, MiB, align_up, hex_size, is_power_of_two
 
 log = logging.getLogger("memslots.devices.virtio_mem")
 
@@ -196,7 +196,9 @@ class VirtioMem(MemoryDevice):
     @staticmethod
     def _check_block_size_value(value: int) -> None:
         if value < MIN_BLOCK_SIZE:
-            raise PropertyError(f"'block-size' property has to be at least 0x{MIN_BLOCK_SIZE:x}")
+            raise PropertyError(
+                f"'block-size' property has to be at least {hex_size(MIN_BLOCK_SIZE)}"
+            )
         if not is_power_of_two(value):
             raise PropertyError("'block-size' property has to be a power of two")
 
@@ -221,13 +223,14 @@ class VirtioMem(MemoryDevice):
         if self.realized:
             if value % self.block_size:
                 raise PropertyError(
-                    f"'requested-size' has to be multiples of 'block-size' (0x{self.block_size:x})"
+                    "'requested-size' has to be multiples of 'block-size' "
+                    f"{hex_size(self.block_size, parens=True)}"
                 )
             assert self.memdev is not None
             if value > self.memdev.size:
                 raise PropertyError(
                     f"'requested-size' cannot exceed the memory backend size"
-                    f"(0x{self.memdev.size:x})"
+                    f"{hex_size(self.memdev.size, parens=True)}"
                 )
             self.requested_size = value
             self._resize_usable_region(value, can_shrink=False)
@@ -319,8 +322,8 @@ class VirtioMem(MemoryDevice):
             size = self.opts.memslot_size
             if size < bs or size % bs:
                 raise ConfigError(
-                    f"virtio-mem '{self.label}': 'memslot-size' (0x{size:x}) has to be a "
-                    f"multiple of 'block-size' (0x{bs:x})"
+                    f"virtio-mem '{self.label}': 'memslot-size' {hex_size(size)} has to be a "
+                    f"multiple of 'block-size' {hex_size(bs)}"
                 )
         else:
             if limit <= 1:
@@ -379,7 +382,7 @@ class VirtioMem(MemoryDevice):
         if bs < page_size:
             raise ConfigError(
                 f"virtio-mem '{label}': 'block-size' property has to be at least the page size "
-                f"(0x{page_size:x})"
+                f"{hex_size(page_size, parens=True)}"
             )
         if bs < default_bs:
             log.warning(
@@ -389,17 +392,17 @@ class VirtioMem(MemoryDevice):
         if self.requested_size % bs:
             raise ConfigError(
                 f"virtio-mem '{label}': 'requested-size' property has to be multiples of "
-                f"'block-size' (0x{bs:x})"
+                f"'block-size' {hex_size(bs, parens=True)}"
             )
         if self.addr % bs:
             raise ConfigError(
                 f"virtio-mem '{label}': 'memaddr' property has to be multiples of "
-                f"'block-size' (0x{bs:x})"
+                f"'block-size' {hex_size(bs, parens=True)}"
             )
         if memdev.size % bs:
             raise ConfigError(
                 f"virtio-mem '{label}': 'memdev' property memdev size has to be multiples of"
-                f"'block-size' (0x{bs:x})"
+                f"'block-size' {hex_size(bs, parens=True)}"
             )
         # A fresh start: nothing is plugged, so no host memory may stay populated. An incoming
         # migration skips this, as QEMU does (shared memory may hold the source's data).
