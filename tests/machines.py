@@ -75,11 +75,12 @@ def boot(
 
 
 def machine_with(requested: str = "0", size: str = "4G", extra: str = "") -> Machine:
-    """A machine on the KVM model with one virtio-mem device ``vmem0`` of ``size``."""
+    """A machine on the KVM model with one virtio-mem device ``vmem0`` of ``size`` (mapped
+    without reserving it, so that a device larger than the host's RAM still maps)."""
     return Machine(
         parse_machine_config(
             "4G,maxmem=68G",
-            [f"memory-backend-ram,id=mem0,size={size}"],
+            [f"memory-backend-ram,id=mem0,size={size},reserve=off"],
             [f"virtio-mem,id=vmem0,memdev=mem0,requested-size={requested}{extra}"],
             accel="sim",
         ),

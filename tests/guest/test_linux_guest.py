@@ -228,3 +228,58 @@ def test_request_log_can_be_bounded() -> None:
         assert min(sizes[3:]) >= 8 and max(sizes) <= 16
         # the newest requests are kept: the last unplug's
         assert guest.log[-1].type == "unplug"
+
+
+def test_why_the_driver_stops_short() -> None:
+    # Each way Linux's driver leaves the device short of the request, said in its own terms.
+    with machine_with(extra=",block-size=1M") as m:
+        dev, sched = m.virtio_mem("vmem0"), Scheduler()
+        guest = boot(dev, sched)
+        dev.set_requested_size(5 * MiB)
+        sched.advance(1)
+        assert guest.stop_reason == (
+            "the rest (1 MiB) is less than one sub-block (2 MiB), the driver's unit"
+        )
+    with machine_with(size="4G") as m:
+        dev, sched = m.virtio_mem("vmem0"), Scheduler()
+        guest = boot(dev, sched, GuestOptions(online=Online.OFFLINE))
+        dev.set_requested_size(2 * GiB)
+        sched.advance(1)
+        assert guest.stop_reason == (
+            "1 GiB of added memory is still offline: Linux adds no more until it is onlined "
+            "(offline threshold 1 GiB)"
+        )
+        guest.online_all()
+        sched.advance(1)
+        assert dev.size == 2 * GiB and guest.stop_reason is None
+    with machine_with() as m:
+        dev, sched = m.virtio_mem("vmem0"), Scheduler()
+        guest = boot(dev, sched, GuestOptions(online=Online.KERNEL, pinned=frozenset({0})))
+        dev.set_requested_size(128 * MiB)
+        sched.advance(1)
+        dev.set_requested_size(0)
+        sched.advance(1)
+        assert guest.stop_reason is not None
+        assert guest.stop_reason.startswith("2 MiB could not be unplugged: the memory left in use")
+
+
+def test_a_memory_block_past_the_usable_region_stops_the_driver() -> None:
+    # An AMD host moves boot RAM above 4 GiB to 1 TiB: with 4 GiB of RAM it ends at 1025 GiB,
+    # so Linux picks 1 GiB memory blocks (the largest power of two up to 2 GiB dividing the
+    # end). 21.5 GiB requested makes the usable region 21.75 GiB (256 MiB beyond): 21 whole
+    # blocks fit, the 22nd does not, and Linux only adds whole memory blocks.
+    with machine_with(size="32G") as m:
+        dev, sched = m.virtio_mem("vmem0"), Scheduler()
+        guest = boot(dev, sched, GuestOptions(boot_memory_end=1025 * GiB))
+        assert guest.mb_size == GiB and dev.addr % GiB == 0
+        dev.set_requested_size(21 * GiB + 512 * MiB)
+        sched.advance(1)
+        assert dev.size == 21 * GiB and guest.stopped_no_space
+        end = dev.addr + 21 * GiB + 768 * MiB
+        assert guest.stop_reason == (
+            f"the next Linux memory block (1 GiB at 0x{dev.addr + 21 * GiB:x}) does not fit the "
+            f"usable region (up to 0x{end:x}): Linux adds memory in whole memory blocks"
+        )
+        dev.set_requested_size(22 * GiB)
+        sched.advance(1)
+        assert dev.size == 22 * GiB and guest.stop_reason is None

@@ -71,7 +71,7 @@ def test_no_space_and_broken_and_no_guest() -> None:
 
 
 def test_stopping_short_ends_the_job_with_the_guests_reason() -> None:
-    with machine_with(size="32G,reserve=off") as m:
+    with machine_with(size="32G") as m:
         dev = m.virtio_mem("vmem0")
         sched = Scheduler()
         guest = boot(dev, sched, GuestOptions(boot_memory_end=1025 * GiB))  # 1 GiB blocks
