@@ -19,6 +19,7 @@ from memslots.devices.virtio_mem.wire import ReqType, Request, Resp, Response
 from memslots.guest.sched import Scheduler
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
+from memslots.machine.vm import GuestVm
 from memslots.monitor.commands import Monitor
 from memslots.monitor.qmp_server import Cancellable, Clock, QMPServer
 from memslots.options import parse_machine_config
@@ -65,6 +66,10 @@ class FakeRuntime:
     def system_reset(self) -> None:
         self.resets += 1
         self._machine.system_reset()
+
+    @property
+    def guests(self) -> GuestVm | None:
+        return None
 
 
 class ManualClock:

@@ -7,7 +7,8 @@ Commands, arguments, result fields and error texts are QEMU 8.2's (``qemu-behavi
 ``object-add``/``object-del`` for memory backends and ``device_add``/``device_del`` for
 ``virtio-mem`` and ``pc-dimm``. Our extensions follow QEMU's ``x-`` convention:
 ``x-query-memslots`` (every memslot of every memory device and who maps it),
-``x-query-memslot-budget`` and ``x-query-kernel-metadata``.
+``x-query-memslot-budget``, ``x-query-kernel-metadata`` and ``x-query-guest`` (the guest
+drivers and, with ``verify``, a check from inside the guest of all the memory they use).
 
 Events: ``MEMORY_DEVICE_SIZE_CHANGE`` on every change of a virtio-mem device's ``size``
 (rate-limited per ``qom-path`` by the server, as QEMU's monitor does), ``DEVICE_DELETED``
@@ -29,10 +30,17 @@ from memslots.devices.memory_device import MemoryDevice
 from memslots.devices.qom import QomObject, QomProperty, refuse
 from memslots.host.kmem import KmemMeter, current_or_system_meter
 from memslots.machine.machine import Machine
+from memslots.machine.vm import GuestVm
 from memslots.memory.backends import MemoryBackend
 from memslots.monitor.qmp_server import Command, Param, QMPCommandError, QMPServer, check_value
 from memslots.options import backend_from_args, device_from_args, id_wellformed
-from memslots.reports import budget_report, kernel_metadata_report, memslot_report, to_qmp
+from memslots.reports import (
+    budget_report,
+    guest_report,
+    kernel_metadata_report,
+    memslot_report,
+    to_qmp,
+)
 from memslots.vhost.user.consumer import ConnectionState, VhostUserConsumer
 
 #: QEMU's RunState values that count as running for ``query-status``.
@@ -64,6 +72,11 @@ class Runtime(Protocol):
     def system_reset(self) -> None:
         """Reset the machine as QEMU's ``system_reset`` does (virtio-mem memory unplugged, the
         guests' drivers start over); the monitor then sends ``RESET``."""
+        ...
+
+    @property
+    def guests(self) -> GuestVm | None:
+        """The guest side (None with ``-guest none``)."""
         ...
 
 
@@ -288,6 +301,7 @@ class Monitor:
             Command("x-query-memslot-budget", self._query_budget),
             Command("x-query-kernel-metadata", self._query_kernel_metadata),
             Command("x-vhost-user-reconnect", self._vhost_reconnect, (Param("id", "str"),)),
+            Command("x-query-guest", self._query_guest, (Param("verify", "bool", True),)),
         ]
 
     # -- general ---------------------------------------------------------------------------------
@@ -458,6 +472,14 @@ class Monitor:
         # (``memslots run`` opens it before the VM exists).
         kmem = self._kmem_meter() if self.machine.vm.is_real else None
         return to_qmp(kernel_metadata_report(self.machine, self._name, kmem=kmem))
+
+    def _query_guest(self, args: dict[str, Any]) -> object:
+        guests = self.runtime.guests
+        if guests is None:
+            raise QMPCommandError("the machine runs without a guest (-guest none)")
+        # The checks run here, between two guest passes (commands and guests share the loop).
+        checked = guests.verify() if args.get("verify", False) else None
+        return to_qmp(guest_report(guests, checked))
 
     def _kmem_meter(self) -> KmemMeter:
         if self._kmem is None:

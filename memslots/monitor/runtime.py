@@ -81,6 +81,11 @@ class MachineRuntime:
         """The machine."""
         return self._machine
 
+    @property
+    def guests(self) -> GuestVm | None:
+        """The guest side (None with ``-guest none``)."""
+        return self._guests
+
     def status(self) -> str:
         """QEMU's RunState name."""
         return self._state
