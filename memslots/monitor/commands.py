@@ -42,6 +42,7 @@ from memslots.reports import (
     to_qmp,
 )
 from memslots.vhost.user.consumer import ConnectionState, VhostUserConsumer
+from memslots.vhost.user.wire import VhostUserConnection
 
 #: QEMU's RunState values that count as running for ``query-status``.
 RUNNING = "running"
@@ -147,6 +148,12 @@ class Monitor:
         #: The vhost-user back-ends that have our state listener (the objects themselves: an
         #: id() of a removed one can come back as a new back-end's).
         self._watched_vhost: set[VhostUserConsumer] = set()
+        #: Their connections the loop watches for a hang-up, each with its close listener.
+        self._watched_connections: dict[VhostUserConnection, Callable[[], None]] = {}
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # a monitor built outside a loop serves no one, watches nothing
+            self._loop = None
         self.device_removed: list[Callable[[str], None]] = []
         self._providers: list[DeviceProvider] = []
         self._anon_paths: dict[MemoryDevice, str] = {}
@@ -182,12 +189,52 @@ class Monitor:
         for backend in backends - self._watched_vhost:
             backend.state_listeners.append(self._vhost_state_changed)
             self._watched_vhost.add(backend)
+            self._watch_connection(backend)
         for backend in self._watched_vhost - backends:
             self._unwatch_vhost(backend)
+
+    def _watch_connection(self, backend: VhostUserConsumer) -> None:
+        """Have the loop tell us when a connected back-end's socket turns readable.
+
+        A back-end sends nothing unasked on it, so that is its hang-up, which QEMU learns from
+        the chardev at once; one round trip (:meth:`VhostUserConsumer.check`) then finds it
+        gone and the loss is an event without waiting for the next memory-table change. The
+        watch ends just before the connection closes, while its descriptor is still its own.
+        """
+        frontend = backend.frontend
+        loop = self._loop
+        if loop is None or frontend is None or not backend.connected:
+            return
+        conn = frontend.connection
+        if conn.closed or conn in self._watched_connections:
+            return
+        fd = conn.fileno()
+
+        def unwatch() -> None:
+            self._watched_connections.pop(conn, None)
+            loop.remove_reader(fd)
+
+        loop.add_reader(fd, self._backend_readable, backend, conn)
+        conn.close_listeners.append(unwatch)
+        self._watched_connections[conn] = unwatch
+
+    def _backend_readable(self, backend: VhostUserConsumer, conn: VhostUserConnection) -> None:
+        if backend.frontend is not None and backend.frontend.connection is conn:
+            backend.check()  # a loss closes the connection, which ends the watch
+        else:
+            self._unwatch_connection(conn)  # no longer the back-end's connection
+
+    def _unwatch_connection(self, conn: VhostUserConnection) -> None:
+        unwatch = self._watched_connections.get(conn)
+        if unwatch is not None:
+            conn.close_listeners.remove(unwatch)
+            unwatch()
 
     def _vhost_state_changed(self, consumer: VhostUserConsumer) -> None:
         """Tell clients that a vhost-user back-end was lost, is back or was removed (our
         extension); ``reason`` comes with a loss only."""
+        if consumer.connected:
+            self._watch_connection(consumer)  # a new connection after reconnect()
         data = {"id": consumer.name, "state": consumer.state.value}
         if consumer.state is ConnectionState.DISCONNECTED:
             data["reason"] = consumer.disconnect_reason or ""
@@ -213,6 +260,8 @@ class Monitor:
             self._unwatch(dev)
         for backend in list(self._watched_vhost):
             self._unwatch_vhost(backend)
+        for conn in list(self._watched_connections):
+            self._unwatch_connection(conn)
 
     def _unwatch(self, dev: MemoryDevice) -> None:
         self._watched.discard(dev)
