@@ -11,7 +11,9 @@ metrics and ``memslots info`` tell about a machine, built once and rendered by e
   :class:`UnmapCostModel`);
 * :class:`KernelMetadataReport`: what our KVM memslots cost the kernel, the model's figure and
   (:class:`KernelMemoryReport`) what the per-VM meter measured; ``x-query-kernel-metadata`` and
-  the ``memslots_kernel_metadata_*`` and ``memslots_kernel_memory_*`` metrics.
+  the ``memslots_kernel_metadata_*`` and ``memslots_kernel_memory_*`` metrics;
+* :class:`GuestReport` (:class:`GuestDriverReport` per guest driver, :class:`VcpuReport`): the
+  guest model's drivers and the checks of the memory they use; ``x-query-guest``.
 
 :class:`Columns` lays out every table for people (the command line's and ``info``'s): one unit
 per column, named in its title, and values never cut, so that the default tables fit 80 columns.
@@ -37,6 +39,7 @@ from memslots.devices.memory_device import MemoryDevice
 from memslots.host.kmem import KmemMeter
 from memslots.kvm.cost import UNMAP_COST_MEASURED
 from memslots.machine.machine import Machine
+from memslots.machine.vm import GuestVm
 from memslots.memory.address_space import Section
 from memslots.memory.consumer import MemslotConsumer
 from memslots.sizes import column_unit, format_in
@@ -48,15 +51,19 @@ __all__ = [
     "DeviceKernelMetadata",
     "DeviceMemoryReport",
     "DevicePlan",
+    "GuestDriverReport",
+    "GuestReport",
     "KernelMemoryReport",
     "KernelMetadataPlan",
     "KernelMetadataReport",
     "MemslotReport",
     "UnmapCostModel",
     "UnmapCostPlan",
+    "VcpuReport",
     "budget_report",
     "device_plan",
     "from_qmp",
+    "guest_report",
     "kernel_metadata_report",
     "memslot_report",
     "to_json",
@@ -459,3 +466,75 @@ class Columns:
         for row in zip(*(cells for _, cells, _ in self._columns), strict=True):
             table.add_row(*row)
         return table
+
+
+# -- the guest ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuestDriverReport:
+    """The guest driver of one virtio-mem device (by id) and the checks of the memory it uses.
+
+    ``state`` is "running", "broken" (the device answered ERROR), "hung" (the device never
+    answered) or "stopped"; ``plugged_size`` is what the driver believes is plugged.
+    ``checked`` counts the sub-blocks whose pattern was checked for this report (None when no
+    check was asked for); ``violations`` counts every check that failed since the driver
+    started (plugged memory that was not usable or lost its contents), the last one described
+    in ``last_violation``.
+    """
+
+    device: str
+    state: str
+    plugged_size: int
+    checked: int | None
+    violations: int
+    last_violation: str | None
+
+
+@dataclass(frozen=True)
+class VcpuReport:
+    """The probe vCPU through which the guests use their memory: guest loads and stores run,
+    KVM_RUN calls, and accesses that came back as MMIO (no memslot there)."""
+
+    commands: int
+    runs: int
+    mmio_exits: int
+
+
+@dataclass(frozen=True)
+class GuestReport:
+    """The guest side of a running machine: the vCPU (None: the guests use memory through the
+    VMM's mapping, as on the KVM model) and each driver."""
+
+    vcpu: VcpuReport | None
+    drivers: list[GuestDriverReport]
+
+
+def guest_report(guests: GuestVm, checked: Mapping[str, int] | None = None) -> GuestReport:
+    """The guests as they are now; ``checked`` is what :meth:`GuestVm.verify` returned, if it
+    ran for this report."""
+    drivers = []
+    for dev_id, guest in guests.guests.items():
+        if guest.stopped:
+            state = "stopped"
+        elif guest.broken:
+            state = "broken"
+        elif guest.hung:
+            state = "hung"
+        else:
+            state = "running"
+        drivers.append(
+            GuestDriverReport(
+                device=dev_id,
+                state=state,
+                plugged_size=guest.plugged_size if guest.probed else 0,
+                checked=None if checked is None else checked.get(dev_id, 0),
+                violations=len(guest.violations),
+                last_violation=guest.violations[-1] if guest.violations else None,
+            )
+        )
+    vcpu = None
+    if guests.vcpu is not None:
+        stats = guests.vcpu.stats
+        vcpu = VcpuReport(stats.commands, stats.runs, stats.mmio_exits)
+    return GuestReport(vcpu, drivers)

@@ -20,6 +20,7 @@ from memslots.errors import ConfigError
 from memslots.guest.sched import Scheduler
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
+from memslots.machine.vm import GuestVm
 from memslots.monitor.commands import Monitor
 from memslots.monitor.qmp_server import Cancellable, Clock, QMPServer
 from memslots.options import parse_machine_config
@@ -75,6 +76,10 @@ class FakeRuntime:
 
     def guest_memory_access(self, address: int, *, write: bool, value: int) -> int | None:
         raise ConfigError("the machine runs without a guest (-guest none)")
+
+    @property
+    def guests(self) -> GuestVm | None:
+        return None
 
 
 class ManualClock:

@@ -426,6 +426,12 @@ class GuestVm(Closing):
         """The devices that have a guest driver."""
         return [t.dev for t in self.transports.values()]
 
+    def verify(self) -> dict[str, int]:
+        """Every guest checks the pattern of each sub-block it uses, from inside the guest (the
+        vCPU on the real kernel); returns how many each checked, by device id. What fails is
+        added to that guest's ``violations``."""
+        return {dev_id: guest.verify() for dev_id, guest in self.guests.items()}
+
     def settle(self, seconds: float = 1.0) -> None:
         """Let the guests work for ``seconds`` of scheduler time."""
         self.sched.advance(seconds)

@@ -8,9 +8,10 @@ Commands, arguments, result fields and error texts are QEMU 8.2's (``qemu-behavi
 ``virtio-mem`` and ``pc-dimm``. Our extensions follow QEMU's ``x-`` convention:
 ``x-query-memslots`` (every memslot of every memory device and who maps it),
 ``x-query-memslot-budget``, ``x-query-kernel-metadata``, ``x-query-virtio-mem-guest`` (where
-the guest driver of a virtio-mem device stands, and why it stopped short of the request) and
-``x-guest-memory-access`` (the guest's CPU touches a byte, as a guest that ignores the protocol
-might).
+the guest driver of a virtio-mem device stands, and why it stopped short of the request),
+``x-query-guest`` (every guest driver and, with ``verify``, a check from inside the guest of all
+the memory they use) and ``x-guest-memory-access`` (the guest's CPU touches a byte, as a guest
+that ignores the protocol might).
 
 Events: ``MEMORY_DEVICE_SIZE_CHANGE`` on every change of a virtio-mem device's ``size``
 (rate-limited per ``qom-path`` by the server, as QEMU's monitor does), ``DEVICE_DELETED``
@@ -36,12 +37,19 @@ from memslots.errors import GuestMemoryFault
 from memslots.guest.linux import LinuxGuest
 from memslots.host.kmem import KmemMeter, current_or_system_meter
 from memslots.machine.machine import Machine
-from memslots.machine.vm import GuestFault
+from memslots.machine.vm import GuestFault, GuestVm
 from memslots.memory.backends import MemoryBackend
 from memslots.monitor.qmp_server import Command, Param, QMPCommandError, QMPServer, check_value
 from memslots.options import backend_from_args, device_from_args, id_wellformed
-from memslots.reports import budget_report, kernel_metadata_report, memslot_report, to_qmp
+from memslots.reports import (
+    budget_report,
+    guest_report,
+    kernel_metadata_report,
+    memslot_report,
+    to_qmp,
+)
 from memslots.vhost.user.consumer import ConnectionState, VhostUserConsumer
+from memslots.vhost.user.wire import VhostUserConnection
 
 #: QEMU's RunState values that count as running for ``query-status``.
 RUNNING = "running"
@@ -84,6 +92,11 @@ class Runtime(Protocol):
         """The guest's CPU reads (or writes) the byte at ``address``: the byte (0 for a
         write), None for MMIO; raises :class:`~memslots.errors.GuestMemoryFault` after
         stopping the VM if the memory is out of the guest's reach."""
+        ...
+
+    @property
+    def guests(self) -> GuestVm | None:
+        """The guest side (None with ``-guest none``)."""
         ...
 
 
@@ -154,6 +167,12 @@ class Monitor:
         #: The vhost-user back-ends that have our state listener (the objects themselves: an
         #: id() of a removed one can come back as a new back-end's).
         self._watched_vhost: set[VhostUserConsumer] = set()
+        #: Their connections the loop watches for a hang-up, each with its close listener.
+        self._watched_connections: dict[VhostUserConnection, Callable[[], None]] = {}
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # a monitor built outside a loop serves no one, watches nothing
+            self._loop = None
         self.device_removed: list[Callable[[str], None]] = []
         self._providers: list[DeviceProvider] = []
         self._anon_paths: dict[MemoryDevice, str] = {}
@@ -191,12 +210,52 @@ class Monitor:
         for backend in backends - self._watched_vhost:
             backend.state_listeners.append(self._vhost_state_changed)
             self._watched_vhost.add(backend)
+            self._watch_connection(backend)
         for backend in self._watched_vhost - backends:
             self._unwatch_vhost(backend)
+
+    def _watch_connection(self, backend: VhostUserConsumer) -> None:
+        """Have the loop tell us when a connected back-end's socket turns readable.
+
+        A back-end sends nothing unasked on it, so that is its hang-up, which QEMU learns from
+        the chardev at once; one round trip (:meth:`VhostUserConsumer.check`) then finds it
+        gone and the loss is an event without waiting for the next memory-table change. The
+        watch ends just before the connection closes, while its descriptor is still its own.
+        """
+        frontend = backend.frontend
+        loop = self._loop
+        if loop is None or frontend is None or not backend.connected:
+            return
+        conn = frontend.connection
+        if conn.closed or conn in self._watched_connections:
+            return
+        fd = conn.fileno()
+
+        def unwatch() -> None:
+            self._watched_connections.pop(conn, None)
+            loop.remove_reader(fd)
+
+        loop.add_reader(fd, self._backend_readable, backend, conn)
+        conn.close_listeners.append(unwatch)
+        self._watched_connections[conn] = unwatch
+
+    def _backend_readable(self, backend: VhostUserConsumer, conn: VhostUserConnection) -> None:
+        if backend.frontend is not None and backend.frontend.connection is conn:
+            backend.check()  # a loss closes the connection, which ends the watch
+        else:
+            self._unwatch_connection(conn)  # no longer the back-end's connection
+
+    def _unwatch_connection(self, conn: VhostUserConnection) -> None:
+        unwatch = self._watched_connections.get(conn)
+        if unwatch is not None:
+            conn.close_listeners.remove(unwatch)
+            unwatch()
 
     def _vhost_state_changed(self, consumer: VhostUserConsumer) -> None:
         """Tell clients that a vhost-user back-end was lost, is back or was removed (our
         extension); ``reason`` comes with a loss only."""
+        if consumer.connected:
+            self._watch_connection(consumer)  # a new connection after reconnect()
         data = {"id": consumer.name, "state": consumer.state.value}
         if consumer.state is ConnectionState.DISCONNECTED:
             data["reason"] = consumer.disconnect_reason or ""
@@ -222,6 +281,8 @@ class Monitor:
             self._unwatch(dev)
         for backend in list(self._watched_vhost):
             self._unwatch_vhost(backend)
+        for conn in list(self._watched_connections):
+            self._unwatch_connection(conn)
 
     def _unwatch(self, dev: MemoryDevice) -> None:
         self._watched.discard(dev)
@@ -320,7 +381,10 @@ class Monitor:
                     Param("value", "int", True),
                 ),
             ),
-            Command("x-query-virtio-mem-guest", self._query_guest, (Param("id", "str"),)),
+            Command(
+                "x-query-virtio-mem-guest", self._query_virtio_mem_guest, (Param("id", "str"),)
+            ),
+            Command("x-query-guest", self._query_guest, (Param("verify", "bool", True),)),
         ]
 
     # -- general ---------------------------------------------------------------------------------
@@ -532,7 +596,7 @@ class Monitor:
         kmem = self._kmem_meter() if self.machine.vm.is_real else None
         return to_qmp(kernel_metadata_report(self.machine, self._name, kmem=kmem))
 
-    def _query_guest(self, args: dict[str, Any]) -> object:
+    def _query_virtio_mem_guest(self, args: dict[str, Any]) -> object:
         dev_id = args["id"].removeprefix(PERIPHERAL)
         guest = self.guests.get(dev_id)
         if guest is None:
@@ -546,6 +610,14 @@ class Monitor:
         if guest.timer_due is not None:
             info["retry-in"] = max(0.0, guest.timer_due - guest.sched.now())
         return info
+
+    def _query_guest(self, args: dict[str, Any]) -> object:
+        guests = self.runtime.guests
+        if guests is None:
+            raise QMPCommandError("the machine runs without a guest (-guest none)")
+        # The checks run here, between two guest passes (commands and guests share the loop).
+        checked = guests.verify() if args.get("verify", False) else None
+        return to_qmp(guest_report(guests, checked))
 
     def _kmem_meter(self) -> KmemMeter:
         if self._kmem is None:

@@ -3,9 +3,9 @@
 :class:`MachineCollector` turns the machine's state into metric families when Prometheus asks,
 so nothing has to be updated as the machine changes: virtio-mem request counters (by type and
 response), discard and protection failures, guest memory faults, plugged/requested/region bytes
-and memslots per device, memslots used/free/max per consumer (KVM, each vhost back-end), the
-device-memory accounting, and the kernel metadata our memslots cost: the model's figure and, on
-the real kernel, the kernel memory measured per VM
+and memslots per device, memslots used/free/max per consumer (KVM, each vhost back-end), KVM
+memslot creates and deletes, the device-memory accounting, and the kernel metadata our memslots
+cost: the model's figure and, on the real kernel, the kernel memory measured per VM
 (``memslots_kernel_memory_bytes{source="cgroup"|"system"}``, see :mod:`memslots.host.kmem`).
 The budget and the kernel metadata come from :mod:`memslots.reports`, whose field names the
 metric names repeat (``memslots_consumer_free_memslots`` is ``ConsumerReport.free_memslots``,
@@ -60,6 +60,7 @@ class MachineCollector(Collector):
         """The metric families of the machine as it is now."""
         yield from self._virtio_mem()
         yield from self._budget()
+        yield from self._kvm()
         yield from self._kernel()
 
     def _virtio_mem(self) -> Iterable[Metric]:
@@ -152,6 +153,15 @@ class MachineCollector(Collector):
             "memslots_device_memory_used_space_bytes",
             "Device-memory space taken by plugged memory devices.",
             value=dm.used_space,
+        )
+
+    def _kvm(self) -> Iterable[Metric]:
+        kvm = self.machine.kvm
+        yield CounterMetricFamily(
+            "memslots_kvm_memslot_creates", "KVM memslots created.", value=kvm.creates
+        )
+        yield CounterMetricFamily(
+            "memslots_kvm_memslot_deletes", "KVM memslots deleted.", value=kvm.deletes
         )
 
     def _kernel(self) -> Iterable[Metric]:

@@ -88,6 +88,11 @@ class MachineRuntime:
         """The machine."""
         return self._machine
 
+    @property
+    def guests(self) -> GuestVm | None:
+        """The guest side (None with ``-guest none``)."""
+        return self._guests
+
     def status(self) -> str:
         """QEMU's RunState name."""
         return self._state
@@ -96,11 +101,6 @@ class MachineRuntime:
         """Ask the process to shut down (the loop's main task does the work)."""
         self._state = "shutdown"
         self._stopped.set()
-
-    @property
-    def guests(self) -> GuestVm | None:
-        """The guest side (None with ``-guest none``)."""
-        return self._guests
 
     def guest_fault(self, fault: GuestFault) -> None:
         """The guests stopped on a memory fault: QEMU's ``internal-error``."""

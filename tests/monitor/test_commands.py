@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backends import QemuStorageDaemon
+from backends import FakeBackend, QemuStorageDaemon
 from conftest import requires_qsd
 from qemu.qmp import ExecuteError, QMPClient
 from qmp_support import (
@@ -728,6 +728,47 @@ def test_vhost_user_events_survive_device_del_and_add_cycles(tmp_path: Path) -> 
 
     with QemuStorageDaemon(tmp_path) as qsd:
         run(main(qsd))
+
+
+def test_a_back_end_that_hangs_up_on_an_idle_machine_is_an_event(tmp_path: Path) -> None:
+    """The loop watches every connected back-end's socket: a hang-up is reported at once, not
+    at the next memory-table change, on each new connection after a reconnect; a removed
+    back-end's connection is no longer watched."""
+    fake = FakeBackend(str(tmp_path / "fake.sock"))
+    config = parse_machine_config(
+        "1G,maxmem=9G",
+        ["memory-backend-memfd,id=mem0,size=8G,share=on,reserve=off"],
+        [
+            "vhost-user-blk-pci,id=disk0,chardev=blk0,memslot-accounting=precise",
+            "virtio-mem,id=vmem0,memdev=mem0,memslot-size=1G",
+        ],
+        accel="sim",
+        chardevs=[f"socket,id=blk0,path={fake.path}"],
+    )
+
+    async def main() -> None:
+        with Machine(config, vm=KvmModel()) as m:
+            async with serving(m) as (monitor, path), qmp_client(path) as qmp:
+                monitor.add_device_provider(VhostUserProvider(m))
+                with qmp.listener("X_VHOST_USER_STATE") as states:
+                    for _ in range(3):
+                        fake.hang_up()
+                        lost = await next_event(states, 5)
+                        assert lost["data"]["state"] == "disconnected"
+                        await qmp.execute("x-vhost-user-reconnect", {"id": "disk0"})
+                        back = await next_event(states, 5)
+                        assert back["data"] == {"id": "disk0", "state": "connected"}
+                    assert len(monitor._watched_connections) == 1
+                    await qmp.execute("device_del", {"id": "disk0"})
+                    closed = await next_event(states, 5)
+                    assert closed["data"] == {"id": "disk0", "state": "closed"}
+                assert not monitor._watched_connections
+                assert fake.connections == 4
+
+    try:
+        run(main())
+    finally:
+        fake.close()
 
 
 def test_removed_anonymous_devices_are_forgotten_and_their_paths_reused() -> None:

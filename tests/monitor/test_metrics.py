@@ -68,6 +68,23 @@ def test_collector_reads_the_machine_at_scrape_time() -> None:
         assert not any(name.startswith("memslots_kernel_memory") for name, _ in got)
 
 
+def test_kvm_memslot_creates_and_deletes_are_counters() -> None:
+    with make_machine() as m:
+        metrics = Metrics(m)
+        dev = m.virtio_mem("vmem0")
+        start = samples(metrics)
+        creates, deletes = (
+            "memslots_kvm_memslot_creates_total",
+            "memslots_kvm_memslot_deletes_total",
+        )
+        assert start[(creates, ())] == m.kvm.creates >= 1  # boot RAM
+        drive_to(dev, 3 * GiB)
+        drive_to(dev, GiB)
+        got = samples(metrics)
+        assert got[(creates, ())] - start[(creates, ())] == 3
+        assert got[(deletes, ())] - start[(deletes, ())] == 2
+
+
 @requires_kvm
 @requires_memcg
 def test_kernel_memory_per_vm_on_the_kernel(memslot_stressor: Stressor) -> None:

@@ -13,7 +13,7 @@ import enum
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from memslots.errors import VhostDisconnectedError, VhostError
@@ -110,13 +110,15 @@ class VhostUserConnection:
 
     EOF, EPIPE, ECONNRESET and timeouts raise :class:`VhostDisconnectedError`; a malformed
     reply raises :class:`VhostError`. ``messages`` and ``seconds`` count what was sent and
-    the time spent in the socket calls.
+    the time spent in the socket calls. ``close_listeners`` are called once, just before the
+    socket is closed (whoever watches its descriptor lets go while the number is still ours).
     """
 
     def __init__(self, path: str, timeout: float) -> None:
         self.path = path
         self.messages = 0
         self.seconds = 0.0
+        self.close_listeners: list[Callable[[], None]] = []
         self._sock: socket.socket | None = socket.socket(
             socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
         )
@@ -133,6 +135,10 @@ class VhostUserConnection:
     def closed(self) -> bool:
         """True once the connection is closed."""
         return self._sock is None
+
+    def fileno(self) -> int:
+        """The socket's descriptor (raises :class:`VhostDisconnectedError` once closed)."""
+        return self._socket().fileno()
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
@@ -204,5 +210,8 @@ class VhostUserConnection:
     def close(self) -> None:
         """Close the socket (the back-end then drops its whole memory table)."""
         if self._sock is not None:
+            listeners, self.close_listeners = self.close_listeners, []
+            for cb in listeners:
+                cb()
             self._sock.close()
             self._sock = None
