@@ -44,7 +44,7 @@ import mmap
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import xxhash
@@ -52,7 +52,7 @@ import xxhash
 from memslots.errors import MigrationError
 from memslots.host.libc import memcmp, memset
 from memslots.host.memory import HostMemory
-from memslots.migration.channel import Buffer, Sink, Source
+from memslots.migration.channel import Buffer, FdPassing, Sink, Source
 
 MAGIC = b"\x89MSLOTS\n"
 VERSION = 1
@@ -339,12 +339,25 @@ class StreamWriter:
         self._emit(head + _HEADER_CRC.pack(zlib.crc32(head)))
         self._started = True
 
-    def write_section(self, kind: RecordType, name: str, payload: bytes, version: int = 1) -> None:
-        """A CONFIG, EARLY, LATE or STATE section."""
+    def write_section(
+        self,
+        kind: RecordType,
+        name: str,
+        payload: bytes,
+        version: int = 1,
+        *,
+        fds: Sequence[int] = (),
+    ) -> None:
+        """A CONFIG, EARLY, LATE or STATE section. ``fds`` (a Unix socket sink only) travel
+        with the section's first byte, so the reader has them once it read the section."""
         self._check_open()
         if kind not in SECTION_TYPES:
             raise ValueError(f"{kind!r} is not a section type")
+        if fds and not isinstance(self.sink, FdPassing):
+            raise MigrationError("file descriptors can only be passed over a unix: socket")
         self._flush_zero_run()
+        if fds:
+            self.flush()
         raw_name = name.encode()
         if len(raw_name) > 0xFFFF or len(payload) > MAX_SECTION_BYTES:
             raise MigrationError(f"section '{name}' is too large for the stream")
@@ -356,7 +369,11 @@ class StreamWriter:
         self._emit(_CHECKSUM.pack(value))
         self.stats.records += 1
         self.stats.sections[name] = len(payload)
-        if self._pending_bytes > _SMALL:
+        if fds:
+            assert isinstance(self.sink, FdPassing)
+            parts, self._pending, self._pending_bytes = self._pending, [], 0
+            self.sink.send_fds(parts, fds)
+        elif self._pending_bytes > _SMALL:
             self.flush()
 
     def write_end(self) -> None:

@@ -129,6 +129,8 @@ class Monitor:
         self._providers: list[DeviceProvider] = []
         self._anon_paths: dict[MemoryDevice, str] = {}
         self._watched: set[MemoryDevice] = set()
+        #: True while an outgoing migration runs: device_add and device_del are refused.
+        self.migrating: Callable[[], bool] = lambda: False
         for command in self._commands():
             self.server.register(command)
         self.sync_devices()
@@ -360,6 +362,8 @@ class Monitor:
         return {}
 
     def _device_add(self, args: dict[str, Any]) -> object:
+        if self.migrating():
+            raise QMPCommandError("device_add not allowed while migrating")
         dev_id = args.get("id")
         if dev_id is not None:
             _check_id(dev_id)
@@ -383,6 +387,8 @@ class Monitor:
         return {}
 
     def _device_del(self, args: dict[str, Any]) -> object:
+        if self.migrating():
+            raise QMPCommandError("device_del not allowed while migrating")
         given: str = args["id"]
         dev_id = given.removeprefix(PERIPHERAL)
         path = PERIPHERAL + dev_id

@@ -1,9 +1,19 @@
 """``memslots run``: the machine as a long-running process with a QMP monitor.
 
-One asyncio loop runs everything: the QMP server, the optional metrics endpoint, and the guest
+One asyncio loop runs everything: the QMP server, the optional metrics endpoint, the guest
 drivers (on a :class:`~memslots.guest.sched.LoopScheduler`, so they never run in the middle of a
-monitor command). SIGTERM, SIGINT and QMP ``quit`` shut down the same way: stop serving, detach
-the guests, close the VM (the kernel frees every memslot with it) and release host memory.
+monitor command) and the migration jobs (:mod:`memslots.monitor.migration`), which change the
+machine only from this loop and move bytes in worker threads. SIGTERM, SIGINT and QMP ``quit``
+shut down the same way: stop serving, end a migration that still runs, detach the guests,
+close the VM (the kernel frees every memslot with it) and release host memory.
+
+The run state (``query-status``) lives here, in :class:`MachineRuntime`: ``running``,
+``paused`` (QMP ``stop``), ``prelaunch`` (``-S``), ``inmigrate`` (``-incoming``),
+``finish-migrate`` and ``postmigrate`` (a migration's switch-over and after), ``shutdown``.
+Stopping the guest pauses its scheduler: its clock stands still and nothing of it runs (STOP);
+``cont`` starts both again (RESUME). A destination builds its guest only once the stream is
+loaded, from the source's STATE sections, and a destination whose load fails ends the process
+with that error.
 """
 
 from __future__ import annotations
@@ -16,21 +26,35 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from memslots.devices.memory_device import MemoryDevice
+from memslots.errors import MemslotsError, MigrationError
 from memslots.guest.sched import LoopScheduler
 from memslots.host.kmem import KmemMeter
 from memslots.kvm.abi import VmBackend
 from memslots.kvm.host import open_vm_meter
 from memslots.machine.machine import Machine, create_vm, uses_real_kvm
 from memslots.machine.vm import GuestVm, ObservedChannel
+from memslots.migration.machine import LoadedMachine, section_name
 from memslots.monitor.commands import Monitor
+from memslots.monitor.guest import GuestCommands
 from memslots.monitor.metrics import Metrics
+from memslots.monitor.migration import (
+    INMIGRATE,
+    PAUSED,
+    RUNNING,
+    MigrationMonitor,
+)
 from memslots.monitor.qmp_server import QMPServer
 from memslots.options import (
     VHOST_USER_DRIVERS,
     MachineConfig,
+    MigrationUri,
     QmpEndpoint,
     vhost_user_device_from_args,
 )
+
+#: ``-S``: the machine waits for ``cont``.
+PRELAUNCH = "prelaunch"
+SHUTDOWN = "shutdown"
 
 log = logging.getLogger("memslots.monitor.runtime")
 
@@ -59,25 +83,102 @@ class VhostUserProvider:
 
 
 class MachineRuntime:
-    """The running machine as the monitor sees it (:class:`memslots.monitor.commands.Runtime`)."""
+    """The running machine as the monitor sees it (:class:`memslots.monitor.commands.Runtime`
+    and :class:`memslots.monitor.migration.RunControl`): the machine, its guest, its run
+    state."""
 
-    def __init__(self, machine: Machine, stopped: asyncio.Event) -> None:
+    def __init__(
+        self,
+        machine: Machine,
+        stopped: asyncio.Event,
+        server: QMPServer,
+        sched: LoopScheduler,
+        *,
+        guest: bool = True,
+        autostart: bool = True,
+        incoming: bool = False,
+    ) -> None:
         self._machine = machine
+        self._guest_wanted = guest
         self._stopped = stopped
-        self._state = "running"
+        self.server = server
+        self.sched = sched
+        self.autostart = autostart
+        self._state = INMIGRATE if incoming else RUNNING if autostart else PRELAUNCH
+        if self._state != RUNNING:
+            sched.pause()
+        self._guest: GuestVm | None = None
+        #: Called with the guest VM once it exists (at start, or after an incoming load).
+        self.guest_listeners: list[Callable[[GuestVm], None]] = []
+        #: Why the process must end with an error (a destination whose load failed).
+        self.failure: MemslotsError | None = None
 
     @property
     def machine(self) -> Machine:
         """The machine."""
         return self._machine
 
+    @property
+    def guest(self) -> GuestVm | None:
+        """The guest VM, if any yet."""
+        return self._guest
+
+    def attach_guest(self, guest: GuestVm) -> None:
+        """The guest VM drives the machine from now on."""
+        self._guest = guest
+        for cb in list(self.guest_listeners):
+            cb(guest)
+
     def status(self) -> str:
         """QEMU's RunState name."""
         return self._state
 
+    def set_status(self, state: str) -> None:
+        """Enter ``state`` without stopping or starting the guest."""
+        self._state = state
+
+    def stop(self, state: str = PAUSED) -> bool:
+        """Stop the guest (STOP, if it ran) and enter ``state``; True if it was running."""
+        was_running = self._state == RUNNING
+        self.sched.pause()
+        self._state = state
+        if was_running:
+            self.server.emit_event("STOP", {})
+        return was_running
+
+    def cont(self) -> None:
+        """Run the guest (RESUME): its clock goes on where it stopped."""
+        self._state = RUNNING
+        self.sched.resume()
+        self.server.emit_event("RESUME", {})
+
+    def resume_incoming(self, loaded: LoadedMachine) -> None:
+        """After an incoming load: the guest resumes from the source's STATE sections (it
+        runs once the run state says so)."""
+        m = self._machine
+        m.incoming = False
+        if self._guest_wanted:
+            virtio = {
+                dev.id: loaded.virtio[section_name(dev)]
+                for dev in m.virtio_mem_devices
+                if dev.id is not None and section_name(dev) in loaded.virtio
+            }
+            self.attach_guest(GuestVm(m, self.sched, states=loaded.states, virtio=virtio))
+        elif loaded.states:
+            name = sorted(loaded.states)[0]
+            raise MigrationError(
+                f"Unknown savevm section or instance '{name}' 0 (this destination runs no "
+                "guest: -guest none)"
+            )
+
+    def incoming_failed(self, error: MigrationError) -> None:
+        """A destination that could not load must not run: end the process with ``error``."""
+        self.failure = MigrationError(f"load of migration failed: {error}")
+        self.quit()
+
     def quit(self) -> None:
         """Ask the process to shut down (the loop's main task does the work)."""
-        self._state = "shutdown"
+        self._state = SHUTDOWN
         self._stopped.set()
 
 
@@ -90,8 +191,15 @@ async def serve(
     vm_factory: Callable[[], VmBackend] | None = None,
     ready: Callable[[MachineRuntime], None] | None = None,
     install_signals: bool = True,
+    incoming: MigrationUri | None = None,
+    autostart: bool = True,
 ) -> None:
     """Run the machine until ``quit``, SIGTERM or SIGINT; then shut down cleanly.
+
+    ``incoming`` (``-incoming``) makes the process a migration destination: it builds the
+    machine for the stream, listens (unless ``defer``: QMP ``migrate-incoming`` then) and
+    runs the machine once loaded; a load that fails raises :class:`MigrationError` after the
+    shutdown. ``autostart`` False (``-S``) waits for ``cont``.
 
     On the real kernel the process lives in a memory cgroup of its own from before the VM is
     created until after it is closed (:mod:`memslots.host.kmem`), so the QMP command
@@ -108,6 +216,8 @@ async def serve(
             ready=ready,
             install_signals=install_signals,
             kmem=kmem,
+            incoming=incoming,
+            autostart=autostart,
         )
 
 
@@ -121,6 +231,8 @@ async def _serve(
     ready: Callable[[MachineRuntime], None] | None,
     install_signals: bool,
     kmem: KmemMeter | None,
+    incoming: MigrationUri | None,
+    autostart: bool,
 ) -> None:
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
@@ -129,31 +241,52 @@ async def _serve(
         if vm_factory is not None
         else create_vm(config.accel, slot_zap_all=config.slot_zap_all)
     )
-    machine = Machine(config, vm=vm)
-    runtime = MachineRuntime(machine, stopped)
+    machine = Machine(config, vm=vm, incoming=incoming is not None)
     server = QMPServer()
+    runtime = MachineRuntime(
+        machine,
+        stopped,
+        server,
+        LoopScheduler(loop),
+        guest=guest,
+        autostart=autostart,
+        incoming=incoming is not None,
+    )
     monitor = Monitor(runtime, server, kmem=kmem)
     monitor.add_device_provider(VhostUserProvider(machine))
+    migration = MigrationMonitor(runtime, server)
+    monitor.migrating = lambda: migration.migrating
+    GuestCommands(runtime, server)
     metrics = Metrics(machine, kmem) if metrics_port is not None else None
-    gvm = GuestVm(machine, LoopScheduler(loop)) if guest else None
 
-    def observe_guest(dev_id: str) -> None:
-        if gvm is not None and metrics is not None and dev_id in gvm.guests:
+    def observe(gvm: GuestVm, dev_ids: Sequence[str]) -> None:
+        if metrics is None:
+            return
+        for dev_id in dev_ids:
             g = gvm.guests[dev_id]
             g.channel = ObservedChannel(g.channel, metrics.observe)
 
-    if gvm is not None:
-        for dev_id in gvm.guests:
-            observe_guest(dev_id)
+    def guest_ready(gvm: GuestVm) -> None:
+        observe(gvm, list(gvm.guests))
 
-        def added(dev: MemoryDevice) -> None:
-            # A hot-plugged virtio-mem device gets a guest driver.
-            for dev_id in gvm.attach_new():
-                observe_guest(dev_id)
+    runtime.guest_listeners.append(guest_ready)
 
-        monitor.device_added.append(added)
-        monitor.device_removed.append(gvm.detach)
+    def added(dev: MemoryDevice) -> None:
+        # A hot-plugged virtio-mem device gets a guest driver.
+        gvm = runtime.guest
+        if gvm is not None:
+            observe(gvm, gvm.attach_new())
+
+    def removed(dev_id: str) -> None:
+        gvm = runtime.guest
+        if gvm is not None:
+            gvm.detach(dev_id)
+
+    monitor.device_added.append(added)
+    monitor.device_removed.append(removed)
     try:
+        if guest and incoming is None:
+            runtime.attach_guest(GuestVm(machine, runtime.sched))
         for ep in endpoints:
             if ep.path is not None:
                 await server.start_unix(ep.path)
@@ -164,6 +297,8 @@ async def _serve(
             assert metrics_port is not None
             host, port = await metrics.start(metrics_port)
             log.info("metrics on http://%s:%d/metrics", host, port)
+        if incoming is not None and incoming.transport != "defer":
+            migration.start_incoming(incoming)
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, runtime.quit)
@@ -175,9 +310,12 @@ async def _serve(
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         await server.close()
+        await migration.close()
         if metrics is not None:
             await metrics.close()
         monitor.close()
-        if gvm is not None:
-            gvm.close()
+        if runtime.guest is not None:
+            runtime.guest.close()
         machine.close()
+    if runtime.failure is not None:
+        raise runtime.failure

@@ -775,8 +775,10 @@ class VirtioMem(MemoryDevice):
                     f"0x{self.addr + first * bs:x} after migration"
                 )
 
-    def cancel_incoming(self) -> None:
-        """Undo a partial load: unmap every memslot, nothing plugged, memory given back."""
+    def cancel_incoming(self, *, discard: bool = True) -> None:
+        """Undo a partial load: unmap every memslot, nothing plugged, memory given back
+        (unless ``discard`` is False: memory a local live update handed over is the
+        source's)."""
         if self.dynamic and self.mr is not None:
             mapped = [i for i, r in enumerate(self.memslots) if r.mapped]
             if mapped and not self._set_mapped(mapped, False):
@@ -784,7 +786,7 @@ class VirtioMem(MemoryDevice):
             self._slot_plugged = [0] * self.nb_memslots
         self.bitmap[:] = bytes(len(self.bitmap))
         self.size = 0
-        if self.memdev is not None:
+        if self.memdev is not None and discard:
             self._discard(0, self.region_size)
 
     # -- introspection -------------------------------------------------------------------------
