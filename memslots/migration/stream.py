@@ -42,6 +42,7 @@ import enum
 import errno
 import mmap
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -168,8 +169,11 @@ class RamSource:
 
     @classmethod
     def of_memory(cls, memory: HostMemory) -> RamSource:
-        """Host memory of a backend; shared fd-backed memory reports its holes (SEEK_DATA),
-        which are sent as zero pages without being read (reading them would allocate)."""
+        """Host memory of a backend, with its holes, sent as zero pages without being read:
+        shared fd-backed memory finds them with SEEK_DATA (reading a hole would allocate it),
+        private anonymous memory in ``/proc/self/pagemap`` (a page neither present nor
+        swapped out was never written, or was discarded: reading it would only map the zero
+        page, one fault per page)."""
         fd = memory.fd
         holes = None
         if fd is not None and memory.shared:
@@ -179,6 +183,13 @@ class RamSource:
                 return _fd_extents(fd, base, offset, length)
 
             holes = fd_holes
+        elif fd is None and not memory.shared and memory.page_size == PAGE_SIZE:
+            addr = memory.host_addr
+
+            def anon_holes(offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+                return _anon_extents(addr, offset, length)
+
+            holes = anon_holes
         return cls(_memory_view(memory.host_addr, memory.size), memory.host_addr, holes)
 
     @classmethod
@@ -186,6 +197,40 @@ class RamSource:
         """A bytearray as a RAM block (tests, benchmarks)."""
         holder = (ctypes.c_char * len(buf)).from_buffer(buf)
         return cls(memoryview(buf), ctypes.addressof(holder), owner=holder)
+
+
+#: Pages whose pagemap entry is read at a time (512 KiB of entries).
+_PAGEMAP_CHUNK = 1 << 16
+#: The top byte of a pagemap entry: bit 63 present, bit 62 swapped -> 1 (data), else 0.
+_IN_USE = bytes(1 if b & 0xC0 else 0 for b in range(256))
+_RUNS = re.compile(rb"\x00+|\x01+")
+
+
+def _anon_extents(addr: int, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+    """``(offset, length, is_hole)`` pieces of private anonymous memory mapped at ``addr``,
+    from this process's page table (``/proc/self/pagemap``). Pages that are present or
+    swapped out are data (to be scanned); the others read as zeros. Where the pagemap cannot
+    be read, everything is data."""
+    try:
+        pagemap = open("/proc/self/pagemap", "rb", buffering=0)  # noqa: SIM115 - closed below
+    except OSError:
+        yield offset, length, False
+        return
+    with pagemap:
+        pos, end = offset, offset + length
+        while pos < end:
+            pages = min(end - pos, _PAGEMAP_CHUNK * PAGE_SIZE) // PAGE_SIZE
+            try:
+                pagemap.seek((addr + pos) // PAGE_SIZE * 8)
+                raw = pagemap.read(pages * 8)
+            except OSError:
+                raw = b""
+            if len(raw) != pages * 8:
+                yield pos, end - pos, False
+                return
+            for run in _RUNS.finditer(raw[7::8].translate(_IN_USE)):
+                yield pos + run.start() * PAGE_SIZE, len(run[0]) * PAGE_SIZE, run[0][0] == 0
+            pos += pages * PAGE_SIZE
 
 
 def _fd_extents(fd: int, base: int, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
