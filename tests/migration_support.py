@@ -120,6 +120,18 @@ async def until_migrated(qmp: Client, timeout: float = WAIT) -> dict[str, Any]:
         await asyncio.sleep(0.02)
 
 
+async def until_transferred(qmp: Client, nbytes: int, timeout: float = WAIT) -> None:
+    """Poll query-migrate until the migration is active and sent ``nbytes``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await qmp.execute("query-migrate")
+        if info.get("ram", {}).get("transferred", 0) >= nbytes:
+            return
+        assert info.get("status") in ("setup", "active"), info
+        assert time.monotonic() < deadline, info
+        await asyncio.sleep(0.02)
+
+
 async def until_status(qmp: Client, status: str, timeout: float = WAIT) -> None:
     """Poll query-status until the run state is ``status``."""
     deadline = time.monotonic() + timeout

@@ -477,6 +477,10 @@ class LinuxGuest:
                 out += self._plugged_units(mid)
         return out
 
+    def unpatterned_units(self) -> list[int]:
+        """The usable units the guest has written no pattern into (free for other data)."""
+        return [gpa for gpa in self.usable_units() if gpa not in self._seeds]
+
     def _tick(self) -> None:
         self._workload_timer = None
         if self.memory is None or not self.workload_units:

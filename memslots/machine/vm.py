@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 
@@ -269,6 +270,25 @@ class GuestVm(Closing):
         extra = sorted(set(states) - known)
         if extra:
             raise MigrationError(_UNKNOWN_STATE.format(extra[0]))
+
+    def fill(self, dev_id: str, size: int) -> int:
+        """Put data into up to ``size`` bytes of the guest's usable memory of ``dev_id``, unit
+        by unit (units that hold no pattern of the guest's own), as a guest whose memory is in
+        use; returns the bytes written. The VMM writes it through guest memory, so the pages
+        are its writes (the probe vCPU, a word per command, would take hours for GiBs)."""
+        guest = self.guests.get(dev_id)
+        if guest is None:
+            raise ConfigError(f"no guest driver for device '{dev_id}'")
+        block = os.urandom(8 * MiB)
+        done = 0
+        for gpa in guest.unpatterned_units():
+            n = min(guest.unit, size - done)
+            if n <= 0:
+                break
+            start = (gpa // guest.unit * 4096) % (len(block) - n + 1)
+            self.memory.write(gpa, block[start : start + n])
+            done += n
+        return done
 
     def dirty_ranges(self) -> list[tuple[int, int]]:
         """Guest-physical ranges the VMM writes through raw views of guest memory (the queue

@@ -4,6 +4,8 @@ guest that a real VM would do by itself.
 * ``x-guest-workload {"id", "units", "period"}``: the guest keeps ``units`` of its usable units
   busy, rewriting them every ``period`` seconds (``LinuxGuest.set_workload``): a working set
   that dirties memory while a migration runs. ``units`` 0 stops it.
+* ``x-guest-fill {"id", "size"}``: the guest's memory is in use: ``size`` bytes of its usable
+  units (those without a pattern) get data (``GuestVm.fill``); returns ``written``.
 * ``x-guest-verify {"id"}``: the guest checks every pattern it wrote into its memory (from the
   vCPU on the real kernel); returns ``checked``, every ``violations`` the driver noted so
   far, and ``workload-ticks``.
@@ -28,7 +30,8 @@ class GuestOwner(Protocol):
 
 
 class GuestCommands:
-    """``x-guest-workload`` and ``x-guest-verify``, registered in ``server``."""
+    """``x-guest-workload``, ``x-guest-fill`` and ``x-guest-verify``, registered in
+    ``server``."""
 
     def __init__(self, owner: GuestOwner, server: QMPServer) -> None:
         self.owner = owner
@@ -40,6 +43,9 @@ class GuestCommands:
             )
         )
         server.register(Command("x-guest-verify", self._verify, (Param("id", "str"),)))
+        server.register(
+            Command("x-guest-fill", self._fill, (Param("id", "str"), Param("size", "size")))
+        )
 
     def _driver(self, dev_id: str) -> LinuxGuest:
         gvm = self.owner.guest
@@ -55,6 +61,12 @@ class GuestCommands:
             raise QMPCommandError("x-guest-workload: units must be >= 0 and period > 0")
         driver.set_workload(units, period)
         return {}
+
+    def _fill(self, args: dict[str, Any]) -> object:
+        gvm = self.owner.guest
+        self._driver(args["id"])
+        assert gvm is not None
+        return {"written": gvm.fill(args["id"], args["size"])}
 
     def _verify(self, args: dict[str, Any]) -> object:
         driver = self._driver(args["id"])
