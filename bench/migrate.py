@@ -1,7 +1,7 @@
 """Live migration between two ``memslots run`` processes on the real kernel, measured.
 
 Rows: a 1 TiB virtio-mem device (dynamic memslots) with 1, 4 and 16 GiB plugged, its guest
-``idle`` or ``dirtying`` (the vCPU rewriting a working set of 256 units every 10 ms while RAM
+``idle`` or ``dirtying`` (the vCPU rewriting a working set of 64 units every 20 ms while RAM
 flows); a guest whose memory is in use holds data in ``--fill`` bytes of it (up to the plugged
 size; source and destination each hold a copy, so the host's memory bounds it). Then
 ``x-ignore-shared`` over ``unix:`` (a shared memfd handed over by fd) with the same sizes,
@@ -35,6 +35,7 @@ import json
 import mmap
 import os
 import platform
+import resource
 import shlex
 import signal
 import socket
@@ -47,15 +48,18 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
+from memslots.host.libc import madvise
+from memslots.host.memory import RamBackend
 from memslots.kvm.vm import kvm_available
+from memslots.migration.stream import RamSource, RamTarget
 from memslots.sizes import GiB, MiB, format_size, parse_size
 
 DEVICE_SIZE = "1T"
 BOOT = "1G"
 PLUGGED = (1 * GiB, 4 * GiB, 16 * GiB)
-WORKLOAD = {"units": 256, "period": 0.01}
+WORKLOAD = {"units": 64, "period": 0.02}
 CHUNK = 4 * MiB
 
 
@@ -105,7 +109,15 @@ def spawned(args: list[str], sock: str) -> Iterator[subprocess.Popen[bytes]]:
 @contextlib.asynccontextmanager
 async def qmp(sock: str) -> AsyncIterator[QMPClient]:
     client = QMPClient("bench")
-    await client.connect(sock)
+    # The socket's file exists a moment before the server listens on it.
+    for attempt in range(100):
+        try:
+            await client.connect(sock)
+            break
+        except ConnectError:
+            if attempt == 99:
+                raise
+            await asyncio.sleep(0.05)
     try:
         yield client
     finally:
@@ -146,7 +158,7 @@ async def migrate_once(
 ) -> dict[str, Any]:
     src_sock, dst_sock, uri = f"{workdir}/s.sock", f"{workdir}/d.sock", f"unix:{workdir}/m.sock"
     args = machine(backend)
-    with spawned(args, src_sock), spawned([*args, "-incoming", uri], dst_sock):
+    with spawned(args, src_sock) as src, spawned([*args, "-incoming", uri], dst_sock) as dst:
         async with qmp(src_sock) as qs, qmp(dst_sock) as qd:
             await resize(qs, plugged)
             written = 0
@@ -163,8 +175,10 @@ async def migrate_once(
                 "migrate-set-capabilities",
                 {"capabilities": [{"capability": "x-ignore-shared", "state": shared}]},
             )
+            cpu0 = cpu_seconds(src.pid) + cpu_seconds(dst.pid)
             await execute(qs, "migrate", {"uri": uri})
             info = await until(qs, "query-migrate", ended)
+            cpu = cpu_seconds(src.pid) + cpu_seconds(dst.pid) - cpu0
             if info["status"] != "completed":
                 raise RuntimeError(f"migration {info['status']}: {info.get('error-desc')}")
             await until(qd, "query-status", lambda s: s["status"] == "running")
@@ -183,6 +197,7 @@ async def migrate_once(
         "downtime_ms": info["downtime"],
         "downtime_bytes": ram["downtime-bytes"],
         "filled": written,
+        "cpu_s": cpu,
         "verified": not verdict["violations"] and verdict["checked"] > 0,
     }
 
@@ -190,44 +205,58 @@ async def migrate_once(
 # -- the raw loopback copy -------------------------------------------------------------------------
 
 
-def raw_copy(nbytes: int) -> float:
-    """Seconds a forked sender takes to move ``nbytes`` of memory into ours over AF_UNIX."""
-    nbytes = max(nbytes, 4096)
-    src = mmap.mmap(-1, nbytes)
-    src.write(os.urandom(min(nbytes, CHUNK)) * (nbytes // min(nbytes, CHUNK)))
-    dst = mmap.mmap(-1, nbytes)
-    dst.madvise(mmap.MADV_DONTFORK)
-    view = memoryview(dst)
-    sender, receiver = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a process has used so far (every thread)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raw_copy(nbytes: int) -> tuple[float, float]:
+    """A forked sender moves ``nbytes`` of memory into ours over AF_UNIX: the source filled,
+    the destination fresh memory of the kind a destination's backend maps (anonymous,
+    MAP_NORESERVE, transparent huge pages asked for), so both pay the same first touch.
+    Returns the seconds it took and the CPU seconds both sides used."""
+    nbytes = max(-(-nbytes // 4096) * 4096, 4096)
+    with RamBackend("raw-src", nbytes) as src, RamBackend("raw-dst", nbytes, reserve=False) as dst:
+        block = os.urandom(min(nbytes, CHUNK))
+        for off in range(0, nbytes, len(block)):
+            src.write(off, block[: nbytes - off])
+        madvise(dst.host_addr, nbytes, mmap.MADV_DONTFORK, "MADV_DONTFORK")
+        out = RamSource.of_memory(src).view
+        into = RamTarget.of_memory(dst).view
+        sender, receiver = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                receiver.close()
+                if sender.recv(1) == b"g":
+                    for off in range(0, nbytes, CHUNK):
+                        sender.sendall(out[off : off + CHUNK])
+                    status = 0
+            finally:
+                os._exit(status)
+        sender.close()
         try:
-            receiver.close()
-            if sender.recv(1) == b"g":
-                out = memoryview(src)
-                for off in range(0, nbytes, CHUNK):
-                    sender.sendall(out[off : off + CHUNK])
-                status = 0
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            receiver.sendall(b"g")
+            t0, c0 = time.perf_counter(), time.thread_time()
+            got = 0
+            while got < nbytes:
+                n = receiver.recv_into(into[got:], nbytes - got)
+                if not n:
+                    raise RuntimeError("raw copy ended early")
+                got += n
+            elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
         finally:
-            os._exit(status)
-    sender.close()
-    try:
-        receiver.sendall(b"g")
-        t0 = time.perf_counter()
-        got = 0
-        while got < nbytes:
-            n = receiver.recv_into(view[got:], nbytes - got)
-            if not n:
-                raise RuntimeError("raw copy ended early")
-            got += n
-        return time.perf_counter() - t0
-    finally:
-        receiver.close()
-        os.waitpid(pid, 0)
-        view.release()
-        dst.close()
-        src.close()
+            receiver.close()
+            os.waitpid(pid, 0)
+            out.release()
+            into.release()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        sender_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return elapsed, cpu + sender_cpu
 
 
 # -- kernel memory of dirty logging ----------------------------------------------------------------
@@ -291,6 +320,8 @@ def main() -> int:
         print("bench/migrate.py needs /dev/kvm", file=sys.stderr)
         return 2
     fill = parse_size(args.fill, what="--fill")
+    # SIGTERM ends the run through the with-blocks, so no child is left running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="mig", dir="/tmp") as workdir:
         for row in rows_to_run(fill):
@@ -306,8 +337,9 @@ def main() -> int:
                         row["mode"] == "x-ignore-shared",
                     )
                 )
-                run["raw_s"] = raw_copy(run["transferred"])
+                run["raw_s"], run["raw_cpu_s"] = raw_copy(run["transferred"])
                 run["ratio"] = run["raw_s"] / (run["total_ms"] / 1000)
+                run["cpu_ratio"] = run["raw_cpu_s"] / run["cpu_s"]
                 runs.append(run)
             summary = {
                 k: statistics.median(r[k] for r in runs) for k in runs[0] if k not in ("verified",)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qemu.qmp import ConnectError
 from qmp_support import Client
 
 from memslots.monitor.runtime import MachineRuntime, serve
@@ -92,7 +93,15 @@ async def in_process(
 async def client(sock: str) -> AsyncIterator[Client]:
     """qemu.qmp, connected and negotiated."""
     qmp = Client("test")
-    await asyncio.wait_for(qmp.connect(sock), WAIT)
+    # The socket's file exists a moment before the server listens on it.
+    for attempt in range(100):
+        try:
+            await asyncio.wait_for(qmp.connect(sock), WAIT)
+            break
+        except ConnectError:
+            if attempt == 99:
+                raise
+            await asyncio.sleep(0.05)
     try:
         yield qmp
     finally:

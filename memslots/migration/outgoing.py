@@ -13,7 +13,7 @@ running and writing its memory. The order (``docs/migration.md``):
    VMM writes, the queue areas always) and a first sync clears the log (dirty-sync-count 1);
 2. active: a full pass over what travels (boot RAM, the plugged blocks), then rounds: sync the
    logs, keep the dirty pages that travel (never an unplugged block), and stop once they can be
-   sent within ``downtime-limit`` at the speed a round last went through guest memory, else
+   sent within ``downtime-limit`` at the speed a round last read guest memory, else
    send them (through a bounce buffer: the guest keeps writing) limited to ``max-bandwidth``;
 3. switch-over: stop the vCPUs (STOP), sync once more, send the rest zero-copy and unthrottled,
    the late states and the guest's STATE sections, END; wait for the destination's answer
@@ -89,7 +89,8 @@ class SourceVm(Protocol):
         ...
 
     def dirty_gpa_ranges(self) -> list[tuple[int, int]]:
-        """Guest-physical ranges the VMM writes without a trace (virtqueue rings)."""
+        """Guest-physical ranges the VMM writes without a trace (virtqueue rings): the job
+        registers them with ``DirtyTracker.add_always_dirty``, so every pass sends them."""
         ...
 
     def status_changed(self, status: MigrationStatus) -> None:
@@ -332,6 +333,11 @@ class Outgoing:
         await self._in_thread(write_setup, m, self._writer, self.ignored)
         for block in sent:
             self._tracker.track(block)
+        guest = GuestMemory(m.address_space)
+        for gpa, length in self.vm.dirty_gpa_ranges():
+            for section, offset, n in guest.ranges(gpa, length):
+                if isinstance(section.backend, HostMemory) and section.backend in sent:
+                    self._tracker.add_always_dirty(section.backend, offset, n)
         logged = {id(b) for b in sent}
         m.kvm.start_dirty_log(lambda section: id(section.backend) in logged)
         self._collect_dirty()  # the first sync reports everything: the full pass sends it
@@ -392,18 +398,20 @@ class Outgoing:
         writer = self._writer
         self._pass_bytes = sum(r[3] for r in ranges)
         self._pass_base = self._pages_done()
-        t0, sent0 = time.monotonic(), writer.stats.bytes
+        t0, sent0, holes0 = time.monotonic(), writer.stats.bytes, writer.stats.hole_pages
         await self._in_thread(send_ranges, writer, ranges, stable=False)
         elapsed = max(time.monotonic() - t0, 1e-6)
         wire = writer.stats.bytes - sent0
         pages = self._pages_done() - self._pass_base
+        read = pages - (writer.stats.hole_pages - holes0)
         self.mbps = round(wire * 8 / elapsed / 1e6, 3)
         self.pages_per_second = int(pages / elapsed)
-        # The switch-over goes through the dirty pages as a round does: its time is what a
-        # round took per byte of guest memory (on the wire alone, zero pages would count as
-        # free and a mostly empty first pass would make every later round look slow).
-        if pages * PAGE_SIZE >= _MIN_MEASURED_BYTES:
-            self._bandwidth = pages * PAGE_SIZE / elapsed
+        # The switch-over reads and sends the dirty pages as a round does: its time is what a
+        # round took per byte of guest memory it read. On the wire alone, zero pages would
+        # count as free and a mostly empty first pass would make every later round look slow;
+        # holes (found without reading) would make it look fast.
+        if read * PAGE_SIZE >= _MIN_MEASURED_BYTES:
+            self._bandwidth = read * PAGE_SIZE / elapsed
 
     def _estimated_bandwidth(self) -> float:
         limit = self.params.max_bandwidth or float("inf")
@@ -435,10 +443,6 @@ class Outgoing:
         for memory, ranges in self._tracker.take_all().items():
             for offset, length in ranges:
                 add(memory, offset, length)
-        guest = GuestMemory(m.address_space)
-        for gpa, length in self.vm.dirty_gpa_ranges():
-            for section, offset, n in guest.ranges(gpa, length):
-                add(section.backend, offset, n)
         now = time.monotonic()
         pages = sum(e - f for runs in found.values() for f, e in merge_runs(runs))
         self.dirty_pages_rate = int(pages / max(now - self._last_sync, 1e-6))

@@ -211,26 +211,22 @@ def _anon_extents(addr: int, offset: int, length: int) -> Iterator[tuple[int, in
     from this process's page table (``/proc/self/pagemap``). Pages that are present or
     swapped out are data (to be scanned); the others read as zeros. Where the pagemap cannot
     be read, everything is data."""
-    try:
-        pagemap = open("/proc/self/pagemap", "rb", buffering=0)  # noqa: SIM115 - closed below
-    except OSError:
-        yield offset, length, False
-        return
-    with pagemap:
-        pos, end = offset, offset + length
-        while pos < end:
-            pages = min(end - pos, _PAGEMAP_CHUNK * PAGE_SIZE) // PAGE_SIZE
-            try:
+    pos, end = offset, offset + length
+    while pos < end:
+        pages = min(end - pos, _PAGEMAP_CHUNK * PAGE_SIZE) // PAGE_SIZE
+        # Opened per chunk: a generator left unfinished (a failed send) keeps no file open.
+        try:
+            with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
                 pagemap.seek((addr + pos) // PAGE_SIZE * 8)
                 raw = pagemap.read(pages * 8)
-            except OSError:
-                raw = b""
-            if len(raw) != pages * 8:
-                yield pos, end - pos, False
-                return
-            for run in _RUNS.finditer(raw[7::8].translate(_IN_USE)):
-                yield pos + run.start() * PAGE_SIZE, len(run[0]) * PAGE_SIZE, run[0][0] == 0
-            pos += pages * PAGE_SIZE
+        except OSError:
+            raw = b""
+        if len(raw) != pages * 8:
+            yield pos, end - pos, False
+            return
+        for run in _RUNS.finditer(raw[7::8].translate(_IN_USE)):
+            yield pos + run.start() * PAGE_SIZE, len(run[0]) * PAGE_SIZE, run[0][0] == 0
+        pos += pages * PAGE_SIZE
 
 
 def _fd_extents(fd: int, base: int, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
@@ -321,6 +317,8 @@ class StreamStats:
     ram_records: int = 0
     normal_pages: int = 0
     zero_pages: int = 0
+    #: The zero pages known as holes (SEEK_DATA, pagemap): sent without being read.
+    hole_pages: int = 0
     sections: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -454,6 +452,7 @@ class StreamWriter:
         for start, size, hole in extents:
             if hole:
                 self._zero_pages(block, start, size >> PAGE_SHIFT)
+                self.stats.hole_pages += size >> PAGE_SHIFT
                 continue
             chunk = self.record_pages * PAGE_SIZE
             for pos in range(start, start + size, chunk):

@@ -2,9 +2,10 @@
 
 :class:`MachineCollector` turns the machine's state into metric families when Prometheus asks,
 so nothing has to be updated as the machine changes: virtio-mem request counters (by type and
-response), plugged/requested/region bytes and memslots per device, memslots used/free/max per
-consumer (KVM, each vhost back-end), the device-memory accounting, and the kernel metadata our
-memslots cost: the model's figure and, on the real kernel, the kernel memory measured per VM
+response, and the BUSY answers while a migration runs), plugged/requested/region bytes and
+memslots per device, memslots used/free/max per consumer (KVM, each vhost back-end), the
+device-memory accounting, and the kernel metadata our memslots cost: the model's figure and,
+on the real kernel, the kernel memory measured per VM
 (``memslots_kernel_memory_bytes{source="cgroup"|"system"}``, see :mod:`memslots.host.kmem`).
 The budget and the kernel metadata come from :mod:`memslots.reports`, whose field names the
 metric names repeat (``memslots_consumer_free_memslots`` is ``ConsumerReport.free_memslots``,
@@ -73,6 +74,11 @@ class MachineCollector(Collector):
             "Unplugged ranges whose host memory could not be given back.",
             labels=labels,
         )
+        busy = CounterMetricFamily(
+            "memslots_virtio_mem_busy_answers",
+            "Plug, unplug and unplug-all requests answered BUSY while a migration ran.",
+            labels=labels,
+        )
         gauges = {
             "plugged": GaugeMetricFamily(
                 "memslots_virtio_mem_plugged_bytes", "Bytes plugged (size).", labels=labels
@@ -95,6 +101,7 @@ class MachineCollector(Collector):
             for (kind, response), count in sorted(dev.requests.items()):
                 requests.add_metric([name, kind, response], count)
             discard.add_metric([name], dev.discard_failures)
+            busy.add_metric([name], dev.busy_answers)
             gauges["plugged"].add_metric([name], dev.size)
             gauges["requested"].add_metric([name], dev.requested_size)
             gauges["region"].add_metric([name], dev.region_size)
@@ -102,6 +109,7 @@ class MachineCollector(Collector):
             gauges["mapped"].add_metric([name], dev.mapped_memslots)
         yield requests
         yield discard
+        yield busy
         yield from gauges.values()
 
     def _budget(self) -> Iterable[Metric]:

@@ -5,6 +5,7 @@ Both machines are ``memslots run`` served in this process on the KVM model."""
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from qmp_support import Client
 from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import MigrationError
 from memslots.machine.machine import Machine
+from memslots.monitor.metrics import Metrics
 from memslots.sizes import GiB
 
 #: A small device whose every 2 MiB unit the guest writes: 1 GiB plugged is 512 data pages.
@@ -114,6 +116,7 @@ def test_a_destination_that_dies_fails_the_migration_and_the_source_goes_on() ->
             async with in_process(d, "src", SMALL) as src, client(src.sock) as qs:
                 await resize(qs, 1 * GiB)
                 before = state(src.runtime.machine)
+                fds = set(os.listdir("/proc/self/fd"))
                 async with in_process(d, "dst", SMALL, incoming=f"unix:{d}/m1") as dst:
                     await slow(qs)
                     await qs.execute("migrate", {"uri": f"unix:{d}/m1"})
@@ -121,6 +124,8 @@ def test_a_destination_that_dies_fails_the_migration_and_the_source_goes_on() ->
                     dst.runtime.quit()  # the destination goes away mid-stream
                     await dst.wait()
                     info = await until_migrated(qs)
+                # Neither side keeps a file descriptor (socket, memory, VM) of the attempt.
+                assert set(os.listdir("/proc/self/fd")) <= fds
                 assert info["status"] == "failed"
                 assert info["error-desc"].startswith("Unable to write to socket"), info
                 assert (await qs.execute("query-status"))["status"] == "running"
@@ -297,7 +302,11 @@ def test_busy_while_migrating_and_the_request_travels() -> None:
                 dev = vmem(src.runtime.machine)
                 while not dev.requests[("plug", "busy")]:
                     await asyncio.sleep(0.02)
+                assert dev.busy_answers == dev.requests[("plug", "busy")]
                 assert dev.size == 1 * GiB
+                text = Metrics(src.runtime.machine).exposition().decode()
+                counter = 'memslots_virtio_mem_busy_answers_total{device="vmem0"}'
+                assert f"{counter} {dev.busy_answers}" in text
                 await qs.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
                 assert (await until_migrated(qs))["status"] == "completed"
                 async with client(dst.sock) as qd:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from backends import QemuStorageDaemon, memfd_mappings, requires_qsd
 from conftest import requires_kvm
 from kmem_support import memory_cgroup_of
@@ -228,12 +229,15 @@ def test_killed_destination_fails_the_migration_and_a_later_one_succeeds() -> No
         assert src.wait(30) == 0
 
 
-def test_killed_source_makes_the_destination_exit_with_a_clear_message() -> None:
+@pytest.mark.parametrize("accel", ["sim", pytest.param("kvm", marks=requires_kvm)])
+def test_killed_source_makes_the_destination_exit_with_a_clear_message(accel: str) -> None:
+    machine = [*SMALL[:-1], accel]
     with (
         socket_dir() as d,
-        spawned(SMALL, f"{d}/src.sock") as src,
-        spawned([*SMALL, "-incoming", f"unix:{d}/m"], f"{d}/dst.sock") as dst,
+        spawned(machine, f"{d}/src.sock") as src,
+        spawned([*machine, "-incoming", f"unix:{d}/m"], f"{d}/dst.sock") as dst,
     ):
+        cgroup = os.path.basename(memory_cgroup_of(dst.pid))
 
         async def start() -> None:
             async with client(f"{d}/src.sock") as qs:
@@ -248,6 +252,9 @@ def test_killed_source_makes_the_destination_exit_with_a_clear_message() -> None
         text = output(dst)
         assert "memslots: load of migration failed: migration stream ended early" in text
         assert not os.path.exists(f"{d}/dst.sock") and not os.path.exists(f"{d}/m")
+        # Its VM and its memory cgroup went with it.
+        if cgroup.startswith("memslots-"):
+            assert not os.path.exists(os.path.join(locate_memory_cgroup().path, cgroup))
 
 
 def test_snapshot_to_a_file_and_back_and_a_corrupt_one_is_refused() -> None:

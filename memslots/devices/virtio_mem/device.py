@@ -162,6 +162,8 @@ class VirtioMem(MemoryDevice):
         self.needs_reset = False
         #: While True (e.g. migration running), plug/unplug/unplug-all get BUSY.
         self.busy = False
+        #: Requests answered BUSY because of :attr:`busy` (not because a mapping failed).
+        self.busy_answers = 0
         #: Set on an incoming migration's destination before realize: realize then skips the
         #: initial discard (the memory is the source's, or about to be).
         self.incoming = False
@@ -505,6 +507,7 @@ class VirtioMem(MemoryDevice):
         if self.bitmap[first : first + count] != want * count:
             return Response(Resp.ERROR)
         if self.busy:
+            self.busy_answers += 1
             return Response(Resp.BUSY)
         ok = self._plug(first, count) if plug else self._unplug(first, count)
         return Response(Resp.ACK if ok else Resp.BUSY)
@@ -567,6 +570,7 @@ class VirtioMem(MemoryDevice):
     def _unplug_all(self) -> Resp:
         if self.size:
             if self.busy:
+                self.busy_answers += 1
                 return Resp.BUSY
             mapped = [i for i, r in enumerate(self.memslots) if r.mapped]
             if not self._set_mapped(mapped, False):
