@@ -32,7 +32,7 @@ machine (:meth:`MachineLoader.apply`, run where the machine's other changes run)
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,11 +201,15 @@ def send_ranges(
 ) -> None:
     """Send ``(block index, memory, offset, length)`` ranges (see :func:`ram_ranges`)."""
     sources: dict[int, RamSource] = {}
-    for index, memory, offset, length in ranges:
-        src = sources.get(index)
-        if src is None:
-            src = sources[index] = RamSource.of_memory(memory)
-        writer.write_ram(index, src, offset, length, stable=stable)
+
+    def with_sources() -> Iterator[tuple[int, RamSource, int, int]]:
+        for index, memory, offset, length in ranges:
+            src = sources.get(index)
+            if src is None:
+                src = sources[index] = RamSource.of_memory(memory)
+            yield index, src, offset, length
+
+    writer.write_ram_ranges(with_sources(), stable=stable)
 
 
 Section = tuple[RecordType, str, bytes, int]

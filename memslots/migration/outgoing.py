@@ -13,8 +13,9 @@ running and writing its memory. The order (``docs/migration.md``):
    VMM writes, the queue areas always) and a first sync clears the log (dirty-sync-count 1);
 2. active: a full pass over what travels (boot RAM, the plugged blocks), then rounds: sync the
    logs, keep the dirty pages that travel (never an unplugged block), and stop once they can be
-   sent within ``downtime-limit`` at the speed a round last read guest memory, else
-   send them (through a bounce buffer: the guest keeps writing) limited to ``max-bandwidth``;
+   sent within ``downtime-limit`` at the speed the last round of dirty pages read guest
+   memory (before any, only a rest of at most 1 MiB), else send them (through a bounce buffer:
+   the guest keeps writing) limited to ``max-bandwidth``;
 3. switch-over: stop the vCPUs (STOP), sync once more, send the rest zero-copy and unthrottled,
    the late states and the guest's STATE sections, END; wait for the destination's answer
    (sockets: it loaded everything and runs), then ``completed``. The source stays paused
@@ -60,7 +61,8 @@ log = logging.getLogger("memslots.migration")
 
 Ranges = list[tuple[int, HostMemory, int, int]]
 T = TypeVar("T")
-#: A round that went through less guest memory than this measures its speed too poorly.
+#: A round that read less guest memory than this measures its speed too poorly; a rest this
+#: small may go in the downtime before any round measured it.
 _MIN_MEASURED_BYTES = 1 << 20
 
 
@@ -198,7 +200,9 @@ class Outgoing:
         self._plugged: dict[int, list[tuple[int, int]]] = {}
         self._pass_bytes = 0
         self._pass_base = 0
+        #: Bytes of guest memory per second: a round of dirty pages, the full pass.
         self._bandwidth = 0.0
+        self._full_rate = 0.0
         self._last_sync = time.monotonic()
         self._stopped_vcpus = False
 
@@ -347,14 +351,18 @@ class Outgoing:
         """The full pass, then rounds until what is dirty fits the downtime; returns those
         dirty pages (the switch-over sends them with what the guest writes until it stops)."""
         ranges = ram_ranges(self.machine, self.ignored)
-        await self._send(ranges)
+        await self._send(ranges, full=True)
         while True:
             dirty = self._collect_dirty()
             remaining = sum(r[3] for r in dirty)
             bandwidth = self._estimated_bandwidth()
             self.expected_downtime_ms = int(remaining / bandwidth * 1000)
             self._pass_bytes, self._pass_base = remaining, self._pages_done()
-            if remaining <= bandwidth * self.params.downtime_limit / 1000:
+            # Until a round of dirty pages measured how fast such pages go (scattered pages
+            # cost a record each; the full pass read long runs), only a small rest may go
+            # in the downtime.
+            fits = remaining <= bandwidth * self.params.downtime_limit / 1000
+            if fits and (self._bandwidth or remaining <= _MIN_MEASURED_BYTES):
                 return dirty
             self.resent_bytes += remaining
             await self._send(dirty)
@@ -392,8 +400,9 @@ class Outgoing:
         self.downtime_ms = self._ms_since(downtime_start)
         self._stopped_vcpus = False
 
-    async def _send(self, ranges: Ranges) -> None:
-        """One round through the worker thread; measures the bandwidth it got."""
+    async def _send(self, ranges: Ranges, *, full: bool = False) -> None:
+        """One round through the worker thread; a round of dirty pages (not the ``full``
+        pass) measures how fast they go."""
         assert self._writer is not None
         writer = self._writer
         self._pass_bytes = sum(r[3] for r in ranges)
@@ -410,12 +419,15 @@ class Outgoing:
         # round took per byte of guest memory it read. On the wire alone, zero pages would
         # count as free and a mostly empty first pass would make every later round look slow;
         # holes (found without reading) would make it look fast.
-        if read * PAGE_SIZE >= _MIN_MEASURED_BYTES:
-            self._bandwidth = read * PAGE_SIZE / elapsed
+        rate = read * PAGE_SIZE / elapsed
+        if full:
+            self._full_rate = rate
+        elif read * PAGE_SIZE >= _MIN_MEASURED_BYTES:
+            self._bandwidth = rate
 
     def _estimated_bandwidth(self) -> float:
         limit = self.params.max_bandwidth or float("inf")
-        measured = self._bandwidth or limit
+        measured = self._bandwidth or self._full_rate or limit
         return max(1.0, min(measured, limit))
 
     def _pages_done(self) -> int:

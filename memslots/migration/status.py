@@ -19,8 +19,6 @@ DEFAULT_DOWNTIME_LIMIT_MS = 300
 MAX_DOWNTIME_LIMIT_MS = 2000 * 1000
 #: QEMU 8.2's default ``max-bandwidth`` (MAX_THROTTLE, 128 MiB/s), bytes per second.
 DEFAULT_MAX_BANDWIDTH = 128 << 20
-#: The largest ``max-bandwidth`` QEMU takes (SIZE_MAX on 64-bit hosts).
-MAX_BANDWIDTH = (1 << 64) - 1
 
 
 class MigrationStatus(enum.Enum):

@@ -45,7 +45,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import xxhash
@@ -77,6 +77,8 @@ MAX_ZERO_PAGES = (1 << 32) - 1
 #: Largest section payload the reader accepts.
 MAX_SECTION_BYTES = 64 << 20
 _SMALL = 64 << 10  # pending small buffers are flushed beyond this
+#: Ranges shorter than this are scanned rather than looked up for holes.
+_HOLE_LOOKUP_MIN = 64 * PAGE_SIZE
 
 
 class RecordType(enum.IntEnum):
@@ -349,6 +351,9 @@ class StreamWriter:
         self._bounce_holder = (ctypes.c_char * len(self._bounce)).from_buffer(self._bounce)
         self._bounce_addr = ctypes.addressof(self._bounce_holder)
         self._bounce_view = memoryview(self._bounce)
+        # How much of the bounce buffer, and of the pending send, the current batch uses.
+        self._bounce_fill = 0
+        self._batch_bytes = 0
         # A pending run of zero pages: (block, offset, pages).
         self._zero_run: tuple[int, int, int] | None = None
 
@@ -438,7 +443,22 @@ class StreamWriter:
         Zero pages become markers; runs of them are merged (also across calls, while they are
         contiguous). ``stable`` means the memory cannot change until this returns.
         """
+        self.write_ram_ranges([(block, source, offset, length)], stable=stable)
+
+    def write_ram_ranges(
+        self, ranges: Iterable[tuple[int, RamSource, int, int]], *, stable: bool = False
+    ) -> None:
+        """Send many ``(block, source, offset, length)`` ranges, as :meth:`write_ram` does
+        one: small ranges (a round's scattered dirty pages) share a bounce buffer and a
+        ``sendmsg`` instead of costing one each. Everything is sent when this returns."""
         self._check_open()
+        for block, source, offset, length in ranges:
+            self._write_range(block, source, offset, length, stable)
+        self._flush_batch()
+
+    def _write_range(
+        self, block: int, source: RamSource, offset: int, length: int, stable: bool
+    ) -> None:
         if not 0 <= block <= 0xFFFF:
             raise ValueError(f"RAM block index {block} does not fit the stream")
         if offset % PAGE_SIZE or length % PAGE_SIZE or offset < 0 or offset + length > source.size:
@@ -446,24 +466,38 @@ class StreamWriter:
                 f"RAM range [{offset:#x}, +{length:#x}) is not page aligned inside the block "
                 f"of {source.size:#x} bytes"
             )
+        # Looking holes up costs a system call or two: worth it for ranges, not single pages.
         extents = (
-            source.holes(offset, length) if source.holes is not None else [(offset, length, False)]
+            source.holes(offset, length)
+            if source.holes is not None and length >= _HOLE_LOOKUP_MIN
+            else [(offset, length, False)]
         )
+        chunk = self.record_pages * PAGE_SIZE
         for start, size, hole in extents:
             if hole:
                 self._zero_pages(block, start, size >> PAGE_SHIFT)
                 self.stats.hole_pages += size >> PAGE_SHIFT
                 continue
-            chunk = self.record_pages * PAGE_SIZE
             for pos in range(start, start + size, chunk):
                 n = min(chunk, start + size - pos)
                 if stable:
+                    if self._batch_bytes + n > chunk:
+                        self._flush_batch()
                     self._ram_chunk(block, pos, source.view[pos : pos + n], source.addr + pos)
                 else:
-                    ctypes.memmove(self._bounce_addr, source.addr + pos, n)
-                    self._ram_chunk(block, pos, self._bounce_view[:n], self._bounce_addr)
-                    self.flush()  # the bounce buffer is reused next
+                    if self._bounce_fill + n > chunk:
+                        self._flush_batch()  # the bounce buffer is reused from its start
+                    at = self._bounce_fill
+                    ctypes.memmove(self._bounce_addr + at, source.addr + pos, n)
+                    self._bounce_fill += n
+                    view = self._bounce_view[at : at + n]
+                    self._ram_chunk(block, pos, view, self._bounce_addr + at)
+                self._batch_bytes += n
+
+    def _flush_batch(self) -> None:
         self.flush()
+        self._bounce_fill = 0
+        self._batch_bytes = 0
 
     def _zero_pages(self, block: int, offset: int, pages: int) -> None:
         run = self._zero_run
@@ -512,13 +546,10 @@ class StreamWriter:
             value = _chain(value, page_map)
             self._emit(page_map)
         runs = [(f << PAGE_SHIFT, (f + n) << PAGE_SHIFT) for f, n in data_runs(npages, zeros)]
+        # Checksum the pages while the scan (or the bounce copy) left them in the cache; they
+        # cannot change until they are sent (stable memory, or the bounce buffer).
         for lo, hi in runs:
             self._emit(view[lo:hi])
-        # Send the pages first, then checksum them while the copy has them in the cache (the
-        # checksum trails them; they cannot change meanwhile: stable memory or the bounce
-        # buffer). The checksum leaves with the next record's header.
-        self.flush()
-        for lo, hi in runs:
             value = _chain(value, view[lo:hi])
         self._emit(_CHECKSUM.pack(value))
         self.stats.records += 1

@@ -123,7 +123,7 @@ def test_a_destination_refuses_a_guest_it_cannot_run() -> None:
                 GuestVm(dst, Scheduler(), states={}, virtio=virtio)
 
 
-def test_a_destination_adopts_shared_memory_and_its_vhost_view_follows() -> None:
+def test_a_destination_adopts_shared_memory_handed_over_by_fd() -> None:
     """x-ignore-shared on the machine level: the source's memfd replaces the destination's
     (same host address), nothing of it is sent, and unplugged memory is not discarded."""
     with machine("sim") as src, GuestVm(src, Scheduler()) as gvm:

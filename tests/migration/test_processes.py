@@ -299,3 +299,59 @@ def test_snapshot_to_a_file_and_back_and_a_corrupt_one_is_refused() -> None:
         assert proc.returncode == 1
         assert "memslots: load of migration failed: corrupt migration stream:" in proc.stderr
         assert not os.path.exists(f"{d}/bad.sock")
+
+
+@requires_qsd
+def test_x_ignore_shared_hands_the_memory_to_the_destination_and_its_vhost_back_end(
+    tmp_path: Path,
+) -> None:
+    """A local live update to a destination whose vhost-user back-end already mapped the
+    destination's own memfd (the device maps its whole backend at plug): after the migration
+    the destination and its back-end map the source's memfd, and no page of it was sent."""
+    accel = "kvm" if kvm_available() else "sim"
+    machine = [
+        "-m", "1G,maxmem=9G",
+        "-object", "memory-backend-memfd,id=mem0,size=8G,share=on",
+        "-accel", accel,
+    ]  # fmt: skip
+    device = ["-device", "virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=off"]
+    with QemuStorageDaemon(tmp_path) as qsd, socket_dir() as d:
+        vhost = [
+            "-chardev", f"socket,id=blk0,path={qsd.socket_path}",
+            "-device", "vhost-user-blk-pci,id=disk0,chardev=blk0",
+        ]  # fmt: skip
+        dst_args = [*machine, *vhost, *device, "-incoming", f"unix:{d}/mig.sock", "-S"]
+        with (
+            spawned([*machine, *device], f"{d}/src.sock") as src,
+            spawned(dst_args, f"{d}/dst.sock") as dst,
+        ):
+            (theirs,) = {m.inode for m in memfd_mappings(src.pid)}
+            before = {m.inode for m in memfd_mappings(qsd.memory_pid)}
+            assert theirs not in before and before  # the back-end maps the destination's own
+
+            async def go() -> dict[str, Any]:
+                async with client(f"{d}/src.sock") as qs, client(f"{d}/dst.sock") as qd:
+                    await resize(qs, 2 * GiB, timeout=120)
+                    await qs.execute(
+                        "migrate-set-capabilities",
+                        {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+                    )
+                    await qs.execute("migrate", {"uri": f"unix:{d}/mig.sock"})
+                    info = await until_migrated(qs, timeout=300)
+                    assert info["status"] == "completed", info
+                    await until_status(qd, "paused")
+                    assert await qs.execute("x-query-ram-digest") == await qd.execute(
+                        "x-query-ram-digest"
+                    )
+                    assert {m.inode for m in memfd_mappings(dst.pid)} == {theirs}
+                    assert {m.inode for m in memfd_mappings(qsd.memory_pid)} == {theirs}
+                    await qd.execute("cont")
+                    await resize(qd, 1 * GiB, timeout=120)
+                    await quit_both(qs, qd)
+                    return info
+
+            info = asyncio.run(go())
+            assert src.wait(60) == 0 and dst.wait(60) == 0
+        ram = info["ram"]
+        # Only boot RAM travelled.
+        assert (ram["normal"] + ram["duplicate"]) * PAGE - ram["x-resent-bytes"] == 1 * GiB
