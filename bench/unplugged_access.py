@@ -100,7 +100,7 @@ async def _plug(qmp: QMPClient, size: int) -> None:
 
 async def experiment(runtime: MachineRuntime, sock: str, protected: bool) -> dict[str, Any]:
     """The accesses, through QMP; returns the result object."""
-    guests = runtime.guests
+    guests = runtime.guest
     assert guests is not None and guests.vcpu is not None
     memory = runtime.machine.backends["mem0"].memory
     assert isinstance(memory, HostMemory)

@@ -47,13 +47,16 @@ def make_machine() -> Machine:
 
 class FakeRuntime:
     """The runtime the monitor talks to: a status, a quit counter, resets done on the machine,
-    and no guest (``x-guest-memory-access`` is refused)."""
+    STOP and RESUME sent through ``server`` (once serving), and no guest
+    (``x-guest-memory-access`` is refused)."""
 
     def __init__(self, machine: Machine) -> None:
         self._machine = machine
         self.state = "running"
         self.quits = 0
         self.resets = 0
+        self.autostart = True
+        self.server: QMPServer | None = None
 
     @property
     def machine(self) -> Machine:
@@ -65,8 +68,16 @@ class FakeRuntime:
     def quit(self) -> None:
         self.quits += 1
 
+    def stop(self) -> bool:
+        was_running, self.state = self.state == "running", "paused"
+        if was_running and self.server is not None:
+            self.server.emit_event("STOP", {})
+        return was_running
+
     def cont(self) -> None:
         self.state = "running"
+        if self.server is not None:
+            self.server.emit_event("RESUME", {})
 
     def system_reset(self) -> None:
         self.resets += 1
@@ -78,7 +89,7 @@ class FakeRuntime:
         raise ConfigError("the machine runs without a guest (-guest none)")
 
     @property
-    def guests(self) -> GuestVm | None:
+    def guest(self) -> GuestVm | None:
         return None
 
 
@@ -150,7 +161,9 @@ async def serving(
     """A monitor over ``machine`` listening on a fresh Unix socket in this loop."""
     with socket_dir() as d:
         server = QMPServer(rate_limits={"MEMORY_DEVICE_SIZE_CHANGE": rate}, clock=clock)
-        monitor = Monitor(runtime or FakeRuntime(machine), server)
+        runtime = runtime or FakeRuntime(machine)
+        runtime.server = server
+        monitor = Monitor(runtime, server)
         path = f"{d}/qmp.sock"
         await server.start_unix(path)
         try:
@@ -328,7 +341,9 @@ class ServerThread:
         self.loop.run_forever()
 
     async def _start(self) -> None:
-        self.monitor = Monitor(FakeRuntime(self.machine), QMPServer())
+        runtime = FakeRuntime(self.machine)
+        runtime.server = QMPServer()
+        self.monitor = Monitor(runtime, runtime.server)
         if self._with_guest:
             self.guest = SteppingGuest(self.machine.virtio_mem("vmem0"))
         await self.monitor.server.start_unix(self.path)

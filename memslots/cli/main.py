@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from memslots.cli.monitor import info, qmp_command, resize, run
+from memslots.cli.monitor import info, migrate, qmp_command, resize, run
 from memslots.cli.plan import demo, measure, plan
 from memslots.cli.simulate import simulate
 from memslots.errors import EXIT_BAD_INPUT, EXIT_CODES, MemslotsError
@@ -79,7 +79,7 @@ def main() -> None:
         root.setLevel(logging.WARNING)
 
 
-for command in (plan, measure, simulate, run, qmp_command, resize, info, demo):
+for command in (plan, measure, simulate, run, qmp_command, resize, info, migrate, demo):
     main.add_command(command)
 
 

@@ -1,5 +1,5 @@
-"""``memslots run`` (the machine with a QMP monitor) and the client side: ``qmp``, ``resize``
-and ``info``."""
+"""``memslots run`` (the machine with a QMP monitor) and the client side: ``qmp``, ``resize``,
+``info`` and ``migrate``."""
 
 from __future__ import annotations
 
@@ -51,6 +51,14 @@ from memslots.options import parse_machine_config
     default=None,
     help="Serve Prometheus metrics on 127.0.0.1:PORT.",
 )
+@click.option(
+    "-incoming",
+    "incoming",
+    default=None,
+    metavar="unix:PATH|tcp:HOST:PORT|file:PATH|defer",
+    help="Be a migration destination: listen there (defer: QMP migrate-incoming says where).",
+)
+@click.option("-S", "freeze", is_flag=True, help="Do not run the guest until QMP 'cont'.")
 def run(
     memory: str,
     objects: Sequence[str],
@@ -60,17 +68,51 @@ def run(
     qmp: Sequence[str],
     guest: str,
     metrics_port: int | None,
+    incoming: str | None,
+    freeze: bool,
 ) -> None:
     """Run the machine with a QMP monitor until 'quit', SIGTERM or SIGINT."""
     import asyncio
 
     from memslots.monitor.runtime import serve
-    from memslots.options import parse_qmp_option
+    from memslots.options import parse_migration_uri, parse_qmp_option
 
     logging.getLogger("memslots").setLevel(logging.INFO)
     config = parse_machine_config(memory, objects, devices, accel=accel, chardevs=chardevs)
     endpoints = [parse_qmp_option(q) for q in qmp]
-    asyncio.run(serve(config, endpoints, guest=guest == "linux", metrics_port=metrics_port))
+    uri = None if incoming is None else parse_migration_uri(incoming, incoming=True, defer=True)
+    asyncio.run(
+        serve(
+            config,
+            endpoints,
+            guest=guest == "linux",
+            metrics_port=metrics_port,
+            incoming=uri,
+            autostart=not freeze,
+        )
+    )
+
+
+@click.command(epilog=example("memslots migrate /tmp/src.sock unix:/tmp/mig.sock --wait"))
+@click.argument("socket")
+@click.argument("uri")
+@click.option("--wait", is_flag=True, help="Follow the migration until it ends (progress bar).")
+@click.option("--json", "as_json", is_flag=True, help="Print query-migrate's result as JSON.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="With --wait: give up (exit 3) after this many seconds.",
+)
+def migrate(socket: str, uri: str, wait: bool, as_json: bool, timeout: float) -> None:
+    """Migrate the machine at SOCKET to URI (unix:PATH, tcp:HOST:PORT, file:PATH).
+
+    Exits 1 if the migration failed or was cancelled (the reason is printed), 3 on timeout.
+    """
+    from memslots.monitor.migrate_client import run_migrate
+
+    run_migrate(socket, uri, wait=wait, json_output=as_json, timeout=timeout)
 
 
 @click.command("qmp", epilog=example("memslots qmp /tmp/qmp.sock qom-get path=vmem0 property=size"))

@@ -20,9 +20,9 @@ from __future__ import annotations
 import enum
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from memslots.devices.virtio_mem.wire import Config, ReqType, Request, Resp, Response
 from memslots.guest.sched import Scheduler, Timer
@@ -197,6 +197,11 @@ class LinuxGuest:
         self._queued = False
         self._seq = 0
         self.probed = False
+        #: The dirtying workload (:meth:`set_workload`): units rewritten per tick, seconds.
+        self.workload_units = 0
+        self.workload_period = 0.0
+        self.workload_ticks = 0
+        self._workload_timer: Timer | None = None
 
     # -- probe --------------------------------------------------------------------------------
 
@@ -209,6 +214,21 @@ class LinuxGuest:
         self.plugged_size = cfg.plugged_size
         self.requested_size = cfg.requested_size
         self.usable_region_size = cfg.usable_region_size
+        self._choose_mode()
+        self.next_id = self.first_id
+        self.offline_size = 0
+        self.state: dict[int, Mb] = {}
+        #: SBM: which sub-blocks of a memory block are plugged.
+        self.sb_plugged: dict[int, list[bool]] = {}
+        self._seeds: dict[int, int] = {}
+        self.unplug_all_required = self.plugged_size != 0
+        self.config_changed = True
+        self.probed = True
+        self._update_last_usable()
+        self._queue()
+
+    def _choose_mode(self) -> None:
+        """SBM or BBM, the unit and the memory-block ids, from the config read at probe."""
         self.mb_size = memory_block_size(self.opts.boot_memory_end)
         pageblock = 4 * MiB if self.opts.legacy_subblocks else PAGEBLOCK_SIZE
         sb = max(self.block_size, pageblock)
@@ -227,20 +247,9 @@ class LinuxGuest:
             self.per_unit = 1
         self.id_size = self.mb_size if self.sbm else self.unit
         self.first_id = -(-self.addr // self.id_size)
-        self.next_id = self.first_id
         self.offline_threshold = max(2 * self.mb_size, 1 * GiB)
         if not self.sbm:
             self.offline_threshold = max(self.offline_threshold, 2 * self.unit)
-        self.offline_size = 0
-        self.state: dict[int, Mb] = {}
-        #: SBM: which sub-blocks of a memory block are plugged.
-        self.sb_plugged: dict[int, list[bool]] = {}
-        self._seeds: dict[int, int] = {}
-        self.unplug_all_required = self.plugged_size != 0
-        self.config_changed = True
-        self.probed = True
-        self._update_last_usable()
-        self._queue()
 
     def _update_last_usable(self) -> None:
         end = self.addr + self.usable_region_size
@@ -324,15 +333,16 @@ class LinuxGuest:
         for cb in list(self.listeners):
             cb(self)
 
-    def _arm_timer(self) -> None:
-        period = self.retry_period
+    def _arm_timer(self, delay: float | None = None) -> None:
+        """Arm the retry timer for ``delay`` seconds (default: the retry period)."""
 
         def expire() -> None:
             self._timer = None
             self.retry_period = min(2 * self.retry_period, RETRY_MAX)
             self.run()
 
-        self._timer = self.sched.call_at(self.sched.now() + period, expire)
+        wait = self.retry_period if delay is None else delay
+        self._timer = self.sched.call_at(self.sched.now() + wait, expire)
 
     def _run_once(self) -> Rc:
         rc = Rc.OK
@@ -473,6 +483,182 @@ class LinuxGuest:
             if not ok:
                 self.violations.append(f"plugged memory at 0x{gpa:x} lost its contents")
         return checked
+
+    # -- a workload ---------------------------------------------------------------------------
+
+    def set_workload(self, units: int, period: float) -> None:
+        """Keep ``units`` usable units busy, like an application with a working set: every
+        ``period`` seconds the guest rewrites the pattern of the first ``units`` units it has
+        online (lowest addresses first) with a new seed, so their pages are dirty again. Each
+        new seed replaces the unit's old one, so :meth:`verify` checks what was written last.
+        ``units`` 0 stops it."""
+        if units < 0 or (units and period <= 0):
+            raise ValueError(f"workload of {units} units every {period} s")
+        self.workload_units, self.workload_period = units, period
+        if self._workload_timer is not None:
+            self._workload_timer.cancel()
+            self._workload_timer = None
+        if units and self.memory is not None:
+            self._workload_timer = self.sched.call_at(self.sched.now() + period, self._tick)
+
+    def usable_units(self) -> list[int]:
+        """Guest-physical addresses of the plugged units the kernel has online, in order."""
+        if not self.probed:
+            return []
+        out: list[int] = []
+        for mid, st in sorted(self.state.items()):
+            if st in _ONLINE:
+                out += self._plugged_units(mid)
+        return out
+
+    def unpatterned_units(self) -> list[int]:
+        """The usable units the guest has written no pattern into (free for other data)."""
+        return [gpa for gpa in self.usable_units() if gpa not in self._seeds]
+
+    def _tick(self) -> None:
+        self._workload_timer = None
+        if self.memory is None or not self.workload_units:
+            return
+        self.workload_ticks += 1
+        for gpa in self.usable_units()[: self.workload_units]:
+            self._seq += 1
+            self._seeds[gpa] = self._seq
+            try:
+                self.memory.write_pattern(gpa, self.unit, self._seq)
+            except Exception as exc:  # as in _use: a non-RAM access to plugged memory
+                self.violations.append(f"plugged memory at 0x{gpa:x} is not usable: {exc}")
+        self._workload_timer = self.sched.call_at(
+            self.sched.now() + self.workload_period, self._tick
+        )
+
+    # -- migration ----------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """Everything the driver knows, as JSON-able data (in a real guest it is in guest RAM
+        and travels with it). Timers are saved as the time left on the scheduler's clock, so
+        the destination resumes them where the source stopped."""
+        now = self.sched.now()
+        o = self.opts
+        state: dict[str, object] = {
+            "options": {
+                "boot_memory_end": o.boot_memory_end,
+                "online": o.online.value,
+                "force_bbm": o.force_bbm,
+                "bbm_block_size": o.bbm_block_size,
+                "unplug_online": o.unplug_online,
+                "legacy_subblocks": o.legacy_subblocks,
+                "pinned": sorted(o.pinned),
+                "use_stride": o.use_stride,
+            },
+            "probed": self.probed,
+            "broken": self.broken,
+            "hung": self.hung,
+            "stopped_no_space": self.stopped_no_space,
+            "retry_period": self.retry_period,
+            "timer_in": None if self._timer is None else max(0.0, self._timer.when - now),
+            "queued": self._queued,
+            "seq": self._seq,
+            "violations": list(self.violations),
+            "workload": [self.workload_units, self.workload_period, self.workload_ticks],
+            "workload_in": (
+                None if self._workload_timer is None else max(0.0, self._workload_timer.when - now)
+            ),
+        }
+        if self.probed:
+            state.update(
+                {
+                    "config": [
+                        self.block_size,
+                        self.addr,
+                        self.region_size,
+                        self.plugged_size,
+                        self.requested_size,
+                        self.usable_region_size,
+                    ],
+                    "next_id": self.next_id,
+                    "offline_size": self.offline_size,
+                    "blocks": {str(mid): st.value for mid, st in self.state.items()},
+                    "subblocks": {
+                        str(mid): "".join("1" if p else "0" for p in sbs)
+                        for mid, sbs in self.sb_plugged.items()
+                    },
+                    "seeds": {str(gpa): seed for gpa, seed in self._seeds.items()},
+                    "unplug_all_required": self.unplug_all_required,
+                    "config_changed": self.config_changed,
+                }
+            )
+        return state
+
+    @classmethod
+    def restore(
+        cls,
+        channel: Channel,
+        scheduler: Scheduler,
+        state: Mapping[str, Any],
+        *,
+        memory: MemoryUser | None = None,
+    ) -> LinuxGuest:
+        """The driver a source's :meth:`save_state` described, on ``channel``; its queued
+        work and timers are scheduled again with the time they had left. Raises ValueError
+        (or KeyError, TypeError) for a malformed state."""
+        raw = state["options"]
+        opts = GuestOptions(
+            boot_memory_end=int(raw["boot_memory_end"]),
+            online=Online(raw["online"]),
+            force_bbm=bool(raw["force_bbm"]),
+            bbm_block_size=int(raw["bbm_block_size"]),
+            unplug_online=bool(raw["unplug_online"]),
+            legacy_subblocks=bool(raw["legacy_subblocks"]),
+            pinned=frozenset(int(x) for x in raw["pinned"]),
+            use_stride=int(raw["use_stride"]),
+        )
+        g = cls(channel, scheduler, opts, memory=memory)
+        g.broken = bool(state["broken"])
+        g.hung = bool(state["hung"])
+        g.stopped_no_space = bool(state["stopped_no_space"])
+        g.retry_period = float(state["retry_period"])
+        g._seq = int(state["seq"])
+        g.violations = [str(v) for v in state["violations"]]
+        if state["probed"]:
+            g._restore_probed(state)
+        timer_in = state["timer_in"]
+        if timer_in is not None:
+            g._arm_timer(float(timer_in))
+        if state["queued"]:
+            g._queue()
+        units, period, ticks = state["workload"]
+        g.workload_units, g.workload_period = int(units), float(period)
+        g.workload_ticks = int(ticks)
+        workload_in = state["workload_in"]
+        if workload_in is not None and memory is not None:
+            g._workload_timer = scheduler.call_at(scheduler.now() + float(workload_in), g._tick)
+        return g
+
+    def _restore_probed(self, state: Mapping[str, Any]) -> None:
+        config = [int(x) for x in state["config"]]
+        (
+            self.block_size,
+            self.addr,
+            self.region_size,
+            self.plugged_size,
+            self.requested_size,
+            self.usable_region_size,
+        ) = config
+        self._choose_mode()
+        self.next_id = int(state["next_id"])
+        self.offline_size = int(state["offline_size"])
+        blocks, subblocks, seeds = state["blocks"], state["subblocks"], state["seeds"]
+        self.state = {int(mid): Mb(st) for mid, st in blocks.items()}
+        self.sb_plugged = {
+            int(mid): [c == "1" for c in str(bits)] for mid, bits in subblocks.items()
+        }
+        if any(len(sbs) != self.per_unit for sbs in self.sb_plugged.values()):
+            raise ValueError("guest state has sub-block maps of the wrong length")
+        self._seeds = {int(gpa): int(seed) for gpa, seed in seeds.items()}
+        self.unplug_all_required = bool(state["unplug_all_required"])
+        self.config_changed = bool(state["config_changed"])
+        self.probed = True
+        self._update_last_usable()
 
     # -- block bookkeeping --------------------------------------------------------------------
 

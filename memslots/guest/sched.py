@@ -98,22 +98,76 @@ class LoopScheduler(Scheduler):
 
     Callbacks run on the loop, so a guest driven by it never runs in the middle of a monitor
     command. Simulated-time driving (``step``, ``run_until``) is not available here.
+
+    :meth:`pause` stops the guest's clock, as a stopped VM's virtual clock stands still
+    (QMP ``stop``, a migration's switch-over): nothing runs and no time passes for the guest
+    until :meth:`resume`, so a 50 s retry timer armed before a pause still has its remaining
+    time afterwards.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
         self.loop = loop
         self._t0 = loop.time()
+        self._paused_at: float | None = None
+        #: Callbacks not yet run, with their loop handles (None while paused).
+        self._pending: dict[int, tuple[float, Callable[[], None], asyncio.TimerHandle | None]] = {}
+
+    @property
+    def paused(self) -> bool:
+        """True between :meth:`pause` and :meth:`resume`."""
+        return self._paused_at is not None
 
     def now(self) -> float:
-        """Seconds since the scheduler was created."""
-        return self.loop.time() - self._t0
+        """Guest seconds since the scheduler was created (paused time does not count)."""
+        end = self._paused_at if self._paused_at is not None else self.loop.time()
+        return end - self._t0
 
     def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
-        """Run ``fn`` on the loop at ``when`` (seconds since creation)."""
+        """Run ``fn`` on the loop at guest time ``when`` (seconds since creation)."""
         when = max(when, self.now())
-        handle = self.loop.call_at(self._t0 + when, fn)
-        return Timer(when, handle.cancel)
+        key = next(self._seq)
+        self._pending[key] = (when, fn, self._arm(key, when, fn))
+
+        def cancel() -> None:
+            entry = self._pending.pop(key, None)
+            if entry is not None and entry[2] is not None:
+                entry[2].cancel()
+
+        return Timer(when, cancel)
+
+    def _arm(self, key: int, when: float, fn: Callable[[], None]) -> asyncio.TimerHandle | None:
+        if self._paused_at is not None:
+            return None
+
+        def run() -> None:
+            if self._pending.pop(key, None) is not None:
+                fn()
+
+        return self.loop.call_at(self._t0 + when, run)
+
+    def pause(self) -> None:
+        """Stop the guest's clock and hold every callback until :meth:`resume`."""
+        if self._paused_at is not None:
+            return
+        self._paused_at = self.loop.time()
+        for key, (when, fn, handle) in list(self._pending.items()):
+            if handle is not None:
+                handle.cancel()
+            self._pending[key] = (when, fn, None)
+
+    def resume(self) -> None:
+        """Start the clock again where it stopped; held callbacks run when they are due."""
+        if self._paused_at is None:
+            return
+        self._t0 += self.loop.time() - self._paused_at
+        self._paused_at = None
+        for key, (when, fn, _) in sorted(self._pending.items(), key=lambda kv: kv[1][0]):
+            self._pending[key] = (when, fn, self._arm(key, when, fn))
+
+    def next_due(self) -> float | None:
+        """Guest time of the next pending callback, if any."""
+        return min((when for when, _, _ in self._pending.values()), default=None)
 
     def step(self) -> bool:
         """Not available: the loop runs the callbacks."""

@@ -32,6 +32,7 @@ __all__ = [
     "mprotect",
     "munmap",
     "punch_hole",
+    "remap_fixed",
     "statfs",
 ]
 
@@ -109,6 +110,12 @@ def mmap_raw(addr: int | None, length: int, prot: int, flags: int, fd: int) -> i
     if result is None or result == _MAP_FAILED:
         raise errno_error("mmap()")
     return result
+
+
+def remap_fixed(addr: int, length: int, prot: int, flags: int, fd: int) -> None:
+    """Map ``fd`` (from offset 0) over ``[addr, addr + length)`` in place (MAP_FIXED): the old
+    mapping there is replaced atomically, with no moment in which the range is unmapped."""
+    mmap_raw(addr, length, prot, flags | _MAP_FIXED, fd)
 
 
 def munmap(addr: int, length: int) -> None:

@@ -226,6 +226,57 @@ class HostMemory(abc.ABC, Closing):
         """Offset of the mapping within :attr:`fd`; backends always map from offset 0."""
         return 0
 
+    def adopt(self, fd: int) -> None:
+        """Map ``fd`` (another process's memory of this backend, received for a local live
+        update) in place of our own, at the same host address, and take ownership of it.
+
+        Only shared fd-backed memory can be adopted; the fd must be as large and have the
+        same page size. Every consumer keeps its address: KVM's memslots follow the new pages
+        through the MMU notifier; vhost-user back-ends got our old fd and must be sent the
+        new one. Our own old fd is closed (its memory, never used, goes with it). Protected
+        ranges stay out of reach. On error before the fd is mapped nothing changed and ``fd``
+        is still the caller's.
+        """
+        self._check_open()
+        what = _describe(self.id, self.size)
+        if self._fd is None or not self.shared:
+            raise HostMemoryError(
+                f"{what}: only shared memory with an fd (share=on) can be adopted"
+            )
+        try:
+            st = os.fstat(fd)
+            page_size = fd_page_size(fd)
+        except (OSError, HostMemoryError) as exc:
+            raise HostMemoryError(f"{what}: cannot adopt fd {fd}: {exc}") from exc
+        if st.st_size < self.fd_offset + self.size:
+            raise HostMemoryError(
+                f"{what}: cannot adopt fd {fd}: it holds 0x{st.st_size:x} bytes, not "
+                f"0x{self.size:x}"
+            )
+        if page_size != self.page_size:
+            raise HostMemoryError(
+                f"{what}: cannot adopt fd {fd}: its page size is 0x{page_size:x}, not "
+                f"0x{self.page_size:x}"
+            )
+        flags = mmap.MAP_SHARED | (0 if self.reserve else libc.MAP_NORESERVE)
+        try:
+            libc.remap_fixed(self._addr, self.size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd)
+        except OSError as exc:
+            raise HostMemoryError(f"{what}: cannot map the adopted fd {fd}: {exc}") from exc
+        old, self._fd = self._fd, fd
+        self._exclusive_fd = False  # another process holds it too
+        os.close(old)
+        # The new mapping is all read/write: what was out of reach must stay so (the ranges
+        # count as protected even if this fails, as in protect()).
+        for lo, hi in self._protected.pieces(0, self.size):
+            try:
+                libc.mprotect(self._addr + lo, hi - lo, libc.PROT_NONE)
+            except OSError as exc:
+                raise HostMemoryError(
+                    f"{what}: adopted fd {fd}, but cannot make [0x{lo:x}, 0x{hi:x}) "
+                    f"inaccessible again: {exc}"
+                ) from exc
+
     def discard(self, offset: int, length: int) -> None:
         """Give the host memory of ``[offset, offset + length)`` back to the host.
 

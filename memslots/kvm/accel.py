@@ -134,6 +134,7 @@ class KvmAccel(MemslotConsumer):
         # slots deleted while logging.
         self._dirty_all: set[int] = set()
         self._dirty_pending: list[DirtySlot] = []
+        self._dirty_which: Callable[[Section], bool] | None = None
         if manual_dirty_log:
             self._enable_manual_dirty_log()
 
@@ -168,7 +169,8 @@ class KvmAccel(MemslotConsumer):
             )
         reused = bool(self._free_ids)
         slot = heapq.heappop(self._free_ids) if reused else self._next_id
-        flags = KVM_MEM_LOG_DIRTY_PAGES if self.dirty_logging else 0
+        logged = self._logged(section)
+        flags = KVM_MEM_LOG_DIRTY_PAGES if logged else 0
         t0 = time.perf_counter()
         try:
             self.vm.set_memory_region(slot, section.gpa, section.size, section.host_addr, flags)
@@ -182,12 +184,12 @@ class KvmAccel(MemslotConsumer):
             self._next_id += 1
         self._slots[section] = slot
         self.creates += 1
-        if self.dirty_logging:
+        if logged:
             self._dirty_all.add(slot)
 
     def region_del(self, section: Section) -> None:
         slot = self._slots[section]
-        if self.dirty_logging:
+        if self._logged(section):
             # As QEMU does: keep what the slot logged, its bitmap dies with it.
             try:
                 self._dirty_pending.append(self._take_dirty(slot, section))
@@ -219,7 +221,7 @@ class KvmAccel(MemslotConsumer):
         """Kernel vmalloc bytes our memslots (or those ``which`` selects) cost (kvm.cost), dirty
         bitmaps included while logging."""
         return sum(
-            slot_metadata_bytes(s.gpa, s.size, self.vm.mmu, self.dirty_logging)
+            slot_metadata_bytes(s.gpa, s.size, self.vm.mmu, self._logged(s))
             for s in self._slots
             if which is None or which(s)
         )
@@ -231,7 +233,7 @@ class KvmAccel(MemslotConsumer):
         (:func:`~memslots.kvm.cost.slot_memcg_bytes`).
         """
         return sum(
-            slot_memcg_bytes(s.gpa, s.size, self.vm.mmu, self.dirty_logging)
+            slot_memcg_bytes(s.gpa, s.size, self.vm.mmu, self._logged(s))
             for s in self._slots
             if which is None or which(s)
         )
@@ -281,16 +283,22 @@ class KvmAccel(MemslotConsumer):
         finally:
             self.kernel_seconds += time.perf_counter() - t0
 
-    def start_dirty_log(self) -> None:
+    def start_dirty_log(self, which: Callable[[Section], bool] | None = None) -> None:
         """Turn KVM_MEM_LOG_DIRTY_PAGES on for every memslot we hold (FLAGS_ONLY changes);
         slots created from now on get it too. The next :meth:`sync_dirty_log` reports every
         page of every slot (KVM's INITIALLY_SET, or synthesised where the kernel lacks it), so
-        a migration's first pass is simply "send what is dirty". Nothing changes on failure."""
+        a migration's first pass is simply "send what is dirty". Nothing changes on failure.
+
+        ``which`` limits logging to the slots of the sections it accepts (memory that is not
+        copied, such as shared memory a local live update hands over, needs no log and no
+        write protection)."""
         if self.dirty_logging:
             return
         done: list[tuple[int, Section]] = []
         try:
             for section, slot in sorted(self._slots.items(), key=lambda kv: kv[1]):
+                if which is not None and not which(section):
+                    continue
                 self._set_logging(slot, section, True)
                 done.append((slot, section))
         except KvmError:
@@ -301,7 +309,8 @@ class KvmAccel(MemslotConsumer):
                     log.warning("kvm: cannot turn dirty logging off again: %s", exc)
             raise
         self.dirty_logging = True
-        self._dirty_all = set(self._slots.values())
+        self._dirty_which = which
+        self._dirty_all = {slot for slot, _ in done}
         self._dirty_pending = []
 
     def stop_dirty_log(self) -> None:
@@ -311,11 +320,13 @@ class KvmAccel(MemslotConsumer):
         """
         if not self.dirty_logging:
             return
+        logged = [(section, slot) for section, slot in self._slots.items() if self._logged(section)]
         self.dirty_logging = False
+        self._dirty_which = None
         self._dirty_all.clear()
         self._dirty_pending = []
         first: KvmError | None = None
-        for section, slot in sorted(self._slots.items(), key=lambda kv: kv[1]):
+        for section, slot in sorted(logged, key=lambda kv: kv[1]):
             try:
                 self._set_logging(slot, section, False)
             except KvmError as exc:
@@ -337,9 +348,15 @@ class KvmAccel(MemslotConsumer):
         out = self._dirty_pending
         self._dirty_pending = []
         for section, slot in sorted(self._slots.items(), key=lambda kv: kv[1]):
-            out.append(self._take_dirty(slot, section))
+            if self._logged(section):
+                out.append(self._take_dirty(slot, section))
         self._dirty_all.clear()
         return out
+
+    def _logged(self, section: Section) -> bool:
+        """Whether ``section``'s memslot is (or, created now, would be) dirty-logged."""
+        which = self._dirty_which
+        return self.dirty_logging and (which is None or which(section))
 
     def _take_dirty(self, slot: int, section: Section) -> DirtySlot:
         npages = section.size >> PAGE_SHIFT

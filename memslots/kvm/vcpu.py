@@ -298,12 +298,22 @@ class ProbeVcpu(Closing):
     executes its accesses natively through shadow paging (ring 0 is emulated). Only one
     ProbeVcpu can ever be created per VM; a second one raises :class:`VcpuError` (EEXIST).
 
+    ``state`` (from :meth:`save_state` on a migration source) resumes a vCPU on a destination
+    whose boot RAM already holds the source's image and page tables: the image is not written
+    again, the window mappings are the source's and the registers are where the source's vCPU
+    stopped.
+
     Accessors return None / False when the access came back as KVM_EXIT_MMIO, i.e. no memslot
     backs that GPA. GPAs must lie below ``2**phys_bits``; writes into the image and misaligned
     64-bit accesses raise ValueError. Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, vm: KvmVm, boot: GuestMemory, *, cpl3: bool = True) -> None:
+    def __init__(
+        self, vm: KvmVm, boot: GuestMemory, *, cpl3: bool = True, state: bytes | None = None
+    ) -> None:
+        saved = _decode_state(state) if state is not None else None
+        if saved is not None:
+            cpl3 = saved.cpl3
         self.cpl3 = cpl3
         self._fd = -1
         self._run: mmap.mmap | None = None
@@ -340,7 +350,8 @@ class ProbeVcpu(Closing):
             )
             # Once only: KVM refuses KVM_SET_CPUID2 after the first KVM_RUN.
             self._ioctl(KVM_SET_CPUID2, pack_cpuid2(cpuid), "KVM_SET_CPUID2")
-            self._mem.write(self._mem_offset, _boot_image(cpl3))
+            if saved is None:
+                self._mem.write(self._mem_offset, _boot_image(cpl3))
             self._sregs = self._initial_sregs()
             regs = dict.fromkeys(REGS_FIELDS, 0)
             regs.update(
@@ -349,7 +360,13 @@ class ProbeVcpu(Closing):
                 rflags=_RFLAGS_CPL3 if cpl3 else _RFLAGS_CPL0,
             )
             self._regs = REGS_STRUCT.pack(*regs.values())
-            self._set_state()
+            if saved is None:
+                self._set_state()
+            else:
+                for n, frame in enumerate(saved.frames):
+                    self._frames[frame] = _WINDOW_VA + n * FRAME_SIZE
+                self._ioctl(KVM_SET_SREGS, bytearray(saved.sregs), "KVM_SET_SREGS")
+                self._ioctl(KVM_SET_REGS, bytearray(saved.regs), "KVM_SET_REGS")
         except BaseException:
             self.close()
             raise
@@ -449,6 +466,18 @@ class ProbeVcpu(Closing):
         ops = [(_OP_READ64, self._va(addr, 8, False), 0) for addr, _ in words]
         results = self._run_batch(ops, [addr for addr, _ in words])
         return all(r == value for r, (_, value) in zip(results, words, strict=True))
+
+    def save_state(self) -> bytes:
+        """The vCPU as a migration carries it: its registers (KVM_GET_REGS, KVM_GET_SREGS),
+        its ring and the 2 MiB frames its window maps, in mapping order (the page tables
+        themselves are in boot RAM, which travels). Call it while the vCPU is not running."""
+        regs = bytearray(REGS_STRUCT.size)
+        self._ioctl(KVM_GET_REGS, regs, "KVM_GET_REGS")
+        sregs = bytearray(SREGS_SIZE)
+        self._ioctl(KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        frames = list(self._frames)
+        head = _STATE_HEAD.pack(int(self.cpl3), len(frames))
+        return bytes(regs) + bytes(sregs) + head + struct.pack(f"<{len(frames)}Q", *frames)
 
     def close(self) -> None:
         """Close the vCPU fd and unmap its ``kvm_run``; safe to call more than once.
@@ -748,6 +777,41 @@ def efault_cause(
     if command is None:
         return None
     return (*command, "efault")
+
+
+#: Version of :meth:`ProbeVcpu.save_state`'s format (a migration's STATE section version).
+STATE_VERSION = 1
+_STATE_HEAD = struct.Struct("<II")
+
+
+@dataclass(frozen=True)
+class _SavedState:
+    regs: bytes
+    sregs: bytes
+    cpl3: bool
+    frames: list[int]
+
+
+def _decode_state(state: bytes) -> _SavedState:
+    """Parse :meth:`ProbeVcpu.save_state`'s bytes, raising :class:`VcpuError` if malformed."""
+    fixed = REGS_STRUCT.size + SREGS_SIZE
+    if len(state) < fixed + _STATE_HEAD.size:
+        raise VcpuError(f"probe vCPU state of {len(state)} bytes is too short")
+    cpl3, count = _STATE_HEAD.unpack_from(state, fixed)
+    if (
+        cpl3 not in (0, 1)
+        or count > MAX_FRAMES
+        or len(state) != fixed + _STATE_HEAD.size + 8 * count
+    ):
+        raise VcpuError(
+            f"probe vCPU state is malformed ({len(state)} bytes, ring flag {cpl3}, {count} frames)"
+        )
+    frames = list(struct.unpack_from(f"<{count}Q", state, fixed + _STATE_HEAD.size))
+    if len(set(frames)) != count:
+        raise VcpuError("probe vCPU state maps a frame twice")
+    return _SavedState(
+        state[: REGS_STRUCT.size], state[REGS_STRUCT.size : fixed], bool(cpl3), frames
+    )
 
 
 def _describe_exit(run: mmap.mmap, reason: int) -> str:

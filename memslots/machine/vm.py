@@ -21,9 +21,11 @@ queue area and a 4 KiB page with the request and response buffers.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from memslots.closing import Closing
@@ -43,9 +45,12 @@ from memslots.errors import (
     DeviceError,
     GuestMemoryFault,
     InaccessibleMemoryError,
+    MemslotsError,
+    MigrationError,
 )
 from memslots.guest.linux import Channel, GuestOptions, LinuxGuest, MemoryUser, RamUser
 from memslots.guest.sched import Scheduler
+from memslots.kvm.vcpu import STATE_VERSION as VCPU_STATE_VERSION
 from memslots.kvm.vcpu import ProbeVcpu
 from memslots.machine.machine import Machine
 from memslots.machine.resize import ProgressCallback, ResizeJob
@@ -71,16 +76,33 @@ USE_BUDGET_BLOCKS = 1024
 
 
 class VirtqueueChannel:
-    """The guest driver's channel: one request at a time over the virtqueue (C1)."""
+    """The guest driver's channel: one request at a time over the virtqueue (C1).
 
-    def __init__(self, transport: VirtioMemTransport, memory: GuestMemory, area: int) -> None:
+    Built, it negotiates with the device and sets the queue up; with ``queue_state`` (a
+    migration destination) it takes over a queue that the source's driver set up, whose rings
+    are already in guest memory.
+    """
+
+    def __init__(
+        self,
+        transport: VirtioMemTransport,
+        memory: GuestMemory,
+        area: int,
+        *,
+        queue_state: dict[str, object] | None = None,
+    ) -> None:
         self.transport = transport
         self.memory = memory
-        self.queue = DriverQueue(
-            memory, area, QUEUE_AREA_SIZE - BUFFER_PAGE, num=128, notify=transport.notify
-        )
+        self.area = area
         self.req_gpa = area + QUEUE_AREA_SIZE - BUFFER_PAGE
         self.resp_gpa = self.req_gpa + 64
+        size = QUEUE_AREA_SIZE - BUFFER_PAGE
+        if queue_state is not None:
+            self.queue = DriverQueue.restore(
+                memory, area, size, queue_state, notify=transport.notify
+            )
+            return
+        self.queue = DriverQueue(memory, area, size, num=128, notify=transport.notify)
         t = transport
         t.write_status(STATUS_ACKNOWLEDGE)
         t.write_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER)
@@ -227,8 +249,21 @@ def boot_memory_end(machine: Machine) -> int:
     return lay.above_4g_end if lay.above_4g else lay.below_4g
 
 
+#: Version of the STATE sections a guest VM saves (``guest/<device id>``).
+GUEST_STATE_VERSION = 1
+VCPU_SECTION = "vcpu/0"
+GUEST_SECTION = "guest/"
+
+
 class GuestVm(Closing):
-    """A machine, its virtio-mem devices on virtqueues, and a Linux guest driving them."""
+    """A machine, its virtio-mem devices on virtqueues, and a Linux guest driving them.
+
+    ``states`` and ``virtio`` (what :meth:`save_state` gave on a migration source, after the
+    machine itself was loaded) resume the source's guest instead of booting a new one: the
+    probe vCPU with its registers, each device's transport and queue, each driver where it
+    stopped. A section that does not fit this machine raises
+    :class:`~memslots.errors.MigrationError`.
+    """
 
     def __init__(
         self,
@@ -238,6 +273,8 @@ class GuestVm(Closing):
         guest_options: GuestOptions | None = None,
         vcpu: bool | None = None,
         use_memory: bool = True,
+        states: Mapping[str, tuple[int, bytes]] | None = None,
+        virtio: Mapping[str, bytes] | None = None,
     ) -> None:
         self.machine = machine
         self.sched = sched or Scheduler()
@@ -254,7 +291,8 @@ class GuestVm(Closing):
 
             if not isinstance(machine.vm, KvmVm):
                 raise ConfigError("a vCPU needs the real kernel (-accel kvm)")
-            self.vcpu = ProbeVcpu(machine.vm, self.memory)
+            saved = None if states is None else _state(states, VCPU_SECTION, VCPU_STATE_VERSION)
+            self.vcpu = ProbeVcpu(machine.vm, self.memory, state=saved)
         self.guests: dict[str, LinuxGuest] = {}
         self.transports: dict[str, VirtioMemTransport] = {}
         self.channels: dict[str, VirtqueueChannel] = {}
@@ -265,8 +303,95 @@ class GuestVm(Closing):
         self.fault: GuestFault | None = None
         #: Told every fault, after the VM stopped.
         self.fault_listeners: list[Callable[[GuestFault], None]] = []
-        for dev in machine.virtio_mem_devices:
-            self.attach(dev)
+        try:
+            if states is None:
+                for dev in machine.virtio_mem_devices:
+                    self.attach(dev)
+            else:
+                self._resume(states, virtio or {})
+        except BaseException:
+            self.close()
+            raise
+
+    # -- migration -----------------------------------------------------------------------------
+
+    def save_state(self) -> tuple[dict[str, tuple[int, bytes]], dict[str, bytes]]:
+        """The guest as a migration carries it: STATE sections (name -> ``(version,
+        bytes)``: ``vcpu/0``, and ``guest/<id>`` with each driver, its queue bookkeeping and
+        where its queue lives) and each device's virtio state by device id. Save it with the
+        guest stopped (no request in flight)."""
+        states: dict[str, tuple[int, bytes]] = {}
+        if self.vcpu is not None:
+            states[VCPU_SECTION] = (VCPU_STATE_VERSION, self.vcpu.save_state())
+        virtio: dict[str, bytes] = {}
+        for dev_id, guest in self.guests.items():
+            channel = self.channels[dev_id]
+            state = {
+                "area": channel.area,
+                "queue": channel.queue.save_state(),
+                "driver": guest.save_state(),
+            }
+            states[GUEST_SECTION + dev_id] = (
+                GUEST_STATE_VERSION,
+                json.dumps(state, sort_keys=True).encode(),
+            )
+            virtio[dev_id] = self.transports[dev_id].save_state()
+        return states, virtio
+
+    def _resume(self, states: Mapping[str, tuple[int, bytes]], virtio: Mapping[str, bytes]) -> None:
+        known = {VCPU_SECTION} if self.vcpu is not None else set()
+        for dev in self.machine.virtio_mem_devices:
+            if dev.id is None:
+                raise ConfigError("a virtio-mem device needs an id to get a guest driver")
+            name = GUEST_SECTION + dev.id
+            known.add(name)
+            raw = _state(states, name, GUEST_STATE_VERSION)
+            try:
+                state = json.loads(raw)
+                area = int(state["area"])
+                transport = VirtioMemTransport(dev, self.memory)
+                self.transports[dev.id] = transport
+                transport.load_state(virtio.get(dev.id, b""))
+                channel = VirtqueueChannel(transport, self.memory, area, queue_state=state["queue"])
+                guest = LinuxGuest.restore(
+                    channel, self.sched, state["driver"], memory=self._user()
+                )
+            except MigrationError:
+                raise
+            except (ValueError, TypeError, KeyError, MemslotsError) as exc:
+                raise MigrationError(f"STATE section '{name}' is malformed: {exc!r}") from None
+            transport.config_interrupt = guest.config_interrupt
+            self.channels[dev.id] = channel
+            self.guests[dev.id] = guest
+            self._areas[dev.id] = area
+        extra = sorted(set(states) - known)
+        if extra:
+            raise MigrationError(_UNKNOWN_STATE.format(extra[0]))
+
+    def fill(self, dev_id: str, size: int) -> int:
+        """Put data into up to ``size`` bytes of the guest's usable memory of ``dev_id``, unit
+        by unit (units that hold no pattern of the guest's own), as a guest whose memory is in
+        use; returns the bytes written. The VMM writes it through guest memory, so the pages
+        are its writes (the probe vCPU, a word per command, would take hours for GiBs)."""
+        guest = self.guests.get(dev_id)
+        if guest is None:
+            raise ConfigError(f"no guest driver for device '{dev_id}'")
+        block = os.urandom(8 * MiB)
+        done = 0
+        for gpa in guest.unpatterned_units():
+            n = min(guest.unit, size - done)
+            if n <= 0:
+                break
+            start = (gpa // guest.unit * 4096) % (len(block) - n + 1)
+            self.memory.write(gpa, block[start : start + n])
+            done += n
+        return done
+
+    def dirty_ranges(self) -> list[tuple[int, int]]:
+        """Guest-physical ranges the VMM writes through raw views of guest memory (the queue
+        areas: rings, requests and responses), which neither KVM's dirty log nor the memory's
+        write hook sees: a migration resends them in every pass."""
+        return sorted((area, QUEUE_AREA_SIZE) for area in self._areas.values())
 
     def _user(self) -> MemoryUser | None:
         if not self.use_memory:
@@ -458,5 +583,27 @@ class GuestVm(Closing):
         """Close the vCPU and detach the transports (the machine is the caller's)."""
         for t in self.transports.values():
             t.close()
+        self.transports.clear()
         if self.vcpu is not None:
             self.vcpu.close()
+
+
+_UNKNOWN_STATE = (
+    "Unknown savevm section or instance '{}' 0. Make sure that your current VM setup matches "
+    "your saved VM setup, including any hotplugged devices"
+)
+
+
+def _state(states: Mapping[str, tuple[int, bytes]], name: str, version: int) -> bytes:
+    entry = states.get(name)
+    if entry is None:
+        raise MigrationError(
+            f"the stream has no STATE section '{name}' (the source ran another guest: the "
+            "destination needs the source's -guest and -accel)"
+        )
+    got, data = entry
+    if got != version:
+        raise MigrationError(
+            f"STATE section '{name}' has version {got}, this build reads version {version}"
+        )
+    return data

@@ -42,9 +42,10 @@ import enum
 import errno
 import mmap
 import os
+import re
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import xxhash
@@ -52,7 +53,7 @@ import xxhash
 from memslots.errors import MemslotsError, MigrationError
 from memslots.host.libc import memcmp, memset
 from memslots.host.memory import HostMemory
-from memslots.migration.channel import Buffer, Sink, Source
+from memslots.migration.channel import Buffer, FdPassing, Sink, Source
 
 MAGIC = b"\x89MSLOTS\n"
 VERSION = 1
@@ -76,6 +77,8 @@ MAX_ZERO_PAGES = (1 << 32) - 1
 #: Largest section payload the reader accepts.
 MAX_SECTION_BYTES = 64 << 20
 _SMALL = 64 << 10  # pending small buffers are flushed beyond this
+#: Ranges shorter than this are scanned rather than looked up for holes.
+_HOLE_LOOKUP_MIN = 64 * PAGE_SIZE
 
 
 class RecordType(enum.IntEnum):
@@ -170,8 +173,11 @@ class RamSource:
 
     @classmethod
     def of_memory(cls, memory: HostMemory) -> RamSource:
-        """Host memory of a backend; shared fd-backed memory reports its holes (SEEK_DATA),
-        which are sent as zero pages without being read (reading them would allocate)."""
+        """Host memory of a backend, with its holes, sent as zero pages without being read:
+        shared fd-backed memory finds them with SEEK_DATA (reading a hole would allocate it),
+        private anonymous memory in ``/proc/self/pagemap`` (a page neither present nor
+        swapped out was never written, or was discarded: reading it would only map the zero
+        page, one fault per page)."""
         fd = memory.fd
         holes = None
         if fd is not None and memory.shared:
@@ -181,6 +187,13 @@ class RamSource:
                 return _fd_extents(fd, base, offset, length)
 
             holes = fd_holes
+        elif fd is None and not memory.shared and memory.page_size == PAGE_SIZE:
+            addr = memory.host_addr
+
+            def anon_holes(offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+                return _anon_extents(addr, offset, length)
+
+            holes = anon_holes
         return cls(
             _memory_view(memory.host_addr, memory.size),
             memory.host_addr,
@@ -193,6 +206,36 @@ class RamSource:
         """A bytearray as a RAM block (tests, benchmarks)."""
         holder = (ctypes.c_char * len(buf)).from_buffer(buf)
         return cls(memoryview(buf), ctypes.addressof(holder), owner=holder)
+
+
+#: Pages whose pagemap entry is read at a time (512 KiB of entries).
+_PAGEMAP_CHUNK = 1 << 16
+#: The top byte of a pagemap entry: bit 63 present, bit 62 swapped -> 1 (data), else 0.
+_IN_USE = bytes(1 if b & 0xC0 else 0 for b in range(256))
+_RUNS = re.compile(rb"\x00+|\x01+")
+
+
+def _anon_extents(addr: int, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+    """``(offset, length, is_hole)`` pieces of private anonymous memory mapped at ``addr``,
+    from this process's page table (``/proc/self/pagemap``). Pages that are present or
+    swapped out are data (to be scanned); the others read as zeros. Where the pagemap cannot
+    be read, everything is data."""
+    pos, end = offset, offset + length
+    while pos < end:
+        pages = min(end - pos, _PAGEMAP_CHUNK * PAGE_SIZE) // PAGE_SIZE
+        # Opened per chunk: a generator left unfinished (a failed send) keeps no file open.
+        try:
+            with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+                pagemap.seek((addr + pos) // PAGE_SIZE * 8)
+                raw = pagemap.read(pages * 8)
+        except OSError:
+            raw = b""
+        if len(raw) != pages * 8:
+            yield pos, end - pos, False
+            return
+        for run in _RUNS.finditer(raw[7::8].translate(_IN_USE)):
+            yield pos + run.start() * PAGE_SIZE, len(run[0]) * PAGE_SIZE, run[0][0] == 0
+        pos += pages * PAGE_SIZE
 
 
 def _fd_extents(fd: int, base: int, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
@@ -285,6 +328,8 @@ class StreamStats:
     ram_records: int = 0
     normal_pages: int = 0
     zero_pages: int = 0
+    #: The zero pages known as holes (SEEK_DATA, pagemap): sent without being read.
+    hole_pages: int = 0
     sections: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -315,6 +360,9 @@ class StreamWriter:
         self._bounce_holder = (ctypes.c_char * len(self._bounce)).from_buffer(self._bounce)
         self._bounce_addr = ctypes.addressof(self._bounce_holder)
         self._bounce_view = memoryview(self._bounce)
+        # How much of the bounce buffer, and of the pending send, the current batch uses.
+        self._bounce_fill = 0
+        self._batch_bytes = 0
         # A pending run of zero pages: (block, offset, pages).
         self._zero_run: tuple[int, int, int] | None = None
 
@@ -348,12 +396,25 @@ class StreamWriter:
         self._emit(head + _HEADER_CRC.pack(zlib.crc32(head)))
         self._started = True
 
-    def write_section(self, kind: RecordType, name: str, payload: bytes, version: int = 1) -> None:
-        """A CONFIG, EARLY, LATE or STATE section."""
+    def write_section(
+        self,
+        kind: RecordType,
+        name: str,
+        payload: bytes,
+        version: int = 1,
+        *,
+        fds: Sequence[int] = (),
+    ) -> None:
+        """A CONFIG, EARLY, LATE or STATE section. ``fds`` (a Unix socket sink only) travel
+        with the section's first byte, so the reader has them once it read the section."""
         self._check_open()
         if kind not in SECTION_TYPES:
             raise ValueError(f"{kind!r} is not a section type")
+        if fds and not isinstance(self.sink, FdPassing):
+            raise MigrationError("file descriptors can only be passed over a unix: socket")
         self._flush_zero_run()
+        if fds:
+            self.flush()
         raw_name = name.encode()
         if len(raw_name) > 0xFFFF or len(payload) > MAX_SECTION_BYTES:
             raise MigrationError(f"section '{name}' is too large for the stream")
@@ -365,7 +426,11 @@ class StreamWriter:
         self._emit(_CHECKSUM.pack(value))
         self.stats.records += 1
         self.stats.sections[name] = len(payload)
-        if self._pending_bytes > _SMALL:
+        if fds:
+            assert isinstance(self.sink, FdPassing)
+            parts, self._pending, self._pending_bytes = self._pending, [], 0
+            self.sink.send_fds(parts, fds)
+        elif self._pending_bytes > _SMALL:
             self.flush()
 
     def write_end(self) -> None:
@@ -387,7 +452,22 @@ class StreamWriter:
         Zero pages become markers; runs of them are merged (also across calls, while they are
         contiguous). ``stable`` means the memory cannot change until this returns.
         """
+        self.write_ram_ranges([(block, source, offset, length)], stable=stable)
+
+    def write_ram_ranges(
+        self, ranges: Iterable[tuple[int, RamSource, int, int]], *, stable: bool = False
+    ) -> None:
+        """Send many ``(block, source, offset, length)`` ranges, as :meth:`write_ram` does
+        one: small ranges (a round's scattered dirty pages) share a bounce buffer and a
+        ``sendmsg`` instead of costing one each. Everything is sent when this returns."""
         self._check_open()
+        for block, source, offset, length in ranges:
+            self._write_range(block, source, offset, length, stable)
+        self._flush_batch()
+
+    def _write_range(
+        self, block: int, source: RamSource, offset: int, length: int, stable: bool
+    ) -> None:
         if not 0 <= block <= 0xFFFF:
             raise ValueError(f"RAM block index {block} does not fit the stream")
         if offset % PAGE_SIZE or length % PAGE_SIZE or offset < 0 or offset + length > source.size:
@@ -400,23 +480,38 @@ class StreamWriter:
                 source.check_access(offset, length)
             except MemslotsError as exc:
                 raise MigrationError(f"RAM block {block}: cannot send {exc}") from exc
+        # Looking holes up costs a system call or two: worth it for ranges, not single pages.
         extents = (
-            source.holes(offset, length) if source.holes is not None else [(offset, length, False)]
+            source.holes(offset, length)
+            if source.holes is not None and length >= _HOLE_LOOKUP_MIN
+            else [(offset, length, False)]
         )
+        chunk = self.record_pages * PAGE_SIZE
         for start, size, hole in extents:
             if hole:
                 self._zero_pages(block, start, size >> PAGE_SHIFT)
+                self.stats.hole_pages += size >> PAGE_SHIFT
                 continue
-            chunk = self.record_pages * PAGE_SIZE
             for pos in range(start, start + size, chunk):
                 n = min(chunk, start + size - pos)
                 if stable:
+                    if self._batch_bytes + n > chunk:
+                        self._flush_batch()
                     self._ram_chunk(block, pos, source.view[pos : pos + n], source.addr + pos)
                 else:
-                    ctypes.memmove(self._bounce_addr, source.addr + pos, n)
-                    self._ram_chunk(block, pos, self._bounce_view[:n], self._bounce_addr)
-                    self.flush()  # the bounce buffer is reused next
+                    if self._bounce_fill + n > chunk:
+                        self._flush_batch()  # the bounce buffer is reused from its start
+                    at = self._bounce_fill
+                    ctypes.memmove(self._bounce_addr + at, source.addr + pos, n)
+                    self._bounce_fill += n
+                    view = self._bounce_view[at : at + n]
+                    self._ram_chunk(block, pos, view, self._bounce_addr + at)
+                self._batch_bytes += n
+
+    def _flush_batch(self) -> None:
         self.flush()
+        self._bounce_fill = 0
+        self._batch_bytes = 0
 
     def _zero_pages(self, block: int, offset: int, pages: int) -> None:
         run = self._zero_run
@@ -465,13 +560,10 @@ class StreamWriter:
             value = _chain(value, page_map)
             self._emit(page_map)
         runs = [(f << PAGE_SHIFT, (f + n) << PAGE_SHIFT) for f, n in data_runs(npages, zeros)]
+        # Checksum the pages while the scan (or the bounce copy) left them in the cache; they
+        # cannot change until they are sent (stable memory, or the bounce buffer).
         for lo, hi in runs:
             self._emit(view[lo:hi])
-        # Send the pages first, then checksum them while the copy has them in the cache (the
-        # checksum trails them; they cannot change meanwhile: stable memory or the bounce
-        # buffer). The checksum leaves with the next record's header.
-        self.flush()
-        for lo, hi in runs:
             value = _chain(value, view[lo:hi])
         self._emit(_CHECKSUM.pack(value))
         self.stats.records += 1

@@ -1,7 +1,7 @@
 """The QMP commands of a running machine: QEMU's monitor over a :class:`Machine`.
 
 Commands, arguments, result fields and error texts are QEMU 8.2's (``qemu-behaviour.md`` §6):
-``query-status``, ``quit``, ``cont``, ``system_reset``, ``query-memory-devices``,
+``query-status``, ``stop``, ``cont``, ``quit``, ``system_reset``, ``query-memory-devices``,
 ``query-memory-size-summary``,
 ``qom-get``/``qom-set`` (virtio-mem, pc-dimm and memory-backend properties),
 ``object-add``/``object-del`` for memory backends and ``device_add``/``device_del`` for
@@ -13,11 +13,12 @@ the guest driver of a virtio-mem device stands, and why it stopped short of the 
 the memory they use) and ``x-guest-memory-access`` (the guest's CPU touches a byte, as a guest
 that ignores the protocol might).
 
-Events: ``MEMORY_DEVICE_SIZE_CHANGE`` on every change of a virtio-mem device's ``size``
-(rate-limited per ``qom-path`` by the server, as QEMU's monitor does), ``DEVICE_DELETED``
-after ``device_del``, ``SHUTDOWN`` on ``quit``, ``RESET`` after ``system_reset``, ``RESUME``
-after ``cont``, and ``X_GUEST_MEMORY_FAULT`` then ``STOP`` when a guest access to memory out of
-its reach stopped the VM (runstate ``internal-error``: ``cont`` is refused until a reset).
+Events: ``MEMORY_DEVICE_SIZE_CHANGE`` on every change of a virtio-mem device's ``size`` (rate-
+limited per ``qom-path`` by the server, as QEMU's monitor does), ``DEVICE_DELETED`` after
+``device_del``, ``SHUTDOWN`` on ``quit``, ``RESET`` after ``system_reset``, ``STOP`` and ``RESUME``
+(the runtime's) around a pause, and ``X_GUEST_MEMORY_FAULT`` then ``STOP`` when a guest access to
+memory out of its reach stopped the VM (runstate ``internal-error``: ``cont`` is refused until a
+reset).
 
 QOM paths are QEMU's: a device with an id is ``/machine/peripheral/<id>`` (the virtio-mem-pci
 proxy; its virtio device is the child ``virtio-backend``), one without is
@@ -28,18 +29,18 @@ resolve when they name exactly one object, as QEMU's ``object_resolve_path`` doe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from memslots.devices.memory_device import MemoryDevice
 from memslots.devices.qom import QomObject, QomProperty, refuse
 from memslots.errors import GuestMemoryFault
-from memslots.guest.linux import LinuxGuest
 from memslots.host.kmem import KmemMeter, current_or_system_meter
 from memslots.machine.machine import Machine
 from memslots.machine.vm import GuestFault, GuestVm
 from memslots.memory.backends import MemoryBackend
 from memslots.monitor.qmp_server import Command, Param, QMPCommandError, QMPServer, check_value
+from memslots.monitor.runstate import FINISH_MIGRATE, INMIGRATE, NEEDS_RESET, RUNNING
 from memslots.options import backend_from_args, device_from_args, id_wellformed
 from memslots.reports import (
     budget_report,
@@ -51,10 +52,6 @@ from memslots.reports import (
 from memslots.vhost.user.consumer import ConnectionState, VhostUserConsumer
 from memslots.vhost.user.wire import VhostUserConnection
 
-#: QEMU's RunState values that count as running for ``query-status``.
-RUNNING = "running"
-#: QEMU's RunStates after which only a reset lets the VM run (``runstate_needs_reset``).
-NEEDS_RESET = ("internal-error", "shutdown")
 PERIPHERAL = "/machine/peripheral/"
 ANON = "/machine/peripheral-anon/device[{}]"
 
@@ -79,9 +76,21 @@ class Runtime(Protocol):
         """
         ...
 
-    def cont(self) -> None:
-        """Run the VM (QMP ``cont``); the monitor refused it already if it needs a reset."""
+    def stop(self) -> bool:
+        """Pause the VM (STOP): its guest's clock stands still; True if it was running."""
         ...
+
+    def cont(self) -> None:
+        """Run the VM (RESUME); the monitor refused it already if it needs a reset."""
+        ...
+
+    @property
+    def autostart(self) -> bool:
+        """Whether a destination runs once loaded (not with ``-S``, nor after ``stop``)."""
+        ...
+
+    @autostart.setter
+    def autostart(self, value: bool) -> None: ...
 
     def system_reset(self) -> None:
         """Reset the machine as QEMU's ``system_reset`` does (virtio-mem memory unplugged, the
@@ -95,7 +104,7 @@ class Runtime(Protocol):
         ...
 
     @property
-    def guests(self) -> GuestVm | None:
+    def guest(self) -> GuestVm | None:
         """The guest side (None with ``-guest none``)."""
         ...
 
@@ -177,8 +186,8 @@ class Monitor:
         self._providers: list[DeviceProvider] = []
         self._anon_paths: dict[MemoryDevice, str] = {}
         self._watched: set[MemoryDevice] = set()
-        #: The guest drivers by virtio-mem device id (``memslots run`` hands over its own).
-        self.guests: Mapping[str, LinuxGuest] = {}
+        #: True while an outgoing migration runs: device_add and device_del are refused.
+        self.migrating: Callable[[], bool] = lambda: False
         for command in self._commands():
             self.server.register(command)
         self.sync_devices()
@@ -334,6 +343,7 @@ class Monitor:
             Command("query-version", self._query_version),
             Command("query-commands", self._query_commands),
             Command("quit", self._quit),
+            Command("stop", self._stop),
             Command("cont", self._cont),
             Command("system_reset", self._system_reset),
             Command("query-memory-devices", self._query_memory_devices),
@@ -405,15 +415,31 @@ class Monitor:
         asyncio.get_running_loop().call_soon(self.runtime.quit)
         return {}
 
+    def _stop(self, args: dict[str, Any]) -> object:
+        # STOP and RESUME are the runtime's: a migration stops and resumes the VM too.
+        state = self.runtime.status()
+        if state == INMIGRATE:
+            self.runtime.autostart = False
+        elif state == RUNNING:  # as QEMU's vm_stop: a VM that does not run keeps its state
+            self.runtime.stop()
+        return {}
+
     def _cont(self, args: dict[str, Any]) -> object:
-        if self.runtime.status() in NEEDS_RESET:
+        state = self.runtime.status()
+        if state in NEEDS_RESET:
             raise QMPCommandError("Resetting the Virtual Machine is required")
-        if self.runtime.status() != RUNNING:
+        if state == FINISH_MIGRATE:
+            raise QMPCommandError("Migration is not finalized yet")
+        if state == INMIGRATE:
+            self.runtime.autostart = True
+        elif state != RUNNING:
             self.runtime.cont()
-            self.server.emit_event("RESUME", {})
         return {}
 
     def _system_reset(self, args: dict[str, Any]) -> object:
+        if self.migrating():
+            # A reset unplugs all memory: the bitmap a migration sends must not change.
+            raise QMPCommandError("system_reset not allowed while migrating")
         # QEMU resets in its main loop and then sends the event; commands run one at a time
         # here, so the reset is done before anyone sees the reply or the event.
         self.runtime.system_reset()
@@ -523,6 +549,8 @@ class Monitor:
         return {}
 
     def _device_add(self, args: dict[str, Any]) -> object:
+        if self.migrating():
+            raise QMPCommandError("device_add not allowed while migrating")
         dev_id = args.get("id")
         if dev_id is not None:
             _check_id(dev_id)
@@ -546,6 +574,8 @@ class Monitor:
         return {}
 
     def _device_del(self, args: dict[str, Any]) -> object:
+        if self.migrating():
+            raise QMPCommandError("device_del not allowed while migrating")
         given: str = args["id"]
         dev_id = given.removeprefix(PERIPHERAL)
         path = PERIPHERAL + dev_id
@@ -598,7 +628,8 @@ class Monitor:
 
     def _query_virtio_mem_guest(self, args: dict[str, Any]) -> object:
         dev_id = args["id"].removeprefix(PERIPHERAL)
-        guest = self.guests.get(dev_id)
+        gvm = self.runtime.guest
+        guest = gvm.guests.get(dev_id) if gvm is not None else None
         if guest is None:
             if dev_id not in self.machine.devices:
                 raise QMPCommandError(f"Device '{args['id']}' not found", "DeviceNotFound")
@@ -612,7 +643,7 @@ class Monitor:
         return info
 
     def _query_guest(self, args: dict[str, Any]) -> object:
-        guests = self.runtime.guests
+        guests = self.runtime.guest
         if guests is None:
             raise QMPCommandError("the machine runs without a guest (-guest none)")
         # The checks run here, between two guest passes (commands and guests share the loop).

@@ -2,10 +2,11 @@
 
 :class:`MachineCollector` turns the machine's state into metric families when Prometheus asks,
 so nothing has to be updated as the machine changes: virtio-mem request counters (by type and
-response), discard and protection failures, guest memory faults, plugged/requested/region bytes
-and memslots per device, memslots used/free/max per consumer (KVM, each vhost back-end), KVM
-memslot creates and deletes, the device-memory accounting, and the kernel metadata our memslots
-cost: the model's figure and, on the real kernel, the kernel memory measured per VM
+response, and the BUSY answers while a migration runs), discard and protection failures, guest
+memory faults, plugged/requested/region bytes and memslots per device, memslots used/free/max per
+consumer (KVM, each vhost back-end), KVM memslot creates and deletes, the device-memory
+accounting, and the kernel metadata our memslots cost: the model's figure and, on the real
+kernel, the kernel memory measured per VM
 (``memslots_kernel_memory_bytes{source="cgroup"|"system"}``, see :mod:`memslots.host.kmem`).
 The budget and the kernel metadata come from :mod:`memslots.reports`, whose field names the
 metric names repeat (``memslots_consumer_free_memslots`` is ``ConsumerReport.free_memslots``,
@@ -85,6 +86,11 @@ class MachineCollector(Collector):
             "Guest accesses to memory out of its reach (each stopped the VM).",
             labels=labels,
         )
+        busy = CounterMetricFamily(
+            "memslots_virtio_mem_busy_answers",
+            "Plug, unplug and unplug-all requests answered BUSY while a migration ran.",
+            labels=labels,
+        )
         gauges = {
             "plugged": GaugeMetricFamily(
                 "memslots_virtio_mem_plugged_bytes", "Bytes plugged (size).", labels=labels
@@ -109,6 +115,7 @@ class MachineCollector(Collector):
             discard.add_metric([name], dev.discard_failures)
             protect.add_metric([name], dev.protect_failures)
             faults.add_metric([name], dev.guest_faults)
+            busy.add_metric([name], dev.busy_answers)
             gauges["plugged"].add_metric([name], dev.size)
             gauges["requested"].add_metric([name], dev.requested_size)
             gauges["region"].add_metric([name], dev.region_size)
@@ -118,6 +125,7 @@ class MachineCollector(Collector):
         yield discard
         yield protect
         yield faults
+        yield busy
         yield from gauges.values()
 
     def _budget(self) -> Iterable[Metric]:

@@ -1,15 +1,21 @@
 """``memslots run``: the machine as a long-running process with a QMP monitor.
 
-One asyncio loop runs everything: the QMP server, the optional metrics endpoint, and the guest
+One asyncio loop runs everything: the QMP server, the optional metrics endpoint, the guest
 drivers (on a :class:`~memslots.guest.sched.LoopScheduler`, so they never run in the middle of a
-monitor command). SIGTERM, SIGINT and QMP ``quit`` shut down the same way: stop serving, detach
-the guests, close the VM (the kernel frees every memslot with it) and release host memory.
+monitor command) and the migration jobs (:mod:`memslots.monitor.migration`), which change the
+machine only from this loop and move bytes in worker threads. SIGTERM, SIGINT and QMP ``quit``
+shut down the same way: stop serving, end a migration that still runs, detach the guests,
+close the VM (the kernel frees every memslot with it) and release host memory.
 
 The run state (QEMU's RunState, for ``query-status``) lives in :class:`MachineRuntime` alone:
-``running``; ``internal-error`` once a guest access to memory out of its reach stopped the VM
-(:class:`~memslots.machine.vm.GuestVm` stops its guests and vCPU; ``cont`` is refused); after a
-``system_reset`` from there ``prelaunch`` (as QEMU), which ``cont`` turns into ``running``
-again; ``shutdown`` on the way out.
+``running``, ``paused`` (QMP ``stop``), ``prelaunch`` (``-S``, or after a ``system_reset`` from
+``internal-error``, as QEMU), ``inmigrate`` (``-incoming``), ``finish-migrate`` and
+``postmigrate`` (a migration's switch-over and after), ``internal-error`` (a guest access to
+memory out of its reach stopped the VM: :class:`~memslots.machine.vm.GuestVm` stops its drivers
+and vCPU, and ``cont`` is refused until a reset), ``shutdown``. Pausing the guest pauses its
+scheduler: its clock stands still and nothing of it runs (STOP); ``cont`` starts both again
+(RESUME). A destination builds its guest only once the stream is loaded, from the source's
+STATE sections, and a destination whose load fails ends the process with that error.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from memslots.devices.memory_device import MemoryDevice
-from memslots.errors import ConfigError
+from memslots.errors import ConfigError, DeviceError, MemslotsError, MigrationError
 from memslots.guest.linux import GuestOptions
 from memslots.guest.sched import LoopScheduler
 from memslots.host.kmem import KmemMeter
@@ -30,12 +36,24 @@ from memslots.kvm.abi import VmBackend
 from memslots.kvm.host import host_info, open_vm_meter
 from memslots.machine.machine import Machine, create_vm, uses_real_kvm
 from memslots.machine.vm import GuestFault, GuestVm, ObservedChannel
+from memslots.migration.machine import LoadedMachine, section_name
 from memslots.monitor.commands import Monitor
+from memslots.monitor.guest import GuestCommands
 from memslots.monitor.metrics import Metrics
+from memslots.monitor.migration import MigrationMonitor
 from memslots.monitor.qmp_server import QMPServer
+from memslots.monitor.runstate import (
+    INMIGRATE,
+    INTERNAL_ERROR,
+    PAUSED,
+    PRELAUNCH,
+    RUNNING,
+    SHUTDOWN,
+)
 from memslots.options import (
     VHOST_USER_DRIVERS,
     MachineConfig,
+    MigrationUri,
     QmpEndpoint,
     vhost_user_device_from_args,
 )
@@ -45,6 +63,10 @@ log = logging.getLogger("memslots.monitor.runtime")
 #: Guest requests each guest driver keeps in its log: the process runs for as long as it is
 #: asked to, so the log is a bounded window (nothing here reads older requests).
 REQUEST_LOG = 1024
+
+
+def _guest_options() -> GuestOptions:
+    return GuestOptions(boot_memory_end=0, request_log=REQUEST_LOG)
 
 
 class VhostUserProvider:
@@ -71,17 +93,38 @@ class VhostUserProvider:
 
 
 class MachineRuntime:
-    """The running machine as the monitor sees it (:class:`memslots.monitor.commands.Runtime`)."""
+    """The running machine as the monitor sees it (:class:`memslots.monitor.commands.Runtime`
+    and :class:`memslots.monitor.migration.RunControl`): the machine, its guest, its run
+    state."""
 
     def __init__(
-        self, machine: Machine, stopped: asyncio.Event, guests: GuestVm | None = None
+        self,
+        machine: Machine,
+        stopped: asyncio.Event,
+        server: QMPServer,
+        sched: LoopScheduler,
+        *,
+        guest: bool = True,
+        autostart: bool = True,
+        incoming: bool = False,
     ) -> None:
         self._machine = machine
+        self._guest_wanted = guest
         self._stopped = stopped
-        self._guests = guests
-        self._state = "running"
-        #: Called after every system reset (the runtime re-wraps the new drivers' channels).
-        self.reset_listeners: list[Callable[[], None]] = []
+        self.server = server
+        self.sched = sched
+        self.autostart = autostart
+        self._state = INMIGRATE if incoming else RUNNING if autostart else PRELAUNCH
+        if self._state != RUNNING:
+            sched.pause()
+        self._guest: GuestVm | None = None
+        #: Called with the guest VM once it exists (at start, or after an incoming load).
+        self.guest_listeners: list[Callable[[GuestVm], None]] = []
+        #: Why the process must end with an error (a destination whose load failed).
+        self.failure: MemslotsError | None = None
+        #: Called whenever every guest driver started over (a system reset of a running VM, a
+        #: ``cont`` after a reset): the runtime re-wraps the new drivers' channels.
+        self.restart_listeners: list[Callable[[], None]] = []
 
     @property
     def machine(self) -> Machine:
@@ -89,47 +132,108 @@ class MachineRuntime:
         return self._machine
 
     @property
-    def guests(self) -> GuestVm | None:
-        """The guest side (None with ``-guest none``)."""
-        return self._guests
+    def guest(self) -> GuestVm | None:
+        """The guest VM, if any yet."""
+        return self._guest
+
+    def attach_guest(self, guest: GuestVm) -> None:
+        """The guest VM drives the machine from now on."""
+        self._guest = guest
+        for cb in list(self.guest_listeners):
+            cb(guest)
 
     def status(self) -> str:
         """QEMU's RunState name."""
         return self._state
 
+    def set_status(self, state: str) -> None:
+        """Enter ``state`` without stopping or starting the guest."""
+        self._state = state
+
+    def stop(self, state: str = PAUSED) -> bool:
+        """Stop the guest (STOP, if it ran) and enter ``state``; True if it was running."""
+        was_running = self._state == RUNNING
+        self.sched.pause()
+        self._state = state
+        if was_running:
+            self.server.emit_event("STOP", {})
+        return was_running
+
+    def cont(self) -> None:
+        """Run the guest (RESUME): its clock goes on where it stopped; a VM stopped by a fault
+        and reset since boots fresh drivers (the monitor refuses ``cont`` while it needs a
+        reset)."""
+        if self._guest is not None and not self._guest.running:
+            self._guest.start()
+            for cb in list(self.restart_listeners):
+                cb()
+        self._state = RUNNING
+        self.sched.resume()
+        self.server.emit_event("RESUME", {})
+
+    def resume_incoming(self, loaded: LoadedMachine) -> None:
+        """After an incoming load: the guest resumes from the source's STATE sections (it
+        runs once the run state says so)."""
+        m = self._machine
+        m.incoming = False
+        if self._guest_wanted:
+            virtio = {
+                dev.id: loaded.virtio[section_name(dev)]
+                for dev in m.virtio_mem_devices
+                if dev.id is not None and section_name(dev) in loaded.virtio
+            }
+            self.attach_guest(
+                GuestVm(
+                    m,
+                    self.sched,
+                    guest_options=_guest_options(),
+                    states=loaded.states,
+                    virtio=virtio,
+                )
+            )
+        elif loaded.states:
+            name = sorted(loaded.states)[0]
+            raise MigrationError(
+                f"Unknown savevm section or instance '{name}' 0 (this destination runs no "
+                "guest: -guest none)"
+            )
+
+    def incoming_failed(self, error: MigrationError) -> None:
+        """A destination that could not load must not run: end the process with ``error``."""
+        self.failure = MigrationError(f"load of migration failed: {error}")
+        self.quit()
+
     def quit(self) -> None:
         """Ask the process to shut down (the loop's main task does the work)."""
-        self._state = "shutdown"
+        self._state = SHUTDOWN
         self._stopped.set()
 
     def guest_fault(self, fault: GuestFault) -> None:
-        """The guests stopped on a memory fault: QEMU's ``internal-error``."""
-        self._state = "internal-error"
-
-    def cont(self) -> None:
-        """Run the VM again (the monitor refuses ``cont`` while it needs a reset)."""
-        if self._guests is not None:
-            self._guests.start()
-        self._state = "running"
+        """The guest stopped on a memory fault: QEMU's ``internal-error``."""
+        self._state = INTERNAL_ERROR
 
     def system_reset(self) -> None:
-        """The one entry point of a system reset: virtio-mem memory is unplugged and, with
-        guests, every driver and the vCPU start over (:meth:`GuestVm.system_reset`). A VM
+        """The one entry point of a system reset: virtio-mem memory is unplugged and, with a
+        guest, every driver and the vCPU start over (:meth:`GuestVm.system_reset`). A VM
         stopped on an internal error is then in ``prelaunch`` until ``cont``."""
-        if self._guests is not None:
-            self._guests.system_reset()
+        if self._guest is not None:
+            self._guest.system_reset()
         else:
             self._machine.system_reset()
-        if self._state == "internal-error":
-            self._state = "prelaunch"
-        for cb in list(self.reset_listeners):
-            cb()
+        if self._state == INTERNAL_ERROR:
+            self._state = PRELAUNCH
+        if self._guest is None or self._guest.running:
+            for cb in list(self.restart_listeners):
+                cb()
 
     def guest_memory_access(self, address: int, *, write: bool, value: int) -> int | None:
-        """The guest's CPU touches a byte (:meth:`GuestVm.guest_access`)."""
-        if self._guests is None:
+        """The guest's CPU touches a byte (:meth:`GuestVm.guest_access`); only a running VM's
+        does."""
+        if self._guest is None:
             raise ConfigError("the machine runs without a guest (-guest none)")
-        return self._guests.guest_access(address, write=write, value=value)
+        if self._state != RUNNING:
+            raise DeviceError(f"the guest is not running: the VM is {self._state}")
+        return self._guest.guest_access(address, write=write, value=value)
 
 
 async def serve(
@@ -141,8 +245,15 @@ async def serve(
     vm_factory: Callable[[], VmBackend] | None = None,
     ready: Callable[[MachineRuntime], None] | None = None,
     install_signals: bool = True,
+    incoming: MigrationUri | None = None,
+    autostart: bool = True,
 ) -> None:
     """Run the machine until ``quit``, SIGTERM or SIGINT; then shut down cleanly.
+
+    ``incoming`` (``-incoming``) makes the process a migration destination: it builds the
+    machine for the stream, listens (unless ``defer``: QMP ``migrate-incoming`` then) and
+    runs the machine once loaded; a load that fails raises :class:`MigrationError` after the
+    shutdown. ``autostart`` False (``-S``) waits for ``cont``.
 
     On the real kernel the process lives in a memory cgroup of its own from before the VM is
     created until after it is closed (:mod:`memslots.host.kmem`), so the QMP command
@@ -159,6 +270,8 @@ async def serve(
             ready=ready,
             install_signals=install_signals,
             kmem=kmem,
+            incoming=incoming,
+            autostart=autostart,
         )
 
 
@@ -172,6 +285,8 @@ async def _serve(
     ready: Callable[[MachineRuntime], None] | None,
     install_signals: bool,
     kmem: KmemMeter | None,
+    incoming: MigrationUri | None,
+    autostart: bool,
 ) -> None:
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
@@ -180,52 +295,64 @@ async def _serve(
         if vm_factory is not None
         else create_vm(config.accel, host=host_info(), slot_zap_all=config.slot_zap_all)
     )
-    machine = Machine(config, vm=vm, host=host_info())
-    gvm = (
-        GuestVm(
-            machine,
-            LoopScheduler(loop),
-            guest_options=GuestOptions(boot_memory_end=0, request_log=REQUEST_LOG),
-        )
-        if guest
-        else None
-    )
-    runtime = MachineRuntime(machine, stopped, gvm)
+    machine = Machine(config, vm=vm, host=host_info(), incoming=incoming is not None)
     server = QMPServer()
+    runtime = MachineRuntime(
+        machine,
+        stopped,
+        server,
+        LoopScheduler(loop),
+        guest=guest,
+        autostart=autostart,
+        incoming=incoming is not None,
+    )
     monitor = Monitor(runtime, server, kmem=kmem)
     monitor.add_device_provider(VhostUserProvider(machine))
+    migration = MigrationMonitor(runtime, server)
+    monitor.migrating = lambda: migration.migrating
+    GuestCommands(runtime, server)
     metrics = Metrics(machine, kmem) if metrics_port is not None else None
 
-    def observe_guest(dev_id: str) -> None:
-        if gvm is not None and metrics is not None and dev_id in gvm.guests:
+    def observe(gvm: GuestVm, dev_ids: Sequence[str]) -> None:
+        if metrics is None:
+            return
+        for dev_id in dev_ids:
             g = gvm.guests[dev_id]
             g.channel = ObservedChannel(g.channel, metrics.observe)
 
-    if gvm is not None:
-        monitor.guests = gvm.guests
-        for dev_id in gvm.guests:
-            observe_guest(dev_id)
+    def faulted(fault: GuestFault) -> None:
+        runtime.guest_fault(fault)
+        monitor.guest_memory_fault(fault)
 
-        def added(dev: MemoryDevice) -> None:
-            # A hot-plugged virtio-mem device gets a guest driver.
-            for dev_id in gvm.attach_new():
-                observe_guest(dev_id)
-
-        monitor.device_added.append(added)
-        monitor.device_removed.append(gvm.detach)
-
-        def restarted() -> None:
-            # A reset gave every device a new driver, on a new channel.
-            for dev_id in gvm.guests:
-                observe_guest(dev_id)
-
-        def faulted(fault: GuestFault) -> None:
-            runtime.guest_fault(fault)
-            monitor.guest_memory_fault(fault)
-
-        runtime.reset_listeners.append(restarted)
+    def guest_ready(gvm: GuestVm) -> None:
+        observe(gvm, list(gvm.guests))
         gvm.fault_listeners.append(faulted)
+
+    def restarted() -> None:
+        # A reset gave every device a new driver, on a new channel.
+        gvm = runtime.guest
+        if gvm is not None:
+            observe(gvm, list(gvm.guests))
+
+    runtime.guest_listeners.append(guest_ready)
+    runtime.restart_listeners.append(restarted)
+
+    def added(dev: MemoryDevice) -> None:
+        # A hot-plugged virtio-mem device gets a guest driver.
+        gvm = runtime.guest
+        if gvm is not None:
+            observe(gvm, gvm.attach_new())
+
+    def removed(dev_id: str) -> None:
+        gvm = runtime.guest
+        if gvm is not None:
+            gvm.detach(dev_id)
+
+    monitor.device_added.append(added)
+    monitor.device_removed.append(removed)
     try:
+        if guest and incoming is None:
+            runtime.attach_guest(GuestVm(machine, runtime.sched, guest_options=_guest_options()))
         for ep in endpoints:
             if ep.path is not None:
                 await server.start_unix(ep.path)
@@ -236,6 +363,8 @@ async def _serve(
             assert metrics_port is not None
             host, port = await metrics.start(metrics_port)
             log.info("metrics on http://%s:%d/metrics", host, port)
+        if incoming is not None and incoming.transport != "defer":
+            migration.start_incoming(incoming)
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, runtime.quit)
@@ -247,9 +376,12 @@ async def _serve(
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         await server.close()
+        await migration.close()
         if metrics is not None:
             await metrics.close()
         monitor.close()
-        if gvm is not None:
-            gvm.close()
+        if runtime.guest is not None:
+            runtime.guest.close()
         machine.close()
+    if runtime.failure is not None:
+        raise runtime.failure

@@ -7,6 +7,7 @@ Every parser of user text lives in this package, and nothing else turns text int
   devices), ``-accel`` and the whole :class:`MachineConfig`;
 * :mod:`~memslots.options.vhost_user`: ``-chardev socket`` and vhost-user ``-device``;
 * :mod:`~memslots.options.monitor`: ``-qmp``, and the client's QMP address and arguments;
+* :mod:`~memslots.options.migration`: migration URIs (``-incoming``, ``migrate``);
 * :mod:`~memslots.options.simulate`: resize traces, exposure strategies, pinned offsets.
 
 QEMU's size grammar (``512M``, ``4G``) is :func:`memslots.sizes.parse_size`, a value type below
@@ -46,6 +47,7 @@ from memslots.options.machine import (
     parse_machine_config,
     parse_machine_memory,
 )
+from memslots.options.migration import MigrationUri, parse_migration_uri
 from memslots.options.monitor import (
     Address,
     QmpEndpoint,
@@ -99,6 +101,7 @@ __all__ = [
     "DimmOptions",
     "MachineConfig",
     "MachineMemory",
+    "MigrationUri",
     "Props",
     "QmpEndpoint",
     "TraceStep",
@@ -120,6 +123,7 @@ __all__ = [
     "parse_device",
     "parse_machine_config",
     "parse_machine_memory",
+    "parse_migration_uri",
     "parse_offsets",
     "parse_qmp_option",
     "parse_size",

@@ -13,6 +13,7 @@ leaves the plugged state half-changed.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -26,7 +27,7 @@ from memslots.devices.virtio_mem.wire import (
     Request,
     Response,
 )
-from memslots.errors import MemslotsError
+from memslots.errors import MemslotsError, MigrationError
 from memslots.memory.address_space import GuestMemory
 from memslots.virtio.virtqueue import Chain, QueueSetupError, VirtQueue
 
@@ -47,6 +48,8 @@ F_VERSION_1 = 32
 _REQUEST_TYPES = frozenset(int(t) for t in ReqType)
 #: The requests that can take memory out of reach.
 _TAKES_OUT_OF_REACH = frozenset((ReqType.UNPLUG, ReqType.UNPLUG_ALL))
+#: Version of :meth:`VirtioMemTransport.save_state`'s format.
+STATE_VERSION = 1
 
 
 def _noop() -> None:
@@ -86,6 +89,59 @@ class VirtioMemTransport:
     def close(self) -> None:
         """Stop following the device's config changes."""
         self.dev.config_change_listeners.remove(self._config_changed)
+
+    # -- migration -----------------------------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        """The virtio state a migration carries in the device's late section (QEMU's generic
+        virtio state): status, negotiated features, config generation, the queue's layout and
+        indices. UTF-8 JSON, versioned (:data:`STATE_VERSION`)."""
+        state: dict[str, object] = {
+            "version": STATE_VERSION,
+            "status": self._status,
+            "driver_features": self.driver_features,
+            "generation": self._generation,
+            "needs_reset": self.dev.needs_reset,
+            "queue": self.queue.save_state() if self.queue is not None else None,
+        }
+        return json.dumps(state, sort_keys=True).encode()
+
+    def load_state(self, data: bytes) -> None:
+        """Take a source's :meth:`save_state` (on a fresh transport of the destination's
+        device); raises :class:`~memslots.errors.MigrationError` if it is malformed."""
+        try:
+            state = json.loads(data)
+            if state.get("version") != STATE_VERSION:
+                raise MigrationError(
+                    f"virtio state version {state.get('version')} is not {STATE_VERSION}"
+                )
+            queue = state["queue"]
+            self._status = int(state["status"]) & 0xFF
+            self.driver_features = int(state["driver_features"])
+            self._generation = int(state["generation"])
+            self.dev.needs_reset = bool(state["needs_reset"])
+            self.queue = None
+            if queue is not None:
+                vq = VirtQueue(
+                    self.memory,
+                    int(queue["num"]),
+                    int(queue["desc"]),
+                    int(queue["avail"]),
+                    int(queue["used"]),
+                    interrupt=self._queue_interrupt,
+                    indirect=bool(queue["indirect"]),
+                    max_size=QUEUE_SIZE,
+                )
+                vq.last_avail_idx = int(queue["last_avail_idx"]) & 0xFFFF
+                vq.used_idx = int(queue["used_idx"]) & 0xFFFF
+                self.queue = vq
+        except MigrationError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, MemslotsError) as exc:
+            raise MigrationError(
+                f"virtio-mem '{self.dev.label}': malformed virtio state: {exc}"
+            ) from None
+        self._config = self.dev.config().pack()
 
     # -- status and features -------------------------------------------------------------------
 

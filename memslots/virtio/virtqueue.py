@@ -518,6 +518,21 @@ class VirtQueue:
         """Each ring's ``(what, (memory, offset, bytes))`` as of the last :meth:`pop`."""
         return self._rings.ring_places
 
+    def save_state(self) -> dict[str, int]:
+        """Where the queue is and how far the device got (QEMU's virtqueue state:
+        ``last_avail_idx``, ``used_idx``); a chain in flight cannot be saved."""
+        if self.inflight:
+            raise VirtQueueError(f"{self.inflight} chain(s) in flight: the queue is not quiescent")
+        return {
+            "num": self.num,
+            "desc": self.desc_gpa,
+            "avail": self.avail_gpa,
+            "used": self.used_gpa,
+            "indirect": int(self.indirect),
+            "last_avail_idx": self.last_avail_idx,
+            "used_idx": self.used_idx,
+        }
+
     def pop(self) -> Chain | None:
         """The next available chain, validated and resolved; None if the ring is empty."""
         rings = self._rings
@@ -654,6 +669,7 @@ class DriverQueue:
         *,
         num: int = 128,
         notify: Callable[[], None] = _noop,
+        clear: bool = True,
     ) -> None:
         desc = align_up(gpa, DESC_ALIGN)
         avail = desc + desc_table_size(num)
@@ -674,7 +690,8 @@ class DriverQueue:
         #: Descriptors in each head's indirect table (0: no indirect tables fit).
         self.indirect_capacity = (gpa + size - indirect) // num // DESC_SIZE
         self._indirect_gpa = indirect
-        memory.write(desc, bytes(end - desc))
+        if clear:
+            memory.write(desc, bytes(end - desc))
         self._rings = _Rings(memory, num, desc, avail, used)
         self._free = list(range(num - 1, -1, -1))
         self._chains: list[list[int] | None] = [None] * num
@@ -685,6 +702,57 @@ class DriverQueue:
     def num_free(self) -> int:
         """Free descriptors."""
         return len(self._free)
+
+    def save_state(self) -> dict[str, object]:
+        """The driver's own bookkeeping (a guest keeps it in its RAM, which a migration
+        carries): free descriptors, chains in flight, its indices. The rings themselves are in
+        guest memory."""
+        return {
+            "num": self.num,
+            "free": list(self._free),
+            "chains": [[head, slots] for head, slots in enumerate(self._chains) if slots],
+            "avail_idx": self._avail_idx,
+            "last_used": self._last_used,
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        memory: GuestMemory,
+        gpa: int,
+        size: int,
+        state: dict[str, object],
+        *,
+        notify: Callable[[], None] = _noop,
+    ) -> DriverQueue:
+        """The queue at ``[gpa, gpa+size)`` as :meth:`save_state` described it, its rings
+        left as they are in memory (raises :class:`DriverQueueError` if ``state`` does not fit
+        the layout)."""
+        num = state.get("num")
+        if not isinstance(num, int):
+            raise DriverQueueError("driver queue state has no queue size")
+        q = cls(memory, gpa, size, num=num, notify=notify, clear=False)
+        free, chains = state.get("free"), state.get("chains")
+        avail, used = state.get("avail_idx"), state.get("last_used")
+        if not (
+            isinstance(free, list)
+            and isinstance(chains, list)
+            and isinstance(avail, int)
+            and isinstance(used, int)
+            and 0 <= avail <= 0xFFFF
+            and 0 <= used <= 0xFFFF
+        ):
+            raise DriverQueueError("driver queue state is malformed")
+        q._free = [int(d) for d in free]
+        q._chains = [None] * num
+        for entry in chains:
+            head, slots = entry
+            q._chains[int(head)] = [int(d) for d in slots]
+        owned = q._free + [d for c in q._chains if c for d in c]
+        if sorted(owned) != list(range(num)):
+            raise DriverQueueError("driver queue state does not account for every descriptor")
+        q._avail_idx, q._last_used = avail, used
+        return q
 
     def add(
         self,

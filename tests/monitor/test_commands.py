@@ -628,7 +628,7 @@ def test_cont_system_reset_and_guest_access_without_a_guest() -> None:
             dev = m.virtio_mem("vmem0")
             drive_to(dev, GiB)
             runtime = FakeRuntime(m)
-            async with serving(m, runtime=runtime) as (_, path), qmp_client(path) as qmp:
+            async with serving(m, runtime=runtime) as (monitor, path), qmp_client(path) as qmp:
                 with qmp.listener("RESUME") as events:
                     assert await qmp.execute("cont") == {}  # running: nothing to do
                     with pytest.raises(asyncio.TimeoutError):
@@ -638,6 +638,14 @@ def test_cont_system_reset_and_guest_access_without_a_guest() -> None:
                     "GenericError",
                     "Resetting the Virtual Machine is required",
                 )
+                assert await qmp.execute("stop") == {}  # as QEMU: a VM not running keeps its state
+                assert (await qmp.execute("query-status"))["status"] == "internal-error"
+                monitor.migrating = lambda: True
+                assert await error_of(qmp, "system_reset") == (
+                    "GenericError",
+                    "system_reset not allowed while migrating",
+                )
+                monitor.migrating = lambda: False
                 with qmp.listener("RESET") as events:
                     assert await qmp.execute("system_reset") == {}
                     ev = await next_event(events, 2)

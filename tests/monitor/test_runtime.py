@@ -510,7 +510,7 @@ def test_plug_unplug_cycles_through_qmp_leave_nothing_behind(
 
     warmup, cycles = 20, 100
     # A small window, so that the warm-up fills it; the default only takes longer to.
-    monkeypatch.setattr(runtime, "REQUEST_LOG", 4, raising=False)
+    monkeypatch.setattr(runtime, "REQUEST_LOG", 4)
 
     async def main(qsd: QemuStorageDaemon, sock: str) -> None:
         config = parse_machine_config(

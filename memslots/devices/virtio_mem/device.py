@@ -177,6 +177,8 @@ class VirtioMem(MemoryDevice):
         self.needs_reset = False
         #: While True (e.g. migration running), plug/unplug/unplug-all get BUSY.
         self.busy = False
+        #: Requests answered BUSY because of :attr:`busy` (not because a mapping failed).
+        self.busy_answers = 0
         #: Set on an incoming migration's destination before realize: realize then skips the
         #: initial discard (the memory is the source's, or about to be).
         self.incoming = False
@@ -576,6 +578,7 @@ class VirtioMem(MemoryDevice):
         if self.bitmap[first : first + count] != want * count:
             return Response(Resp.ERROR)
         if self.busy:
+            self.busy_answers += 1
             return Response(Resp.BUSY)
         ok = self._plug(first, count) if plug else self._unplug(first, count)
         return Response(Resp.ACK if ok else Resp.BUSY)
@@ -648,6 +651,7 @@ class VirtioMem(MemoryDevice):
     def _unplug_all(self) -> Resp:
         if self.size:
             if self.busy:
+                self.busy_answers += 1
                 return Resp.BUSY
             mapped = [i for i, r in enumerate(self.memslots) if r.mapped]
             if not self._set_mapped(mapped, False):
@@ -889,8 +893,10 @@ class VirtioMem(MemoryDevice):
                     f"0x{self.addr + first * bs:x} after migration"
                 )
 
-    def cancel_incoming(self) -> None:
-        """Undo a partial load: unmap every memslot, nothing plugged, memory given back."""
+    def cancel_incoming(self, *, discard: bool = True) -> None:
+        """Undo a partial load: unmap every memslot, nothing plugged, memory given back
+        (unless ``discard`` is False: memory a local live update handed over is the
+        source's)."""
         if self.dynamic and self.mr is not None:
             mapped = [i for i, r in enumerate(self.memslots) if r.mapped]
             if mapped and not self._set_mapped(mapped, False):
@@ -898,7 +904,7 @@ class VirtioMem(MemoryDevice):
             self._slot_plugged = [0] * self.nb_memslots
         self.bitmap[:] = bytes(len(self.bitmap))
         self.size = 0
-        if self.memdev is not None:
+        if self.memdev is not None and discard:
             self._discard(0, self.region_size)
             self._set_accessible(0, self.nb_blocks, False)
 

@@ -166,6 +166,29 @@ class VhostUserConsumer(VhostBackend):
         for cb in list(self.state_listeners):
             cb(self)
 
+    def refresh_fds(self) -> int:
+        """Send again every region whose memory got a new file descriptor since it was sent
+        (a destination that adopted a source's memory, ``HostMemory.adopt``): each is removed
+        and added back with the new fd, so the back-end maps the same memory as we do.
+        Returns how many regions were resent."""
+        stale = [
+            sec for sec, (_, fd) in self._sections.items() if sec.fd is not None and sec.fd != fd
+        ]
+        for sec in stale:
+            fd = sec.fd
+            assert fd is not None
+            self._sections[sec] = (MemRegion.of(sec), fd)
+        if stale and self._started and self.state is ConnectionState.CONNECTED:
+            assert self.frontend is not None
+            keys = {MemRegion.of(sec).key for sec in stale}
+            desired = self._desired()
+            try:
+                self.frontend.sync({k: v for k, v in desired.items() if k not in keys})
+                self.frontend.sync(desired)
+            except VhostError as exc:
+                self._lost(str(exc))
+        return len(stale)
+
     # -- life cycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
