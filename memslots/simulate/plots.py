@@ -35,7 +35,11 @@ def _pyplot() -> Any:
 
 
 def write_plots(results: Sequence[SimResult], out_dir: Path, stem: str = "simulate") -> list[Path]:
-    """Write the three figures for ``results`` (one or more strategies); return the files."""
+    """Write the three figures for ``results`` (one or more strategies); return the files.
+
+    The memslot map is drawn from the steps that recorded one (``run_simulation``'s
+    ``memslot_maps``).
+    """
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -75,7 +79,9 @@ def write_plots(results: Sequence[SimResult], out_dir: Path, stem: str = "simula
     # 2. memslot map over time, one panel per strategy
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 4), squeeze=False)
     for ax, r in zip(axes[0], results, strict=True):
-        grid = [[1.0 if m else 0.0 for m in s.memslot_map] for s in r.steps]
+        grid = [
+            [1.0 if m else 0.0 for m in s.memslot_map] for s in r.steps if s.memslot_map is not None
+        ]
         columns = list(map(list, zip(*grid, strict=True))) if grid else [[0.0]]
         ax.imshow(
             columns,
