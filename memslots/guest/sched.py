@@ -7,9 +7,10 @@ simulated scheduler runs callbacks in time order and jumps the clock forward bet
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -93,28 +94,49 @@ class Scheduler:
         self.run_until(lambda: False, self._now + seconds)
 
 
-class LoopScheduler(Scheduler):
-    """Real time on an asyncio loop, for a long-running machine (``memslots run``).
+class ThreadScheduler(Scheduler):
+    """Real time for guests that run in a thread of their own (``memslots run``).
 
-    Callbacks run on the loop, so a guest driven by it never runs in the middle of a monitor
-    command. Simulated-time driving (``step``, ``run_until``) is not available here.
+    :meth:`call_at` may be called from any thread (a device tells its guest of a config
+    change from whichever thread changed it); the guests' thread takes the callbacks as they
+    fall due with :meth:`take`. Simulated-time driving (``step``, ``run_until``) is not
+    available here.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.loop = loop
-        self._t0 = loop.time()
+        self._t0 = time.monotonic()
+        self._cond = threading.Condition()
+        self._closed = False
 
     def now(self) -> float:
         """Seconds since the scheduler was created."""
-        return self.loop.time() - self._t0
+        return time.monotonic() - self._t0
 
     def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
-        """Run ``fn`` on the loop at ``when`` (seconds since creation)."""
-        when = max(when, self.now())
-        handle = self.loop.call_at(self._t0 + when, fn)
-        return Timer(when, handle.cancel)
+        """Run ``fn`` at ``when`` (seconds since creation) on the guests' thread."""
+        with self._cond:
+            timer = super().call_at(max(when, self.now()), fn)
+            self._cond.notify()
+        return timer
+
+    def take(self) -> Callable[[], None] | None:
+        """Wait until a callback is due and return it; None once :meth:`close` was called."""
+        with self._cond:
+            while not self._closed:
+                due = self.next_due()
+                wait = None if due is None else due - self.now()
+                if wait is not None and wait <= 0:
+                    return heapq.heappop(self._queue).fn
+                self._cond.wait(wait)
+            return None
+
+    def close(self) -> None:
+        """Make :meth:`take` return None, now and from now on."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def step(self) -> bool:
-        """Not available: the loop runs the callbacks."""
-        raise NotImplementedError("a LoopScheduler is driven by its asyncio loop")
+        """Not available: the guests' thread takes the callbacks."""
+        raise NotImplementedError("a ThreadScheduler's callbacks are taken by the guests' thread")

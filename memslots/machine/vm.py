@@ -58,12 +58,29 @@ USE_BUDGET_BLOCKS = 1024
 _REQUEST_NAMES = {int(t): t.name.lower() for t in ReqType}
 
 
-class VirtqueueChannel:
-    """The guest driver's channel: one request at a time over the virtqueue (C1)."""
+def _nothing() -> None:
+    pass
 
-    def __init__(self, transport: VirtioMemTransport, memory: GuestMemory, area: int) -> None:
+
+class VirtqueueChannel:
+    """The guest driver's channel: one request at a time over the virtqueue (C1).
+
+    ``before_request`` is called before each request is written: where a guest that runs in a
+    thread of its own lets others at the machine (:meth:`memslots.machine.runner.MachineRunner.
+    checkpoint`).
+    """
+
+    def __init__(
+        self,
+        transport: VirtioMemTransport,
+        memory: GuestMemory,
+        area: int,
+        *,
+        before_request: Callable[[], None] = _nothing,
+    ) -> None:
         self.transport = transport
         self.memory = memory
+        self.before_request = before_request
         self.queue = DriverQueue(
             memory, area, QUEUE_AREA_SIZE - BUFFER_PAGE, num=128, notify=transport.notify
         )
@@ -92,6 +109,7 @@ class VirtqueueChannel:
 
     def send(self, request: Request) -> Response | None:
         """Put the request in the queue, kick, and collect the response (None: no answer)."""
+        self.before_request()
         self.memory.write(self.req_gpa, request.pack())
         self.memory.write(self.resp_gpa, bytes(RESPONSE_SIZE))
         self.queue.add([(self.req_gpa, REQUEST_SIZE)], [(self.resp_gpa, RESPONSE_SIZE)])
@@ -140,7 +158,10 @@ class VcpuUser:
 
 
 class GuestVm(Closing):
-    """A machine, its virtio-mem devices on virtqueues, and a Linux guest driving them."""
+    """A machine, its virtio-mem devices on virtqueues, and a Linux guest driving them.
+
+    ``before_request`` is every guest channel's (see :class:`VirtqueueChannel`).
+    """
 
     def __init__(
         self,
@@ -150,9 +171,11 @@ class GuestVm(Closing):
         guest_options: GuestOptions | None = None,
         vcpu: bool | None = None,
         use_memory: bool = True,
+        before_request: Callable[[], None] = _nothing,
     ) -> None:
         self.machine = machine
         self.sched = sched or Scheduler()
+        self.before_request = before_request
         self.memory = GuestMemory(machine.address_space)
         lay = machine.layout
         end = lay.above_4g_end if lay.above_4g else lay.below_4g
@@ -198,7 +221,7 @@ class GuestVm(Closing):
                 f"(boot RAM must reach 0x{area + QUEUE_AREA_SIZE:x})"
             )
         transport = VirtioMemTransport(dev, self.memory)
-        channel = VirtqueueChannel(transport, self.memory, area)
+        channel = VirtqueueChannel(transport, self.memory, area, before_request=self.before_request)
         stride = max(1, dev.region_size // (2 * MiB) // USE_BUDGET_BLOCKS)
         opts = dataclasses.replace(self.guest_options, use_stride=stride)
         guest = LinuxGuest(channel, self.sched, opts, memory=self._user())

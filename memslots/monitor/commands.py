@@ -21,6 +21,7 @@ resolve when they name exactly one object, as QEMU's ``object_resolve_path`` doe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -28,8 +29,16 @@ from memslots.devices.memory_device import MemoryDevice
 from memslots.devices.qom import QomObject, QomProperty, refuse
 from memslots.host.kmem import KmemMeter, current_or_system_meter
 from memslots.machine.machine import Machine
+from memslots.machine.runner import MachineRunner
 from memslots.memory.backends import MemoryBackend
-from memslots.monitor.qmp_server import Command, Param, QMPCommandError, QMPServer, check_value
+from memslots.monitor.qmp_server import (
+    Command,
+    Handler,
+    Param,
+    QMPCommandError,
+    QMPServer,
+    check_value,
+)
 from memslots.options import backend_from_args, device_from_args, id_wellformed
 from memslots.reports import budget_report, kernel_metadata_report, memslot_report, to_qmp
 from memslots.vhost.user.consumer import VhostUserConsumer
@@ -114,12 +123,25 @@ class Monitor:
     ``device_added`` and ``device_removed`` are called after a successful ``device_add``
     (with the memory device) and ``device_del`` (with the id), so the runtime can attach or
     detach guest drivers.
+
+    With a ``runner``, every command that reads or changes the machine runs in the runner's
+    worker thread holding the machine lock (:meth:`MachineRunner.run`), so the loop stays free
+    while it waits for the machine; the others (``query-status``, ``quit``, ...) run on the loop
+    at once. Without one, everything runs on the loop.
     """
 
     def __init__(
-        self, runtime: Runtime, server: QMPServer | None = None, *, kmem: KmemMeter | None = None
+        self,
+        runtime: Runtime,
+        server: QMPServer | None = None,
+        *,
+        kmem: KmemMeter | None = None,
+        runner: MachineRunner | None = None,
     ) -> None:
         self.runtime = runtime
+        self.runner = runner
+        #: Events of the machine command that runs now; they follow its reply (see _emit).
+        self._held_events: list[tuple[str, dict[str, Any]]] | None = None
         #: Where ``x-query-kernel-metadata`` reads kernel memory (default: the process's meter).
         self._kmem = kmem
         self.server = server if server is not None else QMPServer()
@@ -163,7 +185,7 @@ class Monitor:
 
     def _vhost_state_changed(self, consumer: VhostUserConsumer) -> None:
         """Tell clients that a vhost-user back-end was lost or is back (our extension)."""
-        self.server.emit_event(
+        self._emit(
             "X_VHOST_USER_STATE",
             {
                 "id": consumer.name,
@@ -206,17 +228,25 @@ class Monitor:
 
     # -- events ----------------------------------------------------------------------------------
 
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        # A command's events go out after its reply, as QEMU's do. On the loop that happens by
+        # itself (delivery goes through the loop); a command in the runner's worker holds them.
+        if self._held_events is not None:
+            self._held_events.append((name, data))
+        else:
+            self.server.emit_event(name, data)
+
     def _size_changed(self, dev: MemoryDevice, size: int) -> None:
         data: dict[str, Any] = {} if dev.id is None else {"id": dev.id}
         data["size"] = size
         # QEMU names the virtio-mem-pci proxy here (and throttles by this path).
         data["qom-path"] = self.qom_path(dev)
-        self.server.emit_event("MEMORY_DEVICE_SIZE_CHANGE", data)
+        self._emit("MEMORY_DEVICE_SIZE_CHANGE", data)
 
     def _device_deleted(self, dev_id: str | None, path: str) -> None:
         data: dict[str, Any] = {} if dev_id is None else {"device": dev_id}
         data["path"] = path
-        self.server.emit_event("DEVICE_DELETED", data)
+        self._emit("DEVICE_DELETED", data)
 
     # -- the command table -----------------------------------------------------------------------
 
@@ -228,11 +258,14 @@ class Monitor:
             Param("reserve", "bool", True),
             Param("prealloc", "bool", True),
         )
-        return [
-            Command("query-status", self._query_status),
-            Command("query-version", self._query_version),
-            Command("query-commands", self._query_commands),
-            Command("quit", self._quit),
+        # These never touch the machine: they are answered at once, whatever else runs.
+        free = [
+            Command("query-status", self._query_status, exclusive=False),
+            Command("query-version", self._query_version, exclusive=False),
+            Command("query-commands", self._query_commands, exclusive=False),
+            Command("quit", self._quit, exclusive=False),
+        ]
+        machine = [
             Command("query-memory-devices", self._query_memory_devices),
             Command("query-memory-size-summary", self._query_memory_size_summary),
             Command("qom-get", self._qom_get, (Param("path", "str"), Param("property", "str"))),
@@ -270,6 +303,33 @@ class Monitor:
             Command("x-query-kernel-metadata", self._query_kernel_metadata),
             Command("x-vhost-user-reconnect", self._vhost_reconnect, (Param("id", "str"),)),
         ]
+        return free + [
+            dataclasses.replace(c, handler=self._machine_command(c.handler)) for c in machine
+        ]
+
+    def _machine_command(self, handler: Handler) -> Handler:
+        """``handler`` as a command on the machine: in the runner's worker, if there is one."""
+        runner = self.runner
+        if runner is None:
+            return handler
+
+        async def in_machine(args: dict[str, Any]) -> object:
+            held: list[tuple[str, dict[str, Any]]] = []
+
+            def call() -> object:
+                self._held_events = held
+                try:
+                    return handler(args)
+                finally:
+                    self._held_events = None
+
+            try:
+                return await runner.run(call)
+            finally:
+                for name, data in held:
+                    self.server.emit_event(name, data)
+
+        return in_machine
 
     # -- general ---------------------------------------------------------------------------------
 

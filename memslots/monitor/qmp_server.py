@@ -11,7 +11,8 @@ an error and drops the client.
 
 Commands live in a table (:class:`Command`) with an argument schema that is checked before the
 handler runs, so type, missing and unexpected-argument errors read like QEMU's. Commands run one
-at a time, whichever client sent them, so no command sees another's half-done change.
+at a time, whichever client sent them, so no command sees another's half-done change; those that
+read nothing another command changes (``exclusive=False``, e.g. ``query-status``) run at once.
 
 Events are rate-limited like QEMU's monitor: for an event in :data:`RATE_LIMITS`, the first one
 for a key (``MEMORY_DEVICE_SIZE_CHANGE``: its ``qom-path``) goes out at once, later ones within
@@ -119,6 +120,9 @@ class Command:
     open_args: bool = False
     discriminator: str | None = None
     branches: Mapping[str, tuple[Param, ...]] = field(default_factory=dict)
+    #: False: the command runs at once, not after the commands before it are done (they may
+    #: wait a while for the machine; ``query-status`` must not).
+    exclusive: bool = True
 
 
 def check_value(name: str, type_: ArgType, value: object, items: ArgType | None = None) -> Any:
@@ -407,6 +411,7 @@ class QMPServer:
                 "qmp_capabilities",
                 _accept_capabilities,
                 (Param("enable", "array", optional=True, items="str"),),
+                exclusive=False,
             )
         )
 
@@ -587,20 +592,25 @@ class QMPServer:
 
     async def _execute(self, command: Command, args: dict[str, Any]) -> object:
         checked = check_arguments(command, args)
+        if not command.exclusive:
+            return await self._call(command, checked)
         async with self._lock:
-            try:
-                result = command.handler(checked)
-                if inspect.isawaitable(result):
-                    result = await result
-                # Serialise here so a result that is not JSON is this command's error.
-                json.dumps(result, allow_nan=False)
-            except QMPCommandError:
-                raise
-            except MemslotsError as exc:
-                raise QMPCommandError(str(exc)) from exc
-            except Exception as exc:
-                log.exception("qmp: command %s failed", command.name)
-                raise QMPCommandError(f"internal error in {command.name}: {exc}") from exc
+            return await self._call(command, checked)
+
+    async def _call(self, command: Command, args: dict[str, Any]) -> object:
+        try:
+            result = command.handler(args)
+            if inspect.isawaitable(result):
+                result = await result
+            # Serialise here so a result that is not JSON is this command's error.
+            json.dumps(result, allow_nan=False)
+        except QMPCommandError:
+            raise
+        except MemslotsError as exc:
+            raise QMPCommandError(str(exc)) from exc
+        except Exception as exc:
+            log.exception("qmp: command %s failed", command.name)
+            raise QMPCommandError(f"internal error in {command.name}: {exc}") from exc
         return result
 
     # -- events ----------------------------------------------------------------------------------

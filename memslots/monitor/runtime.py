@@ -1,9 +1,13 @@
 """``memslots run``: the machine as a long-running process with a QMP monitor.
 
-One asyncio loop runs everything: the QMP server, the optional metrics endpoint, and the guest
-drivers (on a :class:`~memslots.guest.sched.LoopScheduler`, so they never run in the middle of a
-monitor command). SIGTERM, SIGINT and QMP ``quit`` shut down the same way: stop serving, detach
-the guests, close the VM (the kernel frees every memslot with it) and release host memory.
+An asyncio loop serves QMP, the optional metrics endpoint and the signals; the guest drivers run
+in a thread of their own (:class:`~memslots.machine.runner.MachineRunner`, on a
+:class:`~memslots.guest.sched.ThreadScheduler`), and commands and scrapes that read or change the
+machine run in the runner's worker, all of them holding the machine lock. So the monitor answers
+while a guest resizes or a vhost-user back-end keeps a request waiting, and no command runs in
+the middle of a guest request. SIGTERM, SIGINT and QMP ``quit`` shut down the same way: stop the
+guests between two requests (interrupting any wait for a back-end), stop serving, detach the
+guests, close the VM (the kernel frees every memslot with it) and release host memory.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from memslots.devices.memory_device import MemoryDevice
-from memslots.guest.sched import LoopScheduler
+from memslots.guest.sched import ThreadScheduler
 from memslots.host.kmem import KmemMeter
 from memslots.kvm.abi import VmBackend
 from memslots.kvm.host import open_vm_meter
 from memslots.machine.machine import Machine, create_vm, uses_real_kvm
+from memslots.machine.runner import MachineRunner
 from memslots.machine.vm import GuestVm, ObservedChannel
 from memslots.monitor.commands import Monitor
 from memslots.monitor.metrics import Metrics
@@ -59,11 +64,15 @@ class VhostUserProvider:
 
 
 class MachineRuntime:
-    """The running machine as the monitor sees it (:class:`memslots.monitor.commands.Runtime`)."""
+    """The running machine as the monitor sees it (:class:`memslots.monitor.commands.Runtime`).
 
-    def __init__(self, machine: Machine, stopped: asyncio.Event) -> None:
+    ``runner`` holds the machine lock and runs the guests (pause them with it).
+    """
+
+    def __init__(self, machine: Machine, stopped: asyncio.Event, runner: MachineRunner) -> None:
         self._machine = machine
         self._stopped = stopped
+        self.runner = runner
         self._state = "running"
 
     @property
@@ -79,6 +88,13 @@ class MachineRuntime:
         """Ask the process to shut down (the loop's main task does the work)."""
         self._state = "shutdown"
         self._stopped.set()
+
+
+def _interrupt_backends(machine: Machine) -> None:
+    # Called from the loop while another thread may wait for a back-end: the list is copied
+    # in one step, and interrupting is safe from any thread.
+    for dev in list(machine.vhost_user_devices):
+        dev.consumer.interrupt()
 
 
 async def serve(
@@ -130,12 +146,14 @@ async def _serve(
         else create_vm(config.accel, slot_zap_all=config.slot_zap_all)
     )
     machine = Machine(config, vm=vm)
-    runtime = MachineRuntime(machine, stopped)
+    runner = MachineRunner(interrupt=lambda: _interrupt_backends(machine))
+    runtime = MachineRuntime(machine, stopped, runner)
     server = QMPServer()
-    monitor = Monitor(runtime, server, kmem=kmem)
+    monitor = Monitor(runtime, server, kmem=kmem, runner=runner)
     monitor.add_device_provider(VhostUserProvider(machine))
-    metrics = Metrics(machine, kmem) if metrics_port is not None else None
-    gvm = GuestVm(machine, LoopScheduler(loop)) if guest else None
+    metrics = Metrics(machine, kmem, runner) if metrics_port is not None else None
+    sched = ThreadScheduler()
+    gvm = GuestVm(machine, sched, before_request=runner.checkpoint) if guest else None
 
     def observe_guest(dev_id: str) -> None:
         if gvm is not None and metrics is not None and dev_id in gvm.guests:
@@ -153,6 +171,7 @@ async def _serve(
 
         monitor.device_added.append(added)
         monitor.device_removed.append(gvm.detach)
+    runner.start_guests(sched)
     try:
         for ep in endpoints:
             if ep.path is not None:
@@ -174,6 +193,9 @@ async def _serve(
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+        # First the guests and the worker (within one request: back-end waits are interrupted),
+        # so that nothing else touches the machine from here on.
+        runner.stop()
         await server.close()
         if metrics is not None:
             await metrics.close()

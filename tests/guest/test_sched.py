@@ -1,12 +1,13 @@
-"""The simulated clock and the asyncio-loop scheduler."""
+"""The simulated clock and the real-time scheduler of a guests' thread."""
 
 from __future__ import annotations
 
-import asyncio
+import threading
+import time
 
 import pytest
 
-from memslots.guest.sched import LoopScheduler, Scheduler
+from memslots.guest.sched import Scheduler, ThreadScheduler
 
 
 def test_simulated_clock_jumps_between_events_in_order() -> None:
@@ -27,23 +28,28 @@ def test_simulated_clock_jumps_between_events_in_order() -> None:
     assert not s.step()
 
 
-def test_loop_scheduler_runs_on_the_loop() -> None:
-    async def go() -> list[str]:
-        loop = asyncio.get_running_loop()
-        s = LoopScheduler(loop)
-        seen: list[str] = []
-        done = asyncio.Event()
+def test_thread_scheduler_hands_due_callbacks_to_a_thread() -> None:
+    s = ThreadScheduler()
+    seen: list[str] = []
 
-        def timer() -> None:
-            seen.append("timer")
-            done.set()
+    def guests() -> None:
+        while (fn := s.take()) is not None:
+            fn()
 
-        s.call_at(s.now() + 0.02, timer)
-        s.call_soon(lambda: seen.append("soon"))
-        s.call_at(s.now() + 0.01, lambda: seen.append("cancelled")).cancel()
-        await asyncio.wait_for(done.wait(), 5)
-        with pytest.raises(NotImplementedError):
-            s.step()
-        return seen
-
-    assert asyncio.run(go()) == ["soon", "timer"]
+    s.call_at(s.now() + 60, lambda: seen.append("timer"))
+    s.call_soon(lambda: seen.append("soon"))
+    s.call_at(s.now() + 0.01, lambda: seen.append("cancelled")).cancel()
+    thread = threading.Thread(target=guests)
+    thread.start()
+    # Queued from another thread while the guests' thread waits for the timer: it wakes up.
+    s.call_soon(lambda: seen.append("from a command"))
+    deadline = time.monotonic() + 10
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert seen == ["soon", "from a command"]
+    s.close()  # ends the wait for the timer, which never runs
+    thread.join(10)
+    assert not thread.is_alive() and seen == ["soon", "from a command"]
+    assert s.take() is None
+    with pytest.raises(NotImplementedError):
+        s.step()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -16,11 +17,15 @@ from qmp_support import (
     qmp_client,
     serving,
     snapshot,
+    socket_dir,
 )
 
 from memslots.guest.inorder import drive_to
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
+from memslots.machine.runner import MachineRunner
+from memslots.monitor.commands import Monitor
+from memslots.monitor.qmp_server import QMPServer
 from memslots.options import parse_machine_config
 from memslots.sizes import GiB, MiB
 from memslots.vhost.backend import VhostModel
@@ -596,5 +601,43 @@ def test_memslots_held_by_vhost_back_ends() -> None:
         fs0 = budget["consumers"][2]
         # Boot RAM is anonymous: the vhost-user back-end holds only the plugged memslot.
         assert (fs0["max-memslots"], fs0["used-memslots"], fs0["free-memslots"]) == (600, 1, 599)
+
+    run(main())
+
+
+def test_with_a_runner_commands_run_in_its_worker_and_events_follow_replies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``memslots run``'s monitor: commands on the machine run in the runner's worker holding
+    the machine lock; the events they cause still come after their replies."""
+
+    async def main() -> None:
+        with make_machine() as m, socket_dir() as d:
+            runner = MachineRunner()
+            monitor = Monitor(FakeRuntime(m), QMPServer(), runner=runner)
+            where: list[str] = []
+            remove = m.remove_device
+
+            def watched(dev_id: str) -> None:
+                where.append(threading.current_thread().name)
+                remove(dev_id)
+
+            monkeypatch.setattr(m, "remove_device", watched)
+            path = f"{d}/qmp.sock"
+            await monitor.server.start_unix(path)
+            try:
+                raw = await RawClient.open(path)
+                await raw.send(b'{"execute": "device_del", "arguments": {"id": "dimm0"}}\n')
+                lines = [json.loads(await raw.reader.readline()) for _ in range(2)]
+                assert lines[0] == {"return": {}}
+                assert lines[1]["event"] == "DEVICE_DELETED"
+                assert lines[1]["data"] == {"device": "dimm0", "path": "/machine/peripheral/dimm0"}
+                assert "dimm0" not in m.devices
+                await raw.close()
+            finally:
+                await monitor.server.close()
+                monitor.close()
+                runner.stop()
+            assert len(where) == 1 and where[0].startswith("machine")  # the worker's name
 
     run(main())

@@ -321,6 +321,29 @@ def test_commands_run_one_at_a_time() -> None:
     run(main())
 
 
+def test_a_command_that_is_not_exclusive_does_not_wait_for_the_others() -> None:
+    """While a command waits (for the machine, say), query-status is answered."""
+    release = asyncio.Event()
+
+    async def waiting(args: dict[str, Any]) -> object:
+        await release.wait()
+        return {}
+
+    async def main() -> None:
+        with make_machine() as m:
+            async with serving(m) as (monitor, path):
+                monitor.server.register(Command("x-wait", waiting))
+                async with qmp_client(path, "a") as a, qmp_client(path, "b") as b:
+                    pending = asyncio.create_task(a.execute("x-wait"))
+                    await asyncio.sleep(0.01)
+                    assert (await b.execute("query-status"))["status"] == "running"
+                    assert not pending.done()  # answered while the other one still waits
+                    release.set()
+                    assert await pending == {}
+
+    run(main())
+
+
 def test_internal_errors_are_generic_errors() -> None:
     def broken(args: dict[str, Any]) -> object:
         raise ValueError("boom")

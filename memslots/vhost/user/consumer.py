@@ -172,6 +172,16 @@ class VhostUserConsumer(VhostBackend):
                 self._lost(str(exc))
         return self.state
 
+    def interrupt(self) -> None:
+        """End a wait for the back-end now; callable from any thread (at shutdown).
+
+        The request waiting fails as if the back-end had died, so it is marked disconnected and
+        the memory-map commit goes on without it.
+        """
+        frontend = self.frontend
+        if frontend is not None:
+            frontend.connection.interrupt()
+
     def reconnect(self) -> None:
         """Connect again, renegotiate and replay the whole table (after a restart of the
         back-end, or when it dropped the connection but lives on).

@@ -9,6 +9,7 @@ frames messages and passes fds; what to send when is :mod:`memslots.vhost.user.f
 from __future__ import annotations
 
 import array
+import contextlib
 import enum
 import socket
 import struct
@@ -117,6 +118,8 @@ class VhostUserConnection:
         self.path = path
         self.messages = 0
         self.seconds = 0.0
+        #: Set by :meth:`interrupt`.
+        self.interrupted = False
         self._sock: socket.socket | None = socket.socket(
             socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
         )
@@ -186,6 +189,11 @@ class VhostUserConnection:
             while got < n:
                 k = sock.recv_into(view[got:])
                 if k == 0:
+                    if self.interrupted:
+                        raise VhostDisconnectedError(
+                            f"vhost-user back-end at '{self.path}': waiting for the reply to "
+                            f"{req.name}: interrupted"
+                        )
                     raise VhostDisconnectedError(
                         f"vhost-user back-end at '{self.path}' closed the connection "
                         f"instead of answering {req.name}"
@@ -199,7 +207,22 @@ class VhostUserConnection:
 
     def _lost(self, doing: str, exc: OSError) -> VhostDisconnectedError:
         why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        if self.interrupted:
+            why = "interrupted"
         return VhostDisconnectedError(f"vhost-user back-end at '{self.path}': {doing}: {why}")
+
+    def interrupt(self) -> None:
+        """End any wait for the back-end now; callable from any thread.
+
+        The socket is shut down, so a call waiting for a reply fails at once, as do later ones
+        (:class:`VhostDisconnectedError`, "interrupted"); the socket stays open until
+        :meth:`close`.
+        """
+        sock = self._sock
+        if sock is not None:
+            self.interrupted = True
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         """Close the socket (the back-end then drops its whole memory table)."""
