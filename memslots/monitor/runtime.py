@@ -26,7 +26,7 @@ from memslots.kvm.abi import VmBackend
 from memslots.kvm.host import open_vm_meter
 from memslots.machine.machine import Machine, create_vm, uses_real_kvm
 from memslots.machine.runner import MachineRunner
-from memslots.machine.vm import GuestVm, ObservedChannel
+from memslots.machine.vm import CheckpointChannel, GuestVm, ObservedChannel
 from memslots.monitor.commands import Monitor
 from memslots.monitor.metrics import Metrics
 from memslots.monitor.qmp_server import QMPServer
@@ -153,26 +153,33 @@ async def _serve(
     monitor.add_device_provider(VhostUserProvider(machine))
     metrics = Metrics(machine, kmem, runner) if metrics_port is not None else None
     sched = ThreadScheduler()
-    gvm = GuestVm(machine, sched, before_request=runner.checkpoint) if guest else None
+    gvm = GuestVm(machine, sched) if guest else None
 
-    def observe_guest(dev_id: str) -> None:
-        if gvm is not None and metrics is not None and dev_id in gvm.guests:
-            g = gvm.guests[dev_id]
+    def wire_guest(dev_id: str) -> None:
+        # Its requests: timed for the metrics, each after a checkpoint of the guests' thread.
+        assert gvm is not None
+        g = gvm.guests[dev_id]
+        if metrics is not None:
             g.channel = ObservedChannel(g.channel, metrics.observe)
+        g.channel = CheckpointChannel(g.channel, runner.checkpoint)
 
     if gvm is not None:
         for dev_id in gvm.guests:
-            observe_guest(dev_id)
+            wire_guest(dev_id)
 
         def added(dev: MemoryDevice) -> None:
             # A hot-plugged virtio-mem device gets a guest driver.
             for dev_id in gvm.attach_new():
-                observe_guest(dev_id)
+                wire_guest(dev_id)
 
         monitor.device_added.append(added)
         monitor.device_removed.append(gvm.detach)
     runner.start_guests(sched)
     try:
+        # Before listening: whoever sees the socket may already send SIGTERM.
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, runtime.quit)
         for ep in endpoints:
             if ep.path is not None:
                 await server.start_unix(ep.path)
@@ -183,9 +190,6 @@ async def _serve(
             assert metrics_port is not None
             host, port = await metrics.start(metrics_port)
             log.info("metrics on http://%s:%d/metrics", host, port)
-        if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, runtime.quit)
         if ready is not None:
             ready(runtime)
         await stopped.wait()
