@@ -31,6 +31,7 @@ import math
 import os
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -406,6 +407,9 @@ class QMPServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._throttle: dict[tuple[str, str], _Throttle] = {}
         self._serial = 0
+        #: Events emitted and not yet taken by the loop (see emit_event).
+        self._incoming: list[dict[str, Any]] = []
+        self._incoming_lock = threading.Lock()
         self.register(
             Command(
                 "qmp_capabilities",
@@ -630,8 +634,21 @@ class QMPServer:
             "data": dict(data),
             "timestamp": {"seconds": int(now), "microseconds": int(now * 1e6) % 1_000_000},
         }
+        # One wake-up of the loop for any number of events: each call_soon_threadsafe writes a
+        # byte into the loop's self-pipe, and a pipe filled by thousands of size changes would
+        # lose the byte that tells the loop of a signal (SIGTERM).
+        with self._incoming_lock:
+            self._incoming.append(event)
+            if len(self._incoming) > 1:
+                return  # the loop has not taken the earlier ones yet: it will take this too
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(self._queue_event, event)
+            loop.call_soon_threadsafe(self._take_incoming)
+
+    def _take_incoming(self) -> None:
+        with self._incoming_lock:
+            events, self._incoming = self._incoming, []
+        for event in events:
+            self._queue_event(event)
 
     def _queue_event(self, event: dict[str, Any]) -> None:
         name = event["event"]

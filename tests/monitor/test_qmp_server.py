@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import stat
+import threading
 from typing import Any
 
 import pytest
@@ -262,6 +264,37 @@ def test_events_go_to_negotiated_clients_only() -> None:
                 assert json.loads(line) == {"return": {}, "id": 1}
                 for c in (waiting, a, b):
                     await c.close()
+
+    run(main())
+
+
+def test_a_flood_of_events_from_another_thread_loses_no_signal() -> None:
+    """Every call_soon_threadsafe writes a byte into the loop's self-pipe; events emitted by a
+    guest thread while the loop is busy must not fill it, or the byte of a SIGTERM is lost."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        got = asyncio.Event()
+        loop.add_signal_handler(signal.SIGUSR1, got.set)
+        try:
+            with socket_dir() as d:
+                server = QMPServer()
+                await server.start_unix(f"{d}/qmp.sock")
+                try:
+
+                    def flood() -> None:
+                        for i in range(20_000):
+                            server.emit_event("X_TEST", {"i": i})
+
+                    thread = threading.Thread(target=flood)
+                    thread.start()
+                    thread.join()  # the loop does not run meanwhile
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                    await asyncio.wait_for(got.wait(), 10)
+                finally:
+                    await server.close()
+        finally:
+            loop.remove_signal_handler(signal.SIGUSR1)
 
     run(main())
 
