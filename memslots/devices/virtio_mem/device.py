@@ -488,32 +488,35 @@ class VirtioMem(MemoryDevice):
 
     # -- block state changes -------------------------------------------------------------------
 
-    def _slots_of(self, first: int, count: int) -> range:
+    def _slot_blocks(self, first: int, count: int) -> list[tuple[int, int]]:
+        """The memslots that blocks ``[first, first+count)`` lie in, each with how many of them
+        (none without dynamic memslots)."""
+        if not self.dynamic:
+            return []
         per_slot = self._blocks_per_slot
-        return range(first // per_slot, (first + count - 1) // per_slot + 1)
-
-    def _blocks_in_slot(self, index: int, first: int, count: int) -> int:
-        per_slot = self._blocks_per_slot
-        lo, hi = index * per_slot, (index + 1) * per_slot
-        return max(0, min(hi, first + count) - max(lo, first))
+        end = first + count
+        return [
+            (i, min(end, (i + 1) * per_slot) - max(first, i * per_slot))
+            for i in range(first // per_slot, (end - 1) // per_slot + 1)
+        ]
 
     def _plug(self, first: int, count: int) -> bool:
         if self.opts.prealloc and not self._preallocate(first, count):
             return False
-        slots = self._slots_of(first, count) if self.dynamic else range(0)
+        slots = self._slot_blocks(first, count)
         # Map first: the guest may touch the blocks as soon as it sees the ACK.
-        if not self._set_mapped([i for i in slots if not self.memslots[i].mapped], True):
+        if not self._set_mapped([i for i, _ in slots if not self.memslots[i].mapped], True):
             return False
-        for i in slots:
-            self._slot_plugged[i] += self._blocks_in_slot(i, first, count)
+        for i, n in slots:
+            self._slot_plugged[i] += n
         self.bitmap[first : first + count] = b"\x01" * count
         self._size_changed(self.size + count * self.block_size)
         return True
 
     def _unplug(self, first: int, count: int) -> bool:
         bs = self.block_size
-        slots = self._slots_of(first, count) if self.dynamic else range(0)
-        empty = [i for i in slots if self._slot_plugged[i] == self._blocks_in_slot(i, first, count)]
+        slots = self._slot_blocks(first, count)
+        empty = [i for i, n in slots if self._slot_plugged[i] == n]
         # Unmap first, so no consumer still maps the memory when it is given back.
         if not self._set_mapped(empty, False):
             return False
@@ -521,8 +524,8 @@ class VirtioMem(MemoryDevice):
             # As QEMU: a failed discard is BUSY with nothing changed, so map back what we took.
             self._set_mapped(empty, True)
             return False
-        for i in slots:
-            self._slot_plugged[i] -= self._blocks_in_slot(i, first, count)
+        for i, n in slots:
+            self._slot_plugged[i] -= n
         self.bitmap[first : first + count] = bytes(count)
         self._size_changed(self.size - count * bs)
         return True
