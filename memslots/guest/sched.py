@@ -1,8 +1,10 @@
-"""Time for guests and jobs: a simulated clock that jumps from event to event.
+"""Time for guests and jobs: a simulated clock that jumps from event to event, or real time.
 
 The Linux driver retries with timers of 50 s to 300 s; tests and simulations must not sleep
 through them. Everything that waits asks a :class:`Scheduler` for the time and for callbacks; the
-simulated scheduler runs callbacks in time order and jumps the clock forward between them.
+simulated scheduler runs callbacks in time order and jumps the clock forward between them. A
+running machine (``memslots run``) uses :class:`ThreadScheduler`: real time, its callbacks taken
+by the thread that runs the guests.
 """
 
 from __future__ import annotations
