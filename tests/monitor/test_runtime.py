@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import requires_kvm, requires_memcg
 from kmem_support import memory_cgroup_of
+from machines import ACCEPTANCE
 from qemu.qmp import ExecuteError
 from qmp_support import Client, next_event, qmp_client, socket_dir
 
@@ -309,15 +310,6 @@ def test_vhost_user_loss_is_an_event_and_reconnect_replays(tmp_path: Path) -> No
 
 # -- always responsive: the guests run in a thread of their own ------------------------------
 
-BIG = [
-    "-m",
-    "4G,maxmem=1028G",
-    "-object",
-    "memory-backend-ram,id=mem0,size=1T,reserve=off",
-    "-device",
-    "virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on",
-]
-
 
 async def serve_in_process(
     config: MachineConfig, sock: str, go: Callable[[MachineRuntime], Awaitable[None]]
@@ -434,7 +426,7 @@ def test_sigterm_in_the_middle_of_a_resize() -> None:
             await qmp.disconnect()
         return size
 
-    with running("-accel", "sim", machine=BIG) as (proc, sock):
+    with running("-accel", "sim", machine=ACCEPTANCE) as (proc, sock):
         mid = asyncio.run(go(sock))
         assert 0 < mid < 1 << 40  # 8192 requests to go: the resize is far from done
         proc.send_signal(signal.SIGTERM)
