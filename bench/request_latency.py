@@ -9,10 +9,16 @@ queue and the device's bookkeeping, not KVM slot creation. Two times are taken:
 * ``notify``: the device's ``VirtioMemTransport.notify`` alone (its kick handler),
 
 alternating request by request.
-Each time is one ``time.perf_counter_ns`` difference; p50/p99 per request type (µs) go to
-``bench/results/request_latency.{json,md}``.
+Each time is one ``time.perf_counter_ns`` difference. With ``--runs R`` the whole measurement
+runs R times on fresh machines and the medians of the runs' p50 and p99 per request type (µs)
+go to ``bench/results/request_latency.{json,md}`` (each run's figures in the JSON).
 
-    .venv/bin/python bench/request_latency.py [--requests N] [--out DIR]
+With ``--baseline DIR`` (a checkout of an older commit) each run is followed by a run of that
+tree's own ``bench/request_latency.py`` on its own code, in a child process, and the results
+give the ratios baseline / this tree of the medians: on a shared host, only figures taken side
+by side compare.
+
+    .venv/bin/python bench/request_latency.py [--requests N] [--runs R] [--baseline DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -20,11 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import hostinfo
 
 from memslots.devices.virtio_mem.wire import (
     REQUEST_SIZE,
@@ -58,6 +69,8 @@ WARMUP = 1000
 KINDS = (ReqType.PLUG, ReqType.STATE, ReqType.UNPLUG)
 
 Samples = dict[str, dict[str, list[int]]]
+#: p50_us, p99_us and samples, by timing (round_trip, notify), by request type.
+Results = dict[str, dict[str, dict[str, float]]]
 
 
 def percentile(values: list[int], q: float) -> float:
@@ -123,7 +136,7 @@ def measure(requests: int) -> Samples:
     return samples
 
 
-def summarize(samples: Samples) -> dict[str, dict[str, dict[str, float]]]:
+def summarize(samples: Samples) -> Results:
     """p50 and p99 in µs, and the sample count."""
     return {
         kind: {
@@ -138,14 +151,54 @@ def summarize(samples: Samples) -> dict[str, dict[str, dict[str, float]]]:
     }
 
 
-def markdown(results: dict[str, dict[str, dict[str, float]]], meta: dict[str, str]) -> str:
+def median_of_runs(runs: list[Results]) -> Results:
+    """Per request type and timing: the median of the runs' p50 and p99, all samples."""
+    first = runs[0]
+    return {
+        kind: {
+            what: {
+                "p50_us": round(statistics.median(r[kind][what]["p50_us"] for r in runs), 2),
+                "p99_us": round(statistics.median(r[kind][what]["p99_us"] for r in runs), 2),
+                "samples": sum(r[kind][what]["samples"] for r in runs),
+            }
+            for what in per
+        }
+        for kind, per in first.items()
+    }
+
+
+def measure_baseline(tree: Path, requests: int) -> Results:
+    """One run of ``tree``'s own benchmark on ``tree``'s code; its results."""
+    with tempfile.TemporaryDirectory(prefix="request-latency-") as out:
+        subprocess.run(
+            [sys.executable, "bench/request_latency.py", "--requests", str(requests), "--out", out],
+            cwd=tree,
+            env={**os.environ, "PYTHONPATH": str(tree)},
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        results: Results = json.loads((Path(out) / "request_latency.json").read_text())["results"]
+    return results
+
+
+def ratios(ours: Results, baseline: Results) -> dict[str, dict[str, float]]:
+    """Per request type and timing: baseline p50 / our p50."""
+    return {
+        kind: {
+            what: round(baseline[kind][what]["p50_us"] / t["p50_us"], 2) for what, t in per.items()
+        }
+        for kind, per in ours.items()
+    }
+
+
+def markdown(results: Results, meta: dict[str, Any], baseline: Results | None = None) -> str:
     """The results as a Markdown table with the command and the host."""
     lines = [
         "# virtio-mem request latency through the split virtqueue (KVM model)",
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"Host: {meta['host']}; Python {meta['python']}; {meta['date']}.",
+        f"{hostinfo.sentence(meta)}; median of {meta['runs']} run(s).",
         f"Machine: `-m {MEMORY} -object {BACKEND} -device {DEVICE}`; single-block requests "
         "inside memslot 0, which stays mapped.",
         "",
@@ -159,6 +212,22 @@ def markdown(results: dict[str, dict[str, dict[str, float]]], meta: dict[str, st
             f"| {kind} | {rt['p50_us']} | {rt['p99_us']} | {nt['p50_us']} | {nt['p99_us']} "
             f"| {int(nt['samples'])} |"
         )
+    if baseline is not None:
+        lines += [
+            "",
+            f"Baseline: `{meta['baseline']}` (its own benchmark, a run after each of ours).",
+            "",
+            "| request | round trip p50 (µs): baseline / this tree | ratio "
+            "| notify p50 (µs): baseline / this tree | ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for kind, ratio in ratios(results, baseline).items():
+            cells = [
+                f"{baseline[kind][what]['p50_us']} / {results[kind][what]['p50_us']} "
+                f"| {ratio[what]}"
+                for what in ("round_trip", "notify")
+            ]
+            lines.append(f"| {kind} | {' | '.join(cells)} |")
     lines += [
         "",
         "round trip: the guest's add + kick + get_used (the device's work included); "
@@ -168,37 +237,42 @@ def markdown(results: dict[str, dict[str, dict[str, float]]], meta: dict[str, st
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    """The host CPU's model name, if /proc/cpuinfo says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     """Run the benchmark, print the results and write them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000, help="requests of each type")
+    parser.add_argument("--runs", type=int, default=1, help="measurements (medians are reported)")
+    parser.add_argument("--baseline", type=Path, help="a checkout to measure too, alternately")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     command = shlex.join([".venv/bin/python", *sys.argv])
-    results = summarize(measure(args.requests))
+    load_start = hostinfo.loadavg()
+    runs: list[Results] = []
+    baseline_runs: list[Results] = []
+    for _ in range(args.runs):
+        runs.append(summarize(measure(args.requests)))
+        if args.baseline is not None:
+            baseline_runs.append(measure_baseline(args.baseline, args.requests))
+    results = median_of_runs(runs)
+    baseline = median_of_runs(baseline_runs) if baseline_runs else None
     meta = {
         "command": command,
-        "host": f"{cpu_model()}, {os.cpu_count()} CPUs, Linux {platform.release()}",
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
+        **hostinfo.record(load_start),
+        "runs": args.runs,
     }
+    report: dict[str, object] = {"meta": meta, "results": results, "runs": runs}
+    if baseline is not None:
+        meta["baseline"] = str(args.baseline)
+        report |= {
+            "baseline": baseline,
+            "baseline_runs": baseline_runs,
+            "ratios_p50": ratios(results, baseline),
+        }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "request_latency.json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
-    )
-    (args.out / "request_latency.md").write_text(markdown(results, meta))
-    print(markdown(results, meta))
+    (args.out / "request_latency.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(results, meta, baseline)
+    (args.out / "request_latency.md").write_text(text)
+    print(text)
     print(f"wrote {args.out / 'request_latency.json'} and {args.out / 'request_latency.md'}")
 
 

@@ -88,6 +88,18 @@ def machine_with(requested: str = "0", size: str = "4G", extra: str = "") -> Mac
     )
 
 
+#: The issue's machine, as command-line arguments: a 1 TiB virtio-mem device with dynamic
+#: memslots: the acceptance shape of ``plan``, and the machine a big resize runs on.
+ACCEPTANCE = [
+    "-m",
+    "4G,maxmem=1028G",
+    "-object",
+    "memory-backend-ram,id=mem0,size=1T,reserve=off",
+    "-device",
+    "virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on",
+]
+
+
 #: The vhost-user requests of QEMU's negotiation, in order.
 NEGOTIATION = [
     "GET_FEATURES",

@@ -80,6 +80,11 @@ from memslots.sizes import format_size
 @click.option("--compare", default=None, help="Comma-separated strategies to run side by side.")
 @click.option("--request-log", is_flag=True, help="Include every guest request in the JSON.")
 @click.option(
+    "--memslot-map",
+    is_flag=True,
+    help="Include each step's map of mapped memslots in the JSON (--plots implies it).",
+)
+@click.option(
     "--guest-online",
     type=click.Choice(("movable", "kernel", "offline")),
     default="movable",
@@ -117,6 +122,7 @@ def simulate(
     strategy: str,
     compare: str | None,
     request_log: bool,
+    memslot_map: bool,
     guest_online: str,
     guest_force_bbm: bool,
     working_set: int,
@@ -186,6 +192,7 @@ def simulate(
                     trace,
                     strategy=s,
                     request_log=request_log,
+                    memslot_maps=memslot_map or plot_dir is not None,
                     progress=advance,
                     guest_options=guest_opts,
                     working_set_frames=working_set,

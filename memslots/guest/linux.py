@@ -104,6 +104,10 @@ _PARTIAL = {
     Mb.MOVABLE: Mb.MOVABLE_PARTIAL,
 }
 _FULL = {v: k for k, v in _PARTIAL.items()}
+#: Request names and the known responses with their names, by wire value (cheaper than the
+#: enum's lookups, once per request).
+_NAMES = {int(t): t.name.lower() for t in ReqType}
+_RESPONSES = {int(r): (r, r.name.lower()) for r in Resp}
 _ONLINE = {Mb.KERNEL, Mb.KERNEL_PARTIAL, Mb.MOVABLE, Mb.MOVABLE_PARTIAL}
 
 
@@ -217,9 +221,7 @@ class LinuxGuest:
         self._choose_mode()
         self.next_id = self.first_id
         self.offline_size = 0
-        self.state: dict[int, Mb] = {}
-        #: SBM: which sub-blocks of a memory block are plugged.
-        self.sb_plugged: dict[int, list[bool]] = {}
+        self._reset_blocks()
         self._seeds: dict[int, int] = {}
         self.unplug_all_required = self.plugged_size != 0
         self.config_changed = True
@@ -250,6 +252,17 @@ class LinuxGuest:
         self.offline_threshold = max(2 * self.mb_size, 1 * GiB)
         if not self.sbm:
             self.offline_threshold = max(self.offline_threshold, 2 * self.unit)
+
+    def _reset_blocks(self) -> None:
+        """No memory block yet (after :meth:`_choose_mode`)."""
+        self.state: dict[int, Mb] = {}
+        #: The blocks in each state (the inverse of ``state``), so that a pass looks only at
+        #: the blocks of the states it works on.
+        self._by_state: dict[Mb, set[int]] = {st: set() for st in Mb}
+        #: SBM: which sub-blocks of a memory block are plugged, as a bitmask (bit i: sub-block
+        #: i); ``_full`` has every sub-block's bit.
+        self.sb_plugged: dict[int, int] = {}
+        self._full = (1 << self.per_unit) - 1
 
     def _update_last_usable(self) -> None:
         end = self.addr + self.usable_region_size
@@ -388,25 +401,20 @@ class LinuxGuest:
         # A guest stopped in the middle of a pass (its vCPU faulted) sends nothing more.
         resp = None if self.stopped else self.channel.send(Request(kind, gpa, nb_blocks))
         answer: Resp | int | None = None
-        if resp is not None:
-            known = resp.type in Resp._value2member_map_
-            answer = Resp(resp.type) if known else resp.type
-        if answer is None:
+        if resp is None:
             shown = "none"
             self._short = "the device did not answer a request: it needs a reset"
-        elif isinstance(answer, Resp):
-            shown = answer.name.lower()
+        elif resp.type in _RESPONSES:
+            answer, shown = _RESPONSES[resp.type]
             if answer in (Resp.BUSY, Resp.ERROR):
-                self._short = f"the device answered {answer.name} to {kind.name}" + (
+                self._short = f"the device answered {shown.upper()} to {kind.name}" + (
                     ": the driver is broken and ignores the device" if answer is Resp.ERROR else ""
                 )
         else:
-            shown = f"unknown({answer})"
-            self._short = f"the device answered an unknown response type {answer}"
+            answer, shown = resp.type, f"unknown({resp.type})"
+            self._short = f"the device answered an unknown response type {resp.type}"
         offset = gpa - self.addr if kind != ReqType.UNPLUG_ALL else 0
-        self.log.append(
-            LoggedRequest(kind.name.lower(), offset, nb_blocks, shown, self.sched.now())
-        )
+        self.log.append(LoggedRequest(_NAMES[kind], offset, nb_blocks, shown, self.sched.now()))
         keep = self.opts.request_log
         if keep is not None and len(self.log) > 2 * keep:
             del self.log[: len(self.log) - keep]  # once per `keep` requests: cheap on average
@@ -549,6 +557,7 @@ class LinuxGuest:
                 "legacy_subblocks": o.legacy_subblocks,
                 "pinned": sorted(o.pinned),
                 "use_stride": o.use_stride,
+                "request_log": o.request_log,
             },
             "probed": self.probed,
             "broken": self.broken,
@@ -579,8 +588,10 @@ class LinuxGuest:
                     "offline_size": self.offline_size,
                     "blocks": {str(mid): st.value for mid, st in self.state.items()},
                     "subblocks": {
-                        str(mid): "".join("1" if p else "0" for p in sbs)
-                        for mid, sbs in self.sb_plugged.items()
+                        str(mid): "".join(
+                            "1" if mask >> i & 1 else "0" for i in range(self.per_unit)
+                        )
+                        for mid, mask in self.sb_plugged.items()
                     },
                     "seeds": {str(gpa): seed for gpa, seed in self._seeds.items()},
                     "unplug_all_required": self.unplug_all_required,
@@ -611,6 +622,7 @@ class LinuxGuest:
             legacy_subblocks=bool(raw["legacy_subblocks"]),
             pinned=frozenset(int(x) for x in raw["pinned"]),
             use_stride=int(raw["use_stride"]),
+            request_log=None if raw.get("request_log") is None else int(raw["request_log"]),
         )
         g = cls(channel, scheduler, opts, memory=memory)
         g.broken = bool(state["broken"])
@@ -648,12 +660,14 @@ class LinuxGuest:
         self.next_id = int(state["next_id"])
         self.offline_size = int(state["offline_size"])
         blocks, subblocks, seeds = state["blocks"], state["subblocks"], state["seeds"]
-        self.state = {int(mid): Mb(st) for mid, st in blocks.items()}
-        self.sb_plugged = {
-            int(mid): [c == "1" for c in str(bits)] for mid, bits in subblocks.items()
-        }
-        if any(len(sbs) != self.per_unit for sbs in self.sb_plugged.values()):
-            raise ValueError("guest state has sub-block maps of the wrong length")
+        self._reset_blocks()
+        for mid, st in blocks.items():
+            self._set_state(int(mid), Mb(st))
+        for mid, bits in subblocks.items():
+            bits = str(bits)
+            if len(bits) != self.per_unit or set(bits) - {"0", "1"}:
+                raise ValueError("guest state has a malformed sub-block map")
+            self.sb_plugged[int(mid)] = sum(1 << i for i, c in enumerate(bits) if c == "1")
         self._seeds = {int(gpa): int(seed) for gpa, seed in seeds.items()}
         self.unplug_all_required = bool(state["unplug_all_required"])
         self.config_changed = bool(state["config_changed"])
@@ -666,13 +680,20 @@ class LinuxGuest:
         return mid * self.id_size
 
     def _ids(self, state: Mb, *, descending: bool = False) -> list[int]:
-        return sorted((m for m, s in self.state.items() if s is state), reverse=descending)
+        return sorted(self._by_state[state], reverse=descending)
+
+    def _set_state(self, mid: int, state: Mb) -> None:
+        old = self.state.get(mid)
+        if old is not None:
+            self._by_state[old].discard(mid)
+        self.state[mid] = state
+        self._by_state[state].add(mid)
 
     def _online(self, mid: int, how: Online) -> None:
         st = self.state[mid]
         partial = st is Mb.OFFLINE_PARTIAL
         zone = Mb.MOVABLE if how is Online.MOVABLE else Mb.KERNEL
-        self.state[mid] = _PARTIAL[zone] if partial else zone
+        self._set_state(mid, _PARTIAL[zone] if partial else zone)
         self.offline_size -= self.mb_size if self.sbm else self.unit
         if self.memory is not None:
             for gpa in self._plugged_units(mid):
@@ -682,7 +703,8 @@ class LinuxGuest:
         base = self._base(mid)
         if not self.sbm:
             return [base]
-        return [base + i * self.unit for i, p in enumerate(self.sb_plugged[mid]) if p]
+        mask = self.sb_plugged[mid]
+        return [base + i * self.unit for i in range(self.per_unit) if mask >> i & 1]
 
     def _add_memory(self, mid: int) -> None:
         """add_memory_driver_managed, then the auto-online policy."""
@@ -693,15 +715,21 @@ class LinuxGuest:
     def _remove(self, mid: int) -> None:
         if self.state[mid] in (Mb.OFFLINE, Mb.OFFLINE_PARTIAL):
             self.offline_size -= self.mb_size if self.sbm else self.unit
-        self.state[mid] = Mb.UNUSED
+        self._set_state(mid, Mb.UNUSED)
         if self.sbm:
-            self.sb_plugged[mid] = [False] * self.per_unit
+            self.sb_plugged[mid] = 0
+
+    def _emptied(self) -> list[int]:
+        """Partial blocks whose sub-blocks are all unplugged (waiting to be removed)."""
+        return [
+            mid
+            for st in _PARTIAL.values()
+            for mid in self._by_state[st]
+            if not self.sb_plugged[mid]
+        ]
 
     def _waiting_removal(self) -> bool:
-        return any(
-            st in _PARTIAL.values() and not any(self.sb_plugged[mid])
-            for mid, st in self.state.items()
-        )
+        return bool(self._emptied())
 
     def _cleanup(self) -> Rc:
         """Unplug blocks left plugged but not added; retry removing emptied blocks."""
@@ -709,15 +737,14 @@ class LinuxGuest:
             base = self._base(mid)
             size = self.id_size
             if self.sbm:
-                size = sum(self.sb_plugged[mid]) * self.unit
+                size = self.sb_plugged[mid].bit_count() * self.unit
             rc = self._unplug_request(base, size) if size else Rc.OK
             if rc is not Rc.OK:
                 return rc
             self._remove(mid)
         if self.sbm:
-            for mid, st in list(self.state.items()):
-                if st in _PARTIAL.values() and not any(self.sb_plugged[mid]):
-                    self._remove(mid)
+            for mid in self._emptied():
+                self._remove(mid)
         return Rc.OK
 
     # -- why the driver stops short ----------------------------------------------------------
@@ -783,32 +810,33 @@ class LinuxGuest:
                 return self._too_much_offline()
             mid = self.next_id
             self.next_id += 1
-            self.state[mid] = Mb.UNUSED
-            self.sb_plugged[mid] = [False] * self.per_unit
+            self._set_state(mid, Mb.UNUSED)
+            self.sb_plugged[mid] = 0
             n, rc = self._plug_and_add(mid, n)
             if rc is not Rc.OK:
                 return rc
         return Rc.OK
 
     def _plug_partial(self, mid: int, n: int) -> tuple[int, Rc]:
-        sbs = self.sb_plugged[mid]
         base = self._base(mid)
         online = self.state[mid] in _ONLINE
-        while n and not all(sbs):
-            first = sbs.index(False)
-            count = 1
-            while first + count < self.per_unit and not sbs[first + count] and count < n:
-                count += 1
+        while n and self.sb_plugged[mid] != self._full:
+            mask = self.sb_plugged[mid]
+            # The lowest unplugged sub-block, and the unplugged ones right above it.
+            first = (~mask & (mask + 1)).bit_length() - 1
+            above = mask >> first
+            gap = (above & -above).bit_length() - 1 if above else self.per_unit - first
+            count = min(gap, n)
             rc = self._plug_request(base + first * self.unit, count * self.unit)
             if rc is not Rc.OK:
                 return n, rc
-            for i in range(first, first + count):
-                sbs[i] = True
-                if online:
+            self.sb_plugged[mid] = mask | ((1 << count) - 1) << first
+            if online:
+                for i in range(first, first + count):
                     self._use(base + i * self.unit)
             n -= count
-        if all(sbs):
-            self.state[mid] = _FULL[self.state[mid]]
+        if self.sb_plugged[mid] == self._full:
+            self._set_state(mid, _FULL[self.state[mid]])
         return n, Rc.OK
 
     def _plug_and_add(self, mid: int, n: int) -> tuple[int, Rc]:
@@ -816,8 +844,8 @@ class LinuxGuest:
         rc = self._plug_request(self._base(mid), count * self.unit)
         if rc is not Rc.OK:
             return n, rc
-        self.sb_plugged[mid] = [i < count for i in range(self.per_unit)]
-        self.state[mid] = Mb.OFFLINE if count == self.per_unit else Mb.OFFLINE_PARTIAL
+        self.sb_plugged[mid] = (1 << count) - 1
+        self._set_state(mid, Mb.OFFLINE if count == self.per_unit else Mb.OFFLINE_PARTIAL)
         self._add_memory(mid)
         return n - count, Rc.OK
 
@@ -837,7 +865,7 @@ class LinuxGuest:
                 return rc
             if not unused:
                 self.next_id += 1
-            self.state[mid] = Mb.OFFLINE
+            self._set_state(mid, Mb.OFFLINE)
             self._add_memory(mid)
             n -= 1
         return Rc.OK
@@ -879,34 +907,35 @@ class LinuxGuest:
         return self._unplug_left(n)
 
     def _unplug_offline(self, mid: int, n: int) -> tuple[int, Rc]:
-        sbs = self.sb_plugged[mid]
         base = self._base(mid)
-        while n and any(sbs):
-            top = max(i for i, p in enumerate(sbs) if p)
-            low = top
-            while low > 0 and sbs[low - 1] and top - low + 1 < n:
-                low -= 1
-            count = top - low + 1
+        while n and self.sb_plugged[mid]:
+            mask = self.sb_plugged[mid]
+            # The highest plugged sub-block, and the plugged ones right below it.
+            top = mask.bit_length() - 1
+            holes = ~mask & ((1 << top) - 1)
+            run = top - holes.bit_length() + 1
+            count = min(run, n)
+            low = top - count + 1
             rc = self._unplug_request(base + low * self.unit, count * self.unit)
             if rc is not Rc.OK:
                 return n, rc
-            for i in range(low, top + 1):
-                sbs[i] = False
+            self.sb_plugged[mid] = mask & ~(((1 << count) - 1) << low)
             n -= count
-        if not any(sbs):
+        if not self.sb_plugged[mid]:
             self._remove(mid)
         elif self.state[mid] is Mb.OFFLINE:
-            self.state[mid] = Mb.OFFLINE_PARTIAL
+            self._set_state(mid, Mb.OFFLINE_PARTIAL)
         return n, Rc.OK
 
     def _unplug_online(self, mid: int, n: int) -> tuple[int, Rc]:
-        sbs = self.sb_plugged[mid]
         base = self._base(mid)
         kernel = self.state[mid] in (Mb.KERNEL, Mb.KERNEL_PARTIAL)
         full = self.state[mid] in (Mb.KERNEL, Mb.MOVABLE)
         if n >= self.per_unit and full:
             # Fake-offline the whole block (alloc_contig_range); a pinned page makes it EBUSY.
-            blocked = kernel and any(self._pinned(base + i * self.unit) for i in range(len(sbs)))
+            blocked = kernel and any(
+                self._pinned(base + i * self.unit) for i in range(self.per_unit)
+            )
             if not blocked:
                 gpas = [base + i * self.unit for i in range(self.per_unit)]
                 for gpa in gpas:
@@ -916,13 +945,12 @@ class LinuxGuest:
                     for gpa in gpas:
                         self._use(gpa)  # fake-online again
                     return n, rc
-                self.sb_plugged[mid] = [False] * self.per_unit
                 self._remove(mid)  # offline_and_remove_memory
                 return n - self.per_unit, Rc.OK
         for i in range(self.per_unit - 1, -1, -1):
             if not n:
                 break
-            if not sbs[i]:
+            if not self.sb_plugged[mid] >> i & 1:
                 continue
             gpa = base + i * self.unit
             if kernel and self._pinned(gpa):
@@ -932,12 +960,12 @@ class LinuxGuest:
             if rc is not Rc.OK:
                 self._use(gpa)
                 return n, rc
-            sbs[i] = False
+            self.sb_plugged[mid] &= ~(1 << i)
             n -= 1
-        if not any(sbs):
+        if not self.sb_plugged[mid]:
             self._remove(mid)
-        elif full and not all(sbs):
-            self.state[mid] = _PARTIAL[self.state[mid]]
+        elif full and self.sb_plugged[mid] != self._full:
+            self._set_state(mid, _PARTIAL[self.state[mid]])
         return n, Rc.OK
 
     def _unplug_bbm(self, n: int) -> Rc:
@@ -963,7 +991,7 @@ class LinuxGuest:
                 self._remove(mid)  # offline_and_remove_memory first (safe BBM unplug)
                 rc = self._unplug_request(base, self.unit)
                 if rc is not Rc.OK:
-                    self.state[mid] = Mb.PLUGGED  # cleaned up by a later run
+                    self._set_state(mid, Mb.PLUGGED)  # cleaned up by a later run
                     return rc
                 n -= 1
         return self._unplug_left(n)
@@ -983,6 +1011,9 @@ __all__ = [
 ]
 
 
+_RECORD = struct.Struct("<QQ")
+
+
 class RamUser:
     """A :class:`MemoryUser` that reaches guest RAM through the machine's memory map.
 
@@ -995,16 +1026,16 @@ class RamUser:
 
     @staticmethod
     def _where(gpa: int, length: int, seed: int) -> int:
-        return gpa + (seed * 2654435761 % max(1, length // 4096)) * 4096
+        return gpa + (seed * 2654435761 % ((length >> 12) or 1) << 12)
 
     def write_pattern(self, gpa: int, length: int, seed: int) -> None:
         """Write the record; raises if the range is not RAM."""
-        self.ram.write(self._where(gpa, length, seed), struct.pack("<QQ", gpa, seed))
+        self.ram.write(self._where(gpa, length, seed), _RECORD.pack(gpa, seed))
 
     def check_pattern(self, gpa: int, length: int, seed: int) -> bool:
         """True if the record is intact."""
-        data = self.ram.read(self._where(gpa, length, seed), 16)
-        return data == struct.pack("<QQ", gpa, seed)
+        data = self.ram.read(self._where(gpa, length, seed), _RECORD.size)
+        return data == _RECORD.pack(gpa, seed)
 
 
 class GuestRam(Protocol):

@@ -1,15 +1,18 @@
-"""Time for guests and jobs: a simulated clock that jumps from event to event.
+"""Time for guests and jobs: a simulated clock that jumps from event to event, or real time.
 
 The Linux driver retries with timers of 50 s to 300 s; tests and simulations must not sleep
 through them. Everything that waits asks a :class:`Scheduler` for the time and for callbacks; the
-simulated scheduler runs callbacks in time order and jumps the clock forward between them.
+simulated scheduler runs callbacks in time order and jumps the clock forward between them. A
+running machine (``memslots run``) uses :class:`ThreadScheduler`: real time, its callbacks taken
+by the thread that runs the guests.
 """
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -93,25 +96,26 @@ class Scheduler:
         self.run_until(lambda: False, self._now + seconds)
 
 
-class LoopScheduler(Scheduler):
-    """Real time on an asyncio loop, for a long-running machine (``memslots run``).
+class ThreadScheduler(Scheduler):
+    """Real time for guests that run in a thread of their own (``memslots run``).
 
-    Callbacks run on the loop, so a guest driven by it never runs in the middle of a monitor
-    command. Simulated-time driving (``step``, ``run_until``) is not available here.
+    :meth:`call_at` may be called from any thread (a device tells its guest of a config
+    change from whichever thread changed it); the guests' thread takes the callbacks as they
+    fall due with :meth:`take`. Simulated-time driving (``step``, ``run_until``) is not
+    available here.
 
     :meth:`pause` stops the guest's clock, as a stopped VM's virtual clock stands still
-    (QMP ``stop``, a migration's switch-over): nothing runs and no time passes for the guest
-    until :meth:`resume`, so a 50 s retry timer armed before a pause still has its remaining
-    time afterwards.
+    (QMP ``stop``, a migration's switch-over): no callback is taken and no time passes for
+    the guest until :meth:`resume`, so a 50 s retry timer armed before a pause still has its
+    remaining time afterwards.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.loop = loop
-        self._t0 = loop.time()
+        self._t0 = time.monotonic()
         self._paused_at: float | None = None
-        #: Callbacks not yet run, with their loop handles (None while paused).
-        self._pending: dict[int, tuple[float, Callable[[], None], asyncio.TimerHandle | None]] = {}
+        self._cond = threading.Condition()
+        self._closed = False
 
     @property
     def paused(self) -> bool:
@@ -120,55 +124,51 @@ class LoopScheduler(Scheduler):
 
     def now(self) -> float:
         """Guest seconds since the scheduler was created (paused time does not count)."""
-        end = self._paused_at if self._paused_at is not None else self.loop.time()
+        end = self._paused_at if self._paused_at is not None else time.monotonic()
         return end - self._t0
 
     def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
-        """Run ``fn`` on the loop at guest time ``when`` (seconds since creation)."""
-        when = max(when, self.now())
-        key = next(self._seq)
-        self._pending[key] = (when, fn, self._arm(key, when, fn))
-
-        def cancel() -> None:
-            entry = self._pending.pop(key, None)
-            if entry is not None and entry[2] is not None:
-                entry[2].cancel()
-
-        return Timer(when, cancel)
-
-    def _arm(self, key: int, when: float, fn: Callable[[], None]) -> asyncio.TimerHandle | None:
-        if self._paused_at is not None:
-            return None
-
-        def run() -> None:
-            if self._pending.pop(key, None) is not None:
-                fn()
-
-        return self.loop.call_at(self._t0 + when, run)
+        """Run ``fn`` at guest time ``when`` (seconds since creation) on the guests' thread."""
+        with self._cond:
+            timer = super().call_at(max(when, self.now()), fn)
+            self._cond.notify()
+        return timer
 
     def pause(self) -> None:
-        """Stop the guest's clock and hold every callback until :meth:`resume`."""
-        if self._paused_at is not None:
-            return
-        self._paused_at = self.loop.time()
-        for key, (when, fn, handle) in list(self._pending.items()):
-            if handle is not None:
-                handle.cancel()
-            self._pending[key] = (when, fn, None)
+        """Stop the guest's clock; no callback is taken until :meth:`resume` (one that runs
+        now runs to its end)."""
+        with self._cond:
+            if self._paused_at is None:
+                self._paused_at = time.monotonic()
 
     def resume(self) -> None:
         """Start the clock again where it stopped; held callbacks run when they are due."""
-        if self._paused_at is None:
-            return
-        self._t0 += self.loop.time() - self._paused_at
-        self._paused_at = None
-        for key, (when, fn, _) in sorted(self._pending.items(), key=lambda kv: kv[1][0]):
-            self._pending[key] = (when, fn, self._arm(key, when, fn))
+        with self._cond:
+            if self._paused_at is not None:
+                self._t0 += time.monotonic() - self._paused_at
+                self._paused_at = None
+                self._cond.notify_all()
 
-    def next_due(self) -> float | None:
-        """Guest time of the next pending callback, if any."""
-        return min((when for when, _, _ in self._pending.values()), default=None)
+    def take(self, on_take: Callable[[], None] | None = None) -> Callable[[], None] | None:
+        """Wait until a callback is due and return it; None once :meth:`close` was called.
+        ``on_take`` runs before it is returned, atomically with respect to :meth:`pause`."""
+        with self._cond:
+            while not self._closed:
+                due = None if self._paused_at is not None else self.next_due()
+                wait = None if due is None else due - self.now()
+                if wait is not None and wait <= 0:
+                    if on_take is not None:
+                        on_take()
+                    return heapq.heappop(self._queue).fn
+                self._cond.wait(wait)
+            return None
+
+    def close(self) -> None:
+        """Make :meth:`take` return None, now and from now on."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def step(self) -> bool:
-        """Not available: the loop runs the callbacks."""
-        raise NotImplementedError("a LoopScheduler is driven by its asyncio loop")
+        """Not available: the guests' thread takes the callbacks."""
+        raise NotImplementedError("a ThreadScheduler's callbacks are taken by the guests' thread")

@@ -189,6 +189,8 @@ class HostMemory(abc.ABC, Closing):
             raise HostMemoryError(
                 f"{_describe(id, size)}: cannot map 0x{size:x} bytes: {exc}"
             ) from exc
+        # Reads slice this view: a memoryview copy costs a fraction of a ctypes call.
+        self._view = memoryview((ctypes.c_ubyte * size).from_address(self._addr)).cast("B")
         if page_size == host_page_size():
             # Like QEMU, ask for THP on all guest RAM (in THP "madvise" mode nothing else
             # would) and ignore failure: without THP the memory is slower, not broken.
@@ -417,9 +419,11 @@ class HostMemory(abc.ABC, Closing):
     def read(self, offset: int, length: int) -> bytes:
         """Copy ``length`` bytes starting at ``offset`` out of the backend (refused for a
         protected range)."""
-        addr = self._range_addr("read", offset, length)
+        # The checks inline (guests read often): _range_addr only to raise its error.
+        if self._closed or length < 0 or not 0 <= offset <= self.size - length:
+            self._range_addr("read", offset, length)
         self.check_access(offset, length)
-        return ctypes.string_at(addr, length)
+        return self._view[offset : offset + length].tobytes()
 
     def write(self, offset: int, data: bytes) -> None:
         """Copy ``data`` into the backend at ``offset`` (refused for a protected range)."""

@@ -18,6 +18,7 @@ with KVM's SLOT_ZAP_ALL quirk the re-fault of its working set), from constants m
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 from memslots.kvm.abi import PAGE_SHIFT, PAGE_SIZE
@@ -84,6 +85,12 @@ def slot_vmalloc_pages(base_gfn: int, npages: int, mmu: MmuConfig, dirty_log: bo
     """VmallocUsed pages one memslot costs, summed over its address spaces (x2 with SMM)."""
     if base_gfn < 0 or npages < 0:
         raise ValueError(f"negative base_gfn {base_gfn} or npages {npages}")
+    return _slot_vmalloc_pages(base_gfn, npages, mmu, dirty_log)
+
+
+@functools.lru_cache(maxsize=4096)
+def _slot_vmalloc_pages(base_gfn: int, npages: int, mmu: MmuConfig, dirty_log: bool) -> int:
+    # Cached: a simulation asks about the same few memslots at every change of the memory map.
     per_space = sum(vmalloc_area_pages(n) for _, n in slot_arrays(base_gfn, npages, mmu, dirty_log))
     return per_space * mmu.address_spaces
 

@@ -653,12 +653,20 @@ class GuestMemory:
 
     def read(self, gpa: int, length: int) -> bytes:
         """Copy ``length`` bytes of guest memory starting at ``gpa``."""
+        section = self.address_space.find(gpa)
+        if section is not None and 0 < length <= section.gpa + section.size - gpa:
+            return section.backend.read(section.offset + gpa - section.gpa, length)
         parts = [section.backend.read(offset, n) for section, offset, n in self.ranges(gpa, length)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, gpa: int, data: bytes) -> None:
         """Copy ``data`` into guest memory at ``gpa`` (all of it is checked before a byte is
         copied)."""
+        section = self.address_space.find(gpa)
+        if section is not None and 0 < len(data) <= section.gpa + section.size - gpa:
+            # One section: its backend checks the whole range before it copies.
+            section.backend.write(section.offset + gpa - section.gpa, data)
+            return
         done = 0
         for section, offset, n in self.ranges(gpa, len(data)):
             section.backend.write(offset, data[done : done + n])

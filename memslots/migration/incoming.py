@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from memslots.closing import Closing
 from memslots.errors import MemslotsError, MigrationError
@@ -31,11 +31,24 @@ from memslots.options import MigrationUri
 T = TypeVar("T")
 
 
+class Locker(Protocol):
+    """Runs a function with the machine to itself (no command or scrape meanwhile)."""
+
+    async def __call__(self, fn: Callable[[], T], /) -> T:
+        """``fn()``, holding the machine."""
+        ...
+
+
+async def _unlocked(fn: Callable[[], T], /) -> T:
+    return fn()
+
+
 class Incoming(Closing):
     """One incoming migration into ``machine`` (built with ``incoming=True``).
 
     Listening starts at construction (raises :class:`MigrationError` if it cannot);
     ``on_status`` hears every status change (QEMU's MIGRATION event on the destination).
+    Each section is applied to the machine through ``locked``.
     """
 
     def __init__(
@@ -43,10 +56,13 @@ class Incoming(Closing):
         machine: Machine,
         uri: MigrationUri,
         on_status: Callable[[MigrationStatus], None] = lambda status: None,
+        *,
+        locked: Locker = _unlocked,
     ) -> None:
         self.machine = machine
         self.uri = uri
         self.on_status = on_status
+        self._locked = locked
         self.status = MigrationStatus.NONE
         self.error: str | None = None
         self.listener = Listener(uri)
@@ -76,11 +92,11 @@ class Incoming(Closing):
             try:
                 while True:
                     record: SectionRecord | EndRecord = await self._in_thread(loader.next_record)
-                    if loader.apply(record):
+                    if await self._locked(functools.partial(loader.apply, record)):
                         break
-                return loader.finish()
+                return await self._locked(loader.finish)
             except BaseException:
-                loader.cancel()
+                await self._locked(loader.cancel)
                 raise
         except MemslotsError as exc:
             self.fail(str(exc) if isinstance(exc, MigrationError) else f"load failed: {exc}")

@@ -1,10 +1,11 @@
 """Live pre-copy: the source side of QMP ``migrate``, as QEMU 8.2 does it.
 
-:class:`Outgoing` runs as a task on the event loop that runs the machine. Whatever changes or
-reads the machine (device state, dirty logs, the guest's state, stopping the vCPUs) runs on the
-loop, between commands; only the bytes -- reading guest memory and writing the stream -- go to
-a worker thread, so the monitor answers (``query-migrate``) while RAM flows and the guest keeps
-running and writing its memory. The order (``docs/migration.md``):
+:class:`Outgoing` runs as a task on the event loop that serves the monitor. Whatever changes or
+reads the machine (device state, dirty logs, the guest's state) runs with the machine to itself
+(``SourceVm.locked``: between two guest requests, commands and scrapes); only the bytes --
+reading guest memory and writing the stream -- go to a worker thread without it, so the monitor
+answers (``query-migrate``) while RAM flows and the guest keeps running and writing its memory.
+The order (``docs/migration.md``):
 
 1. setup: connect; every virtio-mem device answers PLUG, UNPLUG and UNPLUG_ALL with BUSY (the
    bitmap and the memslot layout are frozen); header, CONFIG (with the fds of shared memory
@@ -16,10 +17,10 @@ running and writing its memory. The order (``docs/migration.md``):
    sent within ``downtime-limit`` at the speed the last round of dirty pages read guest
    memory (before any, only a rest of at most 1 MiB), else send them (through a bounce buffer:
    the guest keeps writing) limited to ``max-bandwidth``;
-3. switch-over: stop the vCPUs (STOP), sync once more, send the rest zero-copy and unthrottled,
-   the late states and the guest's STATE sections, END; wait for the destination's answer
-   (sockets: it loaded everything and runs), then ``completed``. The source stays paused
-   (``postmigrate``).
+3. switch-over: stop the vCPUs (STOP) and wait until nothing of the guest runs, sync once
+   more, send the rest zero-copy and unthrottled, the late states and the guest's STATE
+   sections, END; wait for the destination's answer (sockets: it loaded everything and runs),
+   then ``completed``. The source stays paused (``postmigrate``).
 
 A failure (the destination died or refused, a socket error) or ``migrate_cancel`` leaves the
 source as it was: the devices are no longer busy, dirty logging is off, and vCPUs this job
@@ -102,6 +103,21 @@ class SourceVm(Protocol):
     def pass_done(self, count: int) -> None:
         """Dirty logs were synced for the ``count``-th time (QEMU's MIGRATION_PASS)."""
         ...
+
+    async def locked(self, fn: Callable[[], T]) -> T:
+        """``fn()`` with the machine to itself: no guest request, command or scrape runs
+        meanwhile (the guests may run in a thread of their own)."""
+        ...
+
+    async def quiesce(self) -> None:
+        """After :meth:`stop_vcpus`: wait until nothing of the guest runs any more, so that its
+        state can be saved and its last writes are in the dirty logs."""
+        ...
+
+
+def _set_busy(devices: Sequence[tuple[Any, bool]]) -> None:
+    for dev, busy in devices:
+        dev.busy = busy
 
 
 class _Cancelled(MigrationError):
@@ -261,8 +277,7 @@ class Outgoing:
             self._endpoint = await connect(self.uri)
             if self._cancel.is_set():
                 raise _Cancelled("migration cancelled")
-            for dev, _ in busy:
-                dev.busy = True
+            await self.vm.locked(lambda: _set_busy([(dev, True) for dev, _ in busy]))
             await self._setup()
             self._set_status(MigrationStatus.ACTIVE)
             await self._switch_over(await self._precopy())
@@ -282,11 +297,14 @@ class Outgoing:
             self._failed(f"internal error: {exc!r}")
             raise
         finally:
-            with contextlib.suppress(MemslotsError):
-                m.kvm.stop_dirty_log()
-            self._tracker.close()
-            for dev, was in busy:
-                dev.busy = was
+
+            def restore() -> None:
+                with contextlib.suppress(MemslotsError):
+                    m.kvm.stop_dirty_log()
+                self._tracker.close()
+                _set_busy(busy)
+
+            await self.vm.locked(restore)
             if self._endpoint is not None:
                 self._endpoint.shutdown()  # a worker still blocked on it gives up
                 self._endpoint.close()
@@ -335,16 +353,20 @@ class Outgoing:
         for index, _, offset, length in ram_ranges(m, self.ignored):
             self._plugged.setdefault(index, []).append((offset, offset + length))
         await self._in_thread(write_setup, m, self._writer, self.ignored)
-        for block in sent:
-            self._tracker.track(block)
-        guest = GuestMemory(m.address_space)
-        for gpa, length in self.vm.dirty_gpa_ranges():
-            for section, offset, n in guest.ranges(gpa, length):
-                if isinstance(section.backend, HostMemory) and section.backend in sent:
-                    self._tracker.add_always_dirty(section.backend, offset, n)
-        logged = {id(b) for b in sent}
-        m.kvm.start_dirty_log(lambda section: id(section.backend) in logged)
-        self._collect_dirty()  # the first sync reports everything: the full pass sends it
+
+        def start_logging() -> None:
+            for block in sent:
+                self._tracker.track(block)
+            guest = GuestMemory(m.address_space)
+            for gpa, length in self.vm.dirty_gpa_ranges():
+                for section, offset, n in guest.ranges(gpa, length):
+                    if isinstance(section.backend, HostMemory) and section.backend in sent:
+                        self._tracker.add_always_dirty(section.backend, offset, n)
+            logged = {id(b) for b in sent}
+            m.kvm.start_dirty_log(lambda section: id(section.backend) in logged)
+            self._collect_dirty()  # the first sync reports everything: the full pass sends it
+
+        await self.vm.locked(start_logging)
         self.setup_ms = self._ms_since(self._t0)
 
     async def _precopy(self) -> Ranges:
@@ -353,7 +375,7 @@ class Outgoing:
         ranges = ram_ranges(self.machine, self.ignored)
         await self._send(ranges, full=True)
         while True:
-            dirty = self._collect_dirty()
+            dirty = await self.vm.locked(self._collect_dirty)
             remaining = sum(r[3] for r in dirty)
             bandwidth = self._estimated_bandwidth()
             self.expected_downtime_ms = int(remaining / bandwidth * 1000)
@@ -375,15 +397,20 @@ class Outgoing:
         if self.vm.vcpus_running():
             self.vm.stop_vcpus()
             self._stopped_vcpus = True
-        final = _merged(pending + self._collect_dirty())
+        await self.vm.quiesce()
+
+        def last_state() -> tuple[Ranges, Any]:
+            final = _merged(pending + self._collect_dirty())
+            states, virtio = self.vm.guest_state()
+            by_section = {
+                section_name(d): virtio[d.id]
+                for d in self.machine.virtio_mem_devices
+                if d.id is not None and d.id in virtio
+            }
+            return final, completion_sections(self.machine, states=states, virtio=by_section)
+
+        final, sections = await self.vm.locked(last_state)
         self.resent_bytes += sum(r[3] for r in final)
-        states, virtio = self.vm.guest_state()
-        by_section = {
-            section_name(d): virtio[d.id]
-            for d in self.machine.virtio_mem_devices
-            if d.id is not None and d.id in virtio
-        }
-        sections = completion_sections(self.machine, states=states, virtio=by_section)
         self._sink.throttled = False
 
         def finish() -> None:

@@ -29,17 +29,30 @@ resolve when they name exactly one object, as QEMU's ``object_resolve_path`` doe
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from memslots.devices.memory_device import MemoryDevice
 from memslots.devices.qom import QomObject, QomProperty, refuse
-from memslots.errors import GuestMemoryFault
+from memslots.errors import GuestMemoryFault, MonitorError
 from memslots.host.kmem import KmemMeter, current_or_system_meter
 from memslots.machine.machine import Machine
+from memslots.machine.runner import MachineRunner
 from memslots.machine.vm import GuestFault, GuestVm
 from memslots.memory.backends import MemoryBackend
-from memslots.monitor.qmp_server import Command, Param, QMPCommandError, QMPServer, check_value
+from memslots.monitor.qmp_server import (
+    Command,
+    Handler,
+    Param,
+    QMPCommandError,
+    QMPServer,
+    check_value,
+)
 from memslots.monitor.runstate import FINISH_MIGRATE, INMIGRATE, NEEDS_RESET, RUNNING
 from memslots.options import backend_from_args, device_from_args, id_wellformed
 from memslots.reports import (
@@ -51,6 +64,8 @@ from memslots.reports import (
 )
 from memslots.vhost.user.consumer import ConnectionState, VhostUserConsumer
 from memslots.vhost.user.wire import VhostUserConnection
+
+log = logging.getLogger("memslots.monitor.commands")
 
 PERIPHERAL = "/machine/peripheral/"
 ANON = "/machine/peripheral-anon/device[{}]"
@@ -163,12 +178,25 @@ class Monitor:
     ``device_added`` and ``device_removed`` are called after a successful ``device_add``
     (with the memory device) and ``device_del`` (with the id), so the runtime can attach or
     detach guest drivers.
+
+    With a ``runner``, every command that reads or changes the machine runs in the runner's
+    worker thread holding the machine lock (:meth:`MachineRunner.run`), so the loop stays free
+    while it waits for the machine; the others (``query-status``, ``quit``, ...) run on the loop
+    at once. Without one, everything runs on the loop.
     """
 
     def __init__(
-        self, runtime: Runtime, server: QMPServer | None = None, *, kmem: KmemMeter | None = None
+        self,
+        runtime: Runtime,
+        server: QMPServer | None = None,
+        *,
+        kmem: KmemMeter | None = None,
+        runner: MachineRunner | None = None,
     ) -> None:
         self.runtime = runtime
+        self.runner = runner
+        #: Events of the machine command that runs now; they follow its reply (see _emit).
+        self._held_events: list[tuple[str, dict[str, Any]]] | None = None
         #: Where ``x-query-kernel-metadata`` reads kernel memory (default: the process's meter).
         self._kmem = kmem
         self.server = server if server is not None else QMPServer()
@@ -176,12 +204,17 @@ class Monitor:
         #: The vhost-user back-ends that have our state listener (the objects themselves: an
         #: id() of a removed one can come back as a new back-end's).
         self._watched_vhost: set[VhostUserConsumer] = set()
-        #: Their connections the loop watches for a hang-up, each with its close listener.
-        self._watched_connections: dict[VhostUserConnection, Callable[[], None]] = {}
+        #: Their connections the loop watches for a hang-up: (close listener, end of watch).
+        self._watched_connections: dict[
+            VhostUserConnection, tuple[Callable[[], None], Callable[[], None]]
+        ] = {}
+        #: Hang-up checks running in the runner's worker.
+        self._checks: set[asyncio.Task[None]] = set()
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:  # a monitor built outside a loop serves no one, watches nothing
             self._loop = None
+        self._loop_thread = threading.get_ident()
         self.device_removed: list[Callable[[str], None]] = []
         self._providers: list[DeviceProvider] = []
         self._anon_paths: dict[MemoryDevice, str] = {}
@@ -227,37 +260,81 @@ class Monitor:
         """Have the loop tell us when a connected back-end's socket turns readable.
 
         A back-end sends nothing unasked on it, so that is its hang-up, which QEMU learns from
-        the chardev at once; one round trip (:meth:`VhostUserConsumer.check`) then finds it
-        gone and the loss is an event without waiting for the next memory-table change. The
-        watch ends just before the connection closes, while its descriptor is still its own.
+        the chardev at once; one round trip (:meth:`VhostUserConsumer.check`, holding the
+        machine lock) then finds it gone and the loss is an event without waiting for the next
+        memory-table change. Callable from any thread. The loop watches a duplicate of the
+        connection's descriptor: whichever thread closes the connection, the watch ends on the
+        loop afterwards, and no other socket can get that descriptor number meanwhile.
         """
-        frontend = backend.frontend
         loop = self._loop
-        if loop is None or frontend is None or not backend.connected:
+        if loop is None:
+            return
+        if threading.get_ident() != self._loop_thread:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._watch_connection, backend)
+            return
+        frontend = backend.frontend
+        if frontend is None or not backend.connected:
             return
         conn = frontend.connection
         if conn.closed or conn in self._watched_connections:
             return
-        fd = conn.fileno()
+        try:
+            fd = os.dup(conn.fileno())
+        except OSError as exc:  # out of descriptors: the loss shows at the next change
+            log.warning("cannot watch vhost-user back-end '%s': %s", backend.name, exc)
+            return
 
-        def unwatch() -> None:
-            self._watched_connections.pop(conn, None)
-            loop.remove_reader(fd)
+        def unwatch() -> None:  # on the loop
+            if self._watched_connections.pop(conn, None) is not None:
+                loop.remove_reader(fd)
+                os.close(fd)
 
-        loop.add_reader(fd, self._backend_readable, backend, conn)
-        conn.close_listeners.append(unwatch)
-        self._watched_connections[conn] = unwatch
+        def closed() -> None:  # whichever thread closes the connection
+            if threading.get_ident() == self._loop_thread:
+                unwatch()
+            else:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(unwatch)
 
-    def _backend_readable(self, backend: VhostUserConsumer, conn: VhostUserConnection) -> None:
-        if backend.frontend is not None and backend.frontend.connection is conn:
-            backend.check()  # a loss closes the connection, which ends the watch
-        else:
+        loop.add_reader(fd, self._backend_readable, backend, conn, fd)
+        conn.close_listeners.append(closed)
+        self._watched_connections[conn] = (closed, unwatch)
+
+    def _backend_readable(
+        self, backend: VhostUserConsumer, conn: VhostUserConnection, fd: int
+    ) -> None:
+        loop = self._loop
+        assert loop is not None
+        if backend.frontend is None or backend.frontend.connection is not conn or conn.closed:
             self._unwatch_connection(conn)  # no longer the back-end's connection
+            return
+        if self.runner is None:
+            backend.check()  # a loss closes the connection, which ends the watch
+            return
+        runner = self.runner
+        loop.remove_reader(fd)  # until the check is done: the socket stays readable
+
+        async def check() -> None:
+            try:
+                # By the time the lock is ours, the guests' thread may have read what woke
+                # the loop (the reply to its own request): then there is nothing to ask.
+                await runner.run(lambda: backend.check(unasked_only=True))
+            except MonitorError:
+                return  # shutting down
+            if conn in self._watched_connections:
+                loop.add_reader(fd, self._backend_readable, backend, conn, fd)
+
+        task = loop.create_task(check())
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
 
     def _unwatch_connection(self, conn: VhostUserConnection) -> None:
-        unwatch = self._watched_connections.get(conn)
-        if unwatch is not None:
-            conn.close_listeners.remove(unwatch)
+        entry = self._watched_connections.get(conn)
+        if entry is not None:
+            closed, unwatch = entry
+            if closed in conn.close_listeners:
+                conn.close_listeners.remove(closed)
             unwatch()
 
     def _vhost_state_changed(self, consumer: VhostUserConsumer) -> None:
@@ -268,7 +345,7 @@ class Monitor:
         data = {"id": consumer.name, "state": consumer.state.value}
         if consumer.state is ConnectionState.DISCONNECTED:
             data["reason"] = consumer.disconnect_reason or ""
-        self.server.emit_event("X_VHOST_USER_STATE", data)
+        self._emit("X_VHOST_USER_STATE", data)
 
     def _unwatch_vhost(self, backend: VhostUserConsumer) -> None:
         self._watched_vhost.discard(backend)
@@ -292,6 +369,8 @@ class Monitor:
             self._unwatch_vhost(backend)
         for conn in list(self._watched_connections):
             self._unwatch_connection(conn)
+        for task in self._checks:
+            task.cancel()
 
     def _unwatch(self, dev: MemoryDevice) -> None:
         self._watched.discard(dev)
@@ -316,17 +395,25 @@ class Monitor:
 
     # -- events ----------------------------------------------------------------------------------
 
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        # A command's events go out after its reply, as QEMU's do. On the loop that happens by
+        # itself (delivery goes through the loop); a command in the runner's worker holds them.
+        if self._held_events is not None:
+            self._held_events.append((name, data))
+        else:
+            self.server.emit_event(name, data)
+
     def _size_changed(self, dev: MemoryDevice, size: int) -> None:
         data: dict[str, Any] = {} if dev.id is None else {"id": dev.id}
         data["size"] = size
         # QEMU names the virtio-mem-pci proxy here (and throttles by this path).
         data["qom-path"] = self.qom_path(dev)
-        self.server.emit_event("MEMORY_DEVICE_SIZE_CHANGE", data)
+        self._emit("MEMORY_DEVICE_SIZE_CHANGE", data)
 
     def _device_deleted(self, dev_id: str | None, path: str) -> None:
         data: dict[str, Any] = {} if dev_id is None else {"device": dev_id}
         data["path"] = path
-        self.server.emit_event("DEVICE_DELETED", data)
+        self._emit("DEVICE_DELETED", data)
 
     # -- the command table -----------------------------------------------------------------------
 
@@ -338,11 +425,14 @@ class Monitor:
             Param("reserve", "bool", True),
             Param("prealloc", "bool", True),
         )
-        return [
-            Command("query-status", self._query_status),
-            Command("query-version", self._query_version),
-            Command("query-commands", self._query_commands),
-            Command("quit", self._quit),
+        # These never touch the machine: they are answered at once, whatever else runs.
+        free = [
+            Command("query-status", self._query_status, exclusive=False),
+            Command("query-version", self._query_version, exclusive=False),
+            Command("query-commands", self._query_commands, exclusive=False),
+            Command("quit", self._quit, exclusive=False),
+        ]
+        machine = [
             Command("stop", self._stop),
             Command("cont", self._cont),
             Command("system_reset", self._system_reset),
@@ -396,6 +486,33 @@ class Monitor:
             ),
             Command("x-query-guest", self._query_guest, (Param("verify", "bool", True),)),
         ]
+        return free + [
+            dataclasses.replace(c, handler=self._machine_command(c.handler)) for c in machine
+        ]
+
+    def _machine_command(self, handler: Handler) -> Handler:
+        """``handler`` as a command on the machine: in the runner's worker, if there is one."""
+        runner = self.runner
+        if runner is None:
+            return handler
+
+        async def in_machine(args: dict[str, Any]) -> object:
+            held: list[tuple[str, dict[str, Any]]] = []
+
+            def call() -> object:
+                self._held_events = held
+                try:
+                    return handler(args)
+                finally:
+                    self._held_events = None
+
+            try:
+                return await runner.run(call)
+            finally:
+                for name, data in held:
+                    self.server.emit_event(name, data)
+
+        return in_machine
 
     # -- general ---------------------------------------------------------------------------------
 
@@ -443,7 +560,7 @@ class Monitor:
         # QEMU resets in its main loop and then sends the event; commands run one at a time
         # here, so the reset is done before anyone sees the reply or the event.
         self.runtime.system_reset()
-        self.server.emit_event("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+        self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
         return {}
 
     def guest_memory_fault(self, fault: GuestFault) -> None:
@@ -460,8 +577,8 @@ class Monitor:
         if fault.block_address is not None:
             data["block-address"] = fault.block_address
         data["detected-by"] = fault.detected_by
-        self.server.emit_event("X_GUEST_MEMORY_FAULT", data)
-        self.server.emit_event("STOP", {})
+        self._emit("X_GUEST_MEMORY_FAULT", data)
+        self._emit("STOP", {})
 
     def _guest_memory_access(self, args: dict[str, Any]) -> object:
         write = bool(args.get("write", False))

@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from memslots.guest.linux import LinuxGuest
+from memslots.machine.runner import MachineRunner
 from memslots.machine.vm import GuestVm
-from memslots.monitor.qmp_server import Command, Param, QMPCommandError, QMPServer
+from memslots.monitor.qmp_server import Command, Handler, Param, QMPCommandError, QMPServer
 
 
 class GuestOwner(Protocol):
@@ -33,19 +34,40 @@ class GuestCommands:
     """``x-guest-workload``, ``x-guest-fill`` and ``x-guest-verify``, registered in
     ``server``."""
 
-    def __init__(self, owner: GuestOwner, server: QMPServer) -> None:
+    def __init__(
+        self, owner: GuestOwner, server: QMPServer, *, runner: MachineRunner | None = None
+    ) -> None:
         self.owner = owner
+        self.runner = runner
         server.register(
             Command(
                 "x-guest-workload",
-                self._workload,
+                self._locked(self._workload),
                 (Param("id", "str"), Param("units", "int"), Param("period", "number", True)),
             )
         )
-        server.register(Command("x-guest-verify", self._verify, (Param("id", "str"),)))
         server.register(
-            Command("x-guest-fill", self._fill, (Param("id", "str"), Param("size", "size")))
+            Command("x-guest-verify", self._locked(self._verify), (Param("id", "str"),))
         )
+        server.register(
+            Command(
+                "x-guest-fill",
+                self._locked(self._fill),
+                (Param("id", "str"), Param("size", "size")),
+            )
+        )
+
+    def _locked(self, handler: Handler) -> Handler:
+        """``handler`` in the runner's worker, holding the machine lock (the guests run in a
+        thread of their own)."""
+        runner = self.runner
+        if runner is None:
+            return handler
+
+        async def locked(args: dict[str, Any]) -> object:
+            return await runner.run(lambda: handler(args))
+
+        return locked
 
     def _driver(self, dev_id: str) -> LinuxGuest:
         gvm = self.owner.guest

@@ -14,8 +14,10 @@ metric names repeat (``memslots_consumer_free_memslots`` is ``ConsumerReport.fre
 :class:`Metrics` adds request latency histograms (fed through :meth:`Metrics.observe` by the
 guest channel) and serves it all over HTTP.
 
-The HTTP endpoint runs in the asyncio loop that runs the QMP server, so a scrape never reads the
-machine while a command changes it. It listens on 127.0.0.1 unless told otherwise.
+The HTTP endpoint runs in the asyncio loop that runs the QMP server; a scrape reads the machine
+holding the machine lock (in the runner's worker, when there is a runner: see
+:mod:`memslots.machine.runner`), so it never reads it while a command or a guest request changes
+it. It listens on 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.errors import MeasurementError, MonitorError
 from memslots.host.kmem import KmemMeter, current_or_system_meter
 from memslots.machine.machine import Machine
+from memslots.machine.runner import MachineRunner
 from memslots.reports import budget_report, kernel_metadata_report
 
 log = logging.getLogger("memslots.monitor.metrics")
@@ -211,9 +214,15 @@ class MachineCollector(Collector):
 
 
 class Metrics:
-    """The Prometheus registry of a running machine and its HTTP endpoint."""
+    """The Prometheus registry of a running machine and its HTTP endpoint.
 
-    def __init__(self, machine: Machine, kmem: KmemMeter | None = None) -> None:
+    With a ``runner``, scrapes read the machine in its worker thread (holding the machine lock).
+    """
+
+    def __init__(
+        self, machine: Machine, kmem: KmemMeter | None = None, runner: MachineRunner | None = None
+    ) -> None:
+        self.runner = runner
         self.registry = CollectorRegistry()
         self.registry.register(MachineCollector(machine, kmem))
         self.request_seconds = Histogram(
@@ -235,6 +244,11 @@ class Metrics:
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format."""
         return generate_latest(self.registry)
+
+    async def _collect(self) -> bytes:
+        if self.runner is None:
+            return self.exposition()
+        return await self.runner.run(self.exposition)
 
     async def start(self, port: int, host: str = DEFAULT_HOST) -> tuple[str, int]:
         """Serve ``GET /metrics`` on ``host:port`` in this loop; returns the bound address."""
@@ -263,7 +277,10 @@ class Metrics:
             if method not in ("GET", "HEAD"):
                 status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
             elif target.split("?", 1)[0] == "/metrics":
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.exposition()
+                try:
+                    status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, await self._collect()
+                except MonitorError as exc:  # the machine is shutting down
+                    status, ctype, body = "503 Service Unavailable", "text/plain", str(exc).encode()
             else:
                 status, ctype, body = "404 Not Found", "text/plain", b"see /metrics\n"
             writer.write(

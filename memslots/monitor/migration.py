@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from memslots.errors import MemslotsError, MigrationError
 from memslots.machine.machine import Machine
@@ -47,6 +48,8 @@ from memslots.monitor.runstate import (
 from memslots.options import MigrationUri, parse_migration_uri
 
 log = logging.getLogger("memslots.monitor.migration")
+
+T = TypeVar("T")
 
 
 class RunControl(Protocol):
@@ -95,6 +98,14 @@ class RunControl(Protocol):
         """The destination's load failed: the process must end with ``error``."""
         ...
 
+    async def locked(self, fn: Callable[[], T], /) -> T:
+        """``fn()`` with the machine to itself (between guest requests, commands, scrapes)."""
+        ...
+
+    async def quiesce(self) -> None:
+        """Wait until nothing of the (stopped) guest runs any more."""
+        ...
+
 
 class _Source:
     """The running machine as a migration source (``outgoing.SourceVm``)."""
@@ -139,6 +150,12 @@ class _Source:
     def pass_done(self, count: int) -> None:
         if self.monitor.caps.events:
             self.monitor.server.emit_event("MIGRATION_PASS", {"pass": count})
+
+    async def locked(self, fn: Callable[[], T]) -> T:
+        return await self.run.locked(fn)
+
+    async def quiesce(self) -> None:
+        await self.run.quiesce()
 
 
 class MigrationMonitor:
@@ -288,7 +305,9 @@ class MigrationMonitor:
     def start_incoming(self, uri: MigrationUri) -> Incoming:
         """Listen for the source (``-incoming URI`` or ``migrate-incoming``); the load runs
         as a task of the loop. Raises :class:`MigrationError` if it cannot listen."""
-        incoming = Incoming(self.runtime.machine, uri, self.migration_event)
+        incoming = Incoming(
+            self.runtime.machine, uri, self.migration_event, locked=self.runtime.locked
+        )
         self.incoming = incoming
         self._incoming_started = True
         self._start(self._load(incoming), f"incoming migration on {uri}")

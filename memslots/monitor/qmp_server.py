@@ -21,7 +21,8 @@ logs a traceback for every attempt while descriptors are exhausted.
 
 Commands live in a table (:class:`Command`) with an argument schema that is checked before the
 handler runs, so type, missing and unexpected-argument errors read like QEMU's. Commands run one
-at a time, whichever client sent them, so no command sees another's half-done change.
+at a time, whichever client sent them, so no command sees another's half-done change; those that
+read nothing another command changes (``exclusive=False``, e.g. ``query-status``) run at once.
 
 Events are rate-limited like QEMU's monitor: for an event in :data:`RATE_LIMITS`, the first one
 for a key (``MEMORY_DEVICE_SIZE_CHANGE``: its ``qom-path``) goes out at once, later ones within
@@ -43,6 +44,7 @@ import os
 import socket
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -143,6 +145,9 @@ class Command:
     open_args: bool = False
     discriminator: str | None = None
     branches: Mapping[str, tuple[Param, ...]] = field(default_factory=dict)
+    #: False: the command runs at once, not after the commands before it are done (they may
+    #: wait a while for the machine; ``query-status`` must not).
+    exclusive: bool = True
 
 
 def check_value(name: str, type_: ArgType, value: object, items: ArgType | None = None) -> Any:
@@ -545,11 +550,15 @@ class QMPServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._throttle: dict[tuple[str, str], _Throttle] = {}
         self._serial = 0
+        #: Events emitted and not yet taken by the loop (see emit_event).
+        self._incoming: list[dict[str, Any]] = []
+        self._incoming_lock = threading.Lock()
         self.register(
             Command(
                 "qmp_capabilities",
                 _accept_capabilities,
                 (Param("enable", "array", optional=True, items="str"),),
+                exclusive=False,
             )
         )
 
@@ -875,27 +884,32 @@ class QMPServer:
 
     async def _execute(self, command: Command, args: dict[str, Any]) -> object:
         checked = check_arguments(command, args)
+        if not command.exclusive:
+            return await self._call(command, checked)
         async with self._lock:
-            try:
-                result = command.handler(checked)
-                if inspect.isawaitable(result):
-                    result = await result
-                # Serialise here so a result that is not JSON is this command's error.
-                json.dumps(result, allow_nan=False)
-            except QMPCommandError:
-                raise
-            except MemslotsError as exc:
-                raise QMPCommandError(str(exc)) from exc
-            except Exception as exc:
-                # With a traceback, but once per command and interval: a failing host (out of
-                # descriptors, say) must not flood the log.
-                self._throttled.warning(
-                    f"command {command.name}",
-                    "qmp: command %s failed",
-                    command.name,
-                    exc_info=True,
-                )
-                raise QMPCommandError(f"internal error in {command.name}: {exc}") from exc
+            return await self._call(command, checked)
+
+    async def _call(self, command: Command, args: dict[str, Any]) -> object:
+        try:
+            result = command.handler(args)
+            if inspect.isawaitable(result):
+                result = await result
+            # Serialise here so a result that is not JSON is this command's error.
+            json.dumps(result, allow_nan=False)
+        except QMPCommandError:
+            raise
+        except MemslotsError as exc:
+            raise QMPCommandError(str(exc)) from exc
+        except Exception as exc:
+            # With a traceback, but once per command and interval: a failing host (out of
+            # descriptors, say) must not flood the log.
+            self._throttled.warning(
+                f"command {command.name}",
+                "qmp: command %s failed",
+                command.name,
+                exc_info=True,
+            )
+            raise QMPCommandError(f"internal error in {command.name}: {exc}") from exc
         return result
 
     # -- events ----------------------------------------------------------------------------------
@@ -915,8 +929,21 @@ class QMPServer:
             "data": dict(data),
             "timestamp": {"seconds": int(now), "microseconds": int(now * 1e6) % 1_000_000},
         }
+        # One wake-up of the loop for any number of events: each call_soon_threadsafe writes a
+        # byte into the loop's self-pipe, and a pipe filled by thousands of size changes would
+        # lose the byte that tells the loop of a signal (SIGTERM).
+        with self._incoming_lock:
+            self._incoming.append(event)
+            if len(self._incoming) > 1:
+                return  # the loop has not taken the earlier ones yet: it will take this too
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(self._queue_event, event)
+            loop.call_soon_threadsafe(self._take_incoming)
+
+    def _take_incoming(self) -> None:
+        with self._incoming_lock:
+            events, self._incoming = self._incoming, []
+        for event in events:
+            self._queue_event(event)
 
     def _queue_event(self, event: dict[str, Any]) -> None:
         name = event["event"]

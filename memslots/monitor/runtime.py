@@ -1,21 +1,26 @@
 """``memslots run``: the machine as a long-running process with a QMP monitor.
 
-One asyncio loop runs everything: the QMP server, the optional metrics endpoint, the guest
-drivers (on a :class:`~memslots.guest.sched.LoopScheduler`, so they never run in the middle of a
-monitor command) and the migration jobs (:mod:`memslots.monitor.migration`), which change the
-machine only from this loop and move bytes in worker threads. SIGTERM, SIGINT and QMP ``quit``
-shut down the same way: stop serving, end a migration that still runs, detach the guests,
-close the VM (the kernel frees every memslot with it) and release host memory.
+An asyncio loop serves QMP, the optional metrics endpoint and the signals, and runs the
+migration jobs (:mod:`memslots.monitor.migration`), which move bytes in worker threads; the
+guest drivers run in a thread of their own (:class:`~memslots.machine.runner.MachineRunner`, on
+a :class:`~memslots.guest.sched.ThreadScheduler`), and commands, scrapes and the migration steps
+that read or change the machine run in the runner's worker, all of them holding the machine
+lock. So the monitor answers while a guest resizes or a vhost-user back-end keeps a request
+waiting, and nothing runs in the middle of a guest request. SIGTERM, SIGINT and QMP ``quit``
+shut down the same way: stop the guests between two requests (interrupting any wait for a
+back-end), stop serving, end a migration that still runs, detach the guests, close the VM (the
+kernel frees every memslot with it) and release host memory.
 
 The run state (QEMU's RunState, for ``query-status``) lives in :class:`MachineRuntime` alone:
 ``running``, ``paused`` (QMP ``stop``), ``prelaunch`` (``-S``, or after a ``system_reset`` from
 ``internal-error``, as QEMU), ``inmigrate`` (``-incoming``), ``finish-migrate`` and
 ``postmigrate`` (a migration's switch-over and after), ``internal-error`` (a guest access to
 memory out of its reach stopped the VM: :class:`~memslots.machine.vm.GuestVm` stops its drivers
-and vCPU, and ``cont`` is refused until a reset), ``shutdown``. Pausing the guest pauses its
-scheduler: its clock stands still and nothing of it runs (STOP); ``cont`` starts both again
-(RESUME). A destination builds its guest only once the stream is loaded, from the source's
-STATE sections, and a destination whose load fails ends the process with that error.
+and vCPU, and ``cont`` is refused until a reset), ``shutdown``. Stopping the guest pauses its
+scheduler (its clock stands still and no callback starts) and holds its thread at the next
+request (STOP); ``cont`` starts both again (RESUME). A destination builds its guest only once
+the stream is loaded, from the source's STATE sections, and a destination whose load fails ends
+the process with that error.
 """
 
 from __future__ import annotations
@@ -25,17 +30,18 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from memslots.devices.memory_device import MemoryDevice
 from memslots.errors import ConfigError, DeviceError, MemslotsError, MigrationError
 from memslots.guest.linux import GuestOptions
-from memslots.guest.sched import LoopScheduler
+from memslots.guest.sched import ThreadScheduler
 from memslots.host.kmem import KmemMeter
 from memslots.kvm.abi import VmBackend
 from memslots.kvm.host import host_info, open_vm_meter
 from memslots.machine.machine import Machine, create_vm, uses_real_kvm
-from memslots.machine.vm import GuestFault, GuestVm, ObservedChannel
+from memslots.machine.runner import MachineRunner
+from memslots.machine.vm import CheckpointChannel, GuestFault, GuestVm, ObservedChannel
 from memslots.migration.machine import LoadedMachine, section_name
 from memslots.monitor.commands import Monitor
 from memslots.monitor.guest import GuestCommands
@@ -59,6 +65,8 @@ from memslots.options import (
 )
 
 log = logging.getLogger("memslots.monitor.runtime")
+
+T = TypeVar("T")
 
 #: Guest requests each guest driver keeps in its log: the process runs for as long as it is
 #: asked to, so the log is a bounded window (nothing here reads older requests).
@@ -95,14 +103,15 @@ class VhostUserProvider:
 class MachineRuntime:
     """The running machine as the monitor sees it (:class:`memslots.monitor.commands.Runtime`
     and :class:`memslots.monitor.migration.RunControl`): the machine, its guest, its run
-    state."""
+    state; ``runner`` holds the machine lock and runs the guests."""
 
     def __init__(
         self,
         machine: Machine,
         stopped: asyncio.Event,
         server: QMPServer,
-        sched: LoopScheduler,
+        sched: ThreadScheduler,
+        runner: MachineRunner,
         *,
         guest: bool = True,
         autostart: bool = True,
@@ -113,6 +122,7 @@ class MachineRuntime:
         self._stopped = stopped
         self.server = server
         self.sched = sched
+        self.runner = runner
         self.autostart = autostart
         self._state = INMIGRATE if incoming else RUNNING if autostart else PRELAUNCH
         if self._state != RUNNING:
@@ -151,9 +161,11 @@ class MachineRuntime:
         self._state = state
 
     def stop(self, state: str = PAUSED) -> bool:
-        """Stop the guest (STOP, if it ran) and enter ``state``; True if it was running."""
+        """Stop the guest (STOP, if it ran) and enter ``state``; True if it was running. Its
+        thread stops before its next request (:meth:`quiesce` waits for it to be idle)."""
         was_running = self._state == RUNNING
         self.sched.pause()
+        self.runner.pause()
         self._state = state
         if was_running:
             self.server.emit_event("STOP", {})
@@ -168,8 +180,22 @@ class MachineRuntime:
             for cb in list(self.restart_listeners):
                 cb()
         self._state = RUNNING
+        self.runner.resume()
         self.sched.resume()
         self.server.emit_event("RESUME", {})
+
+    async def quiesce(self) -> None:
+        """After :meth:`stop`: wait, off the loop, until the guests' thread runs no callback
+        (one that was held at a request runs on to its end: a migration's devices answer BUSY
+        meanwhile), so that the guest's state can be saved."""
+        await asyncio.to_thread(self.runner.wait_idle)
+
+    async def locked(self, fn: Callable[[], T], /) -> T:
+        """``fn()`` in the runner's worker holding the machine lock (directly once the runner
+        stopped: then nothing else runs)."""
+        if self.runner.stopping:
+            return fn()
+        return await self.runner.run(fn)
 
     def resume_incoming(self, loaded: LoadedMachine) -> None:
         """After an incoming load: the guest resumes from the source's STATE sections (it
@@ -236,6 +262,13 @@ class MachineRuntime:
         return self._guest.guest_access(address, write=write, value=value)
 
 
+def _interrupt_backends(machine: Machine) -> None:
+    # Called from the loop while another thread may wait for a back-end: the list is copied
+    # in one step, and interrupting is safe from any thread.
+    for dev in list(machine.vhost_user_devices):
+        dev.consumer.interrupt()
+
+
 async def serve(
     config: MachineConfig,
     endpoints: list[QmpEndpoint],
@@ -297,28 +330,33 @@ async def _serve(
     )
     machine = Machine(config, vm=vm, host=host_info(), incoming=incoming is not None)
     server = QMPServer()
+    runner = MachineRunner(interrupt=lambda: _interrupt_backends(machine))
+    sched = ThreadScheduler()
     runtime = MachineRuntime(
         machine,
         stopped,
         server,
-        LoopScheduler(loop),
+        sched,
+        runner,
         guest=guest,
         autostart=autostart,
         incoming=incoming is not None,
     )
-    monitor = Monitor(runtime, server, kmem=kmem)
+    monitor = Monitor(runtime, server, kmem=kmem, runner=runner)
     monitor.add_device_provider(VhostUserProvider(machine))
     migration = MigrationMonitor(runtime, server)
     monitor.migrating = lambda: migration.migrating
-    GuestCommands(runtime, server)
-    metrics = Metrics(machine, kmem) if metrics_port is not None else None
+    GuestCommands(runtime, server, runner=runner)
+    metrics = Metrics(machine, kmem, runner) if metrics_port is not None else None
 
     def observe(gvm: GuestVm, dev_ids: Sequence[str]) -> None:
-        if metrics is None:
-            return
+        # Each request: timed for the metrics, after a checkpoint of the guests' thread
+        # (outermost, so that waiting there is no part of a request's latency).
         for dev_id in dev_ids:
             g = gvm.guests[dev_id]
-            g.channel = ObservedChannel(g.channel, metrics.observe)
+            if metrics is not None:
+                g.channel = ObservedChannel(g.channel, metrics.observe)
+            g.channel = CheckpointChannel(g.channel, runner.checkpoint)
 
     def faulted(fault: GuestFault) -> None:
         runtime.guest_fault(fault)
@@ -352,7 +390,12 @@ async def _serve(
     monitor.device_removed.append(removed)
     try:
         if guest and incoming is None:
-            runtime.attach_guest(GuestVm(machine, runtime.sched, guest_options=_guest_options()))
+            runtime.attach_guest(GuestVm(machine, sched, guest_options=_guest_options()))
+        runner.start_guests(sched)
+        # Before listening: whoever sees the socket may already send SIGTERM.
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, runtime.quit)
         for ep in endpoints:
             if ep.path is not None:
                 await server.start_unix(ep.path)
@@ -365,9 +408,6 @@ async def _serve(
             log.info("metrics on http://%s:%d/metrics", host, port)
         if incoming is not None and incoming.transport != "defer":
             migration.start_incoming(incoming)
-        if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, runtime.quit)
         if ready is not None:
             ready(runtime)
         await stopped.wait()
@@ -375,6 +415,9 @@ async def _serve(
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+        # First the guests and the worker (within one request: back-end waits are interrupted),
+        # so that nothing else touches the machine from here on.
+        runner.stop()
         await server.close()
         await migration.close()
         if metrics is not None:

@@ -119,7 +119,9 @@ def figures(results: Sequence[SimResult]) -> dict[str, Any]:
         1, len(results), figsize=(4 * len(results), 4), squeeze=False, layout="constrained"
     )
     for i, (ax, r) in enumerate(zip(axes[0], results, strict=True)):
-        grid = [[1.0 if m else 0.0 for m in s.memslot_map] for s in r.steps]
+        grid = [
+            [1.0 if m else 0.0 for m in s.memslot_map] for s in r.steps if s.memslot_map is not None
+        ]
         columns = list(map(list, zip(*grid, strict=True))) if grid else [[0.0]]
         ax.imshow(
             columns,

@@ -115,7 +115,9 @@ class StepRecord:
     ideal_metadata_bytes: int
     single_metadata_bytes: int
     outcome: str
-    memslot_map: list[bool]
+    #: Which of the device's memslots are mapped after the step (only when asked for: a
+    #: 256-entry list per step is most of a long run's output).
+    memslot_map: list[bool] | None = None
     request_log: list[dict[str, object]] | None = None
     #: Where ``kernel_metadata_measured`` comes from: "cgroup", "system" (may include other
     #: processes), or None on the model.
@@ -134,9 +136,11 @@ class StepRecord:
 
     def as_dict(self) -> dict[str, object]:
         """The JSON shape of a step."""
-        d = dataclasses.asdict(self)
-        if self.request_log is None:
-            d.pop("request_log")
+        # Shallow: asdict's deep copy of every step's dicts and lists costs more than the step.
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for optional in ("memslot_map", "request_log"):
+            if d[optional] is None:
+                d.pop(optional)
         return d
 
 
@@ -260,12 +264,13 @@ class _MetadataIntegral:
         self.current = current
         self.total = 0.0
         self._since = sched.now()
-        self._bytes = current()
+        #: The metadata now (as of the last change of the map).
+        self.bytes = current()
 
     def advance(self) -> float:
         """Account for the time since the last change; the integral so far (byte-seconds)."""
         now = self.sched.now()
-        self.total += self._bytes * (now - self._since)
+        self.total += self.bytes * (now - self._since)
         self._since = now
         return self.total
 
@@ -281,7 +286,7 @@ class _MetadataIntegral:
     def commit(self) -> None:
         """The map changed now: close the interval at the old metadata."""
         self.advance()
-        self._bytes = self.current()
+        self.bytes = self.current()
 
 
 def run_trace(
@@ -294,11 +299,13 @@ def run_trace(
     strategy: str,
     latencies: dict[str, list[float]],
     request_log: bool = False,
+    memslot_maps: bool = False,
     progress: Callable[[int], None] | None = None,
     meter: KmemMeter | None = None,
 ) -> SimResult:
     """Run ``trace`` on a booted guest; one :class:`StepRecord` per step.
 
+    ``request_log`` and ``memslot_maps`` add each step's requests and memslot map to its record.
     On the real kernel the measured figure comes from ``meter``, which should have been opened
     before the VM was created (:func:`run_simulation` does); without one the innermost open
     meter of the process is used, else the system-wide VmallocUsed.
@@ -318,6 +325,7 @@ def run_trace(
             strategy=strategy,
             latencies=latencies,
             request_log=request_log,
+            memslot_maps=memslot_maps,
             progress=progress,
             meter=meter if real else None,
         )
@@ -333,6 +341,7 @@ def _run_trace(
     strategy: str,
     latencies: dict[str, list[float]],
     request_log: bool,
+    memslot_maps: bool,
     progress: Callable[[int], None] | None,
     meter: KmemMeter | None,
 ) -> SimResult:
@@ -381,12 +390,12 @@ def _run_trace(
             responses=dict(Counter(r.response for r in new)),
             memslot_creates=machine.kvm.creates - creates,
             memslot_deletes=machine.kvm.deletes - deletes,
-            kernel_metadata_bytes=machine.kvm.predicted_metadata_bytes(in_dev),
+            kernel_metadata_bytes=integral.bytes,
             kernel_metadata_measured=meter.read() - baseline if meter is not None else None,
             ideal_metadata_bytes=_ideal_metadata(dev, machine),
             single_metadata_bytes=single,
             outcome=res.outcome.value,
-            memslot_map=[m.mapped for m in dev.memslot_map()],
+            memslot_map=[m.mapped for m in dev.memslot_map()] if memslot_maps else None,
             request_log=[r.as_dict() for r in new] if request_log else None,
             kernel_metadata_source=source,
             kernel_metadata_source_model=source_model(),
@@ -411,6 +420,7 @@ def run_simulation(
     *,
     strategy: str = "dynamic",
     request_log: bool = False,
+    memslot_maps: bool = False,
     progress: Callable[[int], None] | None = None,
     vm_factory: Callable[[], VmBackend] | None = None,
     guest_options: GuestOptions | None = None,
@@ -418,7 +428,8 @@ def run_simulation(
 ) -> SimResult:
     """Build the machine for ``strategy``, boot the guest, run ``trace``, tear it all down.
 
-    ``working_set_frames`` is the guest working set the unmap-cost model assumes.
+    ``working_set_frames`` is the guest working set the unmap-cost model assumes;
+    ``request_log`` and ``memslot_maps`` are :func:`run_trace`'s.
     """
     dev_id = first_virtio_mem(config)
     config = with_strategy(config, dev_id, strategy)
@@ -449,6 +460,7 @@ def run_simulation(
                 strategy=strategy,
                 latencies=latencies,
                 request_log=request_log,
+                memslot_maps=memslot_maps,
                 progress=progress,
                 meter=meter,
             )

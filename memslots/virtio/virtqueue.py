@@ -203,7 +203,7 @@ class _Dma:
     :meth:`sync` must be called before each batch of lookups (each pop).
     """
 
-    __slots__ = ("_backends", "_buffers", "_cache", "_gens", "_seen", "_space", "_view", "memory")
+    __slots__ = ("_backends", "_buffers", "_gens", "_seen", "_space", "_view", "memory", "resolved")
 
     #: Bound on remembered buffers, so that a guest cycling through addresses costs no memory.
     CACHE_SIZE = 256
@@ -217,7 +217,8 @@ class _Dma:
         self._gens: tuple[int, ...] = ()
         #: :func:`last_access_change` when ``_gens`` were last found current.
         self._seen = 0
-        self._cache: dict[tuple[int, int], _Span] = {}
+        #: Buffers resolved since the memory map last changed, by ``(gpa, length)``.
+        self.resolved: dict[tuple[int, int], _Span] = {}
         self._view: object = None
 
     def moved(self) -> bool:
@@ -243,9 +244,9 @@ class _Dma:
         self._seen = last_access_change()
         self._gens = tuple(b.access_generation for b in self._backends)
         if view is self._view and not any(b.closed for b in self._backends):
-            self._cache = {k: span for k, span in self._cache.items() if span.reachable()}
+            self.resolved = {k: span for k, span in self.resolved.items() if span.reachable()}
             return _REACH
-        self._cache.clear()
+        self.resolved.clear()
         self._buffers = {k: v for k, v in self._buffers.items() if not v[1].closed}
         self._backends = tuple(v[1] for v in self._buffers.values())
         self._gens = tuple(b.access_generation for b in self._backends)
@@ -271,7 +272,7 @@ class _Dma:
 
     def span(self, gpa: int, length: int) -> _Span:
         """The host memory of ``[gpa, gpa+length)``; AddressSpaceError unless all of it is RAM."""
-        cache = self._cache
+        cache = self.resolved
         span = cache.get((gpa, length))
         if span is None:
             span = self._resolve(gpa, length)
@@ -434,8 +435,10 @@ class Chain:
     def read_out(self, n: int) -> bytes:
         """The first ``n`` bytes of the device-readable buffers (fewer if they hold fewer)."""
         spans = self._out
-        if len(spans) == 1 and spans[0].size >= n:
-            return spans[0].read(n)
+        if len(spans) == 1:  # the common case, inline: one contiguous buffer
+            span, buf = spans[0], spans[0].buf
+            if buf is not None and span.size >= n:
+                return bytes(buf[span.off : span.off + n])
         parts = []
         for span in spans:
             take = min(span.size, n)
@@ -460,9 +463,11 @@ class Chain:
                         f"buffer [0x{span.gpa:x}, +0x{span.size:x}) of the chain at head "
                         f"{self.head} went out of reach: {exc}"
                     ) from exc
-        if len(spans) == 1 and spans[0].size >= len(data):
-            spans[0].write(data)
-            return len(data)
+        if len(spans) == 1:  # the common case, inline: one contiguous buffer
+            span, buf = spans[0], spans[0].buf
+            if buf is not None and span.size >= len(data):
+                buf[span.off : span.off + len(data)] = data
+                return len(data)
         done = 0
         for span in spans:
             take = min(span.size, len(data) - done)
@@ -560,6 +565,7 @@ class VirtQueue:
     def _walk(self, head: int) -> Chain:
         rings = self._rings
         dma = rings.dma
+        resolved = dma.resolved
         table, base = rings.desc_buf, rings.desc_off
         limit = self.num
         index = head
@@ -585,13 +591,15 @@ class VirtQueue:
                 )
             if length == 0:
                 raise BufferAddressError(f"zero sized buffer in the chain at head {head}")
-            try:
-                span = dma.span(addr, length)
-            except AddressSpaceError as exc:
-                raise BufferAddressError(
-                    f"buffer [0x{addr:x}, +0x{length:x}) of the chain at head {head} is not "
-                    f"guest RAM: {exc}"
-                ) from exc
+            span = resolved.get((addr, length))  # the buffers the driver used before
+            if span is None:
+                try:
+                    span = dma.span(addr, length)
+                except AddressSpaceError as exc:
+                    raise BufferAddressError(
+                        f"buffer [0x{addr:x}, +0x{length:x}) of the chain at head {head} is not "
+                        f"guest RAM: {exc}"
+                    ) from exc
             if flags & DESC_F_WRITE:
                 chain._in.append(span)
                 chain.in_len += length

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import AMD_HOST, requires_kvm, requires_memcg
 from kmem_support import STOCK_TOLERANCE, VCPU_MMU_ALLOWANCE, Stressor
+from machines import ACCEPTANCE
 
 from memslots import demo as demo_module
 from memslots.cli import main as cli
@@ -22,15 +23,6 @@ from memslots.errors import (
 from memslots.kvm.abi import VmBackend
 from memslots.kvm.cost import unmap_cost
 from memslots.sizes import GiB, TiB
-
-ACCEPTANCE = [
-    "-m",
-    "4G,maxmem=1028G",
-    "-object",
-    "memory-backend-ram,id=mem0,size=1T,reserve=off",
-    "-device",
-    "virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on",
-]
 
 
 def run(args: list[str]) -> tuple[int, str, str]:

@@ -91,7 +91,7 @@ def test_simulate_on_real_kvm_matches_the_model(memslot_stressor: Stressor) -> N
         accel="kvm",
     )
     trace = scenario("sawtooth", 32 * GiB, 2 * MiB, steps=4)
-    result = run_simulation(cfg, trace, strategy="dynamic", request_log=True)
+    result = run_simulation(cfg, trace, strategy="dynamic", request_log=True, memslot_maps=True)
     assert result.real_kvm and result.violations == []
     for step in result.steps:
         assert step.plugged == step.requested
@@ -100,6 +100,7 @@ def test_simulate_on_real_kvm_matches_the_model(memslot_stressor: Stressor) -> N
         assert measured is not None and model is not None
         # Below: the slab stocks; above: the vCPU's MMU.
         assert -STOCK_TOLERANCE < measured - model <= VCPU_MMU_ALLOWANCE, step
+        assert step.memslot_map is not None
         assert step.memslots_mapped == sum(step.memslot_map)
 
 
@@ -174,6 +175,14 @@ def test_simulate_compare_strategies() -> None:
     # fewer, larger memslots cost more metadata than small ones covering the same memory
     assert last["fixed:512M"]["kernel_metadata_bytes"] < last["single"]["kernel_metadata_bytes"]
     assert last["dynamic"]["memslots_mapped"] == 8  # 16 memslots of 1 GiB, half plugged
+    # Each step's memslot map only when asked for (it would be most of a long run's output).
+    assert all("memslot_map" not in s for r in by.values() for s in r["steps"])
+    result = CliRunner().invoke(cli.main, [*args, "--memslot-map"])
+    assert result.exit_code == 0, result.stderr
+    by = {r["strategy"]: r for r in json.loads(result.stdout)["strategies"]}
+    for r in by.values():
+        assert all(s["memslots_mapped"] == sum(s["memslot_map"]) for s in r["steps"])
+    assert len(by["fixed:512M"]["steps"][-1]["memslot_map"]) == 32
 
 
 @slow

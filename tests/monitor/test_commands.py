@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,16 @@ from qmp_support import (
     sent_so_far,
     serving,
     snapshot,
+    socket_dir,
 )
 
 from memslots.devices.memory_device import MemoryDevice
 from memslots.guest.inorder import drive_to
 from memslots.kvm.model import KvmModel
 from memslots.machine.machine import Machine
+from memslots.machine.runner import MachineRunner
+from memslots.monitor.commands import Monitor
+from memslots.monitor.qmp_server import QMPServer
 from memslots.monitor.runtime import VhostUserProvider
 from memslots.options import parse_machine_config
 from memslots.sizes import GiB, MiB
@@ -814,5 +819,41 @@ def test_removed_anonymous_devices_are_forgotten_and_their_paths_reused() -> Non
                 )
                 gc.collect()
                 assert [ref() for ref in gone] == [None, None, None]
+
+
+def test_with_a_runner_commands_run_in_its_worker_and_events_follow_replies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``memslots run``'s monitor: commands on the machine run in the runner's worker holding
+    the machine lock; the events they cause still come after their replies."""
+
+    async def main() -> None:
+        with make_machine() as m, socket_dir() as d:
+            runner = MachineRunner()
+            monitor = Monitor(FakeRuntime(m), QMPServer(), runner=runner)
+            where: list[str] = []
+            remove = m.remove_device
+
+            def watched(dev_id: str) -> None:
+                where.append(threading.current_thread().name)
+                remove(dev_id)
+
+            monkeypatch.setattr(m, "remove_device", watched)
+            path = f"{d}/qmp.sock"
+            await monitor.server.start_unix(path)
+            try:
+                raw = await RawClient.open(path)
+                await raw.send(b'{"execute": "device_del", "arguments": {"id": "dimm0"}}\n')
+                lines = [json.loads(await raw.reader.readline()) for _ in range(2)]
+                assert lines[0] == {"return": {}}
+                assert lines[1]["event"] == "DEVICE_DELETED"
+                assert lines[1]["data"] == {"device": "dimm0", "path": "/machine/peripheral/dimm0"}
+                assert "dimm0" not in m.devices
+                await raw.close()
+            finally:
+                await monitor.server.close()
+                monitor.close()
+                runner.stop()
+            assert len(where) == 1 and where[0].startswith("machine")  # the worker's name
 
     run(main())

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import stat
 import sys
+import threading
 from typing import Any
 
 import pytest
@@ -346,6 +348,37 @@ def test_events_go_to_negotiated_clients_only() -> None:
     run(main())
 
 
+def test_a_flood_of_events_from_another_thread_loses_no_signal() -> None:
+    """Every call_soon_threadsafe writes a byte into the loop's self-pipe; events emitted by a
+    guest thread while the loop is busy must not fill it, or the byte of a SIGTERM is lost."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        got = asyncio.Event()
+        loop.add_signal_handler(signal.SIGUSR1, got.set)
+        try:
+            with socket_dir() as d:
+                server = QMPServer()
+                await server.start_unix(f"{d}/qmp.sock")
+                try:
+
+                    def flood() -> None:
+                        for i in range(20_000):
+                            server.emit_event("X_TEST", {"i": i})
+
+                    thread = threading.Thread(target=flood)
+                    thread.start()
+                    thread.join()  # the loop does not run meanwhile
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                    await asyncio.wait_for(got.wait(), 10)
+                finally:
+                    await server.close()
+        finally:
+            loop.remove_signal_handler(signal.SIGUSR1)
+
+    run(main())
+
+
 def test_rate_limit_per_key() -> None:
     clock = ManualClock()
 
@@ -409,6 +442,29 @@ def test_commands_run_one_at_a_time() -> None:
         assert len(log) == 12
         for i in range(0, 12, 2):
             assert log[i].split()[1] == log[i + 1].split()[1]
+
+    run(main())
+
+
+def test_a_command_that_is_not_exclusive_does_not_wait_for_the_others() -> None:
+    """While a command waits (for the machine, say), query-status is answered."""
+    release = asyncio.Event()
+
+    async def waiting(args: dict[str, Any]) -> object:
+        await release.wait()
+        return {}
+
+    async def main() -> None:
+        with make_machine() as m:
+            async with serving(m) as (monitor, path):
+                monitor.server.register(Command("x-wait", waiting))
+                async with qmp_client(path, "a") as a, qmp_client(path, "b") as b:
+                    pending = asyncio.create_task(a.execute("x-wait"))
+                    await asyncio.sleep(0.01)
+                    assert (await b.execute("query-status"))["status"] == "running"
+                    assert not pending.done()  # answered while the other one still waits
+                    release.set()
+                    assert await pending == {}
 
     run(main())
 

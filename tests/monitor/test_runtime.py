@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,13 +22,16 @@ import pytest
 from backends import QemuStorageDaemon, memfd_mappings
 from conftest import requires_kvm, requires_memcg, requires_qsd
 from kmem_support import memory_cgroup_of
+from machines import ACCEPTANCE
 from qemu.qmp import ExecuteError
-from qmp_support import Client, next_event
+from qmp_support import Client, next_event, qmp_client, socket_dir
 
 from memslots.errors import EXIT_TIMEOUT
 from memslots.host.kmem import locate_memory_cgroup, open_meter
-from memslots.options import QmpEndpoint, parse_machine_config
+from memslots.monitor.runtime import MachineRuntime, serve
+from memslots.options import MachineConfig, QmpEndpoint, parse_machine_config
 from memslots.sizes import GiB, KiB
+from memslots.vhost.user.consumer import ConnectionState, VhostUserConsumer
 
 MACHINE = [
     "-m",
@@ -616,3 +619,129 @@ def test_resize_wait_ends_with_the_guests_reason() -> None:
         assert reached.returncode == 0 and json.loads(reached.stdout)["reached"] is True
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
+
+
+# -- always responsive: the guests run in a thread of their own ------------------------------
+
+
+async def serve_in_process(
+    config: MachineConfig, sock: str, go: Callable[[MachineRuntime], Awaitable[None]]
+) -> None:
+    """``memslots run``'s serve() in this loop; ``go`` drives it once it listens."""
+    started: asyncio.Future[MachineRuntime] = asyncio.get_running_loop().create_future()
+    server = asyncio.create_task(
+        serve(
+            config,
+            [QmpEndpoint(path=sock)],
+            ready=started.set_result,
+            install_signals=False,
+        )
+    )
+    runtime = await asyncio.wait_for(started, 20)
+    try:
+        await go(runtime)
+    finally:
+        runtime.quit()
+        await asyncio.wait_for(server, 20)
+
+
+def test_commands_are_answered_in_the_middle_of_a_resize() -> None:
+    """A 0 -> 256 GiB grow is 2048 requests: a query issued after the first size change is
+    answered between two of them, long before the resize completes."""
+    config = parse_machine_config(
+        "4G,maxmem=260G",
+        ["memory-backend-ram,id=mem0,size=256G,reserve=off"],
+        ["virtio-mem,id=vmem0,memdev=mem0,dynamic-memslots=on"],
+        accel="sim",
+    )
+    target = 256 * GiB
+
+    async def go(runtime: MachineRuntime) -> None:
+        async with qmp_client(sock) as qmp:
+            with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as sizes:
+                await qmp.execute(
+                    "qom-set", {"path": "vmem0", "property": "requested-size", "value": target}
+                )
+                first = await next_event(sizes, 20)
+                assert 0 < first["data"]["size"] < target
+                status = await qmp.execute("query-status")
+                assert status["status"] == "running"
+                # a command on the machine too: it gets its turn between two guest requests
+                mid = await qmp.execute("qom-get", {"path": "vmem0", "property": "size"})
+                assert 0 < mid < target
+                while (await next_event(sizes, 60))["data"]["size"] != target:
+                    pass
+            assert await qmp.execute("qom-get", {"path": "vmem0", "property": "size"}) == target
+
+    with socket_dir() as d:
+        sock = f"{d}/qmp.sock"
+        asyncio.run(serve_in_process(config, sock, go))
+
+
+def test_a_hung_back_end_holds_neither_the_monitor_nor_shutdown(tmp_path: Path) -> None:
+    """While a memory-map commit waits for a vhost-user back-end that stopped answering, QMP
+    answers; ``quit`` interrupts the wait instead of sitting out the back-end's timeout."""
+    from backends import FakeBackend
+
+    with socket_dir() as d:
+        # Negotiation takes 8 requests (GET_CONFIG last); then each memslot is ADD_MEM_REG and
+        # GET_FEATURES: the third memslot's ADD_MEM_REG gets no answer.
+        fake = FakeBackend(f"{d}/backend.sock", mute_after=8 + 2 * 2)
+        config = parse_machine_config(
+            "1G,maxmem=9G",
+            ["memory-backend-memfd,id=mem0,size=8G,share=on"],
+            [
+                "vhost-user-blk-pci,id=disk0,chardev=blk0,memslot-accounting=precise",
+                "virtio-mem,id=vmem0,memdev=mem0,memslot-size=1G",
+            ],
+            accel="sim",
+            chardevs=[f"socket,id=blk0,path={fake.path}"],
+        )
+        sock = f"{d}/qmp.sock"
+        consumer: list[VhostUserConsumer] = []
+
+        async def go(runtime: MachineRuntime) -> None:
+            consumer.append(runtime.machine.vhost_devices["disk0"].consumer)
+            async with qmp_client(sock) as qmp:
+                await qmp.execute(
+                    "qom-set", {"path": "vmem0", "property": "requested-size", "value": 4 * GiB}
+                )
+                # A request got no answer: the guest's request waits for the back-end.
+                deadline = time.monotonic() + 20
+                while len(fake.log) <= 8 + 2 * 2:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.005)
+                status = await qmp.execute("query-status")
+                assert status["status"] == "running"
+                assert consumer[0].state is ConnectionState.CONNECTED  # still waiting
+
+        try:
+            asyncio.run(serve_in_process(config, sock, go))
+        finally:
+            fake.close()
+        # quit ended the wait: the back-end was cut off as interrupted, not timed out
+        assert fake.log[8:] == ["ADD_MEM_REG", "GET_FEATURES"] * 2 + ["ADD_MEM_REG"]
+        assert consumer[0].disconnect_reason is not None
+        assert consumer[0].disconnect_reason.endswith("ADD_MEM_REG: interrupted")
+
+
+def test_sigterm_in_the_middle_of_a_resize() -> None:
+    async def go(sock: str) -> int:
+        qmp = Client("test")
+        await qmp.connect(sock)
+        with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as sizes:
+            await qmp.execute(
+                "qom-set", {"path": "vmem0", "property": "requested-size", "value": 1 << 40}
+            )
+            await next_event(sizes, 20)
+        size: int = await qmp.execute("qom-get", {"path": "vmem0", "property": "size"})
+        with contextlib.suppress(Exception):
+            await qmp.disconnect()
+        return size
+
+    with running("-accel", "sim", machine=ACCEPTANCE) as (proc, sock):
+        mid = asyncio.run(go(sock))
+        assert 0 < mid < 1 << 40  # 8192 requests to go: the resize is far from done
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert not Path(sock).exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 VIRTIO_ID_MEM = 24
 #: ``nb_blocks`` is a le16: one request covers at most this many blocks.
@@ -56,8 +57,11 @@ _RESP = struct.Struct("<H6xH")
 _CONFIG = struct.Struct("<QH6xQQQQQ")
 
 
-@dataclass(frozen=True)
-class Request:
+# Requests and responses are named tuples, not frozen dataclasses: one of each per request,
+# and a tuple is built in a third of the time.
+
+
+class Request(NamedTuple):
     """A guest request: 24 bytes, padding ignored."""
 
     type: int
@@ -66,17 +70,15 @@ class Request:
 
     def pack(self) -> bytes:
         """The 24-byte wire form."""
-        return _REQ.pack(self.type, self.addr, self.nb_blocks)
+        return _REQ.pack(*self)
 
     @classmethod
     def unpack(cls, data: bytes) -> Request:
         """Parse the first 24 bytes of ``data`` (the caller checks the length)."""
-        type_, addr, nb = _REQ.unpack_from(data)
-        return cls(type_, addr, nb)
+        return cls._make(_REQ.unpack_from(data))
 
 
-@dataclass(frozen=True)
-class Response:
+class Response(NamedTuple):
     """A device response: 10 bytes; ``state`` is meaningful for STATE only."""
 
     type: int
@@ -84,13 +86,12 @@ class Response:
 
     def pack(self) -> bytes:
         """The 10-byte wire form."""
-        return _RESP.pack(self.type, self.state)
+        return _RESP.pack(*self)
 
     @classmethod
     def unpack(cls, data: bytes) -> Response:
         """Parse a 10-byte response."""
-        type_, state = _RESP.unpack_from(data)
-        return cls(type_, state)
+        return cls._make(_RESP.unpack_from(data))
 
 
 @dataclass(frozen=True)

@@ -207,8 +207,12 @@ class VhostUserConsumer(VhostBackend):
         """Stop sending changes (the table is still recorded)."""
         self._started = False
 
-    def check(self) -> ConnectionState:
-        """Ask a connected back-end whether it is still there (one round trip)."""
+    def check(self, *, unasked_only: bool = False) -> ConnectionState:
+        """Ask a connected back-end whether it is still there (one round trip); with
+        ``unasked_only``, only if its connection has something nobody asked for (a hang-up,
+        not the reply another thread already read)."""
+        if unasked_only and (self.frontend is None or not self.frontend.connection.unasked()):
+            return self.state
         if self.state is ConnectionState.CONNECTED:
             assert self.frontend is not None
             try:
@@ -216,6 +220,16 @@ class VhostUserConsumer(VhostBackend):
             except VhostError as exc:
                 self._lost(str(exc))
         return self.state
+
+    def interrupt(self) -> None:
+        """End a wait for the back-end now; callable from any thread (at shutdown).
+
+        The request waiting fails as if the back-end had died, so it is marked disconnected and
+        the memory-map commit goes on without it.
+        """
+        frontend = self.frontend
+        if frontend is not None:
+            frontend.connection.interrupt()
 
     def reconnect(self) -> None:
         """Connect again, renegotiate and replay the whole table (after a restart of the

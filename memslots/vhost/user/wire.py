@@ -9,7 +9,9 @@ frames messages and passes fds; what to send when is :mod:`memslots.vhost.user.f
 from __future__ import annotations
 
 import array
+import contextlib
 import enum
+import select
 import socket
 import struct
 import time
@@ -119,6 +121,8 @@ class VhostUserConnection:
         self.messages = 0
         self.seconds = 0.0
         self.close_listeners: list[Callable[[], None]] = []
+        #: Set by :meth:`interrupt`.
+        self.interrupted = False
         self._sock: socket.socket | None = socket.socket(
             socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
         )
@@ -139,6 +143,17 @@ class VhostUserConnection:
     def fileno(self) -> int:
         """The socket's descriptor (raises :class:`VhostDisconnectedError` once closed)."""
         return self._socket().fileno()
+
+    def unasked(self) -> bool:
+        """Whether something waits to be read that nobody asked for: bytes or the back-end's
+        hang-up (call it with no reply outstanding; it never blocks)."""
+        sock = self._sock
+        if sock is None:
+            return False
+        # poll, not recv(MSG_DONTWAIT): a socket with a timeout waits before it receives.
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
@@ -192,6 +207,11 @@ class VhostUserConnection:
             while got < n:
                 k = sock.recv_into(view[got:])
                 if k == 0:
+                    if self.interrupted:
+                        raise VhostDisconnectedError(
+                            f"vhost-user back-end at '{self.path}': waiting for the reply to "
+                            f"{req.name}: interrupted"
+                        )
                     raise VhostDisconnectedError(
                         f"vhost-user back-end at '{self.path}' closed the connection "
                         f"instead of answering {req.name}"
@@ -205,7 +225,22 @@ class VhostUserConnection:
 
     def _lost(self, doing: str, exc: OSError) -> VhostDisconnectedError:
         why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        if self.interrupted:
+            why = "interrupted"
         return VhostDisconnectedError(f"vhost-user back-end at '{self.path}': {doing}: {why}")
+
+    def interrupt(self) -> None:
+        """End any wait for the back-end now; callable from any thread.
+
+        The socket is shut down, so a call waiting for a reply fails at once, as do later ones
+        (:class:`VhostDisconnectedError`, "interrupted"); the socket stays open until
+        :meth:`close`.
+        """
+        sock = self._sock
+        if sock is not None:
+            self.interrupted = True
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         """Close the socket (the back-end then drops its whole memory table)."""
