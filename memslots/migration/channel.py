@@ -167,6 +167,10 @@ class SocketSource:
             if not self._unix:
                 return self.sock.recv_into(view)
             n, ancdata, flags, _ = self.sock.recvmsg_into([view], _FD_SPACE)
+        except ConnectionResetError:
+            # A source that died with our "ready" unread resets the connection instead of
+            # closing it: the stream ended there, as with a close.
+            return 0
         except OSError as exc:
             raise MigrationError(f"migration stream: cannot receive: {exc}") from exc
         for level, kind, data in ancdata:
@@ -224,9 +228,12 @@ class BytesSource:
 # -- connections for a URI -----------------------------------------------------------------------
 
 #: The destination's answer after the END record: 0 and nothing else (loaded, running), or 1
-#: and a u32-length-prefixed UTF-8 message (the load failed: why).
+#: and a u32-length-prefixed UTF-8 message (the load failed: why). Before it, once, 2: the
+#: setup (CONFIG and every early state) is loaded, the source may switch over (as QEMU's
+#: switchover-ack).
 _RESULT_OK = b"\x00"
 _RESULT_FAILED = b"\x01"
+_READY = b"\x02"
 
 
 class Endpoint(Closing):
@@ -275,8 +282,28 @@ class Endpoint(Closing):
         with contextlib.suppress(OSError):
             self.sock.sendall(data)
 
+    def send_ready(self) -> None:
+        """The destination loaded the setup (best effort, as :meth:`send_result`)."""
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.sendall(_READY)
+
+    def read_ready(self) -> None:
+        """Wait for the destination's :meth:`send_ready`; raises :class:`MigrationError` with
+        its message if it failed instead, or if the connection ended."""
+        assert self.sock is not None
+        head = self._recv_exactly(1)
+        if head == _READY:
+            return
+        if head == _RESULT_FAILED:
+            length = int.from_bytes(self._recv_exactly(4), "little")
+            reason = self._recv_exactly(length).decode(errors="replace")
+            raise MigrationError(f"the destination failed: {reason}")
+        raise MigrationError(f"the destination answered {head!r} before loading the setup")
+
     def read_result(self, timeout: float | None = None) -> str | None:
-        """The destination's answer: None if it loaded the stream, else its message.
+        """The destination's answer: None if it loaded the stream, else its message (a ready
+        message not read yet is passed over).
 
         Raises :class:`MigrationError` if the connection ended without an answer (or none
         came within ``timeout`` seconds).
@@ -285,6 +312,8 @@ class Endpoint(Closing):
         self.sock.settimeout(timeout)
         try:
             head = self._recv_exactly(1)
+            if head == _READY:
+                head = self._recv_exactly(1)
             if head == _RESULT_OK:
                 return None
             if head != _RESULT_FAILED:

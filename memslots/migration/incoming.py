@@ -89,11 +89,17 @@ class Incoming(Closing):
             loader = self._loader = MachineLoader(
                 self.machine, StreamReader(self._endpoint.source())
             )
+            ready = False
             try:
                 while True:
                     record: SectionRecord | EndRecord = await self._in_thread(loader.next_record)
                     if await self._locked(functools.partial(loader.apply, record)):
                         break
+                    if not ready and loader.setup_loaded:
+                        # The source may switch over now: what it then waits for no longer
+                        # includes mapping our memslots.
+                        self._endpoint.send_ready()
+                        ready = True
                 return await self._locked(loader.finish)
             except BaseException:
                 await self._locked(loader.cancel)

@@ -477,6 +477,12 @@ class MachineLoader:
                 if isinstance(consumer, VhostUserConsumer):
                     consumer.refresh_fds()
 
+    @property
+    def setup_loaded(self) -> bool:
+        """CONFIG and every device's early state are in: the memslots that hold plugged
+        memory are mapped, and what is left is RAM and the states the switch-over sends."""
+        return self._config is not None and self._early == set(self._devices)
+
     def _on_early(self, record: SectionRecord) -> None:
         dev = self._device(record, EARLY_VERSION)
         if record.name in self._early:

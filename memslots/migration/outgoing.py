@@ -15,8 +15,9 @@ The order (``docs/migration.md``):
 2. active: a full pass over what travels (boot RAM, the plugged blocks), then rounds: sync the
    logs, keep the dirty pages that travel (never an unplugged block), and stop once they can be
    sent within ``downtime-limit`` at the speed the last round of dirty pages read guest
-   memory (before any, only a rest of at most 1 MiB), else send them (through a bounce buffer:
-   the guest keeps writing) limited to ``max-bandwidth``;
+   memory (before any, only a rest of at most 1 MiB) and the destination said it loaded the
+   setup, else send them (through a bounce buffer: the guest keeps writing) limited to
+   ``max-bandwidth``;
 3. switch-over: stop the vCPUs (STOP) and wait until nothing of the guest runs, sync once
    more, send the rest zero-copy and unthrottled, the late states and the guest's STATE
    sections, END; wait for the destination's answer (sockets: it loaded everything and runs),
@@ -221,6 +222,8 @@ class Outgoing:
         self._full_rate = 0.0
         self._last_sync = time.monotonic()
         self._stopped_vcpus = False
+        #: The destination loaded the setup (its "ready" came).
+        self._ready = False
 
     # -- control -----------------------------------------------------------------------------
 
@@ -384,20 +387,37 @@ class Outgoing:
             # cost a record each; the full pass read long runs), only a small rest may go
             # in the downtime.
             fits = remaining <= bandwidth * self.params.downtime_limit / 1000
-            if fits and (self._bandwidth or remaining <= _MIN_MEASURED_BYTES):
+            measured = self._bandwidth or remaining <= _MIN_MEASURED_BYTES
+            # A destination still mapping its memslots would make the downtime wait for it:
+            # after waiting for it, these pages go live and the next round decides afresh.
+            if fits and measured and await self._destination_ready():
                 return dirty
             self.resent_bytes += remaining
             await self._send(dirty)
 
+    async def _destination_ready(self) -> bool:
+        """Whether the destination had said it loaded the setup; else wait until it does and
+        say False (QEMU's switchover-ack, always on here). A file has no return path: always
+        ready."""
+        if self._ready:
+            return True
+        assert self._endpoint is not None
+        if self._endpoint.has_result:
+            await self._in_thread(self._endpoint.read_ready)
+        self._ready = True
+        return not self._endpoint.has_result
+
     async def _switch_over(self, pending: Ranges) -> None:
         assert self._writer is not None and self._sink is not None
         writer = self._writer
-        downtime_start = time.monotonic()
         self.precopy_bytes = writer.stats.bytes
         if self.vm.vcpus_running():
             self.vm.stop_vcpus()
             self._stopped_vcpus = True
+        # The guest runs until its thread is idle (a pass or workload tick runs to its end):
+        # the downtime starts when it really stopped.
         await self.vm.quiesce()
+        downtime_start = time.monotonic()
 
         def last_state() -> tuple[Ranges, Any]:
             final = _merged(pending + self._collect_dirty())

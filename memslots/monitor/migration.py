@@ -21,6 +21,7 @@ The jobs themselves are :mod:`memslots.migration.outgoing` and
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -329,7 +330,7 @@ class MigrationMonitor:
             self.runtime.incoming_failed(exc)
             return
         try:
-            self.runtime.resume_incoming(loaded)
+            await self.runtime.locked(functools.partial(self.runtime.resume_incoming, loaded))
         except MemslotsError as exc:
             incoming.fail(str(exc))
             self.runtime.incoming_failed(MigrationError(str(exc)))

@@ -184,7 +184,9 @@ def test_x_ignore_shared_hands_memory_over_and_its_downtime_does_not_grow() -> N
         # Not a page of the 16 GiB travelled: only boot RAM (and its re-sent pages).
         assert (ram["normal"] + ram["duplicate"]) * PAGE - ram["x-resent-bytes"] == 512 * MiB
         assert plugged == 16 * GiB
-        assert ram["downtime-bytes"] < copied["ram"]["downtime-bytes"]
+        # What the downtime carries does not grow with the 16 GiB: boot RAM's last dirty
+        # pages, the rings and the device and guest states only.
+        assert ram["downtime-bytes"] < 1 * MiB
         assert ram["transferred"] < copied["ram"]["transferred"]
 
     run(go())

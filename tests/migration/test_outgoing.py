@@ -10,7 +10,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -333,3 +333,44 @@ def test_adopted_memory_keeps_unplugged_ranges_out_of_reach() -> None:
         assert _perms(ours.host_addr + 4 * MiB).startswith("rw")
         with pytest.raises(InaccessibleMemoryError):
             ours.read(2 * MiB, 1)
+
+
+def test_the_source_switches_over_only_once_the_destination_loaded_the_setup(
+    sockdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination's "setup loaded" (QEMU's switchover-ack): a destination slow to map its
+    memslots (here a second) must not make the source stop before it is done."""
+    events: list[str] = []
+
+    async def go() -> None:
+        with machine() as src, machine(incoming=True) as dst:
+            plug(src, 0, 2)
+            dev = dst.virtio_mem("vmem0")
+            load_early = dev.load_early
+
+            def slow_load_early(state: Any) -> None:
+                time.sleep(1.0)  # off the loop (below): the source goes on meanwhile
+                load_early(state)
+                events.append("destination loaded the setup")
+
+            monkeypatch.setattr(dev, "load_early", slow_load_early)
+
+            async def in_a_thread(fn: Callable[[], T], /) -> T:
+                return await asyncio.to_thread(fn)
+
+            hooks = Hooks(src)
+            stop = hooks.stop_vcpus
+
+            def stop_vcpus() -> None:
+                events.append("source stopped")
+                stop()
+
+            monkeypatch.setattr(hooks, "stop_vcpus", stop_vcpus)
+            uri = MigrationUri("unix", path=f"{sockdir}/m")
+            with Incoming(dst, uri, locked=in_a_thread) as incoming:
+                job = Outgoing(src, uri, MigrationParameters(), MigrationCapabilities(), hooks)
+                await asyncio.gather(receive(incoming), job.run())
+            assert job.status is MigrationStatus.COMPLETED, job.error
+
+    asyncio.run(go())
+    assert events == ["destination loaded the setup", "source stopped"]
