@@ -80,7 +80,8 @@ def started(n: int, interrupt: Callable[[], None] | None = None) -> tuple[Machin
 
 
 def test_a_call_gets_the_machine_between_two_guest_requests() -> None:
-    runner, guest = started(100_000)
+    # A pass that would not end by itself, however slowly the host runs this thread.
+    runner, guest = started(10**12)
     try:
         seen: list[int] = []
 
@@ -93,11 +94,12 @@ def test_a_call_gets_the_machine_between_two_guest_requests() -> None:
         wait_for(lambda: len(guest.sent) > 10)
         runner.call(look)
         # The call ran in the middle of the pass, and no request ran while it held the lock.
-        assert 10 < seen[0] == seen[1] < guest.n
-        wait_for(lambda: len(guest.sent) == guest.n)
-        assert guest.sent == list(range(guest.n))  # the pass itself went on unchanged
+        assert 10 < seen[0] == seen[1]
+        wait_for(lambda: len(guest.sent) > seen[1] + 10)  # the pass went on afterwards
     finally:
         runner.stop()
+    assert guest.stopped_at is not None  # stopped between two requests, not finished
+    assert guest.sent == list(range(len(guest.sent)))  # the pass itself went on unchanged
 
 
 def test_run_from_the_loop_does_not_block_it() -> None:
@@ -129,7 +131,7 @@ def test_run_from_the_loop_does_not_block_it() -> None:
 
 
 def test_pause_holds_the_guests_between_two_requests() -> None:
-    runner, guest = started(100_000)
+    runner, guest = started(10**12)
     try:
         guest.go.set()
         wait_for(lambda: len(guest.sent) > 10)
@@ -137,14 +139,33 @@ def test_pause_holds_the_guests_between_two_requests() -> None:
         assert runner.paused
         # Once we hold the lock, no request is in flight and none starts.
         at = runner.call(lambda: len(guest.sent))
-        assert at < guest.n
         with runner.lock:
             time.sleep(0.05)
             assert len(guest.sent) == at
         time.sleep(0.05)
         assert len(guest.sent) == at
         runner.resume()
-        wait_for(lambda: len(guest.sent) == guest.n)
+        wait_for(lambda: len(guest.sent) > at + 10)
+    finally:
+        runner.stop()
+
+
+def test_wait_idle_lets_a_held_callback_end_and_starts_no_other() -> None:
+    runner = MachineRunner()
+    sched = ThreadScheduler()
+    guest = Pass(runner, sched, 50_000)
+    later: list[str] = []
+    runner.start_guests(sched)
+    try:
+        guest.go.set()
+        wait_for(lambda: len(guest.sent) > 10)
+        runner.pause()  # held in the middle of its pass
+        sched.call_soon(lambda: later.append("ran"))
+        runner.wait_idle()
+        # The held pass ran to its end; the callback queued behind it did not start.
+        assert guest.sent == list(range(guest.n)) and later == [] and sched.paused
+        sched.resume()
+        wait_for(lambda: later == ["ran"])
     finally:
         runner.stop()
 
