@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import platform
 import shlex
@@ -46,6 +47,7 @@ from qemu.qmp import QMPClient
 from memslots.errors import EXIT_HOST_MISSING
 from memslots.host.memory import HostMemory
 from memslots.kvm.system import kvm_available
+from memslots.kvm.vcpu import ProbeVcpu
 from memslots.monitor.runtime import MachineRuntime, serve
 from memslots.options import QmpEndpoint, parse_machine_config
 
@@ -90,12 +92,21 @@ async def _event(listener: Any, timeout: float) -> Any:
 async def _plug(qmp: QMPClient, size: int) -> None:
     with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as listener:
         await qmp.execute("qom-set", {"path": "vmem0", "property": "requested-size", "value": size})
+        # After a reset the guest's fresh driver may have plugged it already (the requested
+        # size did not change): then no event is coming.
+        if await qmp.execute("qom-get", {"path": "vmem0", "property": "size"}) == size:
+            return
         while True:
             event = await _event(listener, WAIT)
             if event is None:
                 raise SystemExit("the guest did not plug the requested memory")
             if event["data"]["size"] == size:
                 return
+
+
+def _reset_and_read(vcpu: ProbeVcpu, gpa: int) -> int | None:
+    vcpu.reset()
+    return vcpu.read8(gpa)
 
 
 async def experiment(runtime: MachineRuntime, sock: str, protected: bool) -> dict[str, Any]:
@@ -130,8 +141,9 @@ async def experiment(runtime: MachineRuntime, sock: str, protected: bool) -> dic
                 "rss_growth_bytes": backend_rss(memory) - before,
             }
             # The vCPU alone starts over; the plugged neighbour must still hold the marker.
-            guests.vcpu.reset()
-            intact = intact and guests.vcpu.read8(addr + 8) == MARKER
+            # The guests' thread uses the same vCPU: hold the machine as a command would.
+            read = functools.partial(_reset_and_read, guests.vcpu, addr + 8)
+            intact = intact and await runtime.locked(read) == MARKER
             await qmp.execute("system_reset")
             await qmp.execute("cont")
         await qmp.execute("quit")

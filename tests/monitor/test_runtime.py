@@ -323,6 +323,9 @@ async def _plugged(qmp: Client, size: int) -> None:
     """Ask for ``size`` and wait until the guest plugged it."""
     with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as listener:
         await qmp.execute("qom-set", {"path": "vmem0", "property": "requested-size", "value": size})
+        # After a reset the fresh driver may have plugged it already: then no event comes.
+        if await qmp.execute("qom-get", {"path": "vmem0", "property": "size"}) == size:
+            return
         while (await next_event(listener, 20))["data"]["size"] != size:
             pass
 
