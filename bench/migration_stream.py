@@ -39,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import hostinfo
+
 from memslots.host.libc import madvise, memcmp
 from memslots.host.memory import RamBackend
 from memslots.migration.channel import SocketSink, SocketSource, size_socket_buffer
@@ -298,16 +300,6 @@ def markdown(rows: list[dict[str, object]], meta: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1G", help="RAM per transfer (default 1G)")
@@ -321,7 +313,7 @@ def main() -> None:
     rows = measure(size, args.repeat)
     meta = {
         "command": shlex.join([".venv/bin/python", *sys.argv]),
-        "host": f"{cpu_model()}, {os.cpu_count()} CPUs, Linux {platform.release()}",
+        "host": hostinfo.describe(),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
         "size": format_size(size),

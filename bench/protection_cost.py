@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import hostinfo
 
 from memslots.devices.virtio_mem.device import VirtioMem
 from memslots.devices.virtio_mem.wire import (
@@ -278,17 +279,6 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    """The host CPU's model name, if /proc/cpuinfo says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     """Run the benchmark, print the results and write them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -302,7 +292,7 @@ def main() -> None:
     results = measure(accels, args.requests, args.runs)
     meta = {
         "command": shlex.join([".venv/bin/python", *sys.argv]),
-        "host": f"{cpu_model()}, {os.cpu_count()} CPUs, Linux {platform.release()}",
+        "host": hostinfo.describe(),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
         "samples": str(args.requests * args.runs),

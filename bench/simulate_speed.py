@@ -66,9 +66,21 @@ COMPARED = (
 )
 
 
-def simulate_args(steps: int) -> list[str]:
-    """The command line both trees run."""
+def scenario_args(steps: int) -> list[str]:
+    """This tree's built-in sawtooth, whose steps become the trace both trees run."""
     return ["simulate", "-accel", "sim", "--scenario", "sawtooth", "--steps", str(steps), "--json"]
+
+
+def write_trace(steps_json: Path, trace: Path) -> None:
+    """The ``time,requested-size`` rows of a ``simulate --json`` output: the same trace for
+    both trees, whatever sizes each tree's built-in scenario would pick."""
+    doc = json.loads(steps_json.read_text())
+    trace.write_text("".join(f"{s['time']},{s['requested']}\n" for s in doc["steps"]))
+
+
+def simulate_args(trace: Path) -> list[str]:
+    """The command line both trees run."""
+    return ["simulate", "-accel", "sim", "--trace", str(trace), "--json"]
 
 
 def run_once(tree: Path, args: list[str], out: Path) -> dict[str, float]:
@@ -187,7 +199,6 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, help="a checkout to use as the baseline")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    sim = simulate_args(args.steps)
     load_start = hostinfo.loadavg()
     ours: list[dict[str, float]] = []
     base: list[dict[str, float]] = []
@@ -195,6 +206,11 @@ def main() -> int:
         baseline_tree(args.baseline, args.base) as tree,
         tempfile.TemporaryDirectory() as tmp,
     ):
+        # Untimed: the trace itself (the baseline's sawtooth picked other sizes).
+        scenario_json, trace = Path(tmp) / "scenario.json", Path(tmp) / "trace.csv"
+        run_once(REPO, scenario_args(args.steps), scenario_json)
+        write_trace(scenario_json, trace)
+        sim = simulate_args(trace)
         for i in range(args.repeats):
             for tag, root, runs in (("ours", REPO, ours), ("baseline", tree, base)):
                 out = Path(tmp) / f"{tag}.json"

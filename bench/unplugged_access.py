@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import hostinfo
 from qemu.qmp import QMPClient
 
 from memslots.errors import EXIT_HOST_MISSING
@@ -200,17 +201,6 @@ def markdown(result: dict[str, Any], meta: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    """The host CPU's model name, if /proc/cpuinfo says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     """Run the experiment; print JSON or a table; write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -227,7 +217,7 @@ def main() -> None:
     memory, objects, devices = machine_args(args.unplugged_inaccessible, args.backend)
     meta = {
         "command": shlex.join([".venv/bin/python", *sys.argv]),
-        "host": f"{cpu_model()}, Linux {platform.release()}",
+        "host": f"{hostinfo.cpu_model()}, Linux {platform.release()}",
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"-m {memory} -object {objects[0]} -device {devices[0]}",
     }
